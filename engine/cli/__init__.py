@@ -1,0 +1,47 @@
+"""The `ddengine` command: a Click group whose subcommands are imported only when run."""
+import importlib
+import importlib.util
+
+import click
+
+# command name -> "module:function"; modules load on use so `ddengine --help` never imports torch.
+COMMANDS = {
+    "sample": ("ddengine.cli.sample:sample", "Generate images with a model (default: the shipped one)."),
+    "info": ("ddengine.cli.info:info", "Print a model's spec and the schedule the engine will use."),
+    "bench": ("ddengine.cli.bench:bench", "Per-step latency and images/s against baselines."),
+    "build": ("ddengine.cli.build:build", "Build a TensorRT engine from an ONNX model."),
+    "train": ("ddengine.cli.model:train", "Train a class-conditional U-Net on Fashion-MNIST (needs torch)."),
+    "export": ("ddengine.cli.model:export", "Export a checkpoint or diffusers UNet2DModel to ONNX (needs torch)."),
+    "train-classifier": ("ddengine.cli.model:train_classifier", "Train the quality-metric classifier (needs torch)."),
+    "eval": ("ddengine.cli.eval:eval_cmd", "FID and conditional accuracy of generated images."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group that imports a subcommand's module only when that subcommand is invoked."""
+
+    def list_commands(self, ctx):
+        return [name for name in COMMANDS if self._available(name)]
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS or not self._available(name):
+            return None
+        target, _ = COMMANDS[name]
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    @staticmethod
+    def _available(name):
+        return importlib.util.find_spec(COMMANDS[name][0].split(":")[0]) is not None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ddengine")
+def main():
+    """ddengine: sample diffusion U-Nets fast, with fused DDPM/DDIM step kernels."""
