@@ -1,0 +1,156 @@
+/* Philox4x32-10 counter-based generator (Salmon et al., SC'11, "Parallel random numbers: as easy as
+ * 1, 2, 3"; Random123) and Box-Muller normals, written once for C and CUDA (NVRTC: no system headers).
+ *
+ * Noise for element e of an image with 64-bit seed s at step n is a pure function:
+ *   key = (s & 0xffffffff, s >> 32), counter = (q & 0xffffffff, q >> 32, n, domain), q = e / 4,
+ *   domain 0 = per-step noise, 1 = the initial noise x_T.
+ * One Philox call gives r0..r3 -> normals for elements 4q..4q+3 from the Box-Muller pairs (r0, r1), (r2, r3).
+ * Uniforms use the top 24 bits (all a float32 holds): u = ((r >> 8) + 0.5) * 2^-24, exact, in (0, 1).
+ * log, sin and cos are plain float32 polynomials (no libm) so SIMD, scalar and CUDA code agree bit for bit
+ * when compiled without FP contraction (C: -ffp-contract=off; NVRTC: --fmad=false).
+ */
+#ifndef DDENGINE_PHILOX_H
+#define DDENGINE_PHILOX_H
+
+#ifdef __CUDACC__
+#define DD_FN static __host__ __device__ __forceinline__
+#else
+#define DD_FN static inline
+#endif
+
+typedef unsigned int dd_u32;
+typedef unsigned long long dd_u64;
+
+#define DD_PHILOX_M0 0xD2511F53u
+#define DD_PHILOX_M1 0xCD9E8D57u
+#define DD_PHILOX_W0 0x9E3779B9u
+#define DD_PHILOX_W1 0xBB67AE85u
+
+/* One Philox round (Salmon et al. 2011, Fig. 2), then the Weyl key bump. */
+#define DD_PHILOX_ROUND(c0, c1, c2, c3, k0, k1)                      \
+    do {                                                              \
+        dd_u64 p0_ = (dd_u64)DD_PHILOX_M0 * (c0);                     \
+        dd_u64 p1_ = (dd_u64)DD_PHILOX_M1 * (c2);                     \
+        dd_u32 n0_ = (dd_u32)(p1_ >> 32) ^ (c1) ^ (k0);               \
+        dd_u32 n2_ = (dd_u32)(p0_ >> 32) ^ (c3) ^ (k1);               \
+        (c1) = (dd_u32)p1_;                                           \
+        (c3) = (dd_u32)p0_;                                           \
+        (c0) = n0_;                                                   \
+        (c2) = n2_;                                                   \
+        (k0) += DD_PHILOX_W0;                                         \
+        (k1) += DD_PHILOX_W1;                                         \
+    } while (0)
+
+/* Philox4x32 with 10 rounds: ctr[4] is replaced by the output block. */
+DD_FN void dd_philox4x32_10(dd_u32 ctr[4], dd_u32 k0, dd_u32 k1)
+{
+    dd_u32 c0 = ctr[0], c1 = ctr[1], c2 = ctr[2], c3 = ctr[3];
+    DD_PHILOX_ROUND(c0, c1, c2, c3, k0, k1);
+    DD_PHILOX_ROUND(c0, c1, c2, c3, k0, k1);
+    DD_PHILOX_ROUND(c0, c1, c2, c3, k0, k1);
+    DD_PHILOX_ROUND(c0, c1, c2, c3, k0, k1);
+    DD_PHILOX_ROUND(c0, c1, c2, c3, k0, k1);
+    DD_PHILOX_ROUND(c0, c1, c2, c3, k0, k1);
+    DD_PHILOX_ROUND(c0, c1, c2, c3, k0, k1);
+    DD_PHILOX_ROUND(c0, c1, c2, c3, k0, k1);
+    DD_PHILOX_ROUND(c0, c1, c2, c3, k0, k1);
+    DD_PHILOX_ROUND(c0, c1, c2, c3, k0, k1);
+    ctr[0] = c0;
+    ctr[1] = c1;
+    ctr[2] = c2;
+    ctr[3] = c3;
+}
+
+#ifdef __CUDACC__
+DD_FN dd_u32 dd_f2u(float f) { return (dd_u32)__float_as_uint(f); }
+DD_FN float dd_u2f(dd_u32 u) { return __uint_as_float(u); }
+DD_FN float dd_sqrtf(float f) { return sqrtf(f); }
+#else
+DD_FN dd_u32 dd_f2u(float f)
+{
+    union { float f; dd_u32 u; } v;
+    v.f = f;
+    return v.u;
+}
+DD_FN float dd_u2f(dd_u32 u)
+{
+    union { float f; dd_u32 u; } v;
+    v.u = u;
+    return v.f;
+}
+DD_FN float dd_sqrtf(float f) { return __builtin_sqrtf(f); }
+#endif
+
+/* Uniform in (0, 1) from the top 24 bits of r, exact in float32. */
+DD_FN float dd_uniform(dd_u32 r) { return ((float)(int)(r >> 8) + 0.5f) * 5.9604644775390625e-8f; }
+
+/* Natural log for finite u > 0 (normal range): u = 2^e * m, m in [sqrt(1/2), sqrt(2)),
+ * log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.1716, odd series to s^11 (error < 1e-9). */
+DD_FN float dd_logf(float u)
+{
+    int i = (int)(dd_f2u(u) - 0x3f3504f3u);
+    int e = i >> 23; /* arithmetic shift: floor */
+    float m = dd_u2f((dd_u32)(i & 0x007fffff) + 0x3f3504f3u);
+    float f = m - 1.0f;
+    float s = f / (2.0f + f);
+    float s2 = s * s;
+    float p = 0.0909090909f;
+    p = p * s2 + 0.1111111111f;
+    p = p * s2 + 0.1428571429f;
+    p = p * s2 + 0.2f;
+    p = p * s2 + 0.3333333333f;
+    float lm = 2.0f * s + 2.0f * s * s2 * p;
+    float fe = (float)e;
+    return fe * 0.693359375f + (lm + fe * -2.12194440e-4f);
+}
+
+/* cos(2 pi t) and sin(2 pi t) for t in [0, 1]: t = k/4 + f exactly with |f| <= 1/8, Taylor series
+ * on x = 2 pi f in [-pi/4, pi/4] (truncation error < 2e-9), then a quarter-turn rotation by k. */
+DD_FN void dd_sincos2pi(float t, float *c_out, float *s_out)
+{
+    float kf = (float)(int)(t * 4.0f + 0.5f);
+    float x = (t - kf * 0.25f) * 6.28318530717958648f;
+    float x2 = x * x;
+    float s = -2.50521084e-8f;
+    s = s * x2 + 2.75573192e-6f;
+    s = s * x2 - 1.98412698e-4f;
+    s = s * x2 + 8.33333333e-3f;
+    s = s * x2 - 1.66666667e-1f;
+    s = x + x * x2 * s;
+    float c = -2.75573192e-7f;
+    c = c * x2 + 2.48015873e-5f;
+    c = c * x2 - 1.38888889e-3f;
+    c = c * x2 + 4.16666667e-2f;
+    c = c * x2 - 0.5f;
+    c = 1.0f + x2 * c;
+    int k = (int)kf;
+    float cs = (k & 1) ? -s : c; /* quadrant k: (cos, sin) rotated by k * pi/2 */
+    float sn = (k & 1) ? c : s;
+    *c_out = (k & 2) ? -cs : cs;
+    *s_out = (k & 2) ? -sn : sn;
+}
+
+/* Box-Muller (1958): two uniforms -> two independent N(0, 1). */
+DD_FN void dd_box_muller(dd_u32 ra, dd_u32 rb, float *z0, float *z1)
+{
+    float radius = dd_sqrtf(-2.0f * dd_logf(dd_uniform(ra)));
+    float c, s;
+    dd_sincos2pi(dd_uniform(rb), &c, &s);
+    *z0 = radius * c;
+    *z1 = radius * s;
+}
+
+/* The four normals for quad q (elements 4q..4q+3) of the image with this seed, at this step and domain. */
+DD_FN void dd_normals4(dd_u64 seed, dd_u64 q, dd_u32 step, dd_u32 domain, float z[4])
+{
+    dd_u32 r[4];
+    r[0] = (dd_u32)q;
+    r[1] = (dd_u32)(q >> 32);
+    r[2] = step;
+    r[3] = domain;
+    dd_philox4x32_10(r, (dd_u32)seed, (dd_u32)(seed >> 32));
+    dd_box_muller(r[0], r[1], &z[0], &z[1]);
+    dd_box_muller(r[2], r[3], &z[2], &z[3]);
+}
+
+#endif /* DDENGINE_PHILOX_H */
