@@ -1,0 +1,100 @@
+"""Writing results: atomic PNG/npy files, the manifest (JSON lines), image grids and trajectory strips."""
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+class OutputError(OSError):
+    """An output path cannot be written."""
+
+
+def atomic_write(path, data):
+    """Write bytes to `path` via a temp file in the same folder, fsync, then os.replace (never a partial file)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_writable_dir(folder):
+    """Create `folder` if needed and prove a file can be written there; raise OutputError naming it otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ddengine-probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise OutputError(f"output folder {folder} is not writable: {err.strerror or err}") from None
+
+
+def encode_png(image):
+    """PNG bytes of a uint8 (H, W, C) image with C in {1, 3, 4}."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected a uint8 (H, W, 1|3|4) image, got {image.dtype} {image.shape}")
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[image.shape[2]]
+    buffer = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if mode == "L" else image, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_npy(array):
+    """.npy bytes of an array."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def save_image(path, image, fmt="png"):
+    """Atomically write one uint8 (H, W, C) image as PNG or .npy."""
+    atomic_write(path, encode_png(image) if fmt == "png" else encode_npy(image))
+
+
+def grid(images, cols=None, pad=2):
+    """Tile uint8 (N, H, W, C) images into one (rows*H, cols*W, C) image, `pad` pixels apart."""
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    out = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        out[y:y + h, x:x + w] = image
+    return out
+
+
+def trajectory_strip(x_t, x0, pad=2):
+    """Two rows: the snapshots of x_t on top and of predicted x_0 below, uint8 (K, H, W, C) each."""
+    x_t, x0 = np.asarray(x_t), np.asarray(x0)
+    return grid(np.concatenate([x_t, x0]), cols=len(x_t), pad=pad)
+
+
+class Manifest:
+    """manifest.jsonl: one JSON object per image, rewritten atomically so it never lists a half-written file."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.records = []
+
+    def add(self, record):
+        self.records.append(record)
+
+    def flush(self):
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
+        atomic_write(self.path, text.encode())
