@@ -61,24 +61,27 @@ DD_FN void dd_philox4x32_10(dd_u32 ctr[4], dd_u32 k0, dd_u32 k1)
     ctr[3] = c3;
 }
 
-#ifdef __CUDACC__
-DD_FN dd_u32 dd_f2u(float f) { return (dd_u32)__float_as_uint(f); }
-DD_FN float dd_u2f(dd_u32 u) { return __uint_as_float(u); }
-DD_FN float dd_sqrtf(float f) { return sqrtf(f); }
-#else
+/* Bit casts (unions: fine in C and CUDA); IEEE round-to-nearest sqrt and division on both sides. */
 DD_FN dd_u32 dd_f2u(float f)
 {
     union { float f; dd_u32 u; } v;
     v.f = f;
     return v.u;
 }
+
 DD_FN float dd_u2f(dd_u32 u)
 {
     union { float f; dd_u32 u; } v;
     v.u = u;
     return v.f;
 }
+
+#ifdef __CUDA_ARCH__
+DD_FN float dd_sqrtf(float f) { return __fsqrt_rn(f); }
+DD_FN float dd_divf(float a, float b) { return __fdiv_rn(a, b); }
+#else
 DD_FN float dd_sqrtf(float f) { return __builtin_sqrtf(f); }
+DD_FN float dd_divf(float a, float b) { return a / b; }
 #endif
 
 /* Uniform in (0, 1) from the top 24 bits of r, exact in float32. */
@@ -92,7 +95,7 @@ DD_FN float dd_logf(float u)
     int e = i >> 23; /* arithmetic shift: floor */
     float m = dd_u2f((dd_u32)(i & 0x007fffff) + 0x3f3504f3u);
     float f = m - 1.0f;
-    float s = f / (2.0f + f);
+    float s = dd_divf(f, 2.0f + f);
     float s2 = s * s;
     float p = 0.0909090909f;
     p = p * s2 + 0.1111111111f;
