@@ -105,8 +105,9 @@ class Sampler:
                     progress(k * request.steps + i + 1, chunks * request.steps)
 
             x, bad, trajectory = self._denoise(request, plan, rows, chunk, chunk_progress, callback, timers)
-            x[bad >= 0] = 0.0  # failed images come back black and are marked "error" in their record
+            x[bad >= 0] = 0.0  # failed images come back all zero and are marked "error" in their record
             images[chunk] = to_uint8(x, self.spec.value_range)
+            images[chunk][bad >= 0] = 0
             records.extend(self._records(request, chunk, bad, trajectory))
         return images, records
 
