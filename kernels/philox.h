@@ -5,7 +5,8 @@
  *   key = (s & 0xffffffff, s >> 32), counter = (q & 0xffffffff, q >> 32, n, domain), q = e / 4,
  *   domain 0 = per-step noise, 1 = the initial noise x_T.
  * One Philox call gives r0..r3 -> normals for elements 4q..4q+3 from the Box-Muller pairs (r0, r1), (r2, r3).
- * Uniforms use the top 24 bits (all a float32 holds): u = ((r >> 8) + 0.5) * 2^-24, exact, in (0, 1).
+ * Uniforms use the top 23 bits: u = ((r >> 9) + 0.5) * 2^-23, exact in float32 (24 significant bits), in
+ * [2^-24, 1 - 2^-24], so |z| <= sqrt(24 * 2 ln 2) = 5.77.
  * log, sin and cos are plain float32 polynomials (no libm) so SIMD, scalar and CUDA code agree bit for bit
  * when compiled without FP contraction (C: -ffp-contract=off; NVRTC: --fmad=false).
  */
@@ -84,8 +85,8 @@ DD_FN float dd_sqrtf(float f) { return __builtin_sqrtf(f); }
 DD_FN float dd_divf(float a, float b) { return a / b; }
 #endif
 
-/* Uniform in (0, 1) from the top 24 bits of r, exact in float32. */
-DD_FN float dd_uniform(dd_u32 r) { return ((float)(int)(r >> 8) + 0.5f) * 5.9604644775390625e-8f; }
+/* Uniform in (0, 1) from the top 23 bits of r, exact in float32. */
+DD_FN float dd_uniform(dd_u32 r) { return ((float)(int)(r >> 9) + 0.5f) * 1.1920928955078125e-7f; }
 
 /* Natural log for finite u > 0 (normal range): u = 2^e * m, m in [sqrt(1/2), sqrt(2)),
  * log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.1716, odd series to s^11 (error < 1e-9). */
