@@ -211,7 +211,7 @@ static int get_array(PyObject *obj, const char *name, const char *want, int writ
         return -1;
     }
     if (v->ndim < min_ndim)
-        err = "with ndim >= 1, got a 0-d array";
+        err = "an array with ndim >= 1, got a 0-d array";
     else if (!PyBuffer_IsContiguous(v, 'C'))
         err = "C-contiguous, got a non-contiguous array (use numpy.ascontiguousarray)";
     else if (writable && v->readonly)
