@@ -1,0 +1,219 @@
+"""Latency benchmarks: the fused engine against the bare-forward floor, ORT + numpy, and diffusers + torch."""
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ddengine.reference import reference_step
+
+TORCH_UNAVAILABLE = "torch model unavailable"
+
+
+@dataclass
+class Row:
+    """One measured configuration: wall time of one batch through all steps, and where it went."""
+
+    name: str
+    batch: int
+    steps: int
+    seconds: float | None = None  # median over repeats
+    forward_s: float | None = None
+    step_s: float | None = None
+    other_s: float | None = None
+    note: str = ""
+    runs: list = field(default_factory=list)
+
+    @property
+    def ms_per_step(self):
+        return None if self.seconds is None else 1e3 * self.seconds / self.steps
+
+    @property
+    def images_per_s(self):
+        return None if self.seconds is None else self.batch / self.seconds
+
+    def to_dict(self):
+        return {**asdict(self), "ms_per_step": self.ms_per_step, "images_per_s": self.images_per_s}
+
+
+def _median_runs(fn, repeats, warmup=1):
+    """Run fn() warmup + repeats times; return the median of the timed runs' results (each a dict with 'seconds')."""
+    for _ in range(warmup):
+        fn()
+    runs = [fn() for _ in range(repeats)]
+    mid = statistics.median(r["seconds"] for r in runs)
+    return min(runs, key=lambda r: abs(r["seconds"] - mid)), [r["seconds"] for r in runs]
+
+
+def bench_engine(sampler, request, repeats=3):
+    """The product: Sampler.run (fill_noise, forward, fused step) with its forward/step timers."""
+    def once():
+        timers, start = {}, time.perf_counter()
+        sampler.run(request, timers=timers)
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, **timers}
+    best, runs = _median_runs(once, repeats)
+    other = best["seconds"] - best["forward"] - best["step"]
+    return Row("ddengine fused", request.n, request.steps, best["seconds"], best["forward"], best["step"], other, runs=runs)
+
+
+def _forward_inputs(sampler, request):
+    """The (possibly CFG-doubled) batch, labels and output buffer the engine's forward sees."""
+    spec, b = sampler.spec, request.n
+    rows = 2 * b if request.guidance is not None else b
+    x = np.random.default_rng(0).standard_normal((rows, spec.channels, spec.height, spec.width), dtype=np.float32)
+    labels = sampler._labels(request, slice(0, b))
+    return x, labels, np.empty_like(x)
+
+
+def bench_floor(sampler, request, repeats=3):
+    """(c) the floor: `steps` bare backend forwards on the same batch, nothing else."""
+    plan = sampler.plan(request)
+    x, labels, out = _forward_inputs(sampler, request)
+
+    def once():
+        start = time.perf_counter()
+        for t in plan.timesteps:
+            sampler.backend.run(x, int(t), labels, out)
+        return {"seconds": time.perf_counter() - start}
+    best, runs = _median_runs(once, repeats)
+    return Row("floor: bare forward x steps", request.n, request.steps, best["seconds"], best["seconds"], 0.0, 0.0, runs=runs)
+
+
+def bench_numpy(sampler, request, repeats=3):
+    """(b) ONNX Runtime forward + the unfused numpy step (reference_step in float32, numpy standard_normal noise)."""
+    plan = sampler.plan(request)
+    _, labels, _ = _forward_inputs(sampler, request)
+    spec, b, cfg = sampler.spec, request.n, request.guidance is not None
+    shape = (b, spec.channels, spec.height, spec.width)
+
+    def once():
+        rng = np.random.default_rng(0)
+        fwd = stp = 0.0
+        start = time.perf_counter()
+        x = rng.standard_normal(shape, dtype=np.float32)
+        for i, t in enumerate(plan.timesteps):
+            t0 = time.perf_counter()
+            x_in = np.concatenate([x, x]) if cfg else x
+            out = np.empty_like(x_in)
+            sampler.backend.run(x_in, int(t), labels, out)
+            t1 = time.perf_counter()
+            noise = rng.standard_normal(shape, dtype=np.float32) if plan.coeffs[i, -1] != 0 else None
+            x = reference_step(x, out, plan.coeffs[i], noise, guidance=request.guidance, clip=plan.clip, dtype=np.float32)
+            t2 = time.perf_counter()
+            fwd, stp = fwd + t1 - t0, stp + t2 - t1
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "forward": fwd, "step": stp}
+    best, runs = _median_runs(once, repeats)
+    other = best["seconds"] - best["forward"] - best["step"]
+    return Row("ORT + numpy step (unfused)", b, request.steps, best["seconds"], best["forward"], best["step"], other, runs=runs)
+
+
+def load_torch_model(model_path):
+    """The torch U-Net behind an exported ONNX file, via ddengine.export's hook; None with a reason if unavailable."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return None, "torch is not installed"
+    try:
+        from ddengine.export.onnx_export import load_torch_model_for
+    except ImportError as err:
+        return None, f"{TORCH_UNAVAILABLE} (ddengine.export.onnx_export.load_torch_model_for: {err})"
+    try:
+        return load_torch_model_for(model_path), ""
+    except Exception as err:  # no checkpoint next to the model, or an export from elsewhere
+        return None, f"{TORCH_UNAVAILABLE} ({type(err).__name__}: {err})"
+
+
+def bench_diffusers(net, sampler, request, precision="fp32", repeats=3):
+    """(a) the diffusers way: the torch U-Net in a DDIMScheduler/DDPMScheduler loop (fp32 or bf16 autocast)."""
+    import torch
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    spec, b, cfg = sampler.spec, request.n, request.guidance is not None
+    config = dict(sampler.spec.scheduler)
+    if request.spacing is not None:
+        config["timestep_spacing"] = request.spacing
+    scheduler = (DDIMScheduler if request.method == "ddim" else DDPMScheduler).from_config(config)
+    labels = sampler._labels(request, slice(0, b))
+    labels = None if labels is None else torch.from_numpy(labels)
+    shape = (b, spec.channels, spec.height, spec.width)
+    extra = {"eta": request.eta} if request.method == "ddim" else {}
+
+    def once():
+        generator = torch.Generator().manual_seed(0)
+        fwd = stp = 0.0
+        start = time.perf_counter()
+        scheduler.set_timesteps(request.steps)
+        x = torch.randn(shape, generator=generator)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            for t in scheduler.timesteps:
+                t0 = time.perf_counter()
+                x_in = torch.cat([x, x]) if cfg else x
+                out = net(x_in, t.expand(len(x_in)), labels).float()
+                if cfg:
+                    uncond, cond = out.chunk(2)
+                    out = uncond + request.guidance * (cond - uncond)
+                t1 = time.perf_counter()
+                x = scheduler.step(out, t, x, generator=generator, **extra).prev_sample
+                t2 = time.perf_counter()
+                fwd, stp = fwd + t1 - t0, stp + t2 - t1
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "forward": fwd, "step": stp}
+    best, runs = _median_runs(once, repeats)
+    other = best["seconds"] - best["forward"] - best["step"]
+    return Row(f"diffusers + torch {precision}", b, request.steps, best["seconds"], best["forward"], best["step"], other, runs=runs)
+
+
+def run_benchmarks(sampler, batches, steps=50, method="ddim", eta=0.0, guidance=None, repeats=3, baselines=True, log=None):
+    """Every configuration for every batch size; rows in a stable order (engine, floor, numpy, diffusers)."""
+    net, why = load_torch_model(sampler.model.path) if baselines else (None, "")
+    rows = []
+    for batch in batches:
+        classes = [i % sampler.spec.num_classes for i in range(batch)] if sampler.spec.conditional else None
+        request = sampler.request(batch, steps, method, eta, classes=classes, guidance=guidance, batch_size=batch)
+        jobs = [lambda: bench_engine(sampler, request, repeats), lambda: bench_floor(sampler, request, repeats)]
+        if baselines:
+            jobs.append(lambda: bench_numpy(sampler, request, repeats))
+            for precision in ("fp32", "bf16"):
+                if net is None:
+                    jobs.append(lambda p=precision: Row(f"diffusers + torch {p}", batch, steps, note=why))
+                else:
+                    jobs.append(lambda p=precision: bench_diffusers(net, sampler, request, p, repeats))
+        for job in jobs:
+            row = job()
+            if log is not None:
+                log(row)
+            rows.append(row)
+    return rows
+
+
+def summary(rows):
+    """Per batch: fused total / floor, and the speed-up over diffusers fp32 (None where not measured)."""
+    out = {}
+    for batch in sorted({r.batch for r in rows}):
+        by_name = {r.name: r for r in rows if r.batch == batch}
+        fused, floor = by_name["ddengine fused"], by_name["floor: bare forward x steps"]
+        torch32 = by_name.get("diffusers + torch fp32")
+        out[str(batch)] = {
+            "fused_over_floor": fused.seconds / floor.seconds,
+            "speedup_vs_diffusers_fp32": torch32.seconds / fused.seconds if torch32 and torch32.seconds else None}
+    return out
+
+
+def machine():
+    """What the numbers were measured on."""
+    import onnxruntime
+
+    from ddengine.backends.ort import physical_cores
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}

@@ -1,0 +1,82 @@
+"""`ddengine bench` and its library on a tiny model (a few steps): rows, JSON, breakdown, baselines."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ddengine.bench import Row, bench_diffusers, bench_engine, run_benchmarks, summary
+from ddengine.cli import main
+from ddengine.sampler import Sampler
+
+
+def test_bench_json_has_every_configuration(tmp_path, cond_model):
+    path = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "--model", str(cond_model), "--batch", "1", "--batch", "3", "--steps", "3",
+                                       "--repeats", "1", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(path.read_text())
+    names = [(r["batch"], r["name"]) for r in data["rows"]]
+    for batch in (1, 3):
+        for name in ("ddengine fused", "floor: bare forward x steps", "ORT + numpy step (unfused)",
+                     "diffusers + torch fp32", "diffusers + torch bf16"):
+            assert (batch, name) in names
+    fused = next(r for r in data["rows"] if r["name"] == "ddengine fused" and r["batch"] == 3)
+    assert fused["seconds"] > 0 and fused["forward_s"] > 0 and fused["step_s"] > 0
+    assert fused["forward_s"] + fused["step_s"] <= fused["seconds"]
+    assert fused["images_per_s"] == pytest.approx(3 / fused["seconds"])
+    assert set(data["summary"]) == {"1", "3"} and data["summary"]["3"]["fused_over_floor"] > 0
+
+
+def test_bench_rejects_bad_input_before_measuring(tmp_path, cond_model):
+    result = CliRunner().invoke(main, ["bench", "--model", str(cond_model), "--batch", "0"])
+    assert result.exit_code == 2 and "n must be >= 1, got 0" in result.output
+    result = CliRunner().invoke(main, ["bench", "--model", str(cond_model), "--steps", "0"])
+    assert result.exit_code == 2 and "steps must be in [1, 1000], got 0" in result.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed here")
+def test_plot_without_matplotlib_is_a_clear_usage_error(tmp_path, cond_model):
+    result = CliRunner().invoke(main, ["bench", "--model", str(cond_model), "--plot", str(tmp_path / "p.png")])
+    assert result.exit_code == 2 and "--plot needs matplotlib" in result.output
+
+
+def test_engine_breakdown_adds_up(uncond_model):
+    sampler = Sampler(uncond_model)
+    row = bench_engine(sampler, sampler.request(4, 5, batch_size=4), repeats=2)
+    assert len(row.runs) == 2 and row.seconds in row.runs  # the run closest to the median
+    assert row.forward_s + row.step_s + row.other_s == pytest.approx(row.seconds)
+    assert summary([row, Row("floor: bare forward x steps", 4, 5, row.seconds / 2)])["4"]["fused_over_floor"] == pytest.approx(2)
+
+
+def test_diffusers_baseline_runs_a_torch_twin_of_the_tiny_model(cond_model):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from tiny_models import GAIN, T_SCALE, class_table, conv_weight
+
+    class TinyNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.from_numpy(conv_weight(3))
+            self.emb = torch.from_numpy(class_table(4, 3))
+
+        def forward(self, sample, timestep, class_labels):
+            h = torch.nn.functional.conv2d(sample, self.w.to(sample.dtype), padding=1) * GAIN
+            return h + (timestep.float() * T_SCALE / 1000).view(-1, 1, 1, 1) + self.emb[class_labels].view(-1, 3, 1, 1)
+
+    sampler = Sampler(cond_model)
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    labels = np.array([1, 4])
+    onnx_out = sampler.backend.run(x, 500, labels, np.empty_like(x))
+    torch_out = TinyNet()(torch.from_numpy(x), torch.tensor([500, 500]), torch.from_numpy(labels)).numpy()
+    np.testing.assert_allclose(onnx_out, torch_out, atol=1e-5)  # the twin is the same function
+    request = sampler.request(2, 3, classes=[0, 1], guidance=2.0, batch_size=2)
+    for precision in ("fp32", "bf16"):
+        row = bench_diffusers(TinyNet(), sampler, request, precision, repeats=1)
+        assert row.name == f"diffusers + torch {precision}" and row.seconds > 0 and row.forward_s > 0
+
+
+def test_run_benchmarks_without_baselines(uncond_model):
+    rows = run_benchmarks(Sampler(uncond_model), [2], steps=2, repeats=1, baselines=False)
+    assert [r.name for r in rows] == ["ddengine fused", "floor: bare forward x steps"]
