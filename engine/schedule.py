@@ -73,9 +73,9 @@ class SchedulerConfig:
         _choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
         _bool("clip_sample", self.clip_sample)
-        _real("clip_sample_range", self.clip_sample_range, 1e-12, math.inf)
-        if math.isinf(self.clip_sample_range):
-            raise SchedulerConfigError(f"clip_sample_range must be finite, got {self.clip_sample_range!r}")
+        _real("clip_sample_range", self.clip_sample_range, 0.0, math.inf)
+        if not 0 < self.clip_sample_range < math.inf:
+            raise SchedulerConfigError(f"clip_sample_range must be a finite number > 0, got {self.clip_sample_range!r}")
         _choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         _int("steps_offset", self.steps_offset, 0)
         _bool("set_alpha_to_one", self.set_alpha_to_one)
