@@ -1,0 +1,53 @@
+"""`ddengine build MODEL.onnx`: a TensorRT engine and its manifest (export/trt_build.py)."""
+import click
+
+EXIT_MISSING_DEPENDENCY = 2
+
+
+@click.command("build")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", "engine", type=click.Path(dir_okay=False), default=None,
+              help="Engine file to write (default: MODEL with suffix .plan); its manifest is ENGINE.json.")
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="fp16 needs the float16 ONNX of `ddengine export --fp16` (the precision lives in the graph).")
+@click.option("--batch", default="1:8:16", show_default=True,
+              help="Images per batch as MIN:OPT:MAX (one N = static); doubled for guidance on conditional models.")
+@click.option("--workspace-gb", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+              help="TensorRT builder workspace limit in GiB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="Timing cache file, read when present and updated after the build.")
+@click.option("--hardware-compat", type=click.Choice(["none", "ampere+"]), default="none", show_default=True,
+              help="ampere+: one engine for every GPU of compute capability >= 8.0 (may be slower).")
+@click.option("--force", is_flag=True, help="Rebuild even when a matching engine exists.")
+@click.option("--device", type=click.IntRange(min=0), default=0, show_default=True, help="CUDA device ordinal.")
+def build(model, engine, precision, batch, workspace_gb, timing_cache, hardware_compat, force, device):
+    """Build a TensorRT engine from MODEL.onnx (reused when an engine with the same key exists)."""
+    from ddengine.backends.trt import TensorRTMissingError, import_tensorrt
+
+    try:
+        batch = parse_batch(batch)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'--batch'") from None
+    try:
+        import_tensorrt()
+    except TensorRTMissingError as err:
+        click.echo(f"Error: {err}", err=True)
+        raise SystemExit(EXIT_MISSING_DEPENDENCY) from None
+    from ddengine.export.trt_build import BuildConfig, build_engine
+
+    try:
+        config = BuildConfig(onnx_path=model, engine_path=engine, precision=precision, batch=batch,
+                             workspace_gb=workspace_gb, timing_cache=timing_cache, hardware_compat=hardware_compat,
+                             force=force, device=device)
+        result = build_engine(config)
+    except (RuntimeError, ValueError, OSError) as err:  # BuildError, ModelError, ManifestError, CudaError, ...
+        raise click.ClickException(str(err)) from None
+    verb = "reused" if result.reused else "built"
+    click.echo(f"{verb} {result.engine_path} ({precision}, batch {':'.join(map(str, batch))}); manifest {result.manifest_path}")
+
+
+def parse_batch(text):
+    """Lazy wrapper so `ddengine build --help` imports neither onnx nor tensorrt."""
+    from ddengine.export.trt_build import parse_batch as parse
+
+    return parse(text)

@@ -1,0 +1,207 @@
+"""ONNX -> TensorRT engine + manifest (`ddengine build`): strongly typed, one batch profile, a timing cache.
+
+TensorRT 11 removed the FP16 builder flag and weak typing ("Migrating from TensorRT 10.x to 11.x"), so
+precision comes from the ONNX graph itself: fp16 needs the mixed-precision ONNX of `ddengine export --fp16`
+and no BuilderFlag is ever set for it. Every None/False return raises with the parser's errors and the
+logger's text; the engine and then its manifest are written atomically, and an engine whose manifest
+matches the cache key is reused instead of rebuilt.
+"""
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from ddengine.backends.trt import checked, engine_io, import_tensorrt, make_logger
+from ddengine.export import manifest as mf
+
+log = logging.getLogger(__name__)
+ENGINE_SUFFIX = ".plan"
+
+
+class BuildError(RuntimeError):
+    """The engine could not be built; the message carries the ONNX parser's errors and TensorRT's log."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What to build: `batch` = (min, opt, max) images; the engine's profile doubles opt/max for CFG models."""
+
+    onnx_path: Path
+    engine_path: Path | None = None  # default: the ONNX path with suffix .plan
+    precision: str = "fp16"
+    batch: tuple = (1, 8, 16)
+    workspace_gb: float = 4.0
+    timing_cache: Path | None = None
+    hardware_compat: str = "none"
+    force: bool = False
+    device: int = 0
+
+    def __post_init__(self):
+        if self.precision not in mf.PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(mf.PRECISIONS)}, got {self.precision!r}")
+        if self.hardware_compat not in mf.HARDWARE_COMPAT:
+            raise ValueError(f"hardware_compat must be one of {', '.join(mf.HARDWARE_COMPAT)}, got {self.hardware_compat!r}")
+        batch = tuple(self.batch)
+        if len(batch) != 3 or not all(isinstance(b, int) and b >= 1 for b in batch) or not batch[0] <= batch[1] <= batch[2]:
+            raise ValueError(f"batch must be MIN:OPT:MAX integers with 1 <= MIN <= OPT <= MAX, got {self.batch!r}")
+        if not self.workspace_gb > 0:
+            raise ValueError(f"workspace_gb must be > 0, got {self.workspace_gb!r}")
+
+    @property
+    def engine(self):
+        return Path(self.engine_path) if self.engine_path is not None else Path(self.onnx_path).with_suffix(ENGINE_SUFFIX)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    engine_path: Path
+    manifest_path: Path
+    reused: bool  # True when a cached engine with the same key was kept
+    manifest: dict
+
+
+def parse_batch(text):
+    """'MIN:OPT:MAX' (or one 'N' for a static batch) -> (min, opt, max); ValueError names the given text."""
+    parts = str(text).split(":")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
+        raise ValueError(f"batch must be MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX (or one N), got {text!r}")
+    return values
+
+
+def engine_profile(spec, batch):
+    """The batch profile: images (min, opt, max) and the engine's, opt/max doubled for a conditional model's CFG batch."""
+    factor = 2 if spec.conditional else 1
+    lo, opt, hi = batch
+    return {"batch": [lo, opt, hi], "engine_batch": [lo, opt * factor, hi * factor]}
+
+
+def onnx_precision(proto):
+    """'fp16' if the graph holds any float16 tensor (initializer, Cast/Constant, declared value), else 'fp32'."""
+    fp16 = onnx.TensorProto.FLOAT16
+    graph = proto.graph
+    if any(t.data_type == fp16 for t in graph.initializer):
+        return "fp16"
+    for node in graph.node:
+        for attr in node.attribute:
+            if (attr.name == "to" and attr.i == fp16) or (attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == fp16):
+                return "fp16"
+    values = [*graph.input, *graph.output, *graph.value_info]
+    return "fp16" if any(v.type.tensor_type.elem_type == fp16 for v in values) else "fp32"
+
+
+def check_precision(proto, precision, path):
+    """fp16 needs an fp16 ONNX (no builder flag can cast it under TensorRT 11); fp32 must not contain fp16."""
+    found = onnx_precision(proto)
+    if found == precision:
+        return
+    if precision == "fp16":
+        raise BuildError(f"--precision fp16 needs a float16 ONNX, but {path} is float32; make one with "
+                         f"`ddengine export --fp16` (TensorRT 11 has no FP16 builder flag)")
+    raise BuildError(f"--precision fp32 was asked for, but {path} contains float16 tensors; build it with --precision fp16")
+
+
+def input_shapes(proto, engine_batch, path):
+    """{input name: (min, opt, max) shapes}: axis 0 is the batch, every other axis must be static."""
+    initializers = {t.name for t in proto.graph.initializer}
+    shapes = {}
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+        if any(d < 1 for d in dims[1:]):
+            raise BuildError(f"{path}: input {value.name!r} has shape {dims}; only axis 0 (batch) may be dynamic")
+        if not dims or dims[0] >= 1:
+            continue  # scalar or static input: no profile entry needed
+        shapes[value.name] = tuple(tuple([b, *dims[1:]]) for b in engine_batch)
+    return shapes
+
+
+def network_flags(trt):
+    """STRONGLY_TYPED (TensorRT 10.x; deprecated and always on in 11.x, where the flag may be gone)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def build_engine(config, *, gpu=None):
+    """Build (or reuse) the engine for `config`; `gpu` = (name, 'major.minor') overrides the CUDA device query."""
+    from ddengine import __version__
+    from ddengine.model import load_model
+
+    trt = import_tensorrt()
+    model = load_model(config.onnx_path)
+    data = Path(config.onnx_path).read_bytes()
+    proto = onnx.load_model_from_string(data)
+    check_precision(proto, config.precision, config.onnx_path)
+    profile = engine_profile(model.spec, config.batch)
+    if gpu is None:
+        from ddengine.cuda_step import gpu_properties, use_device
+
+        use_device(config.device)
+        gpu = gpu_properties(config.device)
+    key = mf.make_key(onnx_sha256=mf.sha256_bytes(data), precision=config.precision, profile=profile,
+                      hardware_compat=config.hardware_compat, tensorrt_version=trt.__version__, gpu_name=gpu[0],
+                      compute_capability=gpu[1], ddengine_version=__version__)
+    engine_path = config.engine
+    if not config.force and mf.cached_engine_ok(engine_path, key):
+        log.info("reusing %s: its manifest matches the cache key", engine_path)
+        return BuildResult(engine_path, mf.manifest_path(engine_path), True, mf.read_manifest(engine_path))
+    shapes = input_shapes(proto, profile["engine_batch"], config.onnx_path)
+    engine_bytes, io = serialize_engine(trt, data, shapes, config)
+    mf.write_atomic(engine_path, engine_bytes)
+    manifest = mf.write_manifest(engine_path, key, mf.sha256_bytes(engine_bytes), spec_json=model.spec.to_json(), io=io)
+    return BuildResult(engine_path, mf.manifest_path(engine_path), False, manifest)
+
+
+def serialize_engine(trt, onnx_bytes, shapes, config):
+    """Parse, configure and build; returns (plan bytes, engine I/O description) after deserializing it once."""
+    logger = make_logger(trt)
+    builder = checked(trt.Builder(logger), "Builder()", logger)
+    network = checked(builder.create_network(network_flags(trt)), "create_network(STRONGLY_TYPED)", logger)
+    parser = checked(trt.OnnxParser(network, logger), "OnnxParser()", logger)
+    if not parser.parse(onnx_bytes, str(config.onnx_path)):
+        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "(no parser error recorded)"
+        raise BuildError(f"TensorRT could not parse {config.onnx_path}:\n{errors}\n{logger.text()}")
+    builder_config = checked(builder.create_builder_config(), "create_builder_config()", logger)
+    builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gb * (1 << 30)))
+    if config.hardware_compat == "ampere+":
+        builder_config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    add_profile(trt, builder, builder_config, shapes, logger)
+    cache = load_timing_cache(builder_config, config.timing_cache, logger)
+    plan = builder.build_serialized_network(network, builder_config)
+    if plan is None:
+        raise BuildError(f"TensorRT could not build an engine from {config.onnx_path}:\n{logger.text()}")
+    engine_bytes = bytes(memoryview(plan))
+    if config.timing_cache is not None:
+        mf.write_atomic(config.timing_cache, bytes(memoryview(checked(cache.serialize(), "ITimingCache.serialize()", logger))))
+    return engine_bytes, validate_plan(trt, engine_bytes, logger)
+
+
+def add_profile(trt, builder, builder_config, shapes, logger):
+    """One optimization profile with the (min, opt, max) shape of every dynamic input."""
+    profile = checked(builder.create_optimization_profile(), "create_optimization_profile()", logger)
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    if shapes and builder_config.add_optimization_profile(profile) < 0:
+        raise BuildError(f"TensorRT rejected the optimization profile {shapes}:\n{logger.text()}")
+
+
+def load_timing_cache(builder_config, path, logger):
+    """Start from the timing cache file when it exists (else an empty cache) and attach it to the config."""
+    data = Path(path).read_bytes() if path is not None and Path(path).is_file() else b""
+    cache = checked(builder_config.create_timing_cache(data), f"create_timing_cache({path})", logger)
+    checked(builder_config.set_timing_cache(cache, False), "set_timing_cache()", logger)
+    return builder_config.get_timing_cache() or cache
+
+
+def validate_plan(trt, engine_bytes, logger):
+    """Deserialize the new plan once (a plan that cannot be loaded is never written) and describe its I/O."""
+    runtime = checked(trt.Runtime(logger), "Runtime()", logger)
+    engine = checked(runtime.deserialize_cuda_engine(engine_bytes), "deserialize_cuda_engine(new plan)", logger)
+    return engine_io(trt, engine)

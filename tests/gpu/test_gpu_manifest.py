@@ -1,0 +1,106 @@
+"""Engine manifest and cache key (export/manifest.py): every key field is checked, files are written atomically."""
+import hashlib
+import json
+import os
+
+import pytest
+
+from ddengine.export import manifest as mf
+
+KEY = dict(onnx_sha256="ab" * 32, precision="fp16", profile={"batch": (1, 8, 16), "engine_batch": (1, 16, 32)},
+           hardware_compat="none", tensorrt_version="10.13.3", gpu_name="NVIDIA H100 80GB HBM3",
+           compute_capability="9.0", ddengine_version="0.1.0", os_name="Linux-x86_64")
+OTHER = {"onnx_sha256": "cd" * 32, "precision": "fp32", "profile": {"batch": [1, 8, 32], "engine_batch": [1, 16, 64]},
+         "hardware_compat": "ampere+", "tensorrt_version": "11.4.0", "gpu_name": "NVIDIA A100-SXM4-80GB",
+         "compute_capability": "8.0", "os": "Windows-AMD64", "ddengine_version": "0.2.0"}
+
+
+def write_engine(tmp_path, data=b"PLAN-BYTES", key=None):
+    engine = tmp_path / "model.plan"
+    mf.write_atomic(engine, data)
+    mf.write_manifest(engine, key or mf.make_key(**KEY), hashlib.sha256(data).hexdigest(), spec_json='{"channels": 1}',
+                      io={"out": {"mode": "output", "dtype": "float32", "shape": [-1, 1, 8, 8]}})
+    return engine
+
+
+def test_key_round_trips_through_json(tmp_path):
+    engine = write_engine(tmp_path)
+    assert mf.read_manifest(engine)["key"] == mf.make_key(**KEY)
+    assert set(mf.make_key(**KEY)) == set(mf.KEY_FIELDS)
+
+
+def test_manifest_sits_next_to_the_engine(tmp_path):
+    assert mf.manifest_path(tmp_path / "m.plan") == tmp_path / "m.plan.json"
+
+
+@pytest.mark.parametrize("field", mf.KEY_FIELDS)
+def test_each_differing_field_is_named(tmp_path, field):
+    engine = write_engine(tmp_path)
+    built = mf.read_manifest(engine)
+    wanted = dict(built["key"], **{field: OTHER[field]})
+    with pytest.raises(mf.EngineMismatchError) as info:
+        mf.check_manifest(engine, built, wanted)
+    assert info.value.field == field
+    assert f"{field}=" in str(info.value) and repr(OTHER[field]) in str(info.value)
+    assert not mf.cached_engine_ok(engine, wanted)
+
+
+def test_matching_key_is_reused_and_partial_wanted_checks_only_given_fields(tmp_path):
+    engine = write_engine(tmp_path)
+    assert mf.cached_engine_ok(engine, mf.make_key(**KEY))
+    mf.check_manifest(engine, mf.read_manifest(engine), {"tensorrt_version": "10.13.3", "os": "Linux-x86_64"})
+
+
+def test_tampered_engine_is_refused_before_loading(tmp_path):
+    engine = write_engine(tmp_path)
+    engine.write_bytes(b"PLAN-BYTEZ")
+    with pytest.raises(mf.ManifestError, match="sha256"):
+        mf.read_verified_engine(engine, mf.read_manifest(engine))
+    assert not mf.cached_engine_ok(engine, mf.make_key(**KEY))
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "has no manifest"), ("{not json", "unreadable"), ('{"manifest_version": 99}', "manifest_version 99"),
+    ('{"manifest_version": 1, "key": {}, "engine_sha256": "", "spec": {}, "io": {}}', "lacks key.onnx_sha256"),
+])
+def test_bad_manifests_raise_with_the_reason(tmp_path, content, message):
+    engine = tmp_path / "model.plan"
+    engine.write_bytes(b"x")
+    if content is not None:
+        mf.manifest_path(engine).write_text(content)
+    with pytest.raises(mf.ManifestError, match=message):
+        mf.read_manifest(engine)
+
+
+def test_bad_key_values_name_expected_and_given():
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp16', 'fp32'\), got 'int8'"):
+        mf.make_key(**dict(KEY, precision="int8"))
+    with pytest.raises(ValueError, match="hardware_compat .* got 'turing'"):
+        mf.make_key(**dict(KEY, hardware_compat="turing"))
+
+
+def test_sha256_file_matches_the_published_vector(tmp_path):
+    path = tmp_path / "abc"
+    path.write_bytes(b"abc")  # FIPS 180-2, appendix B.1
+    assert mf.sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    engine = write_engine(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+
+    def crash(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="No space"):
+        mf.write_atomic(engine, b"NEW PLAN THAT NEVER LANDS")
+    assert engine.read_bytes() == b"PLAN-BYTES"
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_manifest_is_plain_json_with_engine_hash(tmp_path):
+    engine = write_engine(tmp_path)
+    data = json.loads(mf.manifest_path(engine).read_text())
+    assert data["engine_sha256"] == hashlib.sha256(b"PLAN-BYTES").hexdigest()
+    assert data["manifest_version"] == mf.MANIFEST_VERSION

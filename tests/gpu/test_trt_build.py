@@ -1,0 +1,139 @@
+"""`build_engine` and the TensorRT backend against a fake `tensorrt` (fake_tensorrt.py): what the builder is told,
+that every None/False return raises with TensorRT's own text, caching by key, and atomic publication."""
+import hashlib
+import json
+
+import pytest
+from conftest import FAKE_GPU
+
+from ddengine.backends import trt as trt_backend
+from ddengine.export import manifest as mf
+from ddengine.export.trt_build import BuildConfig, BuildError, build_engine, parse_batch
+
+
+def config(onnx, tmp_path, **kw):
+    return BuildConfig(onnx_path=onnx, engine_path=tmp_path / "out" / "model.plan", **kw)
+
+
+def calls(fake, name):
+    return [c for c in fake.state.calls if c[0] == name]
+
+
+def test_fp16_build_is_strongly_typed_and_never_sets_fp16(fake_trt, onnx16, tmp_path):
+    result = build_engine(config(onnx16, tmp_path, batch=(1, 4, 8), workspace_gb=2))
+    assert calls(fake_trt, "create_network") == [("create_network", 1 << 5)]  # STRONGLY_TYPED = 5 in the fake
+    assert calls(fake_trt, "set_flag") == []  # no BuilderFlag.FP16 (removed in TensorRT 11)
+    assert ("set_memory_pool_limit", "WORKSPACE", 2 * 2**30) in fake_trt.state.calls
+    assert calls(fake_trt, "set_shape") == [("set_shape", "sample", (1, 1, 8, 8), (4, 1, 8, 8), (8, 1, 8, 8)),
+                                            ("set_shape", "timestep", (1,), (4,), (8,))]
+    assert not result.reused and result.engine_path.read_bytes().startswith(b"FAKEPLAN")
+
+
+def test_manifest_records_the_key_and_hashes(fake_trt, onnx16, tmp_path):
+    result = build_engine(config(onnx16, tmp_path, batch=(2, 4, 8)))
+    manifest = json.loads(mf.manifest_path(result.engine_path).read_text())
+    key = manifest["key"]
+    assert key["onnx_sha256"] == hashlib.sha256(onnx16.read_bytes()).hexdigest()
+    assert manifest["engine_sha256"] == hashlib.sha256(result.engine_path.read_bytes()).hexdigest()
+    assert (key["gpu_name"], key["compute_capability"]) == FAKE_GPU
+    assert key["tensorrt_version"] == "10.99.0" and key["precision"] == "fp16" and key["hardware_compat"] == "none"
+    assert key["profile"] == {"batch": [2, 4, 8], "engine_batch": [2, 4, 8]}
+    assert manifest["spec"]["channels"] == 1 and manifest["io"]["out"]["dtype"] == "float32"
+
+
+def test_conditional_profile_doubles_for_guidance(fake_trt, cond16, tmp_path):
+    result = build_engine(config(cond16, tmp_path, batch=(1, 4, 8)))
+    assert result.manifest["key"]["profile"]["engine_batch"] == [1, 8, 16]
+    shapes = {c[1]: c[2:] for c in calls(fake_trt, "set_shape")}
+    assert shapes["sample"] == ((1, 3, 8, 8), (8, 3, 8, 8), (16, 3, 8, 8))
+    assert shapes["class_labels"] == ((1,), (8,), (16,))
+
+
+def test_same_key_reuses_and_any_change_rebuilds(fake_trt, onnx16, tmp_path):
+    first = build_engine(config(onnx16, tmp_path))
+    assert build_engine(config(onnx16, tmp_path)).reused and fake_trt.state.builds == 1
+    assert not build_engine(config(onnx16, tmp_path, batch=(1, 8, 32))).reused and fake_trt.state.builds == 2
+    assert not build_engine(config(onnx16, tmp_path, batch=(1, 8, 32), force=True)).reused and fake_trt.state.builds == 3
+    fake_trt.__version__ = "11.4.0"
+    rebuilt = build_engine(config(onnx16, tmp_path, batch=(1, 8, 32)))
+    assert not rebuilt.reused and rebuilt.manifest["key"]["tensorrt_version"] == "11.4.0"
+    assert first.engine_path == rebuilt.engine_path
+
+
+def test_tampered_cached_engine_is_rebuilt(fake_trt, onnx16, tmp_path):
+    result = build_engine(config(onnx16, tmp_path))
+    result.engine_path.write_bytes(b"something else")
+    assert not build_engine(config(onnx16, tmp_path)).reused
+
+
+def test_timing_cache_is_read_and_written(fake_trt, onnx16, tmp_path):
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"OLD")
+    build_engine(config(onnx16, tmp_path, timing_cache=cache))
+    assert calls(fake_trt, "create_timing_cache") == [("create_timing_cache", b"OLD")]
+    assert cache.read_bytes() == b"TIMING:OLD"
+
+
+@pytest.mark.parametrize("fault, expected", [
+    ("parse", ["INVALID_NODE: Invalid Node - /Conv unsupported", "failed to import /Conv", "could not parse"]),
+    ("build", ["could not build an engine", "could not find any implementation for node /conv"]),
+    ("create_builder_config", ["create_builder_config() failed", "out of host memory"]),
+    ("add_optimization_profile", ["rejected the optimization profile", "MIN<=OPT<=MAX"]),
+    ("create_timing_cache", ["create_timing_cache", "timing cache is corrupted"]),
+    ("set_timing_cache", ["set_timing_cache() failed", "timing cache mismatch"]),
+    ("deserialize", ["deserialize_cuda_engine(new plan) failed", "Serialization assertion"]),
+])
+def test_none_or_false_returns_raise_with_the_logger_text(fake_trt, onnx16, tmp_path, fault, expected):
+    fake_trt.state.faults.add(fault)
+    with pytest.raises((BuildError, trt_backend.TensorRTError)) as info:
+        build_engine(config(onnx16, tmp_path))
+    for text in expected:
+        assert text in str(info.value)
+    assert not (tmp_path / "out" / "model.plan").exists()
+
+
+def test_failed_rebuild_keeps_the_previous_engine(fake_trt, onnx16, tmp_path):
+    result = build_engine(config(onnx16, tmp_path))
+    engine, manifest = result.engine_path.read_bytes(), result.manifest_path.read_bytes()
+    fake_trt.state.faults.add("build")
+    with pytest.raises(BuildError):
+        build_engine(config(onnx16, tmp_path, force=True))
+    assert result.engine_path.read_bytes() == engine and result.manifest_path.read_bytes() == manifest
+    assert sorted(p.name for p in result.engine_path.parent.iterdir()) == ["model.plan", "model.plan.json"]
+
+
+def test_precision_must_match_the_onnx(fake_trt, onnx32, onnx16, tmp_path):
+    with pytest.raises(BuildError, match=r"needs a float16 ONNX.*ddengine export --fp16"):
+        build_engine(config(onnx32, tmp_path, precision="fp16"))
+    with pytest.raises(BuildError, match="contains float16 tensors"):
+        build_engine(config(onnx16, tmp_path, precision="fp32"))
+    assert build_engine(config(onnx32, tmp_path, precision="fp32")).manifest["key"]["precision"] == "fp32"
+    assert fake_trt.state.builds == 1
+
+
+def test_hardware_compat_sets_ampere_plus(fake_trt, onnx16, tmp_path):
+    build_engine(config(onnx16, tmp_path, hardware_compat="ampere+"))
+    assert fake_trt.state.config.hardware_compatibility_level == "AMPERE_PLUS"
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"precision": "int8"}, "precision must be one of fp16, fp32, got 'int8'"),
+    ({"batch": (4, 2, 8)}, r"1 <= MIN <= OPT <= MAX, got \(4, 2, 8\)"),
+    ({"workspace_gb": 0}, "workspace_gb must be > 0, got 0"),
+    ({"hardware_compat": "turing"}, "hardware_compat must be one of none, ampere\\+, got 'turing'"),
+])
+def test_bad_config_names_expected_and_given(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        BuildConfig(onnx_path=tmp_path / "m.onnx", **kw)
+
+
+def test_parse_batch():
+    assert parse_batch("1:4:16") == (1, 4, 16) and parse_batch("8") == (8, 8, 8)
+    for bad in ("4:2:8", "0:1:2", "a:b:c", "1:2"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            parse_batch(bad)
+
+
+def test_missing_tensorrt_names_the_extra(no_trt, onnx16, tmp_path):
+    with pytest.raises(trt_backend.TensorRTMissingError, match=r"pip install ddengine\[gpu\]"):
+        build_engine(config(onnx16, tmp_path))
