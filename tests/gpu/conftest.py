@@ -65,3 +65,22 @@ def cond16(tmp_path):
     path = tmp_path / "cond.onnx"
     build_tiny_model(path, channels=3, num_classes=4, conv=False)
     return to_mixed_fp16(path, tmp_path / "cond_fp16.onnx")
+
+
+def _gpu_count():
+    try:
+        from ddengine.cuda_step import device_count
+    except ImportError:
+        return 0
+    return device_count()
+
+
+def _has_tensorrt():
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+HAS_GPU = _gpu_count() > 0
+needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU with cuda-python (pip install ddengine[gpu])")]
+needs_tensorrt = [pytest.mark.tensorrt, pytest.mark.skipif(not _has_tensorrt(), reason="needs TensorRT (pip install ddengine[gpu])")]
