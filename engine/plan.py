@@ -90,6 +90,10 @@ def _check_in_range(ts, T):
     if ts.max() >= T:  # leading + steps_offset at steps = T reaches T (diffusers issue #10003 indexes out of range)
         raise ValueError(f"timestep {int(ts.max())} is outside the trained range [0, {T - 1}] "
                          f"(leading spacing with steps_offset; use fewer steps or steps_offset=0)")
+    if ts.min() < 0:  # trailing: float arange rounding adds an extra step at -1 for some T (never for T = 1000)
+        raise ValueError(f"timestep {int(ts.min())} is outside the trained range [0, {T - 1}] "
+                         f"(diffusers' trailing spacing gives {len(ts)} timesteps for num_train_timesteps={T}; "
+                         "use another step count or spacing)")
 
 
 def _check_zero_snr(config, abar, ts):

@@ -104,3 +104,13 @@ def test_zero_snr_epsilon_refused_where_x0_is_infinite(method, spacing):
 def test_step_plan_validates_shapes():
     with pytest.raises(ValueError, match=r"coeffs must have shape \(2, 9\) for 2 timesteps, got \(2, 8\)"):
         StepPlan(timesteps=[2, 1], coeffs=np.zeros((2, 8)), clip=None, method="ddim", eta=0.0)
+
+
+def test_trailing_rounding_quirk_refused():
+    """diffusers' trailing spacing yields 8 timesteps ending at -1 for T=17, n=7 (np.arange float rounding)."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(num_train_timesteps=17, timestep_spacing="trailing")
+    sched.set_timesteps(7)
+    assert sched.timesteps.tolist()[-1] == -1
+    with pytest.raises(ValueError, match=r"timestep -1 is outside the trained range \[0, 16\].*gives 8 timesteps"):
+        make_plan(SchedulerConfig(num_train_timesteps=17, timestep_spacing="trailing"), 7)

@@ -245,3 +245,21 @@ def test_leading_offset_full_length_refused():
     for method in ("ddim", "ddpm"):
         with pytest.raises(ValueError, match=r"timestep 1000 is outside the trained range \[0, 999\]"):
             make_plan(SchedulerConfig(steps_offset=1), 1000, method=method)
+
+
+def test_other_train_lengths(tensors, ddpm_noise):
+    failures, total = [], 0
+    for T, n, (spacing, offset), pred in itertools.product((10, 250), (1, 3, 10), SPACINGS, PREDICTIONS):
+        kwargs = dict(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", prediction_type=pred,
+                      timestep_spacing=spacing, steps_offset=offset)
+        cfg = SchedulerConfig(**kwargs)
+        if n == T and offset:
+            continue
+        for cls, plan, step_kwargs in ((diffusers.DDPMScheduler, make_plan(cfg, n, method="ddpm"), None),
+                                       (diffusers.DDIMScheduler, make_plan(cfg, n, eta=0.5),
+                                        dict(eta=0.5, variance_noise=torch.from_numpy(tensors[2])))):
+            sched = oracle(cls, **kwargs)
+            sched.set_timesteps(n)
+            compare(plan, sched, tensors, f"{cls.__name__} {kwargs} n={n}", failures, step_kwargs)
+            total += 1
+    check(failures, total)
