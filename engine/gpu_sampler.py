@@ -32,6 +32,7 @@ class GpuLoop:
     def denoise(self, seeds, labels=None):
         """x_0 (float32, (B, C, H, W)) for per-image uint64 `seeds` and the model's labels ([null; classes] under CFG)."""
         seeds = np.ascontiguousarray(seeds, dtype=np.uint64)
+        use_device(self.device)  # the caller's thread may not have made the context current yet
         state = self._state(len(seeds))
         state.seeds.upload(seeds, self.stream)
         if state.labels is not None:

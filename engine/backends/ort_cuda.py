@@ -16,7 +16,9 @@ PROVIDER = "CUDAExecutionProvider"
 class OrtCudaBackend(OrtBackend):
     """An OrtBackend pinned to the CUDA provider on one device; fails instead of falling back to the CPU."""
 
-    def __init__(self, model, *, device=0, threads=None, name="ort-cuda"):
+    def __init__(self, model, *, provider=PROVIDER, threads=None, name="ort-cuda", device=0):
+        if provider != PROVIDER:
+            raise BackendError(f"OrtCudaBackend runs {PROVIDER} only, got provider {provider!r}")
         super().__init__(model, provider=(PROVIDER, {"device_id": str(device)}), threads=threads, name=name)
         self.device = device
         active = self.session.get_providers()
@@ -64,7 +66,7 @@ class OrtCudaRunner:
                 continue
             if address is None:
                 raise BackendError(f"model input {name!r} ({role}) needs a device buffer, got None")
-            binding.bind_input(name, "cuda", self.backend.device, self.dtype(role), list(self.shape(role, batch)), int(address))
+            binding.bind_input(name, "cuda", self.backend.device, self.dtype(role).type, list(self.shape(role, batch)), int(address))
         binding.bind_output(self.backend.names["out"], "cuda", self.backend.device, np.float32,
                             list(self.shape("sample", batch)), int(out))  # out has the sample's shape
         self.binding = binding

@@ -147,6 +147,15 @@ class TensorRTBackend:
         self.close()
 
 
+def create(model, *, provider=None, threads=None, name="tensorrt", engine=None, device=0):
+    """create_backend-style factory: the engine built from `model` (a ddengine.model.Model), default MODEL.plan.
+
+    The engine must have been built from exactly this ONNX file (its sha256 is checked against the manifest).
+    """
+    path = Path(engine) if engine is not None else Path(model.path).with_suffix(".plan")
+    return TensorRTBackend(path, onnx_sha256=model.sha256, device=device, name=name)
+
+
 def engine_io(trt, engine):
     """{tensor name: {"mode": "input"|"output", "dtype": numpy dtype name, "shape": [dims, -1 = dynamic]}}."""
     io = {}

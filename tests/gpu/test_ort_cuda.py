@@ -4,7 +4,24 @@ import numpy as np
 import pytest
 from conftest import needs_gpu
 
-pytestmark = needs_gpu
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+def test_silent_cpu_fallback_is_refused(tmp_path):
+    """ORT falls back to the CPU when the CUDA provider cannot load; this backend must fail instead."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("the CUDA provider is available here, so there is no fallback to provoke")
+    from tiny_models import build_tiny_model
+
+    from ddengine.backends.base import BackendError
+    from ddengine.backends.ort_cuda import OrtCudaBackend
+    from ddengine.model import load_model
+
+    build_tiny_model(tmp_path / "m.onnx", conv=False)
+    with pytest.raises(BackendError, match=r"did not enable CUDAExecutionProvider \(active providers: \['CPUExecutionProvider'\]\)"):
+        OrtCudaBackend(load_model(tmp_path / "m.onnx"))
 
 
 @pytest.fixture
@@ -23,6 +40,8 @@ def cuda_backend(tmp_path):
     return OrtCudaBackend(load_model(path))
 
 
+@pytest.mark.gpu
+@needs_gpu[1]
 def test_device_loop_matches_the_cpu_loop(cuda_backend):
     from test_gpu_loop import cpu_loop
 
@@ -35,6 +54,8 @@ def test_device_loop_matches_the_cpu_loop(cuda_backend):
     np.testing.assert_allclose(got, cpu_loop(cuda_backend.spec, plan, seeds, None, None), rtol=0, atol=1e-4)
 
 
+@pytest.mark.gpu
+@needs_gpu[1]
 def test_graphs_are_refused(cuda_backend):
     from ddengine.gpu_sampler import GpuLoop
     from ddengine.plan import make_plan

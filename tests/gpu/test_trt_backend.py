@@ -127,3 +127,13 @@ def test_batch_outside_the_profile_is_refused(fake_trt, engine):
     runner = TensorRTBackend(engine).open_runner(1)
     with pytest.raises(BackendError, match=r"batch 9 is outside the engine's profile \[1, 8\]"):
         runner.bind(9, sample=1, timestep=2, class_labels=None, out=3)
+
+
+def test_factory_checks_the_engine_was_built_from_this_onnx(fake_trt, onnx16, onnx32, tmp_path):
+    from ddengine.backends.trt import create
+    from ddengine.model import load_model
+
+    build_engine(BuildConfig(onnx_path=onnx16))  # writes uncond_fp16.plan next to the ONNX
+    assert create(load_model(onnx16)).engine_path == onnx16.with_suffix(".plan")
+    with pytest.raises(mf.EngineMismatchError, match="onnx_sha256="):
+        create(load_model(onnx32), engine=onnx16.with_suffix(".plan"))
