@@ -6,7 +6,7 @@ kernels = Extension(
     sources=["kernels/step_ext.c"],
     include_dirs=["kernels"],
     depends=["kernels/ddstep.h", "kernels/philox.h"],
-    extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-pthread"],
+    extra_compile_args=["-O3", "-std=c11", "-fno-wrapv", "-ffp-contract=off", "-fno-math-errno", "-pthread"],
     extra_link_args=["-pthread"],
 )
 

@@ -17,29 +17,111 @@
 #define DD_MAX_THREADS 256
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(DD_NO_CLONES)
-#define DD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define DD_CLONES_ON 1
+#define DD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DD_CLONES
 #endif
 
 /* ---------------------------------------------------------------- the kernels */
 
-/* Normals for quads q0..q0+nq-1 (elements 4*q0 ..) into z; Philox then Box-Muller, each loop vectorized. */
-DD_CLONES static void noise_block(dd_u64 seed, dd_u64 q0, int nq, dd_u32 step, dd_u32 domain, float *restrict z)
+/* Philox outputs of quads q0..q0+nq-1 as four arrays (word k of quad q0+j in r[k][j]). */
+static void philox_scalar(dd_u64 seed, dd_u64 q0, int j, int nq, dd_u32 step, dd_u32 domain, dd_u32 *r[4])
 {
-    dd_u32 r[DD_BLOCK];
-    dd_u32 k0 = (dd_u32)seed, k1 = (dd_u32)(seed >> 32);
-    for (int j = 0; j < nq; j++) {
+    for (; j < nq; j++) {
         dd_u64 q = q0 + (dd_u64)j;
         dd_u32 c[4] = {(dd_u32)q, (dd_u32)(q >> 32), step, domain};
-        dd_philox4x32_10(c, k0, k1);
-        r[4 * j] = c[0];
-        r[4 * j + 1] = c[1];
-        r[4 * j + 2] = c[2];
-        r[4 * j + 3] = c[3];
+        dd_philox4x32_10(c, (dd_u32)seed, (dd_u32)(seed >> 32));
+        for (int k = 0; k < 4; k++)
+            r[k][j] = c[k];
     }
-    for (int p = 0; p < 2 * nq; p++)
-        dd_box_muller(r[2 * p], r[2 * p + 1], &z[2 * p], &z[2 * p + 1]);
+}
+
+#if defined(DD_CLONES_ON)
+#include <immintrin.h>
+
+/* 8 (AVX2) or 16 (AVX-512) quads per vector: 32x32->64 products of the even and odd 32-bit lanes, blended
+ * back into hi and lo words. Integer arithmetic, so bit-identical to dd_philox4x32_10. */
+#define DD_PHILOX_SIMD(NAME, TARGET, W, V, SET1, LOAD, STORE, ADD, XOR, MUL, SRLI, SLLI, BLEND_ODD)          \
+    __attribute__((target(TARGET))) static void NAME(dd_u64 seed, dd_u64 q0, int nq, dd_u32 step,            \
+                                                     dd_u32 domain, dd_u32 *r[4])                            \
+    {                                                                                                        \
+        static const dd_u32 iota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};               \
+        const V m0 = SET1((int)DD_PHILOX_M0), m1 = SET1((int)DD_PHILOX_M1);                                  \
+        const V lanes = LOAD((const void *)iota);                                                            \
+        int j = 0;                                                                                           \
+        for (; j + W <= nq; j += W) {                                                                        \
+            dd_u64 q = q0 + (dd_u64)j;                                                                       \
+            if ((dd_u32)q > 0xFFFFFFFFu - W)                                                                 \
+                break; /* the low counter word would wrap inside the vector */                               \
+            V c0 = ADD(SET1((int)(dd_u32)q), lanes), c1 = SET1((int)(dd_u32)(q >> 32));                      \
+            V c2 = SET1((int)step), c3 = SET1((int)domain);                                                  \
+            dd_u32 k0 = (dd_u32)seed, k1 = (dd_u32)(seed >> 32);                                             \
+            for (int round = 0; round < 10; round++) {                                                       \
+                V pe0 = MUL(c0, m0), po0 = MUL(SRLI(c0, 32), m0);                                            \
+                V pe1 = MUL(c2, m1), po1 = MUL(SRLI(c2, 32), m1);                                            \
+                V hi0 = BLEND_ODD(SRLI(pe0, 32), po0), lo0 = BLEND_ODD(pe0, SLLI(po0, 32));                  \
+                V hi1 = BLEND_ODD(SRLI(pe1, 32), po1), lo1 = BLEND_ODD(pe1, SLLI(po1, 32));                  \
+                c0 = XOR(XOR(hi1, c1), SET1((int)k0));                                                       \
+                c1 = lo1;                                                                                    \
+                c2 = XOR(XOR(hi0, c3), SET1((int)k1));                                                       \
+                c3 = lo0;                                                                                    \
+                k0 += DD_PHILOX_W0;                                                                          \
+                k1 += DD_PHILOX_W1;                                                                          \
+            }                                                                                                \
+            STORE((void *)(r[0] + j), c0);                                                                   \
+            STORE((void *)(r[1] + j), c1);                                                                   \
+            STORE((void *)(r[2] + j), c2);                                                                   \
+            STORE((void *)(r[3] + j), c3);                                                                   \
+        }                                                                                                    \
+        philox_scalar(seed, q0, j, nq, step, domain, r);                                                     \
+    }
+
+#define DD_BLEND_ODD_256(a, b) _mm256_blend_epi32((a), (b), 0xAA)
+#define DD_BLEND_ODD_512(a, b) _mm512_mask_blend_epi32((__mmask16)0xAAAA, (a), (b))
+#define DD_LOAD_256(p) _mm256_loadu_si256((const __m256i *)(p))
+#define DD_STORE_256(p, v) _mm256_storeu_si256((__m256i *)(p), (v))
+DD_PHILOX_SIMD(philox_avx2, "avx2", 8, __m256i, _mm256_set1_epi32, DD_LOAD_256, DD_STORE_256, _mm256_add_epi32,
+               _mm256_xor_si256, _mm256_mul_epu32, _mm256_srli_epi64, _mm256_slli_epi64, DD_BLEND_ODD_256)
+DD_PHILOX_SIMD(philox_avx512, "avx512f", 16, __m512i, _mm512_set1_epi32, _mm512_loadu_si512, _mm512_storeu_si512,
+               _mm512_add_epi32, _mm512_xor_si512, _mm512_mul_epu32, _mm512_srli_epi64, _mm512_slli_epi64,
+               DD_BLEND_ODD_512)
+#endif
+
+/* Philox outputs of quads q0..q0+nq-1, on the widest integer SIMD this CPU has. */
+static void philox_block(dd_u64 seed, dd_u64 q0, int nq, dd_u32 step, dd_u32 domain, dd_u32 *r[4])
+{
+#if defined(DD_CLONES_ON)
+#if !defined(DD_NO_AVX512)
+    if (__builtin_cpu_supports("avx512f"))
+        philox_avx512(seed, q0, nq, step, domain, r);
+    else
+#endif
+    if (__builtin_cpu_supports("avx2"))
+        philox_avx2(seed, q0, nq, step, domain, r);
+    else
+#endif
+        philox_scalar(seed, q0, 0, nq, step, domain, r);
+}
+
+/* Box-Muller of each quad's pairs (r0, r1), (r2, r3) into z[4j..4j+3]. */
+DD_CLONES static void box_muller_block(const dd_u32 *restrict r0, const dd_u32 *restrict r1,
+                                       const dd_u32 *restrict r2, const dd_u32 *restrict r3, int nq,
+                                       float *restrict z)
+{
+    for (int j = 0; j < nq; j++) {
+        dd_box_muller(r0[j], r1[j], &z[4 * j], &z[4 * j + 1]);
+        dd_box_muller(r2[j], r3[j], &z[4 * j + 2], &z[4 * j + 3]);
+    }
+}
+
+/* Normals for quads q0..q0+nq-1 (elements 4*q0 ..) into z. */
+static void noise_block(dd_u64 seed, dd_u64 q0, int nq, dd_u32 step, dd_u32 domain, float *restrict z)
+{
+    dd_u32 words[4][DD_BLOCK / 4];
+    dd_u32 *r[4] = {words[0], words[1], words[2], words[3]};
+    philox_block(seed, q0, nq, step, domain, r);
+    box_muller_block(r[0], r[1], r[2], r[3], nq, z);
 }
 
 typedef struct {
