@@ -1,7 +1,8 @@
 """Training noise schedules (betas, alphas_cumprod) with diffusers' DDPMScheduler/DDIMScheduler config keys.
 
 Betas are built as diffusers builds them and rounded to float32 (what diffusers stores and what a model is trained
-with); alphas and alphas_cumprod are then computed in float64 (diffusers keeps them in float32).
+with); alphas and alphas_cumprod are then computed in float64 (diffusers keeps them in float32, which costs it
+~3 digits of 1 - alphas_cumprod[t] at small t).
 """
 import math
 import warnings
@@ -122,7 +123,11 @@ class SchedulerConfig:
         return out
 
     def betas(self):
-        """float32 betas[T] exactly as diffusers stores them (after the optional zero-terminal-SNR rescale)."""
+        """float32 betas[T] as diffusers stores them (cosine/laplace/trained bit-equal, linspace-based within a few ulps).
+
+        The optional zero-terminal-SNR rescale runs in float64 (diffusers runs it in float32, which loses ~3 digits of
+        the small betas) and is then rounded to float32.
+        """
         betas = _raw_betas(self)
         if self.rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
@@ -155,7 +160,7 @@ def _raw_betas(cfg):
 
 
 def torch_linspace_f32(start, end, steps):
-    """torch.linspace(start, end, steps, dtype=float32): float32 step, first half from start, second half from end."""
+    """torch.linspace(start, end, steps, dtype=float32) to within a few ulps (torch's vector kernel rounds per CPU)."""
     start, end = np.float32(start), np.float32(end)
     if steps == 1:
         return np.array([start], dtype=np.float32)
