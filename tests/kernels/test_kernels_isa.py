@@ -1,0 +1,57 @@
+"""The SIMD variants of ddengine._kernels agree bit for bit with its portable build (no ISA clones, scalar Philox)."""
+import importlib.util
+import platform
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ddengine.kernels
+from ddengine import _kernels
+
+KERNELS = Path(ddengine.kernels.__file__).resolve().parent
+VARIANTS = {"portable": ["-DDD_NO_CLONES"], "avx2_philox": ["-DDD_NO_AVX512"]}
+
+
+def build(tmp_path, defines):
+    """Compiles kernels/step_ext.c with setup.py's flags plus `defines` into tmp_path; returns a Popen."""
+    out = tmp_path / ("_kernels" + sysconfig.get_config_var("EXT_SUFFIX"))
+    cmd = ["gcc", "-shared", "-fPIC", "-O3", "-std=c11", "-fno-wrapv", "-ffp-contract=off", "-fno-math-errno",
+           "-pthread", *defines, f"-I{sysconfig.get_paths()['include']}", f"-I{KERNELS}",
+           str(KERNELS / "step_ext.c"), "-o", str(out)]
+    return out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def load(path):
+    spec = importlib.util.spec_from_file_location("ddengine._kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def outputs(k):
+    seeds = np.arange(5, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    noise = np.empty((5, 30001), np.float32)
+    k.fill_noise(noise, seeds)
+    x = np.linspace(-2, 2, noise.size, dtype=np.float32).reshape(noise.shape)
+    model_out = np.concatenate([np.cos(x), 0.5 * np.sin(x)])
+    k.step(x, model_out, [1.1, -0.3, 0.2, 0.9, -0.1, 0.7, 0.2, -0.4, 0.35], seeds, 12, guidance=4.0, clip=1.5)
+    return noise.view(np.uint32), x.view(np.uint32)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("gcc") is None, reason="needs gcc on x86_64")
+def test_simd_variants_are_bit_identical(tmp_path):
+    jobs = {}
+    for name, defines in VARIANTS.items():
+        (tmp_path / name).mkdir()
+        jobs[name] = build(tmp_path / name, defines)
+    want = outputs(_kernels)
+    for name, (path, proc) in jobs.items():
+        log = proc.communicate(timeout=300)[0].decode(errors="replace")
+        assert proc.returncode == 0, log
+        for got, ref in zip(outputs(load(path)), want):
+            assert np.array_equal(got, ref), name
