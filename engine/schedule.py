@@ -10,9 +10,10 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from ddengine.timesteps import SPACINGS as TIMESTEP_SPACINGS
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 UNSUPPORTED_VARIANCE_TYPES = {
     "fixed_large_log": "diffusers takes the square root of log(beta) < 0 and returns NaN",
