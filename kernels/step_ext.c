@@ -336,6 +336,16 @@ static int check_model_out(const Py_buffer *x, const Py_buffer *mo, int guided)
     return -1;
 }
 
+/* The kernel reads model_out while it writes x: they must be distinct memory. */
+static int check_no_overlap(const Py_buffer *x, const Py_buffer *mo)
+{
+    const char *xb = (const char *)x->buf, *mb = (const char *)mo->buf;
+    if (x->len == 0 || mo->len == 0 || xb + x->len <= mb || mb + mo->len <= xb)
+        return 0;
+    PyErr_SetString(PyExc_ValueError, "model_out must not share memory with x, got overlapping buffers");
+    return -1;
+}
+
 static int finite_f32(double v)
 {
     float f = (float)v;
@@ -478,7 +488,8 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwargs)
         PyBuffer_Release(&x);
         return NULL;
     }
-    if (check_model_out(&x, &mo, job.prm.guided) != 0 || get_seeds(seeds_o, x.shape[0], &seeds) != 0) {
+    if (check_model_out(&x, &mo, job.prm.guided) != 0 || check_no_overlap(&x, &mo) != 0
+        || get_seeds(seeds_o, x.shape[0], &seeds) != 0) {
         PyBuffer_Release(&mo);
         PyBuffer_Release(&x);
         return NULL;

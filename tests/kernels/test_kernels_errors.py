@@ -92,6 +92,12 @@ def test_unguided_model_out_of_doubled_batch_is_rejected():
     assert_unchanged_after(args, {}, ValueError, r"model_out must have shape \(8, 3, 5\) \(same as x")
 
 
+def test_model_out_sharing_memory_with_x_is_rejected():
+    args = good()
+    args["model_out"] = args["x"]
+    assert_unchanged_after(args, {}, ValueError, "model_out must not share memory with x")
+
+
 def test_zero_dim_x_is_rejected():
     with pytest.raises(ValueError, match="x must be an array with ndim >= 1, got a 0-d array"):
         _kernels.step(np.float32(1.0), np.float32(1.0), ROW, np.zeros(1, np.uint64), 0)

@@ -1,0 +1,148 @@
+"""Benchmark of the fused step (ddengine._kernels.step, noise included) against numpy, diffusers and a copy floor.
+
+    python bench/bench_step.py [--threads N] [--sizes 10000,100000,1000000,10000000] [--seconds 0.3]
+
+Prints ns/element, GB/s (12 bytes per element: read x and model_out, write x) and ratios, and writes
+bench/results/step_<cpu>-<cores>c-t<threads>.json (no hostnames or paths). torch is imported here only.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ddengine import _kernels
+from ddengine.reference import reference_step
+
+# A contractive DDPM-like row (engine/coeffs.py order) with sigma != 0, so repeated in-place steps stay bounded.
+ROW = np.array([1.02, -0.2, 0.0, 1.0, 0.0, 0.1, 0.85, 0.05, 0.1], np.float32)
+STEP_BYTES = 12  # per element: read x, read model_out, write x (float32)
+
+
+def median_seconds(fn, budget):
+    """Median wall time of fn() over max(5, what fits in `budget` seconds) runs, after one warm-up."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    times = []
+    for _ in range(max(5, min(1000, int(budget / once)))):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fused(n, threads):
+    x, m, seeds = np.zeros((1, n), np.float32), np.ones((1, n), np.float32), np.array([1], np.uint64)
+    return lambda: _kernels.step(x, m, ROW, seeds, 7, threads=threads)
+
+
+def numpy_unfused(n):
+    rng = np.random.default_rng(0)
+    x, m = np.zeros((1, n), np.float32), np.ones((1, n), np.float32)
+    return lambda: reference_step(x, m, ROW, rng.standard_normal(x.shape, dtype=np.float32), dtype=np.float32)
+
+
+def diffusers_step(n):
+    import torch
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(50)
+    t = scheduler.timesteps[10]
+    x, m = torch.zeros((1, n), dtype=torch.float32), torch.ones((1, n), dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    return lambda: scheduler.step(m, t, x, generator=generator).prev_sample
+
+
+def copy_floor(n):
+    x, m = np.zeros((1, n), np.float32), np.ones((1, n), np.float32)
+    dx, dm = np.empty_like(x), np.empty_like(m)
+    return lambda: (np.copyto(dx, x), np.copyto(dm, m))
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def machine(threads):
+    import diffusers
+    import torch
+
+    return {"cpu": cpu_model() or platform.machine(), "cores": os.cpu_count(), "threads": threads,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "numpy": np.__version__,
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "loadavg_before": os.getloadavg()}
+
+
+def run(sizes, threads, budget):
+    """One row per size: median seconds of each contender and the derived ratios."""
+    rows = []
+    for n in sizes:
+        t = {"fused": median_seconds(fused(n, threads), budget),
+             "numpy": median_seconds(numpy_unfused(n), budget),
+             "diffusers": median_seconds(diffusers_step(n), budget),
+             "copy": median_seconds(copy_floor(n), budget)}
+        rows.append({"elements": n, "seconds": t,
+                     "ns_per_element": {k: v / n * 1e9 for k, v in t.items()},
+                     "fused_gb_s": STEP_BYTES * n / t["fused"] / 1e9,
+                     "speedup_vs_numpy": t["numpy"] / t["fused"], "speedup_vs_diffusers": t["diffusers"] / t["fused"],
+                     "fused_over_copy": t["fused"] / t["copy"]})
+        print(table_line(rows[-1]), flush=True)
+    return rows
+
+
+def table_line(r):
+    ns = r["ns_per_element"]
+    return (f"{r['elements']:>9} | {ns['fused']:7.3f} {r['fused_gb_s']:6.2f} | {ns['numpy']:7.3f} "
+            f"{ns['diffusers']:8.3f} {ns['copy']:6.3f} | {r['speedup_vs_numpy']:6.1f}x "
+            f"{r['speedup_vs_diffusers']:7.1f}x {r['fused_over_copy']:6.2f}")
+
+
+HEADER = ("elements  | fused ns/el  GB/s | numpy  diffusers  copy (ns/el) | vs numpy vs diffusers fused/copy")
+
+
+def write_json(path, payload):
+    """Atomic write: temp file in the same folder, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=0, help="threads of the fused step and torch (0 = all cores)")
+    parser.add_argument("--sizes", default="10000,100000,1000000,10000000", help="comma-separated element counts")
+    parser.add_argument("--seconds", type=float, default=0.3, help="time budget per measurement")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/step_<id>.json)")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads or os.cpu_count())
+    info = machine(args.threads)
+    print(f"{info['cpu']}, {info['cores']} cores, threads={args.threads}, load {info['loadavg_before']}")
+    print(HEADER)
+    rows = run([int(s) for s in args.sizes.split(",")], args.threads, args.seconds)
+    info["loadavg_after"] = os.getloadavg()
+    slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")
+    out = args.out or Path(__file__).resolve().parent / "results" / f"step_{slug}-{info['cores']}c-t{args.threads}.json"
+    write_json(out, {"benchmark": "fused step vs numpy / diffusers DDPMScheduler.step / copy floor",
+                     "bytes_per_element": STEP_BYTES, "machine": info, "results": rows})
+    print(f"wrote {out.name}")
+
+
+if __name__ == "__main__":
+    main()
