@@ -113,7 +113,7 @@ class TensorRTBackend:
         self.spec = ModelSpec.from_json(json.dumps(self.manifest["spec"]))
         self.io = engine_io(trt, self.engine)
         self.names = io_names(self.spec, self.io)
-        self.max_batch = int(self.manifest["key"]["profile"]["engine_batch"][2])
+        self.min_batch, _, self.max_batch = (int(b) for b in self.manifest["key"]["profile"]["engine_batch"])
         self._idle = queue.SimpleQueue()  # HostSessions not in use (one per concurrent `run` caller)
 
     def open_runner(self, stream):
@@ -206,9 +206,10 @@ class TrtRunner:
 
     def bind(self, batch, *, sample, timestep, class_labels, out):
         """Set input shapes for `batch` and every tensor's device address (all return values checked)."""
-        if not 1 <= batch <= self.backend.max_batch:
-            raise BackendError(f"batch {batch} is outside the engine's profile [1, {self.backend.max_batch}]; "
-                               f"rebuild with a larger `ddengine build --batch`")
+        lo, hi = self.backend.min_batch, self.backend.max_batch
+        if not lo <= batch <= hi:
+            raise BackendError(f"batch {batch} is outside the engine's profile [{lo}, {hi}] (model batch, doubled "
+                               f"under guidance); rebuild with another `ddengine build --batch MIN:OPT:MAX`")
         since = len(self.logger.records)
         addresses = {"sample": sample, "timestep": timestep, "class_labels": class_labels, "out": out}
         for role, address in addresses.items():
@@ -248,6 +249,9 @@ class HostSession:
             self.buffers["class_labels"] = DeviceArray(b, self.runner.dtype("class_labels"))
 
     def run(self, sample, timestep, class_labels, out):
+        from ddengine.cuda_step import use_device
+
+        use_device(self.runner.backend.device)  # this session may be reused from another thread
         b = sample.shape[0]
         if out.shape != sample.shape or out.dtype != np.float32:
             raise BackendError(f"out must be float32 of shape {sample.shape}, got {out.dtype} {out.shape}")

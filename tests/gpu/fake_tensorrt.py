@@ -42,7 +42,8 @@ _NP = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT32: np
 
 def make_module(version="10.99.0", faults=(), io=None):
     """A fresh fake module; `io` = {name: (mode, DataType, shape)} of the engines it 'deserializes'."""
-    state = types.SimpleNamespace(faults=set(faults), calls=[], builds=0, deserialized=0)
+    # on_execute(context, stream), when set, does the forward (tests pair it with cuda_emulator.py)
+    state = types.SimpleNamespace(faults=set(faults), calls=[], builds=0, deserialized=0, on_execute=None)
     io = io or {"sample": (TensorIOMode.INPUT, DataType.FLOAT, (-1, 1, 8, 8)),
                 "timestep": (TensorIOMode.INPUT, DataType.INT64, (-1,)),
                 "out": (TensorIOMode.OUTPUT, DataType.FLOAT, (-1, 1, 8, 8))}
@@ -182,6 +183,8 @@ def make_module(version="10.99.0", faults=(), io=None):
             if "execute_async_v3" in state.faults:
                 fail(self.logger, "execute_async_v3", "engine plan was generated on an incompatible device")
                 return False
+            if state.on_execute is not None:
+                state.on_execute(self, stream)
             return True
 
     class Engine:

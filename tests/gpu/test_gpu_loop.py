@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from conftest import needs_gpu
 from tiny_models import SCHEDULER
+from toy_cuda_model import cpu_loop
 
 pytestmark = needs_gpu
 
@@ -12,22 +13,6 @@ def plan(steps=6, method="ddpm"):
     from ddengine.plan import make_plan
 
     return make_plan(dict(SCHEDULER), steps, method=method, eta=1.0 if method == "ddim" else 0.0)
-
-
-def cpu_loop(spec, the_plan, seeds, labels, guidance):
-    """The Sampler's CPU loop (engine/sampler.py _denoise) with the toy model in numpy float32."""
-    from ddengine import _kernels
-    from toy_cuda_model import forward32
-
-    b = len(seeds)
-    x = np.empty((b, spec.channels, spec.height, spec.width), np.float32)
-    _kernels.fill_noise(x, seeds)
-    rows = the_plan.rows_float32()
-    for i, t in enumerate(the_plan.timesteps):
-        x_in = np.concatenate([x, x]) if guidance is not None else x
-        out = forward32(x_in, t, labels, spec)
-        _kernels.step(x, out, rows[i], seeds, i, guidance=guidance, clip=the_plan.clip)
-    return x
 
 
 @pytest.fixture(scope="module")

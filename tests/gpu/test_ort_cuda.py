@@ -43,7 +43,7 @@ def cuda_backend(tmp_path):
 @pytest.mark.gpu
 @needs_gpu[1]
 def test_device_loop_matches_the_cpu_loop(cuda_backend):
-    from test_gpu_loop import cpu_loop
+    from toy_cuda_model import cpu_loop
 
     from ddengine.gpu_sampler import GpuLoop
     from ddengine.plan import make_plan

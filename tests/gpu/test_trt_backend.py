@@ -129,6 +129,13 @@ def test_batch_outside_the_profile_is_refused(fake_trt, engine):
         runner.bind(9, sample=1, timestep=2, class_labels=None, out=3)
 
 
+def test_batch_below_the_profile_min_is_refused(fake_trt, onnx16, tmp_path):
+    path = build_engine(BuildConfig(onnx_path=onnx16, engine_path=tmp_path / "b.plan", batch=(4, 4, 8))).engine_path
+    runner = TensorRTBackend(path).open_runner(1)
+    with pytest.raises(BackendError, match=r"batch 2 is outside the engine's profile \[4, 8\]"):
+        runner.bind(2, sample=1, timestep=2, class_labels=None, out=3)
+
+
 def test_factory_checks_the_engine_was_built_from_this_onnx(fake_trt, onnx16, onnx32, tmp_path):
     from ddengine.backends.trt import create
     from ddengine.model import load_model

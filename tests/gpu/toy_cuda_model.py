@@ -32,6 +32,20 @@ def forward32(x, t, labels, spec):
     return m.astype(np.float32)
 
 
+def cpu_loop(spec, plan, seeds, labels, guidance):
+    """The Sampler's CPU loop (engine/sampler.py _denoise) with the toy model in numpy float32."""
+    from ddengine import _kernels
+
+    b = len(seeds)
+    x = np.empty((b, spec.channels, spec.height, spec.width), np.float32)
+    _kernels.fill_noise(x, seeds)
+    rows = plan.rows_float32()
+    for i, t in enumerate(plan.timesteps):
+        x_in = np.concatenate([x, x]) if guidance is not None else x
+        _kernels.step(x, forward32(x_in, t, labels, spec), rows[i], seeds, i, guidance=guidance, clip=plan.clip)
+    return x
+
+
 class ToyBackend:
     def __init__(self, num_classes=0, channels=1):
         from ddengine.cuda_step import DeviceArray, check, device_arch, import_cuda
