@@ -214,13 +214,14 @@ static int cpu_count(void)
 static void run_job(job_t *job, Py_ssize_t threads)
 {
     pthread_t tid[DD_MAX_THREADS];
-    Py_ssize_t n = threads == 0 ? cpu_count() : threads;
-    if (n > job->items)
-        n = job->items;
-    if (n > DD_MAX_THREADS)
-        n = DD_MAX_THREADS;
-    if (job->batch * job->per_image < DD_MIN_PARALLEL)
-        n = 1;
+    Py_ssize_t n = 1;
+    if (job->batch * job->per_image >= DD_MIN_PARALLEL) {
+        n = threads == 0 ? cpu_count() : threads; /* sysconf costs microseconds: only for large jobs */
+        if (n > job->items)
+            n = job->items;
+        if (n > DD_MAX_THREADS)
+            n = DD_MAX_THREADS;
+    }
     atomic_init(&job->next, 0);
     Py_ssize_t started = 0;
     for (Py_ssize_t t = 1; t < n; t++) {
