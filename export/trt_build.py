@@ -6,6 +6,7 @@ and no BuilderFlag is ever set for it. Every None/False return raises with the p
 logger's text; the engine and then its manifest are written atomically, and an engine whose manifest
 matches the cache key is reused instead of rebuilt.
 """
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,35 @@ def input_shapes(proto, engine_batch, path):
     return shapes
 
 
+def external_files(proto, path):
+    """The external-data files an ONNX model names, each checked to stay inside the model's folder."""
+    folder = Path(path).resolve().parent
+    names = set()
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            names.update(e.value for e in tensor.external_data if e.key == "location")
+    files = []
+    for name in sorted(names):
+        target = (folder / name).resolve()
+        if Path(name).is_absolute() or folder not in target.parents:
+            raise BuildError(f"{path}: external data location {name!r} points outside the model's folder {folder}")
+        files.append(target)
+    return files
+
+
+def onnx_sha256(path, data=None, proto=None):
+    """Content hash of a model: sha256 of the file, extended by its external-data files (names and bytes) if any."""
+    data = Path(path).read_bytes() if data is None else data
+    proto = onnx.load_model_from_string(data) if proto is None else proto
+    extra = external_files(proto, path)
+    if not extra:
+        return mf.sha256_bytes(data)
+    digest = hashlib.sha256(data)
+    for file in extra:
+        digest.update(b"\0" + file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
 def network_flags(trt):
     """STRONGLY_TYPED (TensorRT 10.x; deprecated and always on in 11.x, where the flag may be gone)."""
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
@@ -145,7 +175,7 @@ def build_engine(config, *, gpu=None):
 
         use_device(config.device)
         gpu = gpu_properties(config.device)
-    key = mf.make_key(onnx_sha256=mf.sha256_bytes(data), precision=config.precision, profile=profile,
+    key = mf.make_key(onnx_sha256=onnx_sha256(config.onnx_path, data, proto), precision=config.precision, profile=profile,
                       hardware_compat=config.hardware_compat, tensorrt_version=trt.__version__, gpu_name=gpu[0],
                       compute_capability=gpu[1], ddengine_version=__version__)
     engine_path = config.engine

@@ -150,10 +150,12 @@ class TensorRTBackend:
 def create(model, *, provider=None, threads=None, name="tensorrt", engine=None, device=0):
     """create_backend-style factory: the engine built from `model` (a ddengine.model.Model), default MODEL.plan.
 
-    The engine must have been built from exactly this ONNX file (its sha256 is checked against the manifest).
+    The engine must have been built from exactly this ONNX file (its content hash is checked against the manifest).
     """
+    from ddengine.export.trt_build import onnx_sha256
+
     path = Path(engine) if engine is not None else Path(model.path).with_suffix(".plan")
-    return TensorRTBackend(path, onnx_sha256=model.sha256, device=device, name=name)
+    return TensorRTBackend(path, onnx_sha256=onnx_sha256(model.path), device=device, name=name)
 
 
 def engine_io(trt, engine):

@@ -3,6 +3,7 @@ that every None/False return raises with TensorRT's own text, caching by key, an
 import hashlib
 import json
 
+import onnx
 import pytest
 from conftest import FAKE_GPU
 
@@ -137,3 +138,39 @@ def test_parse_batch():
 def test_missing_tensorrt_names_the_extra(no_trt, onnx16, tmp_path):
     with pytest.raises(trt_backend.TensorRTMissingError, match=r"pip install ddengine\[gpu\]"):
         build_engine(config(onnx16, tmp_path))
+
+
+def save_external(src, dst, location):
+    model = onnx.load(str(src))
+    onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0)
+    return dst
+
+
+def test_external_weights_are_part_of_the_content_hash(onnx16, tmp_path):
+    from ddengine.export.trt_build import onnx_sha256
+
+    assert onnx_sha256(onnx16) == hashlib.sha256(onnx16.read_bytes()).hexdigest()  # no external data: the file hash
+    path = save_external(onnx16, tmp_path / "ext.onnx", "ext.weights")
+    before = onnx_sha256(path)
+    assert before != hashlib.sha256(path.read_bytes()).hexdigest()
+    weights = tmp_path / "ext.weights"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one changed weight bit, same .onnx file
+    weights.write_bytes(bytes(data))
+    assert onnx_sha256(path) != before
+
+
+def test_external_data_outside_the_model_folder_is_refused(onnx16, tmp_path):
+    from ddengine.export.trt_build import onnx_sha256
+
+    sub = tmp_path / "models"
+    sub.mkdir()
+    path = save_external(onnx16, tmp_path / "tmp.onnx", "w.bin")
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../w.bin"
+    onnx.save(model, str(sub / "evil.onnx"))
+    with pytest.raises(BuildError, match="external data location '../w.bin' points outside"):
+        onnx_sha256(sub / "evil.onnx")
