@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ddengine.coeffs import SIGMA
 from ddengine.reference import reference_step
 
 TORCH_UNAVAILABLE = "torch model unavailable"
@@ -24,7 +25,7 @@ class Row:
     step_s: float | None = None
     other_s: float | None = None
     note: str = ""
-    runs: list = field(default_factory=list)
+    runs: list = field(default_factory=list)  # every timed run; min(runs) is the least disturbed by other load
 
     @property
     def ms_per_step(self):
@@ -38,25 +39,34 @@ class Row:
         return {**asdict(self), "ms_per_step": self.ms_per_step, "images_per_s": self.images_per_s}
 
 
-def _median_runs(fn, repeats, warmup=1):
-    """Run fn() warmup + repeats times; return the median of the timed runs' results (each a dict with 'seconds')."""
-    for _ in range(warmup):
-        fn()
-    runs = [fn() for _ in range(repeats)]
+def _row(name, request, runs):
+    """The run closest to the median of `runs` (dicts with seconds, forward, step) as a Row."""
     mid = statistics.median(r["seconds"] for r in runs)
-    return min(runs, key=lambda r: abs(r["seconds"] - mid)), [r["seconds"] for r in runs]
+    best = min(runs, key=lambda r: abs(r["seconds"] - mid))
+    forward, step = best.get("forward", best["seconds"]), best.get("step", 0.0)
+    return Row(name, request.n, request.steps, best["seconds"], forward, step, best["seconds"] - forward - step,
+               runs=[r["seconds"] for r in runs])
 
 
-def bench_engine(sampler, request, repeats=3):
+def measure(runners, request, repeats=3, warmup=1):
+    """Time each runner (name -> once() -> dict) round-robin, so background load hits all of them alike."""
+    for once in runners.values():
+        for _ in range(warmup):
+            once()
+    runs = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, once in runners.items():
+            runs[name].append(once())
+    return [_row(name, request, runs[name]) for name in runners]
+
+
+def engine_runner(sampler, request):
     """The product: Sampler.run (fill_noise, forward, fused step) with its forward/step timers."""
     def once():
-        timers, start = {}, time.perf_counter()
+        timers, start = {"forward": 0.0, "step": 0.0}, time.perf_counter()
         sampler.run(request, timers=timers)
-        seconds = time.perf_counter() - start
-        return {"seconds": seconds, **timers}
-    best, runs = _median_runs(once, repeats)
-    other = best["seconds"] - best["forward"] - best["step"]
-    return Row("ddengine fused", request.n, request.steps, best["seconds"], best["forward"], best["step"], other, runs=runs)
+        return {"seconds": time.perf_counter() - start, **timers}
+    return once
 
 
 def _forward_inputs(sampler, request):
@@ -68,21 +78,20 @@ def _forward_inputs(sampler, request):
     return x, labels, np.empty_like(x)
 
 
-def bench_floor(sampler, request, repeats=3):
+def floor_runner(sampler, request):
     """(c) the floor: `steps` bare backend forwards on the same batch, nothing else."""
-    plan = sampler.plan(request)
+    timesteps = sampler.plan(request).timesteps
     x, labels, out = _forward_inputs(sampler, request)
 
     def once():
         start = time.perf_counter()
-        for t in plan.timesteps:
+        for t in timesteps:
             sampler.backend.run(x, int(t), labels, out)
         return {"seconds": time.perf_counter() - start}
-    best, runs = _median_runs(once, repeats)
-    return Row("floor: bare forward x steps", request.n, request.steps, best["seconds"], best["seconds"], 0.0, 0.0, runs=runs)
+    return once
 
 
-def bench_numpy(sampler, request, repeats=3):
+def numpy_runner(sampler, request):
     """(b) ONNX Runtime forward + the unfused numpy step (reference_step in float32, numpy standard_normal noise)."""
     plan = sampler.plan(request)
     _, labels, _ = _forward_inputs(sampler, request)
@@ -90,8 +99,7 @@ def bench_numpy(sampler, request, repeats=3):
     shape = (b, spec.channels, spec.height, spec.width)
 
     def once():
-        rng = np.random.default_rng(0)
-        fwd = stp = 0.0
+        rng, fwd, stp = np.random.default_rng(0), 0.0, 0.0
         start = time.perf_counter()
         x = rng.standard_normal(shape, dtype=np.float32)
         for i, t in enumerate(plan.timesteps):
@@ -100,15 +108,11 @@ def bench_numpy(sampler, request, repeats=3):
             out = np.empty_like(x_in)
             sampler.backend.run(x_in, int(t), labels, out)
             t1 = time.perf_counter()
-            noise = rng.standard_normal(shape, dtype=np.float32) if plan.coeffs[i, -1] != 0 else None
+            noise = rng.standard_normal(shape, dtype=np.float32) if plan.coeffs[i, SIGMA] != 0 else None
             x = reference_step(x, out, plan.coeffs[i], noise, guidance=request.guidance, clip=plan.clip, dtype=np.float32)
-            t2 = time.perf_counter()
-            fwd, stp = fwd + t1 - t0, stp + t2 - t1
-        seconds = time.perf_counter() - start
-        return {"seconds": seconds, "forward": fwd, "step": stp}
-    best, runs = _median_runs(once, repeats)
-    other = best["seconds"] - best["forward"] - best["step"]
-    return Row("ORT + numpy step (unfused)", b, request.steps, best["seconds"], best["forward"], best["step"], other, runs=runs)
+            fwd, stp = fwd + t1 - t0, stp + time.perf_counter() - t1
+        return {"seconds": time.perf_counter() - start, "forward": fwd, "step": stp}
+    return once
 
 
 def load_torch_model(model_path):
@@ -116,7 +120,7 @@ def load_torch_model(model_path):
     try:
         import torch  # noqa: F401
     except ImportError:
-        return None, "torch is not installed"
+        return None, f"{TORCH_UNAVAILABLE} (torch is not installed)"
     try:
         from ddengine.export.onnx_export import load_torch_model_for
     except ImportError as err:
@@ -127,13 +131,13 @@ def load_torch_model(model_path):
         return None, f"{TORCH_UNAVAILABLE} ({type(err).__name__}: {err})"
 
 
-def bench_diffusers(net, sampler, request, precision="fp32", repeats=3):
+def diffusers_runner(net, sampler, request, precision="fp32"):
     """(a) the diffusers way: the torch U-Net in a DDIMScheduler/DDPMScheduler loop (fp32 or bf16 autocast)."""
     import torch
     from diffusers import DDIMScheduler, DDPMScheduler
 
     spec, b, cfg = sampler.spec, request.n, request.guidance is not None
-    config = dict(sampler.spec.scheduler)
+    config = dict(spec.scheduler)
     if request.spacing is not None:
         config["timestep_spacing"] = request.spacing
     scheduler = (DDIMScheduler if request.method == "ddim" else DDPMScheduler).from_config(config)
@@ -143,8 +147,7 @@ def bench_diffusers(net, sampler, request, precision="fp32", repeats=3):
     extra = {"eta": request.eta} if request.method == "ddim" else {}
 
     def once():
-        generator = torch.Generator().manual_seed(0)
-        fwd = stp = 0.0
+        generator, fwd, stp = torch.Generator().manual_seed(0), 0.0, 0.0
         start = time.perf_counter()
         scheduler.set_timesteps(request.steps)
         x = torch.randn(shape, generator=generator)
@@ -158,32 +161,35 @@ def bench_diffusers(net, sampler, request, precision="fp32", repeats=3):
                     out = uncond + request.guidance * (cond - uncond)
                 t1 = time.perf_counter()
                 x = scheduler.step(out, t, x, generator=generator, **extra).prev_sample
-                t2 = time.perf_counter()
-                fwd, stp = fwd + t1 - t0, stp + t2 - t1
-        seconds = time.perf_counter() - start
-        return {"seconds": seconds, "forward": fwd, "step": stp}
-    best, runs = _median_runs(once, repeats)
-    other = best["seconds"] - best["forward"] - best["step"]
-    return Row(f"diffusers + torch {precision}", b, request.steps, best["seconds"], best["forward"], best["step"], other, runs=runs)
+                fwd, stp = fwd + t1 - t0, stp + time.perf_counter() - t1
+        return {"seconds": time.perf_counter() - start, "forward": fwd, "step": stp}
+    return once
+
+
+FUSED, FLOOR, NUMPY = "ddengine fused", "floor: bare forward x steps", "ORT + numpy step (unfused)"
+
+
+def diffusers_name(precision):
+    return f"diffusers + torch {precision}"
 
 
 def run_benchmarks(sampler, batches, steps=50, method="ddim", eta=0.0, guidance=None, repeats=3, baselines=True, log=None):
-    """Every configuration for every batch size; rows in a stable order (engine, floor, numpy, diffusers)."""
+    """Every configuration for every batch size, interleaved per batch; rows: engine, floor, numpy, diffusers."""
     net, why = load_torch_model(sampler.model.path) if baselines else (None, "")
     rows = []
     for batch in batches:
         classes = [i % sampler.spec.num_classes for i in range(batch)] if sampler.spec.conditional else None
         request = sampler.request(batch, steps, method, eta, classes=classes, guidance=guidance, batch_size=batch)
-        jobs = [lambda: bench_engine(sampler, request, repeats), lambda: bench_floor(sampler, request, repeats)]
+        runners = {FUSED: engine_runner(sampler, request), FLOOR: floor_runner(sampler, request)}
         if baselines:
-            jobs.append(lambda: bench_numpy(sampler, request, repeats))
-            for precision in ("fp32", "bf16"):
-                if net is None:
-                    jobs.append(lambda p=precision: Row(f"diffusers + torch {p}", batch, steps, note=why))
-                else:
-                    jobs.append(lambda p=precision: bench_diffusers(net, sampler, request, p, repeats))
-        for job in jobs:
-            row = job()
+            runners[NUMPY] = numpy_runner(sampler, request)
+            if net is not None:
+                for precision in ("fp32", "bf16"):
+                    runners[diffusers_name(precision)] = diffusers_runner(net, sampler, request, precision)
+        measured = measure(runners, request, repeats)
+        if baselines and net is None:
+            measured += [Row(diffusers_name(p), batch, steps, note=why) for p in ("fp32", "bf16")]
+        for row in measured:
             if log is not None:
                 log(row)
             rows.append(row)
@@ -191,15 +197,17 @@ def run_benchmarks(sampler, batches, steps=50, method="ddim", eta=0.0, guidance=
 
 
 def summary(rows):
-    """Per batch: fused total / floor, and the speed-up over diffusers fp32 (None where not measured)."""
+    """Per batch: fused total / floor and the speed-up over diffusers fp32, of medians and of best runs (None: not measured)."""
     out = {}
     for batch in sorted({r.batch for r in rows}):
         by_name = {r.name: r for r in rows if r.batch == batch}
-        fused, floor = by_name["ddengine fused"], by_name["floor: bare forward x steps"]
-        torch32 = by_name.get("diffusers + torch fp32")
+        fused, floor, torch32 = by_name[FUSED], by_name[FLOOR], by_name.get(diffusers_name("fp32"))
+        measured = torch32 is not None and torch32.seconds is not None
         out[str(batch)] = {
             "fused_over_floor": fused.seconds / floor.seconds,
-            "speedup_vs_diffusers_fp32": torch32.seconds / fused.seconds if torch32 and torch32.seconds else None}
+            "fused_over_floor_best": min(fused.runs) / min(floor.runs) if fused.runs and floor.runs else None,
+            "speedup_vs_diffusers_fp32": torch32.seconds / fused.seconds if measured else None,
+            "speedup_vs_diffusers_fp32_best": min(torch32.runs) / min(fused.runs) if measured and torch32.runs else None}
     return out
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ddengine.bench import Row, bench_diffusers, bench_engine, run_benchmarks, summary
+from ddengine.bench import FLOOR, FUSED, Row, diffusers_runner, engine_runner, measure, run_benchmarks, summary
 from ddengine.cli import main
 from ddengine.sampler import Sampler
 
@@ -44,10 +44,11 @@ def test_plot_without_matplotlib_is_a_clear_usage_error(tmp_path, cond_model):
 
 def test_engine_breakdown_adds_up(uncond_model):
     sampler = Sampler(uncond_model)
-    row = bench_engine(sampler, sampler.request(4, 5, batch_size=4), repeats=2)
+    request = sampler.request(4, 5, batch_size=4)
+    row = measure({FUSED: engine_runner(sampler, request)}, request, repeats=2)[0]
     assert len(row.runs) == 2 and row.seconds in row.runs  # the run closest to the median
     assert row.forward_s + row.step_s + row.other_s == pytest.approx(row.seconds)
-    assert summary([row, Row("floor: bare forward x steps", 4, 5, row.seconds / 2)])["4"]["fused_over_floor"] == pytest.approx(2)
+    assert summary([row, Row(FLOOR, 4, 5, row.seconds / 2)])["4"]["fused_over_floor"] == pytest.approx(2)
 
 
 def test_diffusers_baseline_runs_a_torch_twin_of_the_tiny_model(cond_model):
@@ -73,8 +74,8 @@ def test_diffusers_baseline_runs_a_torch_twin_of_the_tiny_model(cond_model):
     np.testing.assert_allclose(onnx_out, torch_out, atol=1e-5)  # the twin is the same function
     request = sampler.request(2, 3, classes=[0, 1], guidance=2.0, batch_size=2)
     for precision in ("fp32", "bf16"):
-        row = bench_diffusers(TinyNet(), sampler, request, precision, repeats=1)
-        assert row.name == f"diffusers + torch {precision}" and row.seconds > 0 and row.forward_s > 0
+        row = measure({precision: diffusers_runner(TinyNet(), sampler, request, precision)}, request, repeats=1)[0]
+        assert row.seconds > 0 and 0 < row.forward_s < row.seconds
 
 
 def test_run_benchmarks_without_baselines(uncond_model):
