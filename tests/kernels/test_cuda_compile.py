@@ -28,7 +28,11 @@ def test_nvcc_compiles_all_entry_points(arch, tmp_path):
     out = tmp_path / f"step_{arch}.ptx"
     subprocess.run([nvcc, "-ptx", f"-arch={arch}", "--fmad=false", f"-I{KERNELS}", str(SOURCE), "-o", str(out)],
                    check=True, capture_output=True, timeout=300)
-    assert entries(out.read_text()) == set(ENTRY_POINTS)
+    ptx = out.read_text()
+    assert entries(ptx) == set(ENTRY_POINTS)
+    # bitwise agreement with the C twin: no contraction, IEEE-rounded division and square root
+    assert "fma.rn.f32" not in ptx and ".approx" not in ptx
+    assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
 
 
 def test_nvrtc_compiles_without_system_headers():
