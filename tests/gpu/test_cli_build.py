@@ -57,3 +57,18 @@ def test_build_failure_exits_1_with_the_log(fake_trt, onnx16, tmp_path):
 def test_fp32_onnx_with_fp16_precision_exits_1(fake_trt, onnx32, tmp_path):
     result = CliRunner().invoke(main, ["build", str(onnx32), "-o", str(tmp_path / "m.plan")])
     assert result.exit_code == 1 and "ddengine export --fp16" in result.output
+
+
+def test_tensorrt_without_a_gpu_exits_1_naming_the_device(monkeypatch, onnx16, tmp_path):
+    import fake_tensorrt
+
+    from ddengine.cuda_step import device_count
+
+    if device_count() > 0:
+        pytest.skip("a GPU is present: the missing-device error cannot be provoked")
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make_module())
+    result = CliRunner().invoke(main, ["build", str(onnx16), "-o", str(tmp_path / "m.plan")])
+    assert result.exit_code == 1, result.output
+    assert ("CUDA device 0 is not available: this machine has 0 CUDA device(s)" in result.output
+            or "needs cuda-python" in result.output)
+    assert not (tmp_path / "m.plan").exists()

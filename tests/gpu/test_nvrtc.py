@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="needs cuda-python: pip install cuda-python nvidia-cuda-nvrtc")
+nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="needs cuda-python: pip install cuda-python nvidia-cuda-nvrtc",
+                            exc_type=ImportError)
 
 from ddengine import cuda_step  # noqa: E402
 
