@@ -261,6 +261,9 @@ class HostSession:
         self.buffers["sample"].upload(sample, self.stream)
         self.buffers["timestep"].upload(np.full(t_shape, timestep, dtype=self.runner.dtype("timestep")), self.stream)
         if "class_labels" in self.buffers:
+            if class_labels is None or len(class_labels) != b:
+                raise BackendError(f"this conditional engine needs {b} class labels, got "
+                                   f"{None if class_labels is None else len(class_labels)}")
             self.buffers["class_labels"].upload(class_labels, self.stream)
         self.runner.bind(b, sample=self.buffers["sample"], timestep=self.buffers["timestep"],
                          class_labels=self.buffers.get("class_labels"), out=self.buffers["out"])

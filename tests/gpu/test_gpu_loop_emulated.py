@@ -153,6 +153,12 @@ def test_tensorrt_host_run_moves_inputs_and_outputs(trt_engine):
     np.testing.assert_array_equal(out, forward32(x, np.full((3, 1, 1, 1), 501), labels, trt_engine.spec))
 
 
+def test_tensorrt_host_run_needs_labels_for_a_conditional_engine(trt_engine):
+    x = np.zeros((2, 3, 8, 8), np.float32)
+    with pytest.raises(BackendError, match="needs 2 class labels, got None"):
+        trt_engine.run(x, 1, None, np.empty_like(x))
+
+
 def test_tensorrt_device_loop_with_graphs_equals_the_cpu_loop(trt_engine):
     p = plan(4)
     seeds, labels = np.array([5, 6], dtype=np.uint64), np.array([4, 4, 1, 2], dtype=np.int64)
