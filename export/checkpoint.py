@@ -1,0 +1,83 @@
+"""Training checkpoints: one safetensors file (weights, EMA weights, AdamW state) + JSON metadata, written atomically."""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+FORMAT = "ddengine-checkpoint"
+FORMAT_VERSION = 1
+META_KEY = "ddengine_checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or not a ddengine checkpoint."""
+
+
+def atomic_write_bytes(path, write):
+    """Call write(tmp_path) on a temp file next to `path`, then os.replace it into place."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as err:
+        raise OSError(f"cannot write {path}: {err.strerror or err}") from None
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(path, *, model, ema, optimizer, meta):
+    """Write model/EMA weights and optimizer state as tensors; `meta` (JSON-able: config, step, scheduler...) as metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()})
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{idx}.{key}"] = value.detach().reshape(value.shape).contiguous().clone()
+    header = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, param_groups=opt["param_groups"])
+    atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(header, sort_keys=True)}))
+
+
+def load(path):
+    """Read a checkpoint -> (meta dict, {'model': sd, 'ema': sd, 'optim': optimizer state dict}); clear errors otherwise."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = (fh.metadata() or {}).get(META_KEY)
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+    if header is None:
+        raise CheckpointError(f"{path} is a safetensors file but not a ddengine checkpoint (no '{META_KEY}' metadata)")
+    try:
+        meta = json.loads(header)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON: {err}") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r} v{meta.get('format_version')!r}, expected {FORMAT!r} v{FORMAT_VERSION}")
+    parts = {"model": {}, "ema": {}, "optim": {}}
+    for key, value in tensors.items():
+        kind, _, rest = key.partition(".")
+        if kind not in parts:
+            raise CheckpointError(f"{path}: unexpected tensor {key!r}")
+        parts[kind][rest] = value
+    if not parts["ema"]:
+        raise CheckpointError(f"{path}: checkpoint holds no EMA weights")
+    state = {}
+    for key, value in parts["optim"].items():
+        idx, _, name = key.partition(".")
+        state.setdefault(int(idx), {})[name] = value
+    parts["optim"] = {"state": state, "param_groups": meta.pop("param_groups", [])}
+    return meta, parts

@@ -1,0 +1,168 @@
+"""Export a U-Net to a self-describing ONNX file (opset 17, dynamic batch) that verifies itself against torch."""
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ddengine.spec import METADATA_KEY, ModelSpec
+
+from .checkpoint import CheckpointError, atomic_write_bytes
+
+OPSET = 17
+ATOL_FP32 = 1e-4
+INPUTS = ("sample", "timestep", "class_labels")
+
+
+class ExportError(RuntimeError):
+    """The exported graph is invalid or does not reproduce the torch model."""
+
+
+def spec_for(scheduler, channels, height, width, num_classes):
+    """The ModelSpec of a U-Net: class id `num_classes` is the null class when conditional."""
+    names = {k: k for k in (INPUTS if num_classes else INPUTS[:2])}
+    return ModelSpec(scheduler=dict(scheduler), channels=channels, height=height, width=width, num_classes=num_classes,
+                     null_class=num_classes if num_classes else None, input_names=names)
+
+
+def random_inputs(spec, n, seed, num_train_timesteps=None):
+    """Random (sample, timestep, [class_labels]) numpy inputs for a model described by `spec`."""
+    rng = np.random.default_rng(seed)
+    T = num_train_timesteps or spec.scheduler.get("num_train_timesteps", 1000)
+    feeds = {"sample": rng.standard_normal((n, spec.channels, spec.height, spec.width)).astype(np.float32),
+             "timestep": rng.integers(0, T, n).astype(np.int64)}
+    if spec.num_classes:
+        feeds["class_labels"] = rng.integers(0, spec.num_classes + 1, n).astype(np.int64)
+    return feeds
+
+
+def to_onnx(module, spec, opset=OPSET):
+    """torch.onnx (dynamo exporter) -> ModelProto with a dynamic batch axis, metadata attached, checker-clean."""
+    import onnx
+    import torch
+
+    feeds = random_inputs(spec, 2, seed=0)
+    args = tuple(torch.from_numpy(v) for v in feeds.values())
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module.eval(), args, None, input_names=list(feeds), output_names=[spec.output_name],
+                                    dynamic_shapes={k: {0: batch} for k in feeds}, opset_version=opset, dynamo=True, optimize=True, verbose=False)
+    model = program.model_proto
+    for i, node in enumerate(model.graph.node):
+        node.name = node.name or f"{node.op_type}_{i}"
+    model.producer_name = "ddengine"
+    onnx.helper.set_model_props(model, {METADATA_KEY: spec.to_json()})
+    check(model)
+    return model
+
+
+class _quiet:
+    """Silence torch.onnx's INFO/WARNING logging for the duration of an export."""
+
+    def __enter__(self):
+        self.loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")]
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self.loggers, self.levels):
+            lg.setLevel(level)
+
+
+def check(model):
+    """onnx.checker with full shape/type inference; ExportError on failure."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise ExportError(f"exported ONNX graph fails onnx.checker: {err}") from None
+
+
+def run_onnx(model, feeds):
+    """Run a ModelProto on ONNX Runtime's CPU provider; returns the first output."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def verify(model, module, spec, atol, batches=(1, 3), seed=1234):
+    """Max |ORT - torch| over random inputs at several batch sizes; ExportError above `atol`. Returns the error."""
+    import torch
+
+    worst = 0.0
+    for n in batches:
+        feeds = random_inputs(spec, n, seed + n)
+        with torch.no_grad():
+            want = module(*(torch.from_numpy(v) for v in feeds.values())).float().numpy()
+        got = run_onnx(model, feeds)
+        if got.shape != want.shape:
+            raise ExportError(f"ONNX output shape {got.shape} != torch {want.shape} at batch {n}")
+        err = float(np.max(np.abs(got.astype(np.float64) - want)))
+        if not err <= atol:
+            raise ExportError(f"ONNX Runtime differs from torch by {err:.3g} (> {atol:g}) at batch {n}")
+        worst = max(worst, err)
+    return worst
+
+
+def export_module(module, spec, out_path, fp16=False, fp16_atol=None):
+    """Export, verify (fp32 vs torch <= 1e-4; fp16 vs torch <= fp16_atol) and atomically write `out_path`."""
+    model = to_onnx(module, spec)
+    errors = {"fp32": verify(model, module, spec, ATOL_FP32)}
+    if fp16:
+        from . import fp16 as mixed
+
+        model = mixed.convert(model)
+        check(model)
+        scale = float(np.abs(run_onnx(model, random_inputs(spec, 3, seed=7))).max())
+        errors["fp16"] = verify(model, module, spec, fp16_atol if fp16_atol is not None else 2e-2 * max(scale, 1.0))
+    write_model(model, out_path)
+    return errors
+
+
+def write_model(model, out_path):
+    """Serialise atomically (temp file in the same folder, then rename)."""
+    data = model.SerializeToString()
+    out_path = Path(out_path)
+    if not out_path.parent.is_dir():
+        raise OSError(f"output folder {out_path.parent} does not exist")
+    atomic_write_bytes(out_path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def load_checkpoint_module(path):
+    """(UNet with EMA weights in eval mode, ModelSpec) from a training checkpoint."""
+    from . import checkpoint
+    from .unet import UNet, UNetConfig
+
+    meta, parts = checkpoint.load(path)
+    try:
+        cfg = UNetConfig.from_dict(meta["model_config"])
+        module = UNet(cfg)
+        module.load_state_dict(parts["ema"])
+        scheduler = meta["scheduler"]
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: not a usable ddengine U-Net checkpoint: {err}") from None
+    spec = spec_for(scheduler, cfg.in_channels, cfg.image_size, cfg.image_size, cfg.num_classes)
+    return module.eval(), spec
+
+
+def export_checkpoint(path, out_path, fp16=False):
+    """`ddengine export CHECKPOINT -o OUT [--fp16]`: returns the measured max errors."""
+    module, spec = load_checkpoint_module(path)
+    return export_module(module, spec, out_path, fp16=fp16)
+
+
+def read_spec(path):
+    """The ModelSpec stored in an ONNX file's metadata."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in props:
+        raise ExportError(f"{path} has no '{METADATA_KEY}' metadata entry")
+    return ModelSpec.from_json(props[METADATA_KEY])
