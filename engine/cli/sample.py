@@ -45,6 +45,16 @@ def make_plan_or_fail(sampler, request):
         raise click.UsageError(str(err)) from None
 
 
+def check_png_channels(channels, fmt, grid, trajectory):
+    """PNG outputs (images, --grid, --trajectory strips) need 1, 3 or 4 channels."""
+    if channels in (1, 3, 4):
+        return
+    for used, hint in ((fmt == "png", "--format"), (grid is not None, "--grid"), (bool(trajectory), "--trajectory")):
+        if used:
+            raise click.BadParameter(f"PNG needs 1, 3 or 4 channels, the model makes {channels}; "
+                                     "use --format npy without --grid or --trajectory", param_hint=hint)
+
+
 def progress_bar(quiet, description):
     """A rich progress bar on stderr (a no-op context when quiet)."""
     from rich.console import Console
@@ -57,7 +67,7 @@ def progress_bar(quiet, description):
 @click.command()
 @click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None, help="ONNX model (default: the shipped one).")
 @click.option("--scheduler-config", type=click.Path(dir_okay=False, path_type=Path), default=None, help="diffusers scheduler_config.json overriding the model's schedule.")
-@click.option("--backend", default="auto", show_default=True, help="auto, ort-cpu, ort-cuda or ort-tensorrt.")
+@click.option("--backend", default="auto", show_default=True, help="auto, ort-cpu, ort-cuda, ort-tensorrt or tensorrt.")
 @click.option("--steps", type=int, default=50, show_default=True, help="Sampling steps (1..num_train_timesteps).")
 @click.option("--method", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0 = deterministic).")
@@ -86,8 +96,7 @@ def sample(model, scheduler_config, backend, steps, method, eta, n, batch_size, 
     except InvalidParameterError as err:
         raise click.UsageError(str(err)) from None
     make_plan_or_fail(sampler, request)
-    if fmt == "png" and sampler.spec.channels not in (1, 3, 4):
-        raise click.BadParameter(f"PNG needs 1, 3 or 4 channels, the model makes {sampler.spec.channels}; use --format npy", param_hint="--format")
+    check_png_channels(sampler.spec.channels, fmt, grid, trajectory)
     try:
         check_writable_dir(out)
         if grid is not None:

@@ -132,3 +132,15 @@ def test_sampling_imports_no_torch(tmp_path, uncond_model):
             "assert 'torch' not in sys.modules, 'torch was imported'; print('no torch')").replace("{m!r}", repr(str(uncond_model)))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "no torch" in result.stdout, result.stderr
+
+
+def test_png_outputs_need_1_3_or_4_channels(tmp_path):
+    from tiny_models import build_tiny_model
+
+    build_tiny_model(tmp_path / "two.onnx", channels=2)
+    for args, hint in ((["--format", "png"], "--format"), (["--format", "npy", "--trajectory", "2"], "--trajectory")):
+        result = run("sample", "--model", tmp_path / "two.onnx", "--out", tmp_path / "out", "--quiet", *args)
+        assert result.exit_code == 2 and "PNG needs 1, 3 or 4 channels, the model makes 2" in result.output and hint in result.output
+    assert not (tmp_path / "out").exists()
+    result = run("sample", "--model", tmp_path / "two.onnx", "--out", tmp_path / "out", "--format", "npy", "--n", 1, "--steps", 2, "--quiet")
+    assert result.exit_code == 0 and np.load(tmp_path / "out" / "00000.npy").shape == (8, 8, 2)

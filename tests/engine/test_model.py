@@ -137,3 +137,12 @@ def test_unknown_backend_names_the_choices(uncond_model):
 
     with pytest.raises(BackendError, match="unknown backend 'tensorflow'; expected one of auto, ort-cpu"):
         create_backend("tensorflow", load_model(uncond_model))
+
+
+def test_unavailable_backend_says_what_it_needs(uncond_model):
+    from ddengine.backends import BackendError, available_backends, create_backend
+
+    if "ort-cuda" in available_backends():
+        pytest.skip("onnxruntime-gpu is installed here")
+    with pytest.raises(BackendError, match="'ort-cuda' is not available here .*CUDAExecutionProvider.*available: ort-cpu"):
+        create_backend("ort-cuda", load_model(uncond_model))
