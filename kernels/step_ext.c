@@ -3,9 +3,11 @@
  * count, and every element is a pure function of its inputs, so results are bit-identical for any batch
  * size, thread count and ISA clone (no FP contraction: -ffp-contract=off).
  */
+#define _GNU_SOURCE 1 /* sched_getaffinity */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <string.h>
 #include <unistd.h>
@@ -204,8 +206,14 @@ static void *worker(void *arg)
     }
 }
 
+/* Cores this process may run on (its affinity mask), else the online count. */
 static int cpu_count(void)
 {
+#ifdef CPU_COUNT
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0)
+        return CPU_COUNT(&set);
+#endif
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n < 1 ? 1 : (int)n;
 }
