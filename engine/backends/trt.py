@@ -6,6 +6,7 @@ Every TensorRT call that reports failure by returning None/False raises with the
 One execution context per concurrent caller (TensorRT is thread-safe only across contexts).
 tensorrt and cuda-python are imported lazily, when a backend is created.
 """
+import collections
 import json
 import logging
 import queue
@@ -36,25 +37,32 @@ def import_tensorrt():
     return tensorrt
 
 
-def make_logger(trt):
-    """A trt.ILogger that keeps every message (warnings and errors are also sent to Python logging)."""
+def make_logger(trt, keep=1000):
+    """A trt.ILogger keeping the last `keep` warnings/errors (numbered, so a call can ask for what it caused)."""
+    serious = (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR, trt.ILogger.Severity.WARNING)
 
     class CapturingLogger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
-            self.records = []
+            self.records = collections.deque(maxlen=keep)  # (number, severity, message)
+            self.count = 0
 
         def log(self, severity, msg):
-            self.records.append((severity, str(msg)))
-            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                log.error("TensorRT: %s", msg)
-            elif severity == trt.ILogger.Severity.WARNING:
-                log.warning("TensorRT: %s", msg)
+            if severity not in serious:
+                log.debug("TensorRT: %s", msg)
+                return
+            self.records.append((self.count, severity, str(msg)))
+            self.count += 1
+            level = logging.WARNING if severity == trt.ILogger.Severity.WARNING else logging.ERROR
+            log.log(level, "TensorRT: %s", msg)
+
+        def mark(self):
+            """A position to pass to text(): only messages logged after it are reported."""
+            return self.count
 
         def text(self, since=0):
-            """Warnings and errors logged since record `since`, one per line."""
-            worst = (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR, trt.ILogger.Severity.WARNING)
-            lines = [f"[{getattr(s, 'name', s)}] {m}" for s, m in self.records[since:] if s in worst]
+            """Warnings and errors logged since mark `since`, one per line."""
+            lines = [f"[{getattr(s, 'name', s)}] {m}" for n, s, m in self.records if n >= since]
             return "\n".join(lines) or "(TensorRT logged no warning or error)"
 
     return CapturingLogger()
@@ -212,7 +220,7 @@ class TrtRunner:
         if not lo <= batch <= hi:
             raise BackendError(f"batch {batch} is outside the engine's profile [{lo}, {hi}] (model batch, doubled "
                                f"under guidance); rebuild with another `ddengine build --batch MIN:OPT:MAX`")
-        since = len(self.logger.records)
+        since = self.logger.mark()
         addresses = {"sample": sample, "timestep": timestep, "class_labels": class_labels, "out": out}
         for role, address in addresses.items():
             name = self.backend.names[role]
@@ -227,7 +235,7 @@ class TrtRunner:
 
     def enqueue(self):
         """Queue one forward on the stream; False from execute_async_v3 raises (it never fails silently)."""
-        since = len(self.logger.records)
+        since = self.logger.mark()
         checked(self.context.execute_async_v3(int(self.stream)), "execute_async_v3", self.logger, since)
 
     def close(self):

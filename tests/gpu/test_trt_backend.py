@@ -144,3 +144,19 @@ def test_factory_checks_the_engine_was_built_from_this_onnx(fake_trt, onnx16, on
     assert create(load_model(onnx16)).engine_path == onnx16.with_suffix(".plan")
     with pytest.raises(mf.EngineMismatchError, match="onnx_sha256="):
         create(load_model(onnx32), engine=onnx16.with_suffix(".plan"))
+
+
+def test_logger_reports_only_what_a_call_caused_and_stays_bounded(fake_trt):
+    from ddengine.backends.trt import make_logger
+
+    logger = make_logger(fake_trt, keep=3)
+    Severity = fake_tensorrt.Severity
+    logger.log(Severity.ERROR, "an old error")
+    since = logger.mark()
+    logger.log(Severity.INFO, "chatter")
+    logger.log(Severity.WARNING, "a new warning")
+    assert logger.text(since) == "[WARNING] a new warning"
+    for i in range(5):
+        logger.log(Severity.ERROR, f"e{i}")
+    assert len(logger.records) == 3 and logger.text(0).splitlines() == ["[ERROR] e2", "[ERROR] e3", "[ERROR] e4"]
+    assert make_logger(fake_trt).text() == "(TensorRT logged no warning or error)"
