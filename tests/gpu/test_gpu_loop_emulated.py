@@ -166,3 +166,24 @@ def test_tensorrt_device_loop_with_graphs_equals_the_cpu_loop(trt_engine):
     np.testing.assert_array_equal(loop.denoise(seeds, labels), cpu_loop(trt_engine.spec, p, seeds, labels, 2.0))
     with pytest.raises(BackendError, match=r"batch 10 is outside the engine's profile \[1, 8\]"):
         loop.denoise(np.arange(5, dtype=np.uint64) + 1, np.zeros(10, np.int64))
+
+
+def test_concurrent_callers_get_their_own_execution_context(trt_engine):
+    """A second `run` while the first is inside execute_async_v3 must not share its context (TensorRT#1300)."""
+    module = sys.modules["tensorrt"]
+    forward = module.state.on_execute
+    contexts = []
+
+    def execute(context, stream):
+        contexts.append(context)
+        if len(contexts) == 1:  # a second caller arrives mid-forward
+            x2 = np.ones((1, 3, 8, 8), np.float32)
+            trt_engine.run(x2, 3, np.array([1]), np.empty_like(x2))
+        forward(context, stream)
+
+    module.state.on_execute = execute
+    x = np.zeros((2, 3, 8, 8), np.float32)
+    trt_engine.run(x, 1, np.array([0, 1]), np.empty_like(x))
+    assert len(contexts) == 2 and contexts[0] is not contexts[1]
+    trt_engine.run(x, 1, np.array([0, 1]), np.empty_like(x))  # afterwards both sessions are idle and reused
+    assert contexts[2] in contexts[:2]
