@@ -115,20 +115,47 @@ def numpy_runner(sampler, request):
     return once
 
 
-def load_torch_model(model_path):
-    """The torch U-Net behind an exported ONNX file, via ddengine.export's hook; None with a reason if unavailable."""
+def load_torch_model(sampler, checkpoint=None):
+    """The torch U-Net behind the sampler's ONNX model, or (None, reason).
+
+    From `checkpoint` (a training checkpoint, via ddengine.export) when given, else from ddengine.export's
+    `load_torch_model_for(onnx_path)` hook; either way it must compute the same function as the ONNX model.
+    """
     try:
         import torch  # noqa: F401
     except ImportError:
         return None, f"{TORCH_UNAVAILABLE} (torch is not installed)"
     try:
-        from ddengine.export.onnx_export import load_torch_model_for
+        if checkpoint is not None:
+            from ddengine.export.onnx_export import load_checkpoint_module
+
+            net = load_checkpoint_module(checkpoint)[0]
+        else:
+            from ddengine.export.onnx_export import load_torch_model_for
+
+            net = load_torch_model_for(sampler.model.path)
     except ImportError as err:
-        return None, f"{TORCH_UNAVAILABLE} (ddengine.export.onnx_export.load_torch_model_for: {err})"
-    try:
-        return load_torch_model_for(model_path), ""
-    except Exception as err:  # no checkpoint next to the model, or an export from elsewhere
+        return None, f"{TORCH_UNAVAILABLE} (no torch twin of {sampler.model.path.name}: {err}; pass --torch-checkpoint)"
+    except Exception as err:  # a checkpoint that is missing or not a ddengine U-Net
         return None, f"{TORCH_UNAVAILABLE} ({type(err).__name__}: {err})"
+    error = twin_error(net, sampler)
+    if not error < 1e-3:
+        return None, f"{TORCH_UNAVAILABLE} (the torch model differs from {sampler.model.path.name}: max abs error {error:.3g})"
+    return net, ""
+
+
+def twin_error(net, sampler, batch=2):
+    """Max abs difference between the torch module and the ONNX backend on one random input."""
+    import torch
+
+    spec = sampler.spec
+    x = np.random.default_rng(0).standard_normal((batch, spec.channels, spec.height, spec.width), dtype=np.float32)
+    labels = np.arange(batch, dtype=np.int64) % spec.num_classes if spec.conditional else None
+    onnx_out = sampler.backend.run(x, 500, labels, np.empty_like(x))
+    with torch.inference_mode():
+        t = torch.full((batch,), 500, dtype=torch.int64)
+        torch_out = net(torch.from_numpy(x), t, None if labels is None else torch.from_numpy(labels)).float().numpy()
+    return float(np.abs(onnx_out - torch_out).max())
 
 
 def diffusers_runner(net, sampler, request, precision="fp32"):
@@ -173,9 +200,10 @@ def diffusers_name(precision):
     return f"diffusers + torch {precision}"
 
 
-def run_benchmarks(sampler, batches, steps=50, method="ddim", eta=0.0, guidance=None, repeats=3, baselines=True, log=None):
+def run_benchmarks(sampler, batches, steps=50, method="ddim", eta=0.0, guidance=None, repeats=3, baselines=True, log=None,
+                   torch_checkpoint=None):
     """Every configuration for every batch size, interleaved per batch; rows: engine, floor, numpy, diffusers."""
-    net, why = load_torch_model(sampler.model.path) if baselines else (None, "")
+    net, why = load_torch_model(sampler, torch_checkpoint) if baselines else (None, "")
     rows = []
     for batch in batches:
         classes = [i % sampler.spec.num_classes for i in range(batch)] if sampler.spec.conditional else None

@@ -20,9 +20,12 @@ from ddengine.cli.sample import open_sampler
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per configuration (median reported).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
 @click.option("--no-baselines", is_flag=True, help="Only the engine and the bare-forward floor.")
+@click.option("--torch-checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Training checkpoint of the model, for the diffusers + torch baseline.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Bar chart of images/s (needs matplotlib).")
-def bench(model, scheduler_config, backend, batches, steps, method, eta, guidance, repeats, threads, no_baselines, json_path, plot_path):
+def bench(model, scheduler_config, backend, batches, steps, method, eta, guidance, repeats, threads, no_baselines, torch_checkpoint,
+          json_path, plot_path):
     """Per-step latency and images/s against baselines."""
     import ddengine
     from ddengine.bench import machine, run_benchmarks, summary
@@ -48,7 +51,8 @@ def bench(model, scheduler_config, backend, batches, steps, method, eta, guidanc
     except OutputError as err:
         raise click.UsageError(str(err)) from None
     table = _Table(sampler, steps, method, eta, guidance)
-    rows = run_benchmarks(sampler, batches, steps, method, eta, guidance, repeats, not no_baselines, log=table.add)
+    rows = run_benchmarks(sampler, batches, steps, method, eta, guidance, repeats, not no_baselines, log=table.add,
+                          torch_checkpoint=torch_checkpoint)
     table.close()
     result = {"ddengine_version": ddengine.__version__, "model": sampler.model.path.name, "model_sha256": sampler.model.sha256,
               "backend": sampler.backend.name, "steps": steps, "method": method, "eta": eta, "guidance": guidance,

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ddengine.bench import FLOOR, FUSED, Row, diffusers_runner, engine_runner, measure, run_benchmarks, summary
+from ddengine.bench import (FLOOR, FUSED, TORCH_UNAVAILABLE, Row, diffusers_runner, engine_runner, load_torch_model, measure,
+                            run_benchmarks, summary, twin_error)
 from ddengine.cli import main
 from ddengine.sampler import Sampler
 
@@ -51,31 +52,44 @@ def test_engine_breakdown_adds_up(uncond_model):
     assert summary([row, Row(FLOOR, 4, 5, row.seconds / 2)])["4"]["fused_over_floor"] == pytest.approx(2)
 
 
-def test_diffusers_baseline_runs_a_torch_twin_of_the_tiny_model(cond_model):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("diffusers")
-    from tiny_models import GAIN, T_SCALE, class_table, conv_weight
+def _tiny_torch_net(gain):
+    import torch
+    from tiny_models import T_SCALE, class_table, conv_weight
 
     class TinyNet(torch.nn.Module):
+        """The torch twin of the conditional tiny ONNX model (tests/engine/tiny_models.py)."""
+
         def __init__(self):
             super().__init__()
             self.w = torch.from_numpy(conv_weight(3))
             self.emb = torch.from_numpy(class_table(4, 3))
 
         def forward(self, sample, timestep, class_labels):
-            h = torch.nn.functional.conv2d(sample, self.w.to(sample.dtype), padding=1) * GAIN
+            h = torch.nn.functional.conv2d(sample, self.w.to(sample.dtype), padding=1) * gain
             return h + (timestep.float() * T_SCALE / 1000).view(-1, 1, 1, 1) + self.emb[class_labels].view(-1, 3, 1, 1)
 
+    return TinyNet()
+
+
+def test_diffusers_baseline_runs_a_torch_twin_of_the_tiny_model(cond_model):
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from tiny_models import GAIN
+
     sampler = Sampler(cond_model)
-    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
-    labels = np.array([1, 4])
-    onnx_out = sampler.backend.run(x, 500, labels, np.empty_like(x))
-    torch_out = TinyNet()(torch.from_numpy(x), torch.tensor([500, 500]), torch.from_numpy(labels)).numpy()
-    np.testing.assert_allclose(onnx_out, torch_out, atol=1e-5)  # the twin is the same function
+    assert twin_error(_tiny_torch_net(GAIN), sampler) < 1e-5  # the twin is the same function ...
+    assert twin_error(_tiny_torch_net(GAIN * 1.5), sampler) > 1e-3  # ... and the check can tell when it is not
     request = sampler.request(2, 3, classes=[0, 1], guidance=2.0, batch_size=2)
     for precision in ("fp32", "bf16"):
-        row = measure({precision: diffusers_runner(TinyNet(), sampler, request, precision)}, request, repeats=1)[0]
+        row = measure({precision: diffusers_runner(_tiny_torch_net(GAIN), sampler, request, precision)}, request, repeats=1)[0]
         assert row.seconds > 0 and 0 < row.forward_s < row.seconds
+
+
+def test_torch_model_unavailable_is_a_reason_not_a_crash(tmp_path, cond_model):
+    pytest.importorskip("torch")
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    net, why = load_torch_model(Sampler(cond_model), tmp_path / "ckpt.pt")
+    assert net is None and why.startswith(TORCH_UNAVAILABLE)
 
 
 def test_run_benchmarks_without_baselines(uncond_model):
