@@ -249,7 +249,9 @@ static const char *format_name(const char *fmt, Py_ssize_t itemsize)
 {
     if (fmt == NULL)
         return "uint8";
-    while (*fmt == '@' || *fmt == '=' || *fmt == '<' || *fmt == '>' || *fmt == '!')
+    if (*fmt == '>' || *fmt == '!')
+        return "a big-endian type"; /* not native on the little-endian hosts this builds for */
+    while (*fmt == '@' || *fmt == '=' || *fmt == '<')
         fmt++;
     if (fmt[0] == '\0' || fmt[1] != '\0')
         return "a structured or unknown type";
@@ -272,7 +274,7 @@ static const char *format_name(const char *fmt, Py_ssize_t itemsize)
 
 static int is_format(const Py_buffer *v, const char *want)
 {
-    return strcmp(format_name(v->format, v->itemsize), want) == 0 && (v->format == NULL || v->format[0] != '>');
+    return strcmp(format_name(v->format, v->itemsize), want) == 0;
 }
 
 static void shape_str(const Py_buffer *v, Py_ssize_t first, char *out, size_t size)

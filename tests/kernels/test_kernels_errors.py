@@ -28,6 +28,7 @@ def with_nan_row(a):
 CASES = [
     ("x", lambda a: a.astype(np.float64), TypeError, "x must be float32, got float64"),
     ("x", lambda a: a.tolist(), TypeError, "x must be a float32 array .*got list"),
+    ("x", lambda a: a.astype(">f4"), TypeError, "x must be float32, got a big-endian type"),
     ("x", lambda a: np.asfortranarray(a), ValueError, "x must be C-contiguous"),
     ("x", read_only, ValueError, "x must be writable, got a read-only array"),
     ("model_out", lambda a: a.astype(np.float16), TypeError, "model_out must be float32, got float16"),

@@ -59,7 +59,7 @@ def test_large_uniform_inputs_stay_finite():
     assert np.isfinite(z).all() and np.abs(z).max() < 5.78  # sqrt(-2 ln 2**-24) = 5.77
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 7])
 def test_image_noise_independent_of_batch_and_threads(threads):
     shape = (8, 3, 3001)  # 9003 elements per image: not a multiple of 4, several blocks, > parallel threshold
     batch_fill, batch_step = filled(SEEDS, shape, threads), step_noise(SEEDS, shape, 17, threads)
