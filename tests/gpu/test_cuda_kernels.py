@@ -1,7 +1,7 @@
 """The CUDA step kernels (NVRTC, via cuda_step.py) against the C kernels (ddengine._kernels): same noise, same step."""
 import numpy as np
 import pytest
-from conftest import needs_gpu
+from gpu_support import needs_gpu
 
 pytestmark = needs_gpu
 

@@ -2,7 +2,7 @@
 the device loop matches the CPU loop (C step kernel + the same model in numpy)."""
 import numpy as np
 import pytest
-from conftest import needs_gpu
+from gpu_support import needs_gpu
 from tiny_models import SCHEDULER
 from toy_cuda_model import cpu_loop
 

@@ -2,7 +2,7 @@
 onnxruntime-gpu): same result as the CPU loop; CUDA graphs are refused because Run() cannot be captured."""
 import numpy as np
 import pytest
-from conftest import needs_gpu
+from gpu_support import needs_gpu
 
 
 

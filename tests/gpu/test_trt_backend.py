@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import fake_tensorrt
-from conftest import FAKE_GPU
+from gpu_support import FAKE_GPU
 
 import ddengine.cuda_step as cuda_step
 from ddengine.backends.base import BackendError

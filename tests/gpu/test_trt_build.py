@@ -5,7 +5,7 @@ import json
 
 import onnx
 import pytest
-from conftest import FAKE_GPU
+from gpu_support import FAKE_GPU
 
 from ddengine.backends import trt as trt_backend
 from ddengine.export import manifest as mf

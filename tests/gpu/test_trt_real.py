@@ -2,7 +2,7 @@
 CPU, and sample with the device loop with and without CUDA graphs."""
 import numpy as np
 import pytest
-from conftest import needs_gpu, needs_tensorrt
+from gpu_support import needs_gpu, needs_tensorrt
 
 pytestmark = [*needs_gpu, *needs_tensorrt]
 
