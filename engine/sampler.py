@@ -43,6 +43,8 @@ class Sampler:
     """Samples a ddengine ONNX model; one backend session shared by every call (thread-safe)."""
 
     def __init__(self, model=None, backend="auto", scheduler_config=None, *, threads=None):
+        if threads is not None:
+            _int("threads", threads, 1)
         self.model = model if isinstance(model, Model) else load_model(model, scheduler_config)
         self.spec = self.model.spec
         self.backend = create_backend(backend, self.model, threads=threads)
@@ -82,9 +84,8 @@ class Sampler:
         scheduler = dict(self.spec.scheduler)
         if request.spacing is not None:
             scheduler["timestep_spacing"] = request.spacing
-        config = SchedulerConfig.from_dict(scheduler)
         try:
-            return make_plan(config, request.steps, method=request.method, eta=request.eta)
+            return make_plan(SchedulerConfig.from_dict(scheduler), request.steps, method=request.method, eta=request.eta)
         except ValueError as err:
             raise InvalidParameterError(str(err)) from None
 
@@ -118,10 +119,11 @@ class Sampler:
         seeds = np.ascontiguousarray(request.seeds[chunk])
         b, cfg = len(seeds), request.guidance is not None
         shape = (b, self.spec.channels, self.spec.height, self.spec.width)
-        x = np.empty(shape, dtype=np.float32)
+        # With CFG, x is the second half of the doubled forward batch: one copy per step fills the first half.
+        x_in = np.empty(((2 if cfg else 1) * b, *shape[1:]), dtype=np.float32)
+        x = x_in[b:] if cfg else x_in
         _kernels.fill_noise(x, seeds, threads=self.threads)
         labels = self._labels(request, chunk)
-        x_in = np.empty((2 * b, *shape[1:]), dtype=np.float32) if cfg else x
         out = np.empty(x_in.shape, dtype=np.float32)
         bad = np.full(b, -1, dtype=np.int64)  # first step at which image j went non-finite
         snaps = [] if request.trajectory else None
@@ -130,7 +132,6 @@ class Sampler:
             t0 = clock()
             if cfg:
                 x_in[:b] = x
-                x_in[b:] = x
             self.backend.run(x_in, int(t), labels, out)
             t1 = clock()
             if snaps is not None and (i % request.trajectory == 0 or i == len(rows) - 1):

@@ -12,11 +12,11 @@ def open_sampler(model, scheduler_config, backend, threads=None):
     """A Sampler for the CLI; model and backend problems become usage errors (exit 2)."""
     from ddengine.backends import BackendError
     from ddengine.model import ModelError
-    from ddengine.sampler import Sampler
+    from ddengine.sampler import InvalidParameterError, Sampler
 
     try:
         return Sampler(model, backend=backend, scheduler_config=scheduler_config, threads=threads)
-    except (ModelError, BackendError) as err:
+    except (ModelError, BackendError, InvalidParameterError) as err:
         raise click.UsageError(str(err)) from None
 
 

@@ -64,6 +64,9 @@ BAD_INPUTS = [
     (["--class", 9], "class must be in [0, 3], got 9"),
     (["--class", "shoe"], "expected integers or 'all'"),
     (["--method", "euler"], "'euler' is not one of 'ddim', 'ddpm'"),
+    (["--threads", 0], "threads must be >= 1, got 0"),
+    (["--backend", "tpu"], "unknown backend 'tpu'; expected one of auto, ort-cpu"),
+    (["--seed", -1], "seed must be in [0, 18446744073709551600], got -1"),
 ]
 
 
