@@ -68,12 +68,16 @@ class OrtBackend:
         binding.bind_cpu_input(self._t_name, t)
         if self._c_name is not None:
             binding.bind_cpu_input(self._c_name, _as(class_labels, self._c_dtype))
-        if self._device == "cpu" and self._out_dtype == np.float32:
+        direct = self._device == "cpu" and self._out_dtype == np.float32
+        if direct:
             binding.bind_output(self._out_name, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-            self.session.run_with_iobinding(binding)
         else:
             binding.bind_output(self._out_name, "cpu")
+        try:
             self.session.run_with_iobinding(binding)
+        except Exception as err:  # ORT's Fail / RuntimeException (e.g. out of memory)
+            raise BackendError(f"{self.name}: the model's forward failed for batch {batch}, timestep {timestep}: {err}") from None
+        if not direct:
             np.copyto(out, binding.copy_outputs_to_cpu()[0], casting="same_kind")
         return out
 

@@ -77,7 +77,7 @@ def progress_bar(quiet, description):
 @click.option("--class", "classes", multiple=True, help="Class label (repeatable; cycled over the images) or 'all'.")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale (needs --class).")
 @click.option("--spacing", type=click.Choice(SPACINGS), default=None, help="Timestep spacing (default: the model's).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True, help="Output folder.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True, help="Output folder (NNNNN.png per image + manifest.jsonl; same-named files are replaced).")
 @click.option("--grid", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write all images as one grid PNG.")
 @click.option("--format", "fmt", type=click.Choice(["png", "npy"]), default="png", show_default=True)
 @click.option("--trajectory", type=int, default=0, help="Every K steps snapshot x_t and predicted x0; one strip PNG per image.")
@@ -106,8 +106,12 @@ def sample(model, scheduler_config, backend, steps, method, eta, n, batch_size, 
     params = dict(model=str(sampler.model.path), model_sha256=sampler.model.sha256, backend=sampler.backend.name,
                   scheduler_config=str(scheduler_config) if scheduler_config else None, steps=steps, method=method,
                   eta=eta, guidance=guidance, spacing=spacing or sampler.spec.scheduler.get("timestep_spacing"),
-                  batch_size=batch_size, format=fmt)
-    failed = run_and_write(sampler, request, out, grid, fmt, params, quiet)
+                  batch_size=batch_size, n=n, format=fmt, trajectory=trajectory or None)
+    try:
+        failed = run_and_write(sampler, request, out, grid, fmt, params, quiet)
+    except (OSError, RuntimeError) as err:  # disk full, backend failure: what is done so far stays listed
+        click.echo(f"Error: sampling stopped: {err}; finished images are listed in {out / 'manifest.jsonl'}", err=True)
+        sys.exit(1)
     if failed:
         click.echo(f"{failed} of {n} images failed (non-finite values); see {out / 'manifest.jsonl'}", err=True)
         sys.exit(1)
@@ -137,7 +141,8 @@ def run_and_write(sampler, request, out, grid_path, fmt, params, quiet):
                 name = f"{index:05d}.{fmt}"
                 if record["status"] == "ok":
                     save_image(out / name, image, fmt)
-                    kept.append(image)
+                    if grid_path is not None:
+                        kept.append(image)
                     if strip is not None:
                         save_image(out / f"{index:05d}_trajectory.png", trajectory_strip(strip["x_t"], strip["x0"]))
                 else:

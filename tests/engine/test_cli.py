@@ -147,3 +147,22 @@ def test_png_outputs_need_1_3_or_4_channels(tmp_path):
     assert not (tmp_path / "out").exists()
     result = run("sample", "--model", tmp_path / "two.onnx", "--out", tmp_path / "out", "--format", "npy", "--n", 1, "--steps", 2, "--quiet")
     assert result.exit_code == 0 and np.load(tmp_path / "out" / "00000.npy").shape == (8, 8, 2)
+
+
+def test_a_failure_mid_run_exits_1_and_keeps_finished_images_listed(tmp_path, uncond_model, monkeypatch):
+    from ddengine.backends.base import BackendError
+
+    calls = {"n": 0}
+    real_run = Sampler.run
+
+    def second_chunk_fails(self, request, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise BackendError("simulated out of memory")
+        return real_run(self, request, **kwargs)
+    monkeypatch.setattr(Sampler, "run", second_chunk_fails)
+    result = run("sample", "--model", uncond_model, "--n", 4, "--batch-size", 2, "--steps", 2, "--out", tmp_path, "--quiet")
+    assert result.exit_code == 1 and "simulated out of memory" in result.output
+    records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in records] == ["00000.png", "00001.png"]
+    assert sorted(os.listdir(tmp_path)) == ["00000.png", "00001.png", "manifest.jsonl"]
