@@ -35,12 +35,12 @@ def save(path, *, model, ema, optimizer, meta):
     """Write model/EMA weights and optimizer state as tensors; `meta` (JSON-able: config, step, scheduler...) as metadata."""
     from safetensors.torch import save_file
 
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()})
+    tensors = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().clone() for k, v in ema.state_dict().items()})
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
         for key, value in state.items():
-            tensors[f"optim.{idx}.{key}"] = value.detach().reshape(value.shape).contiguous().clone()
+            tensors[f"optim.{idx}.{key}"] = value.detach().clone()
     header = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, param_groups=opt["param_groups"])
     atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(header, sort_keys=True)}))
 

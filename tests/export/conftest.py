@@ -1,0 +1,34 @@
+"""Fixtures for the export tests: a tiny U-Net with random (non-zero-init) weights and its ONNX export."""
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from export_helpers import randomized, tiny_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_unet():
+    from ddengine.export.unet import UNet
+
+    torch.manual_seed(0)
+    return randomized(UNet(tiny_config()))
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    from ddengine.export.onnx_export import spec_for
+    from ddengine.export.train import scheduler_dict
+
+    return spec_for(scheduler_dict(), 1, 16, 16, 3)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_unet, tiny_spec):
+    """The fp32 ModelProto of the tiny U-Net (one dynamo export shared by the tests)."""
+    from ddengine.export.onnx_export import to_onnx
+
+    return to_onnx(tiny_unet, tiny_spec)

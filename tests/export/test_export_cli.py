@@ -1,0 +1,62 @@
+"""`ddengine export / train / train-classifier`: bad input exits 2 with a clear message and writes nothing."""
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ddengine.cli import main
+from ddengine.export import checkpoint, train
+from ddengine.export.onnx_export import read_spec
+from ddengine.export.unet import UNet
+
+from export_helpers import randomized, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "last.safetensors"
+    cfg = tiny_config()
+    model = randomized(UNet(cfg))
+    meta = {"model_config": cfg.__dict__, "train_config": train.TrainConfig().__dict__, "step": 7,
+            "scheduler": train.scheduler_dict()}
+    checkpoint.save(path, model=model, ema=model, optimizer=torch.optim.AdamW(model.parameters()), meta=meta)
+    return path
+
+
+def test_export_writes_a_self_describing_model(tmp_path, tiny_checkpoint):
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "max |ORT - torch|" in result.output
+    spec = read_spec(out)
+    assert (spec.num_classes, spec.null_class, spec.height) == (3, 3, 16)
+
+
+@pytest.mark.parametrize("content, message", [(b"\x00" * 100, "not a readable safetensors file"), (None, "does not exist")])
+def test_export_of_a_bad_checkpoint_exits_2(tmp_path, content, message):
+    ckpt = tmp_path / "bad.safetensors"
+    if content is not None:
+        ckpt.write_bytes(content)
+    result = CliRunner().invoke(main, ["export", str(ckpt), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_to_a_missing_folder_exits_2(tmp_path, tiny_checkpoint):
+    result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(tmp_path / "no" / "m.onnx")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_export_needs_exactly_one_source(tmp_path, tiny_checkpoint):
+    result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "--diffusers", str(tmp_path), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and "exactly one" in result.output
+
+
+def test_train_without_data_exits_2_naming_the_package(tmp_path):
+    result = CliRunner().invoke(main, ["train", "-o", str(tmp_path / "run"), "--data", str(tmp_path / "none"), "--max-steps", "1"])
+    assert result.exit_code == 2 and "apt-get install dataset-fashion-mnist" in result.output
+
+
+def test_train_classifier_without_data_exits_2(tmp_path):
+    result = CliRunner().invoke(main, ["train-classifier", "-o", str(tmp_path / "c.onnx"), "--data", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "apt-get install dataset-fashion-mnist" in result.output
+    assert not (tmp_path / "c.onnx").exists()
