@@ -6,6 +6,8 @@ warm-up step the whole step is captured once per batch size and replayed for eve
 (TensorRT: enqueue once before capture, one execution context per captured graph; NVIDIA/TensorRT#2603,
 #3798). `graphs=False` runs the same launches without capture.
 """
+import threading
+
 import numpy as np
 
 from ddengine.cuda_step import DeviceArray, Stream, check, copy_device, import_cuda, step_kernels, use_device
@@ -139,3 +141,39 @@ def _use_graph(graphs, runner):
     if graphs and not runner.supports_capture:
         raise ValueError(f"graphs=True, but the {type(runner).__name__} backend cannot be captured into a CUDA graph")
     return runner.supports_capture if graphs is None else bool(graphs)
+
+
+def uses_gpu_loop(backend):
+    """True for backends that expose device runners (TensorRTBackend, OrtCudaBackend)."""
+    return callable(getattr(backend, "open_runner", None))
+
+
+class GpuSampling:
+    """The Sampler's entry to the GPU loop: one GpuLoop per (plan, guidance) and per thread, reused across calls."""
+
+    def __init__(self, backend, *, graphs=None, device=0):
+        self.backend, self.graphs, self.device = backend, graphs, device
+        self._local = threading.local()
+        self._all = []  # every loop created, for close()
+        self._lock = threading.Lock()
+
+    def denoise(self, plan, seeds, labels, guidance):
+        """(x_0 float32 (B, C, H, W), bad int64 (B,)): bad[j] = last step index if image j ended non-finite, else -1."""
+        loops = getattr(self._local, "loops", None)
+        if loops is None:
+            loops = self._local.loops = {}
+        key = (plan.timesteps.tobytes(), plan.coeffs.tobytes(), plan.clip, guidance)
+        if key not in loops:
+            loops[key] = GpuLoop(self.backend, plan, guidance=guidance, graphs=self.graphs, device=self.device)
+            with self._lock:
+                self._all.append(loops[key])
+        x = loops[key].denoise(seeds, labels)
+        finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        return x, np.where(finite, -1, len(plan.timesteps) - 1).astype(np.int64)
+
+    def close(self):
+        with self._lock:
+            for loop in self._all:
+                loop.close()
+            self._all.clear()
+        self._local = threading.local()

@@ -187,3 +187,33 @@ def test_concurrent_callers_get_their_own_execution_context(trt_engine):
     assert len(contexts) == 2 and contexts[0] is not contexts[1]
     trt_engine.run(x, 1, np.array([0, 1]), np.empty_like(x))  # afterwards both sessions are idle and reused
     assert contexts[2] in contexts[:2]
+
+
+def test_gpu_sampling_reuses_loops_per_plan_and_thread_and_flags_nonfinite_images(emu):
+    import threading
+
+    s = spec()
+    sampling = gpu_sampler.GpuSampling(EmuBackend(emu, s))
+    assert gpu_sampler.uses_gpu_loop(sampling.backend) and not gpu_sampler.uses_gpu_loop(object())
+    p, seeds = plan(3), np.array([1, 2], dtype=np.uint64)
+    x, bad = sampling.denoise(p, seeds, None, None)
+    np.testing.assert_array_equal(x, cpu_loop(s, p, seeds, None, None))
+    assert bad.tolist() == [-1, -1]
+    sampling.denoise(make_plan(dict(SCHEDULER), 3, method="ddim", eta=1.0), seeds, None, None)  # equal plan: reused
+    sampling.denoise(plan(4), seeds, None, None)
+    worker = threading.Thread(target=sampling.denoise, args=(p, seeds, None, None))
+    worker.start()
+    worker.join()
+    assert len(sampling._all) == 3  # plans of 3 and 4 steps here, one more loop for the other thread
+    loop = sampling._local.loops[(p.timesteps.tobytes(), p.coeffs.tobytes(), p.clip, None)]
+    real_download = loop._states[2].x.download
+
+    def poisoned(stream=None, shape=None):
+        out = real_download(stream, shape)
+        out[1, 0, 0, 0] = np.nan
+        return out
+
+    loop._states[2].x.download = poisoned
+    assert sampling.denoise(p, seeds, None, None)[1].tolist() == [-1, 2]
+    sampling.close()
+    assert sampling._all == []
