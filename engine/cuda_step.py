@@ -21,7 +21,7 @@ BASE_OPTIONS = ("--fmad=false", "--std=c++17")
 BLOCK = 256
 QUAD = 4  # one thread per quad of 4 elements (one Philox block)
 
-_images = {}  # (source sha256, target, arch, nvrtc version) -> compiled image, this process
+_images = {}  # cache_key(...) -> compiled image, in this process
 _kernels = {}  # device ordinal -> StepKernels
 _lock = threading.Lock()
 

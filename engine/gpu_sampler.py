@@ -4,7 +4,8 @@ Per step: [copy x into both CFG halves] -> set_timesteps -> engine forward -> fu
 -> advance. The step index, timestep table and coefficient rows live on the device, so after one eager
 warm-up step the whole step is captured once per batch size and replayed for every later step and call
 (TensorRT: enqueue once before capture, one execution context per captured graph; NVIDIA/TensorRT#2603,
-#3798). `graphs=False` runs the same launches without capture.
+#3798). `graphs=False` runs the same launches without capture. A GpuLoop serves one thread at a time;
+GpuSampling keeps one per thread.
 """
 import threading
 
