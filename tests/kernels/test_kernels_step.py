@@ -93,3 +93,19 @@ def test_empty_batch_is_a_no_op():
     x = np.zeros((0, 4), np.float32)
     _kernels.step(x, x.copy(), [1] * 9, np.zeros(0, np.uint64), 0)
     _kernels.fill_noise(x, np.zeros(0, np.uint64))
+
+
+def test_concurrent_calls_from_python_threads_match_sequential():
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(8)
+    cases = [random_case(rng, 3, (40000,), guided=True) for _ in range(4)]  # > parallel threshold each
+    want = []
+    for x, model_out, row, seeds in cases:
+        y = x.copy()
+        _kernels.step(y, model_out, row, seeds, 9, guidance=2.0, threads=1)
+        want.append(y)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda c: _kernels.step(*c, 9, guidance=2.0, threads=2), cases))
+    for (x, *_), y in zip(cases, want):
+        assert np.array_equal(x, y)
