@@ -270,6 +270,18 @@ def compiled_step(arch, target="cubin", folder=None):
         return image
 
 
+def load_target(arch):
+    """('cubin', arch) when NVRTC knows this GPU, else ('ptx', newest older arch it knows) for the driver to JIT."""
+    _, _, nvrtc = import_cuda()
+    supported = check(nvrtc.nvrtcGetSupportedArchs())
+    if arch in supported:
+        return "cubin", arch
+    older = [a for a in supported if a < arch]
+    if not older:
+        raise CudaError(f"NVRTC {nvrtc_version()} cannot compile for sm_{arch} (it supports {supported})")
+    return "ptx", max(older)
+
+
 # --- launches --------------------------------------------------------------------------------------------
 
 
@@ -280,7 +292,8 @@ class StepKernels:
         driver, _, _ = import_cuda()
         use_device(device)
         self.device, self.arch = device, device_arch(device)
-        image = compiled_step(self.arch, "cubin", folder)
+        target, arch = load_target(self.arch)
+        image = compiled_step(arch, target, folder)
         try:
             self.module = check(driver.cuModuleLoadData(image))
         except CudaError as err:

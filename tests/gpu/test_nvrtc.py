@@ -79,3 +79,11 @@ def test_compile_error_carries_the_nvrtc_log(kernels_copy):
 def test_unknown_target_is_refused():
     with pytest.raises(ValueError, match="target must be 'ptx' or 'cubin', got 'fatbin'"):
         cuda_step.nvrtc_options(90, "fatbin", ".")
+
+
+def test_gpus_newer_than_nvrtc_get_ptx_of_the_newest_known_arch(monkeypatch):
+    supported = list(cuda_step.check(nvrtc.nvrtcGetSupportedArchs()))
+    assert cuda_step.load_target(supported[-1]) == ("cubin", supported[-1])
+    assert cuda_step.load_target(supported[-1] + 1) == ("ptx", supported[-1])
+    with pytest.raises(cuda_step.CudaError, match=f"cannot compile for sm_{supported[0] - 1}"):
+        cuda_step.load_target(supported[0] - 1)
