@@ -54,7 +54,8 @@ class Emulator:
         self.graphs = {}
         self.launches = []  # kernel names, in execution order (replays included)
         self.signatures = kernel_signatures()
-        self.driver, self.runtime, self.nvrtc = self._driver(), self._runtime(), types.SimpleNamespace()
+        self.driver, self.runtime = self._driver(), self._runtime()
+        self.nvrtc = types.SimpleNamespace(nvrtcGetSupportedArchs=lambda: (CUresult.CUDA_SUCCESS, [80, 90]))
 
     # memory -------------------------------------------------------------------------------------------
     def alloc(self, nbytes):
