@@ -174,3 +174,25 @@ def test_external_data_outside_the_model_folder_is_refused(onnx16, tmp_path):
     onnx.save(model, str(sub / "evil.onnx"))
     with pytest.raises(BuildError, match="external data location '../w.bin' points outside"):
         onnx_sha256(sub / "evil.onnx")
+
+
+def test_the_exporters_fp16_model_is_accepted_as_fp16(fake_trt, tmp_path):
+    """The fp16 ONNX that `ddengine export --fp16` makes (export/fp16.py) passes the fp16 check; its fp32 source does not."""
+    pytest.importorskip("onnxconverter_common", reason="export/fp16.py needs onnxconverter-common")
+    from tiny_models import build_tiny_model
+
+    from ddengine.export.fp16 import convert
+    from ddengine.export.trt_build import onnx_precision
+
+    src = tmp_path / "cond32.onnx"
+    build_tiny_model(src, channels=3, num_classes=4)
+    model = onnx.load(str(src))
+    for i, node in enumerate(model.graph.node):
+        node.name = f"n{i}"
+    assert onnx_precision(model) == "fp32"
+    mixed = convert(model)
+    assert onnx_precision(mixed) == "fp16"
+    assert [i.type.tensor_type.elem_type for i in mixed.graph.input][0] == onnx.TensorProto.FLOAT  # fp32 I/O kept
+    dst = tmp_path / "cond16.onnx"
+    onnx.save(mixed, str(dst))
+    assert build_engine(config(dst, tmp_path, precision="fp16")).manifest["key"]["precision"] == "fp16"
