@@ -61,9 +61,9 @@ def evaluate(sampler, net, test_features, n, steps, guidance, seed, batch_size):
 
     classes = np.arange(n, dtype=np.int64) % 10
     start = time.perf_counter()
-    # guidance 1 is exactly the conditional model (u + 1*(c - u) = c): run it without the doubled batch.
-    g = None if guidance == 1.0 else float(guidance)
-    images, records = sampler.sample(n, steps=steps, method="ddim", eta=0.0, seed=seed, classes=classes, guidance=g, batch_size=batch_size)
+    # u + g*(c - u) is the null-class model u at g = 0 and the conditional model c at g = 1: both need one forward, not two.
+    asked, g = (None, None) if guidance == 0 else (classes, None if guidance == 1 else float(guidance))
+    images, records = sampler.sample(n, steps=steps, method="ddim", eta=0.0, seed=seed, classes=asked, guidance=g, batch_size=batch_size)
     seconds = time.perf_counter() - start
     failed = sum(r["status"] != "ok" for r in records)
     logits, features = net(images)
@@ -72,11 +72,12 @@ def evaluate(sampler, net, test_features, n, steps, guidance, seed, batch_size):
 
 
 def save_grid(images, path, columns=10):
-    """One row per class (images are ordered i % 10 = class), `columns` samples each, as a PNG."""
+    """One row per class (images are ordered i % 10 = class), up to `columns` samples each, as a PNG."""
     from PIL import Image
 
     from ddengine.export.checkpoint import atomic_write_bytes
 
+    columns = min(columns, len(images) // 10)
     h, w = images.shape[1:3]
     grid = np.zeros((10 * h, columns * w), dtype=np.uint8)
     for cls in range(10):
@@ -95,7 +96,7 @@ def save_grid(images, path, columns=10):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="CPU threads (0 = all).")
-@click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None, help="Also save a 10x10 PNG grid (row = class) from the last --guidance.")
+@click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None, help="Also save a PNG grid (a row per class, 10 columns) from the last --guidance.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
 def eval_cmd(model_path, classifier_path, data_path, n, steps, guidances, seed, batch_size, threads, grid_path, json_path):
     """FID (classifier features, vs the 10,000 test images) and conditional accuracy at 50 DDIM steps."""
