@@ -61,6 +61,8 @@ class OrtBackend:
 
     def run(self, sample, timestep, class_labels, out):
         """One forward: `out` (float32, C-contiguous, sample's shape) receives the model output."""
+        if self.session is None:
+            raise BackendError(f"{self.name}: the backend is closed")
         batch = sample.shape[0]
         binding = self.session.io_binding()  # one per call: IOBinding objects are not thread-safe
         binding.bind_cpu_input(self._x_name, _as(sample, self._x_dtype))

@@ -132,6 +132,16 @@ def test_backend_runs_into_the_callers_buffer(linear_model):
     np.testing.assert_allclose(out, tiny_forward64(x, 321, np.array([0, 1, 3]), spec), atol=1e-6)
 
 
+def test_closed_backend_refuses_to_run(uncond_model):
+    from ddengine.backends import BackendError, create_backend
+
+    with create_backend("ort-cpu", load_model(uncond_model)) as backend:
+        x = np.zeros((1, 1, 8, 8), np.float32)
+        backend.run(x, 1, None, np.empty_like(x))
+    with pytest.raises(BackendError, match="closed"):
+        backend.run(x, 1, None, np.empty_like(x))
+
+
 def test_unknown_backend_names_the_choices(uncond_model):
     from ddengine.backends import BackendError, create_backend
 

@@ -158,3 +158,10 @@ def test_conditional_request_on_unconditional_model(uncond):
         uncond.sample(2, classes=1)
     with pytest.raises(InvalidParameterError, match="unconditional"):
         uncond.sample(2, guidance=2.0)
+
+
+def test_images_do_not_depend_on_the_thread_count(cond_model):
+    kwargs = dict(steps=3, seed=2, classes=[0, 1, 2, 3, 0], guidance=1.5, batch_size=5)
+    one, _ = Sampler(cond_model, threads=1).sample(5, **kwargs)
+    two, _ = Sampler(cond_model, threads=2).sample(5, **kwargs)
+    assert np.array_equal(one, two)
