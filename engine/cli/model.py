@@ -42,6 +42,11 @@ def train(out_dir, data_path, epochs, batch_size, lr, base_channels, channel_mul
     train_cfg = trainer.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, beta_schedule=beta_schedule, precision=precision, seed=seed)
     torch.set_num_threads(threads)
     try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _fail(f"cannot create the checkpoint folder {out_dir}: {err}")
+    _check_writable(Path(out_dir) / trainer.LAST)
+    try:
         loss = trainer.train(out_dir, model_cfg, train_cfg, data_path=data_path, resume_from=resume_from, log=click.echo, max_steps=max_steps, max_seconds=None if max_minutes is None else 60 * max_minutes)
     except (DataError, CheckpointError) as err:
         _fail(str(err))

@@ -60,3 +60,20 @@ def test_train_classifier_without_data_exits_2(tmp_path):
     result = CliRunner().invoke(main, ["train-classifier", "-o", str(tmp_path / "c.onnx"), "--data", str(tmp_path / "none")])
     assert result.exit_code == 2 and "apt-get install dataset-fashion-mnist" in result.output
     assert not (tmp_path / "c.onnx").exists()
+
+
+def test_train_into_an_unwritable_folder_exits_2(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = CliRunner().invoke(main, ["train", "-o", str(blocker / "run"), "--max-steps", "1"])
+    assert result.exit_code == 2 and "cannot create the checkpoint folder" in result.output
+
+
+def test_export_of_an_unsupported_diffusers_folder_exits_2(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "in_channels": 3, "out_channels": 6}))
+    (tmp_path / "scheduler_config.json").write_text("{}")
+    result = CliRunner().invoke(main, ["export", "--diffusers", str(tmp_path), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and "out_channels 6 != in_channels 3" in result.output
+    assert not (tmp_path / "m.onnx").exists()
