@@ -91,7 +91,8 @@ def _spec(path, proto, scheduler_config):
     elif override is not None:
         spec = _spec_from_graph(path, proto, override)
     else:
-        raise ModelError(f"model file {path} has no '{METADATA_KEY}' metadata entry; pass --scheduler-config (a diffusers scheduler_config.json)")
+        raise ModelError(f"model file {path} has no '{METADATA_KEY}' metadata entry; "
+                         "pass --scheduler-config (a diffusers scheduler_config.json)")
     _check_schedule(path, spec)
     return spec
 
@@ -102,7 +103,8 @@ def _spec_from_graph(path, proto, scheduler):
     defaults = ModelSpec(scheduler={}, channels=0, height=0, width=0)
     extra = sorted(set(inputs) - {defaults.input_names["sample"], defaults.input_names["timestep"]})
     if extra:
-        raise ModelError(f"model file {path} has no '{METADATA_KEY}' metadata and inputs {extra} besides sample/timestep; only unconditional models can be described by --scheduler-config alone")
+        raise ModelError(f"model file {path} has no '{METADATA_KEY}' metadata and inputs {extra} besides sample/timestep; "
+                         "only unconditional models can be described by --scheduler-config alone")
     dims = _dims(path, inputs, defaults.input_names["sample"])
     if len(dims) != 4 or any(d is None for d in dims[1:]):
         raise ModelError(f"model file {path}: input 'sample' must have static shape (N, C, H, W) to be used without metadata, got {dims}")
@@ -146,7 +148,8 @@ def _check_io(path, proto, spec):
     expected = [None, spec.channels, spec.height, spec.width]
     dims = _dims(path, inputs, spec.input_names["sample"])
     if len(dims) != 4 or any(d is not None and d != e for d, e in zip(dims[1:], expected[1:])):
-        raise ModelError(f"model file {path}: input {spec.input_names['sample']!r} has shape {dims}, spec expects (N, {spec.channels}, {spec.height}, {spec.width})")
+        raise ModelError(f"model file {path}: input {spec.input_names['sample']!r} has shape {dims}, "
+                         f"spec expects (N, {spec.channels}, {spec.height}, {spec.width})")
     outputs = [o.name for o in proto.graph.output]
     if spec.output_name not in outputs:
         raise ModelError(f"model file {path} has no output {spec.output_name!r} named by its spec; its outputs are {outputs}")

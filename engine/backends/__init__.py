@@ -21,7 +21,9 @@ def available_backends():
     import onnxruntime
 
     providers = set(onnxruntime.get_available_providers())
-    have = lambda need: need in providers if need.endswith("ExecutionProvider") else importlib.util.find_spec(need) is not None  # noqa: E731
+
+    def have(need):
+        return need in providers if need.endswith("ExecutionProvider") else importlib.util.find_spec(need) is not None
     return [name for name, (_, _, need) in BACKENDS.items() if have(need)]
 
 
