@@ -236,6 +236,8 @@ def _seeds(n, seed, seeds):
     if seeds is None:
         _int("seed", seed, 0, SEED_LIMIT - n)
         return np.arange(n, dtype=np.uint64) + np.uint64(seed)
+    if seed != 0:
+        raise InvalidParameterError(f"pass seed or seeds, not both (got seed={seed!r} and {len(list(seeds))} seeds)")
     seeds = list(seeds)
     if len(seeds) != n:
         raise InvalidParameterError(f"seeds must have n = {n} entries, got {len(seeds)}")

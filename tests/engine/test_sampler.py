@@ -140,6 +140,8 @@ def test_sampler_equals_float64_numpy_loop(linear_model, method, eta, guidance):
     (dict(n=2, spacing="random"), "spacing must be one of"),
     (dict(n=2, seed=-1), "seed must be in [0,"),
     (dict(n=2, seeds=[1]), "seeds must have n = 2 entries, got 1"),
+    (dict(n=2, seed=3, seeds=[1, 2]), "pass seed or seeds, not both"),
+    (dict(n=2, seeds=[1, 2**64]), "each seed must be in [0, 18446744073709551615], got 18446744073709551616"),
     (dict(n=2, classes=4), "class must be in [0, 3], got 4"),
     (dict(n=2, classes=[1, 2, 3]), "one int or a list of n = 2 ints, got 3"),
     (dict(n=2, classes=1, guidance=-1.0), "guidance must be a finite number >= 0, got -1.0"),
