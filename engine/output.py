@@ -13,6 +13,20 @@ class OutputError(OSError):
     """An output path cannot be written."""
 
 
+def _file_mode():
+    """0o666 less the process umask: the mode open() would give a new file (mkstemp's own is 0o600)."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 def atomic_write(path, data):
     """Write bytes to `path` via a temp file in the same folder, fsync, then os.replace (never a partial file)."""
     path = Path(path)
@@ -22,6 +36,7 @@ def atomic_write(path, data):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -16,6 +16,13 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
     assert os.listdir(tmp_path) == ["a.bin"]
 
 
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic_write(tmp_path / "a.bin", b"x")
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0o600
+
+
 def test_failed_write_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
     path = tmp_path / "a.bin"
     path.write_bytes(b"old")
