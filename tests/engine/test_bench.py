@@ -95,3 +95,35 @@ def test_torch_model_unavailable_is_a_reason_not_a_crash(tmp_path, cond_model):
 def test_run_benchmarks_without_baselines(uncond_model):
     rows = run_benchmarks(Sampler(uncond_model), [2], steps=2, repeats=1, baselines=False)
     assert [r.name for r in rows] == ["ddengine fused", "floor: bare forward x steps"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_torch_twin_from_a_project_checkpoint(tmp_path):
+    torch = pytest.importorskip("torch")
+    import onnx
+    from onnx import helper
+
+    from ddengine.export.onnx_export import load_checkpoint_module
+    from ddengine.export.train import TrainConfig, build, save
+    from ddengine.export.unet import UNetConfig
+    from ddengine.spec import METADATA_KEY
+
+    model_cfg = UNetConfig(base_channels=8, channel_mult=(1, 2), image_size=8, groups=4, head_channels=8, num_classes=3)
+    model, ema, opt = build(model_cfg, TrainConfig())
+    torch.nn.init.normal_(ema.conv_out.weight, std=0.1)  # the zero-initialised output layer would hide any mismatch
+    save(tmp_path / "last.safetensors", model_cfg, TrainConfig(), model, ema, opt, 0, 1.0)
+    module, spec = load_checkpoint_module(tmp_path / "last.safetensors")
+    args = (torch.zeros(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1]))
+    names = ["sample", "timestep", "class_labels"]
+    torch.onnx.export(module, args, str(tmp_path / "m.onnx"), input_names=names, output_names=["out"], opset_version=17,
+                      dynamic_axes={n: {0: "N"} for n in names + ["out"]}, dynamo=False)  # the quick exporter is enough here
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    helper.set_model_props(proto, {METADATA_KEY: spec.to_json()})
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    sampler = Sampler(tmp_path / "m.onnx")
+    net, why = load_torch_model(sampler, tmp_path / "last.safetensors")
+    assert net is not None and why == ""
+    torch.nn.init.normal_(ema.conv_out.weight, std=0.1)  # another model: the twin check must refuse it
+    save(tmp_path / "other.safetensors", model_cfg, TrainConfig(), model, ema, opt, 0, 1.0)
+    net, why = load_torch_model(sampler, tmp_path / "other.safetensors")
+    assert net is None and "differs from m.onnx" in why
