@@ -3,6 +3,8 @@
 Uses onnxconverter-common's convert_float_to_float16 (keep_io_types + op/node block lists): it already inserts
 the Casts around blocked nodes and keeps Resize/Range/... fp32, which a hand-written pass would have to redo.
 """
+import copy
+
 import numpy as np
 
 # Ops whose statistics overflow or lose too much in fp16 (variance, exp); they run in fp32 between Casts.
@@ -31,8 +33,10 @@ def convert(model, timestep_input="timestep"):
     from onnxconverter_common import float16
 
     names = [n.name for n in model.graph.node]
-    if len(set(names)) != len(names) or not all(names):
-        raise ValueError("fp16 conversion needs unique, non-empty node names")
+    if len(set(names)) != len(names) or not all(names):  # node_block_list works by name: make names unique
+        model = copy.deepcopy(model)
+        for i, node in enumerate(model.graph.node):
+            node.name = f"{node.op_type}_{i}_{node.name}"
     block = list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS)
     nodes = timestep_nodes(model.graph, timestep_input) if any(i.name == timestep_input for i in model.graph.input) else []
     return float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block, node_block_list=nodes, min_positive_val=1e-7, max_finite_val=65504.0)

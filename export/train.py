@@ -1,6 +1,5 @@
 """Train the class-conditional epsilon-prediction U-Net (Ho et al. 2020, Algorithm 1) with label dropout for CFG."""
 import copy
-import json
 import math
 import sys
 import time
@@ -185,7 +184,3 @@ def _loop(out_dir, model_cfg, train_cfg, model, ema, opt, step, total, x, y, aba
                 return float(np.mean(losses[-200:]))
     bar.close()
     return float(np.mean(losses[-200:])) if losses else float("nan")
-
-
-def train_config_json(cfg):
-    return json.dumps(asdict(cfg), sort_keys=True)
