@@ -89,7 +89,7 @@ DD_FN float dd_divf(float a, float b) { return a / b; }
 DD_FN float dd_uniform(dd_u32 r) { return ((float)(int)(r >> 9) + 0.5f) * 1.1920928955078125e-7f; }
 
 /* Natural log for finite u > 0 (normal range): u = 2^e * m, m in [sqrt(1/2), sqrt(2)),
- * log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.1716, odd series to s^11 (error < 1e-9). */
+ * log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.1716, odd series to s^9 (error < 1e-9). */
 DD_FN float dd_logf(float u)
 {
     int i = (int)(dd_f2u(u) - 0x3f3504f3u);
@@ -98,8 +98,7 @@ DD_FN float dd_logf(float u)
     float f = m - 1.0f;
     float s = dd_divf(f, 2.0f + f);
     float s2 = s * s;
-    float p = 0.0909090909f;
-    p = p * s2 + 0.1111111111f;
+    float p = 0.1111111111f;
     p = p * s2 + 0.1428571429f;
     p = p * s2 + 0.2f;
     p = p * s2 + 0.3333333333f;
@@ -108,23 +107,21 @@ DD_FN float dd_logf(float u)
     return fe * 0.693359375f + (lm + fe * -2.12194440e-4f);
 }
 
-/* cos(2 pi t) and sin(2 pi t) for t in [0, 1]: t = k/4 + f exactly with |f| <= 1/8, Taylor series
- * on x = 2 pi f in [-pi/4, pi/4] (truncation error < 2e-9), then a quarter-turn rotation by k. */
+/* cos(2 pi t) and sin(2 pi t) for t in [0, 1]: t = k/4 + f exactly with |f| <= 1/8, minimax polynomials
+ * on x = 2 pi f in [-pi/4, pi/4] (Cephes sinf/cosf, Moshier 1989; error < 3e-9), then a quarter-turn
+ * rotation by k. */
 DD_FN void dd_sincos2pi(float t, float *c_out, float *s_out)
 {
     float kf = (float)(int)(t * 4.0f + 0.5f);
     float x = (t - kf * 0.25f) * 6.28318530717958648f;
     float x2 = x * x;
-    float s = -2.50521084e-8f;
-    s = s * x2 + 2.75573192e-6f;
-    s = s * x2 - 1.98412698e-4f;
-    s = s * x2 + 8.33333333e-3f;
-    s = s * x2 - 1.66666667e-1f;
+    float s = -1.9515295891e-4f;
+    s = s * x2 + 8.3321608736e-3f;
+    s = s * x2 - 1.6666654611e-1f;
     s = x + x * x2 * s;
-    float c = -2.75573192e-7f;
-    c = c * x2 + 2.48015873e-5f;
-    c = c * x2 - 1.38888889e-3f;
-    c = c * x2 + 4.16666667e-2f;
+    float c = 2.443315711809948e-5f;
+    c = c * x2 - 1.388731625493765e-3f;
+    c = c * x2 + 4.166664568298827e-2f;
     c = c * x2 - 0.5f;
     c = 1.0f + x2 * c;
     int k = (int)kf;

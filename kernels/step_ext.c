@@ -42,52 +42,50 @@ static void philox_scalar(dd_u64 seed, dd_u64 q0, int j, int nq, dd_u32 step, dd
 #if defined(DD_CLONES_ON)
 #include <immintrin.h>
 
-/* 8 (AVX2) or 16 (AVX-512) quads per vector: 32x32->64 products of the even and odd 32-bit lanes, blended
- * back into hi and lo words. Integer arithmetic, so bit-identical to dd_philox4x32_10. */
-#define DD_PHILOX_SIMD(NAME, TARGET, W, V, SET1, LOAD, STORE, ADD, XOR, MUL, SRLI, SLLI, BLEND_ODD)          \
+/* W quads per vector, one per 64-bit lane: the 32x32->64 multiply (vpmuludq) reads only the low half of a
+ * lane, so the high halves may hold garbage until the outputs are truncated to 32 bits. Integer arithmetic,
+ * so bit-identical to dd_philox4x32_10. */
+#define DD_PHILOX_SIMD(NAME, TARGET, W, V, SET1_64, SET1_32, IOTA, ADD64, XOR, MUL, SRLI, STORE_LO32)        \
     __attribute__((target(TARGET))) static void NAME(dd_u64 seed, dd_u64 q0, int nq, dd_u32 step,            \
                                                      dd_u32 domain, dd_u32 *r[4])                            \
     {                                                                                                        \
-        static const dd_u32 iota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};               \
-        const V m0 = SET1((int)DD_PHILOX_M0), m1 = SET1((int)DD_PHILOX_M1);                                  \
-        const V lanes = LOAD((const void *)iota);                                                            \
+        const V m0 = SET1_64((long long)DD_PHILOX_M0), m1 = SET1_64((long long)DD_PHILOX_M1);                \
+        V keys[10][2];                                                                                       \
+        dd_u32 k0 = (dd_u32)seed, k1 = (dd_u32)(seed >> 32);                                                 \
+        for (int round = 0; round < 10; round++, k0 += DD_PHILOX_W0, k1 += DD_PHILOX_W1) {                   \
+            keys[round][0] = SET1_32((int)k0);                                                               \
+            keys[round][1] = SET1_32((int)k1);                                                               \
+        }                                                                                                    \
         int j = 0;                                                                                           \
         for (; j + W <= nq; j += W) {                                                                        \
-            dd_u64 q = q0 + (dd_u64)j;                                                                       \
-            if ((dd_u32)q > 0xFFFFFFFFu - W)                                                                 \
-                break; /* the low counter word would wrap inside the vector */                               \
-            V c0 = ADD(SET1((int)(dd_u32)q), lanes), c1 = SET1((int)(dd_u32)(q >> 32));                      \
-            V c2 = SET1((int)step), c3 = SET1((int)domain);                                                  \
-            dd_u32 k0 = (dd_u32)seed, k1 = (dd_u32)(seed >> 32);                                             \
+            V q = ADD64(SET1_64((long long)(q0 + (dd_u64)j)), IOTA);                                         \
+            V c0 = q, c1 = SRLI(q, 32), c2 = SET1_64((long long)step), c3 = SET1_64((long long)domain);      \
             for (int round = 0; round < 10; round++) {                                                       \
-                V pe0 = MUL(c0, m0), po0 = MUL(SRLI(c0, 32), m0);                                            \
-                V pe1 = MUL(c2, m1), po1 = MUL(SRLI(c2, 32), m1);                                            \
-                V hi0 = BLEND_ODD(SRLI(pe0, 32), po0), lo0 = BLEND_ODD(pe0, SLLI(po0, 32));                  \
-                V hi1 = BLEND_ODD(SRLI(pe1, 32), po1), lo1 = BLEND_ODD(pe1, SLLI(po1, 32));                  \
-                c0 = XOR(XOR(hi1, c1), SET1((int)k0));                                                       \
-                c1 = lo1;                                                                                    \
-                c2 = XOR(XOR(hi0, c3), SET1((int)k1));                                                       \
-                c3 = lo0;                                                                                    \
-                k0 += DD_PHILOX_W0;                                                                          \
-                k1 += DD_PHILOX_W1;                                                                          \
+                V p0 = MUL(c0, m0), p1 = MUL(c2, m1);                                                        \
+                c0 = XOR(XOR(SRLI(p1, 32), c1), keys[round][0]);                                             \
+                c1 = p1;                                                                                     \
+                c2 = XOR(XOR(SRLI(p0, 32), c3), keys[round][1]);                                             \
+                c3 = p0;                                                                                     \
             }                                                                                                \
-            STORE((void *)(r[0] + j), c0);                                                                   \
-            STORE((void *)(r[1] + j), c1);                                                                   \
-            STORE((void *)(r[2] + j), c2);                                                                   \
-            STORE((void *)(r[3] + j), c3);                                                                   \
+            STORE_LO32(r[0] + j, c0);                                                                        \
+            STORE_LO32(r[1] + j, c1);                                                                        \
+            STORE_LO32(r[2] + j, c2);                                                                        \
+            STORE_LO32(r[3] + j, c3);                                                                        \
         }                                                                                                    \
         philox_scalar(seed, q0, j, nq, step, domain, r);                                                     \
     }
 
-#define DD_BLEND_ODD_256(a, b) _mm256_blend_epi32((a), (b), 0xAA)
-#define DD_BLEND_ODD_512(a, b) _mm512_mask_blend_epi32((__mmask16)0xAAAA, (a), (b))
-#define DD_LOAD_256(p) _mm256_loadu_si256((const __m256i *)(p))
-#define DD_STORE_256(p, v) _mm256_storeu_si256((__m256i *)(p), (v))
-DD_PHILOX_SIMD(philox_avx2, "avx2", 8, __m256i, _mm256_set1_epi32, DD_LOAD_256, DD_STORE_256, _mm256_add_epi32,
-               _mm256_xor_si256, _mm256_mul_epu32, _mm256_srli_epi64, _mm256_slli_epi64, DD_BLEND_ODD_256)
-DD_PHILOX_SIMD(philox_avx512, "avx512f", 16, __m512i, _mm512_set1_epi32, _mm512_loadu_si512, _mm512_storeu_si512,
-               _mm512_add_epi32, _mm512_xor_si512, _mm512_mul_epu32, _mm512_srli_epi64, _mm512_slli_epi64,
-               DD_BLEND_ODD_512)
+#define DD_IOTA_256 _mm256_set_epi64x(3, 2, 1, 0)
+#define DD_IOTA_512 _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0)
+/* The low 32 bits of each 64-bit lane, stored as W consecutive uint32. */
+#define DD_STORE_LO32_256(p, v)                                                                              \
+    _mm_storeu_si128((__m128i *)(p), _mm256_castsi256_si128(                                                 \
+                                         _mm256_permutevar8x32_epi32((v), _mm256_set_epi32(7, 5, 3, 1, 6, 4, 2, 0))))
+#define DD_STORE_LO32_512(p, v) _mm256_storeu_si256((__m256i *)(p), _mm512_cvtepi64_epi32(v))
+DD_PHILOX_SIMD(philox_avx2, "avx2", 4, __m256i, _mm256_set1_epi64x, _mm256_set1_epi32, DD_IOTA_256,
+               _mm256_add_epi64, _mm256_xor_si256, _mm256_mul_epu32, _mm256_srli_epi64, DD_STORE_LO32_256)
+DD_PHILOX_SIMD(philox_avx512, "avx512f", 8, __m512i, _mm512_set1_epi64, _mm512_set1_epi32, DD_IOTA_512,
+               _mm512_add_epi64, _mm512_xor_si512, _mm512_mul_epu32, _mm512_srli_epi64, DD_STORE_LO32_512)
 #endif
 
 /* Philox outputs of quads q0..q0+nq-1, on the widest integer SIMD this CPU has. */
