@@ -85,12 +85,13 @@ DD_FN float dd_sqrtf(float f) { return __builtin_sqrtf(f); }
 DD_FN float dd_divf(float a, float b) { return a / b; }
 #endif
 
-/* Uniform in (0, 1) from the top 23 bits of r, exact in float32. */
-DD_FN float dd_uniform(dd_u32 r) { return ((float)(int)(r >> 9) + 0.5f) * 1.1920928955078125e-7f; }
+/* Uniform in (0, 1) from the top 23 bits of r: (1 + k 2^-23) - (1 - 2^-24) = (k + 1/2) 2^-23, exact. */
+DD_FN float dd_uniform(dd_u32 r) { return dd_u2f((r >> 9) | 0x3f800000u) - 0.99999994039535522f; }
 
-/* Natural log for finite u > 0 (normal range): u = 2^e * m, m in [sqrt(1/2), sqrt(2)),
- * log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.1716, odd series to s^9 (error < 1e-9). */
-DD_FN float dd_logf(float u)
+/* -2 ln(u) for finite u > 0 (normal range): u = 2^e m, m in [sqrt(1/2), sqrt(2)), ln(m) = 2 atanh(s),
+ * s = (m - 1) / (m + 1), |s| < 0.1716, odd series to s^9 (error < 1e-9); the factor -2 is folded into
+ * the (exactly scaled) coefficients and the split ln 2. */
+DD_FN float dd_neg2log(float u)
 {
     int i = (int)(dd_f2u(u) - 0x3f3504f3u);
     int e = i >> 23; /* arithmetic shift: floor */
@@ -98,33 +99,36 @@ DD_FN float dd_logf(float u)
     float f = m - 1.0f;
     float s = dd_divf(f, 2.0f + f);
     float s2 = s * s;
-    float p = 0.1111111111f;
-    p = p * s2 + 0.1428571429f;
-    p = p * s2 + 0.2f;
-    p = p * s2 + 0.3333333333f;
-    float lm = 2.0f * s + 2.0f * s * s2 * p;
+    float q = -0.44444444444f;
+    q = q * s2 - 0.57142857143f;
+    q = q * s2 - 0.8f;
+    q = q * s2 - 1.33333333333f;
+    q = q * s2 - 4.0f;
     float fe = (float)e;
-    return fe * 0.693359375f + (lm + fe * -2.12194440e-4f);
+    return fe * -1.38671875f + (s * q + fe * 4.2438888e-4f);
 }
 
-/* cos(2 pi t) and sin(2 pi t) for t in [0, 1]: t = k/4 + f exactly with |f| <= 1/8, minimax polynomials
- * on x = 2 pi f in [-pi/4, pi/4] (Cephes sinf/cosf, Moshier 1989; error < 3e-9), then a quarter-turn
- * rotation by k. */
+/* cos(2 pi t) and sin(2 pi t) for t in [0, 1]: 4t = k + y exactly with k = rint(4t) (the 1.5 * 2^23 trick,
+ * its low bits give k mod 4) and |y| <= 1/2; minimax polynomials in y for cos(pi y / 2), sin(pi y / 2)
+ * (Cephes sinf/cosf, Moshier 1989, rescaled from x = pi y / 2; error < 1e-7), then a rotation by k quarter
+ * turns. */
 DD_FN void dd_sincos2pi(float t, float *c_out, float *s_out)
 {
-    float kf = (float)(int)(t * 4.0f + 0.5f);
-    float x = (t - kf * 0.25f) * 6.28318530717958648f;
-    float x2 = x * x;
-    float s = -1.9515295891e-4f;
-    s = s * x2 + 8.3321608736e-3f;
-    s = s * x2 - 1.6666654611e-1f;
-    s = x + x * x2 * s;
-    float c = 2.443315711809948e-5f;
-    c = c * x2 - 1.388731625493765e-3f;
-    c = c * x2 + 4.166664568298827e-2f;
-    c = c * x2 - 0.5f;
-    c = 1.0f + x2 * c;
-    int k = (int)kf;
+    float t4 = t * 4.0f;
+    float big = t4 + 12582912.0f;
+    dd_u32 k = dd_f2u(big);
+    float y = t4 - (big - 12582912.0f);
+    float y2 = y * y;
+    float s = -4.604837189e-3f;
+    s = s * y2 + 7.968141388e-2f;
+    s = s * y2 - 6.459636303e-1f;
+    s = s * y2 + 1.570796327f;
+    s = y * s;
+    float c = 9.056045669e-4f;
+    c = c * y2 - 2.086111840e-2f;
+    c = c * y2 + 2.536693802e-1f;
+    c = c * y2 - 1.233700550f;
+    c = 1.0f + y2 * c;
     float cs = (k & 1) ? -s : c; /* quadrant k: (cos, sin) rotated by k * pi/2 */
     float sn = (k & 1) ? c : s;
     *c_out = (k & 2) ? -cs : cs;
@@ -134,7 +138,7 @@ DD_FN void dd_sincos2pi(float t, float *c_out, float *s_out)
 /* Box-Muller (1958): two uniforms -> two independent N(0, 1). */
 DD_FN void dd_box_muller(dd_u32 ra, dd_u32 rb, float *z0, float *z1)
 {
-    float radius = dd_sqrtf(-2.0f * dd_logf(dd_uniform(ra)));
+    float radius = dd_sqrtf(dd_neg2log(dd_uniform(ra)));
     float c, s;
     dd_sincos2pi(dd_uniform(rb), &c, &s);
     *z0 = radius * c;

@@ -57,20 +57,23 @@ static void philox_scalar(dd_u64 seed, dd_u64 q0, int j, int nq, dd_u32 step, dd
             keys[round][1] = SET1_32((int)k1);                                                               \
         }                                                                                                    \
         int j = 0;                                                                                           \
-        for (; j + W <= nq; j += W) {                                                                        \
-            V q = ADD64(SET1_64((long long)(q0 + (dd_u64)j)), IOTA);                                         \
-            V c0 = q, c1 = SRLI(q, 32), c2 = SET1_64((long long)step), c3 = SET1_64((long long)domain);      \
+        for (; j + 2 * W <= nq; j += 2 * W) { /* two independent vectors: the rounds are latency-bound */     \
+            V qa = ADD64(SET1_64((long long)(q0 + (dd_u64)j)), IOTA);                                        \
+            V qb = ADD64(SET1_64((long long)(q0 + (dd_u64)j + W)), IOTA);                                    \
+            V a0 = qa, a1 = SRLI(qa, 32), a2 = SET1_64((long long)step), a3 = SET1_64((long long)domain);    \
+            V b0 = qb, b1 = SRLI(qb, 32), b2 = a2, b3 = a3;                                                  \
             for (int round = 0; round < 10; round++) {                                                       \
-                V p0 = MUL(c0, m0), p1 = MUL(c2, m1);                                                        \
-                c0 = XOR(XOR(SRLI(p1, 32), c1), keys[round][0]);                                             \
-                c1 = p1;                                                                                     \
-                c2 = XOR(XOR(SRLI(p0, 32), c3), keys[round][1]);                                             \
-                c3 = p0;                                                                                     \
+                V pa0 = MUL(a0, m0), pa1 = MUL(a2, m1), pb0 = MUL(b0, m0), pb1 = MUL(b2, m1);                \
+                a0 = XOR(XOR(SRLI(pa1, 32), a1), keys[round][0]);                                            \
+                b0 = XOR(XOR(SRLI(pb1, 32), b1), keys[round][0]);                                            \
+                a2 = XOR(XOR(SRLI(pa0, 32), a3), keys[round][1]);                                            \
+                b2 = XOR(XOR(SRLI(pb0, 32), b3), keys[round][1]);                                            \
+                a1 = pa1, b1 = pb1, a3 = pa0, b3 = pb0;                                                      \
             }                                                                                                \
-            STORE_LO32(r[0] + j, c0);                                                                        \
-            STORE_LO32(r[1] + j, c1);                                                                        \
-            STORE_LO32(r[2] + j, c2);                                                                        \
-            STORE_LO32(r[3] + j, c3);                                                                        \
+            STORE_LO32(r[0] + j, a0), STORE_LO32(r[0] + j + W, b0);                                          \
+            STORE_LO32(r[1] + j, a1), STORE_LO32(r[1] + j + W, b1);                                          \
+            STORE_LO32(r[2] + j, a2), STORE_LO32(r[2] + j + W, b2);                                          \
+            STORE_LO32(r[3] + j, a3), STORE_LO32(r[3] + j + W, b3);                                          \
         }                                                                                                    \
         philox_scalar(seed, q0, j, nq, step, domain, r);                                                     \
     }
