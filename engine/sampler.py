@@ -49,6 +49,7 @@ class Sampler:
         self.spec = self.model.spec
         self.backend = create_backend(backend, self.model, threads=threads)
         self.threads = threads or 0
+        self._plans = {}  # (steps, method, eta, spacing) -> (StepPlan, float32 rows); both read-only
 
     def close(self):
         self.backend.close()
@@ -78,21 +79,21 @@ class Sampler:
 
     def plan(self, request):
         """The StepPlan (timesteps, coefficient rows, clip) for a request."""
-        from ddengine.plan import make_plan
-        from ddengine.schedule import SchedulerConfig
+        return self._plan_and_rows(request)[0]
 
-        scheduler = dict(self.spec.scheduler)
-        if request.spacing is not None:
-            scheduler["timestep_spacing"] = request.spacing
-        try:
-            return make_plan(SchedulerConfig.from_dict(scheduler), request.steps, method=request.method, eta=request.eta)
-        except ValueError as err:
-            raise InvalidParameterError(str(err)) from None
+    def _plan_and_rows(self, request):
+        """The request's StepPlan and its float32 rows, computed once per (steps, method, eta, spacing)."""
+        key = (request.steps, request.method, request.eta, request.spacing)
+        if key not in self._plans:
+            plan = step_plan(self.spec, request)
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            self._plans[key] = (plan, plan.rows_float32())
+        return self._plans[key]
 
     def run(self, request, *, progress=None, callback=None, timers=None):
         """Sample a validated request chunk by chunk; `timers` (a dict) accumulates forward/step seconds."""
-        plan = self.plan(request)
-        rows = plan.rows_float32()
+        plan, rows = self._plan_and_rows(request)
         c, h, w = self.spec.channels, self.spec.height, self.spec.width
         images = np.zeros((request.n, h, w, c), dtype=np.uint8)
         records = []
@@ -169,6 +170,20 @@ class Sampler:
                     "x_t": to_uint8(np.stack([s[2][j] for s in trajectory]), self.spec.value_range),
                     "x0": to_uint8(np.stack([s[3][j] for s in trajectory]), self.spec.value_range)}
             yield record
+
+
+def step_plan(spec, request):
+    """The StepPlan of a request for a model: its schedule, with the request's timestep spacing if given."""
+    from ddengine.plan import make_plan
+    from ddengine.schedule import SchedulerConfig
+
+    scheduler = dict(spec.scheduler)
+    if request.spacing is not None:
+        scheduler["timestep_spacing"] = request.spacing
+    try:
+        return make_plan(SchedulerConfig.from_dict(scheduler), request.steps, method=request.method, eta=request.eta)
+    except ValueError as err:
+        raise InvalidParameterError(str(err)) from None
 
 
 def _mark_nonfinite(bad, step, out, x):

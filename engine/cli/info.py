@@ -20,7 +20,7 @@ def info(model, scheduler_config, steps, method, eta, spacing):
 
     from ddengine.coeffs import COLUMNS
     from ddengine.model import ModelError, load_model
-    from ddengine.sampler import InvalidParameterError, Sampler
+    from ddengine.sampler import InvalidParameterError, step_plan
 
     try:
         loaded = load_model(model, scheduler_config)
@@ -29,7 +29,7 @@ def info(model, scheduler_config, steps, method, eta, spacing):
     spec = loaded.spec
     try:
         request = make_request_for_info(spec, steps, method, eta, spacing)
-        plan = Sampler.plan(_SpecOnly(spec), request)
+        plan = step_plan(spec, request)
     except (InvalidParameterError, ValueError) as err:
         raise click.UsageError(str(err)) from None
     console = Console(soft_wrap=True, width=max(Console().width, 140))
@@ -51,14 +51,8 @@ def info(model, scheduler_config, steps, method, eta, spacing):
     console.print(table)
 
 
-class _SpecOnly:
-    """Enough of a Sampler for Sampler.plan (no backend session is opened)."""
-
-    def __init__(self, spec):
-        self.spec = spec
-
-
 def make_request_for_info(spec, steps, method, eta, spacing):
+    """A one-image request carrying the schedule parameters (validated like `sample`'s)."""
     from ddengine.sampler import make_request
 
     classes = 0 if spec.conditional and spec.null_class is None else None
