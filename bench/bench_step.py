@@ -22,6 +22,7 @@ from ddengine.reference import reference_step
 
 # A contractive DDPM-like row (engine/coeffs.py order) with sigma != 0, so repeated in-place steps stay bounded.
 ROW = np.array([1.02, -0.2, 0.0, 1.0, 0.0, 0.1, 0.85, 0.05, 0.1], np.float32)
+CLIP = 1.0  # all three clip x0 to [-1, 1], as DDPMScheduler's default clip_sample=True
 STEP_BYTES = 12  # per element: read x, read model_out, write x (float32)
 
 
@@ -41,20 +42,20 @@ def median_seconds(fn, budget):
 
 def fused(n, threads):
     x, m, seeds = np.zeros((1, n), np.float32), np.ones((1, n), np.float32), np.array([1], np.uint64)
-    return lambda: _kernels.step(x, m, ROW, seeds, 7, threads=threads)
+    return lambda: _kernels.step(x, m, ROW, seeds, 7, clip=CLIP, threads=threads)
 
 
 def numpy_unfused(n):
     rng = np.random.default_rng(0)
     x, m = np.zeros((1, n), np.float32), np.ones((1, n), np.float32)
-    return lambda: reference_step(x, m, ROW, rng.standard_normal(x.shape, dtype=np.float32), dtype=np.float32)
+    return lambda: reference_step(x, m, ROW, rng.standard_normal(x.shape, dtype=np.float32), clip=CLIP, dtype=np.float32)
 
 
 def diffusers_step(n):
     import torch
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=True, clip_sample_range=CLIP)
     scheduler.set_timesteps(50)
     t = scheduler.timesteps[10]
     x, m = torch.zeros((1, n), dtype=torch.float32), torch.ones((1, n), dtype=torch.float32)
@@ -140,6 +141,7 @@ def main():
     slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")
     out = args.out or Path(__file__).resolve().parent / "results" / f"step_{slug}-{info['cores']}c-t{args.threads}.json"
     write_json(out, {"benchmark": "fused step vs numpy / diffusers DDPMScheduler.step / copy floor",
+                     "step": {"row": [round(float(v), 6) for v in ROW], "clip": CLIP, "noise": True},
                      "bytes_per_element": STEP_BYTES, "machine": info, "results": rows})
     print(f"wrote {out.name}")
 
