@@ -4,6 +4,7 @@ Uses onnxconverter-common's convert_float_to_float16 (keep_io_types + op/node bl
 the Casts around blocked nodes and keeps Resize/Range/... fp32, which a hand-written pass would have to redo.
 """
 import copy
+import warnings
 
 import numpy as np
 
@@ -39,7 +40,10 @@ def convert(model, timestep_input="timestep"):
             node.name = f"{node.op_type}_{i}_{node.name}"
     block = list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS)
     nodes = timestep_nodes(model.graph, timestep_input) if any(i.name == timestep_input for i in model.graph.input) else []
-    return float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block, node_block_list=nodes, min_positive_val=1e-7, max_finite_val=65504.0)
+    with warnings.catch_warnings():  # one warning per tiny weight flushed to +-1e-7
+        warnings.simplefilter("ignore", UserWarning)
+        return float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block, node_block_list=nodes,
+                                                min_positive_val=1e-7, max_finite_val=65504.0)
 
 
 def fp32_ops(model, op_types=FP32_OPS):
