@@ -252,4 +252,12 @@ def machine():
     except OSError:
         pass
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "load_average_1_5_15min": _load()}
+
+
+def _load():
+    """The 1/5/15-minute load averages: other work on the machine while measuring (None where unknown)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None

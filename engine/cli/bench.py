@@ -50,13 +50,14 @@ def bench(model, scheduler_config, backend, batches, steps, method, eta, guidanc
                 check_writable_dir(path.parent)
     except OutputError as err:
         raise click.UsageError(str(err)) from None
+    before = machine()
     table = _Table(sampler, steps, method, eta, guidance)
     rows = run_benchmarks(sampler, batches, steps, method, eta, guidance, repeats, not no_baselines, log=table.add,
                           torch_checkpoint=torch_checkpoint)
     table.close()
     result = {"ddengine_version": ddengine.__version__, "model": sampler.model.path.name, "model_sha256": sampler.model.sha256,
               "backend": sampler.backend.name, "steps": steps, "method": method, "eta": eta, "guidance": guidance,
-              "repeats": repeats, "machine": machine(), "rows": [r.to_dict() for r in rows], "summary": summary(rows)}
+              "repeats": repeats, "machine": before, "load_average_after": machine()["load_average_1_5_15min"], "rows": [r.to_dict() for r in rows], "summary": summary(rows)}
     if json_path is not None:
         atomic_write(json_path, (json.dumps(result, indent=2) + "\n").encode())
     if plot_path is not None:
