@@ -92,7 +92,7 @@ def save_grid(images, path, columns=10):
 @click.option("--data", "data_path", type=click.Path(), default=None, help="Fashion-MNIST IDX folder.")
 @click.option("--n", type=click.IntRange(10), default=1000, show_default=True, help="Generated (and real floor) images per guidance.")
 @click.option("--steps", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--guidance", "guidances", type=click.FloatRange(0), multiple=True, default=(0.0, 1.0, 3.0), show_default=True, help="Repeatable; 0 = unconditional (null class), 1 = conditional.")
+@click.option("--guidance", "guidances", type=click.FloatRange(0), multiple=True, default=(0.0, 1.0, 1.5), show_default=True, help="Repeatable; 0 = unconditional (null class), 1 = conditional.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True)
 @click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="CPU threads (0 = all).")

@@ -21,7 +21,7 @@ def _fail(message):
 @click.option("--schedule", "beta_schedule", type=click.Choice(["squaredcos_cap_v2", "linear"]), default="squaredcos_cap_v2", show_default=True)
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True, help="bf16 autocast is about 2x faster on CPU.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-steps", type=click.IntRange(1), default=None, help="Stop after this many optimiser steps (smoke tests).")
+@click.option("--max-steps", type=click.IntRange(1), default=None, help="Stop after this many optimiser steps (the run is reproducible by step).")
 @click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None, help="Save and stop after this much wall time.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="torch CPU threads (1 avoids oversubscription on a shared 2-core box).")
 @click.option("--resume", "resume_from", type=click.Path(dir_okay=False), default=None, help="Continue from a checkpoint (its settings win).")
