@@ -139,13 +139,14 @@ class Sampler:
                 snaps.append((i, int(t), x.copy(), predicted_x0(x, out, plan.coeffs[i], request.guidance, plan.clip)))
             _kernels.step(x, out, rows[i], seeds, i, guidance=request.guidance, clip=plan.clip, threads=self.threads)
             t2 = clock()
-            _mark_nonfinite(bad, i, out, x)
+            _mark_nonfinite(bad, i, out)
             if timers is not None:
                 timers["forward"] = timers.get("forward", 0.0) + (t1 - t0)
                 timers["step"] = timers.get("step", 0.0) + (t2 - t1)
             if callback is not None:
                 callback(i, int(t), x, chunk.start)
             on_step(i)
+        _mark_nonfinite(bad, len(rows) - 1, x)  # an update that overflowed without a non-finite model output
         return x, bad, snaps
 
     def _labels(self, request, chunk):
@@ -186,11 +187,12 @@ def step_plan(spec, request):
         raise InvalidParameterError(str(err)) from None
 
 
-def _mark_nonfinite(bad, step, out, x):
+def _mark_nonfinite(bad, step, values):
+    """Record `step` for images whose values (B or 2B rows for CFG) are NaN/inf; first failure wins."""
     b = len(bad)
-    finite = np.isfinite(x.reshape(b, -1)).all(axis=1)
-    finite &= np.isfinite(out.reshape(len(out) // b, b, -1)).all(axis=(0, 2))
-    bad[(bad < 0) & ~finite] = step
+    finite = np.isfinite(values.reshape(len(values) // b, b, -1)).all(axis=(0, 2))
+    if not finite.all():  # the common case costs two numpy calls: this runs after every forward
+        bad[(bad < 0) & ~finite] = step
 
 
 def predicted_x0(x, model_out, row, guidance, clip):

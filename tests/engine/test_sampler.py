@@ -80,6 +80,17 @@ def test_nan_for_one_class_fails_only_those_images(nan_model):
     assert np.array_equal(images[2], alone[0])  # the failing neighbours did not disturb it
 
 
+def test_overflow_in_the_update_fails_only_that_image(tmp_path):
+    from tiny_models import build_tiny_model
+
+    build_tiny_model(tmp_path / "huge.onnx", num_classes=3, huge_class=1)
+    sampler = Sampler(tmp_path / "huge.onnx")
+    # the model output stays finite (3e38) but u + 5*(c - u) overflows float32 inside the fused step
+    images, records = sampler.sample(3, steps=3, classes=[0, 1, 2], guidance=5.0)
+    assert [r["status"] for r in records] == ["ok", "error", "ok"]
+    assert "non-finite" in records[1]["error"] and not images[1].any()
+
+
 def test_guidance_one_is_the_conditional_model(cond):
     guided, _ = cond.sample(3, steps=4, classes=[0, 1, 2], guidance=1.0)
     plain, _ = cond.sample(3, steps=4, classes=[0, 1, 2])

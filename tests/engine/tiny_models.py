@@ -11,11 +11,13 @@ SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start
 GAIN, T_SCALE = 0.5, 0.3
 
 
-def class_table(num_classes, channels, nan_class=None):
-    """Per-class channel offsets, rows 0..num_classes (the last row is the null class)."""
+def class_table(num_classes, channels, nan_class=None, huge_class=None):
+    """Per-class channel offsets, rows 0..num_classes (the last row is the null class); NaN or 3e38 rows on request."""
     table = np.linspace(-0.4, 0.4, (num_classes + 1) * channels).reshape(num_classes + 1, channels).astype(np.float32)
     if nan_class is not None:
         table[nan_class] = np.nan
+    if huge_class is not None:
+        table[huge_class] = 3e38  # finite, but guidance overflows float32 in the update
     return table
 
 
@@ -31,7 +33,7 @@ def tiny_spec(channels=1, height=8, width=8, num_classes=0, scheduler=None, **ex
                      num_classes=num_classes, null_class=null, **extra)
 
 
-def build_tiny_model(path, *, channels=1, height=8, width=8, num_classes=0, conv=True, nan_class=None,
+def build_tiny_model(path, *, channels=1, height=8, width=8, num_classes=0, conv=True, nan_class=None, huge_class=None,
                      scheduler=None, metadata=True, spec=None):
     """Write a tiny ONNX model to `path` and return its ModelSpec."""
     spec = spec or tiny_spec(channels, height, width, num_classes, scheduler)
@@ -53,7 +55,7 @@ def build_tiny_model(path, *, channels=1, height=8, width=8, num_classes=0, conv
               helper.make_tensor_value_info("timestep", TensorProto.INT64, ["N"])]
     if num_classes:
         inputs.append(helper.make_tensor_value_info("class_labels", TensorProto.INT64, ["N"]))
-        inits.append(numpy_helper.from_array(class_table(num_classes, channels, nan_class), "emb"))
+        inits.append(numpy_helper.from_array(class_table(num_classes, channels, nan_class, huge_class), "emb"))
         inits.append(numpy_helper.from_array(np.array([-1, channels, 1, 1], np.int64), "cshape"))
         nodes += [helper.make_node("Gather", ["emb", "class_labels"], ["e"], axis=0),
                   helper.make_node("Reshape", ["e", "cshape"], ["e4"]),
