@@ -49,15 +49,19 @@ def _row(name, request, runs):
 
 
 def measure(runners, request, repeats=3, warmup=1):
-    """Time each runner (name -> once() -> dict) round-robin, so background load hits all of them alike."""
+    """Time each runner (name -> once() -> dict) round-robin, so background load hits all of them alike.
+
+    The order rotates every round: no runner always follows the same one (torch's OpenMP threads, for
+    one, are still spinning when its run returns and would slow whichever runner comes next).
+    """
     for once in runners.values():
         for _ in range(warmup):
             once()
-    runs = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, once in runners.items():
-            runs[name].append(once())
-    return [_row(name, request, runs[name]) for name in runners]
+    names, runs = list(runners), {name: [] for name in runners}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runs[name].append(runners[name]())
+    return [_row(name, request, runs[name]) for name in names]
 
 
 def engine_runner(sampler, request):
