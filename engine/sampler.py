@@ -50,8 +50,15 @@ class Sampler:
         self.backend = create_backend(backend, self.model, threads=threads)
         self.threads = threads or 0
         self._plans = {}  # (steps, method, eta, spacing) -> (StepPlan, float32 rows); both read-only
+        self._gpu = None  # GPU backends (TensorRT, ORT CUDA) run the whole loop on the device
+        if callable(getattr(self.backend, "open_runner", None)):
+            from ddengine.gpu_sampler import GpuSampling
+
+            self._gpu = GpuSampling(self.backend)
 
     def close(self):
+        if self._gpu is not None:
+            self._gpu.close()
         self.backend.close()
 
     def __enter__(self):
@@ -106,7 +113,11 @@ class Sampler:
                 if progress is not None:
                     progress(k * request.steps + i + 1, chunks * request.steps)
 
-            x, bad, trajectory = self._denoise(request, plan, rows, chunk, chunk_progress, callback, timers)
+            if self._gpu is not None and not request.trajectory and callback is None:
+                x, bad, trajectory = self._denoise_on_gpu(request, plan, chunk, timers)
+                chunk_progress(request.steps - 1)
+            else:  # per-step host access (trajectory, callback) or a CPU backend
+                x, bad, trajectory = self._denoise(request, plan, rows, chunk, chunk_progress, callback, timers)
             x[bad >= 0] = 0.0  # failed images come back all zero and are marked "error" in their record
             images[chunk] = to_uint8(x, self.spec.value_range)
             images[chunk][bad >= 0] = 0
@@ -148,6 +159,14 @@ class Sampler:
             on_step(i)
         _mark_nonfinite(bad, len(rows) - 1, x)  # an update that overflowed without a non-finite model output
         return x, bad, snaps
+
+    def _denoise_on_gpu(self, request, plan, chunk, timers):
+        """The same loop on the device (ddengine.gpu_sampler): noise, forwards and fused steps never leave the GPU."""
+        start = time.perf_counter()
+        x, bad = self._gpu.denoise(plan, np.ascontiguousarray(request.seeds[chunk]), self._labels(request, chunk), request.guidance)
+        if timers is not None:
+            timers["forward"] = timers.get("forward", 0.0) + time.perf_counter() - start
+        return x, bad, None
 
     def _labels(self, request, chunk):
         """Class labels for the forward: None (unconditional), the chunk's classes, or [null; classes] for CFG."""

@@ -178,3 +178,30 @@ def test_images_do_not_depend_on_the_thread_count(cond_model):
     one, _ = Sampler(cond_model, threads=1).sample(5, **kwargs)
     two, _ = Sampler(cond_model, threads=2).sample(5, **kwargs)
     assert np.array_equal(one, two)
+
+
+def test_gpu_backends_run_the_device_loop(cond):
+    """A backend with device runners goes through ddengine.gpu_sampler; trajectories and callbacks stay on the host."""
+    calls = []
+
+    class FakeGpuSampling:
+        def denoise(self, plan, seeds, labels, guidance):
+            calls.append((len(plan), seeds.tolist(), labels.tolist(), guidance))
+            x = np.zeros((len(seeds), 3, 8, 8), np.float32)
+            x[seeds == 5] = np.nan  # the device loop reports image seed 5 as failed
+            return x, np.where(seeds == 5, len(plan) - 1, -1)
+
+        def close(self):
+            pass
+
+    cond._gpu = FakeGpuSampling()
+    try:
+        images, records = cond.sample(3, steps=4, seed=5, classes=[1, 2, 3], guidance=2.0, batch_size=2)
+        assert calls == [(4, [5, 6], [4, 4, 1, 2], 2.0), (4, [7], [4, 3], 2.0)]
+        assert [r["status"] for r in records] == ["error", "ok", "ok"] and (images[1:] == 128).all()
+        calls.clear()
+        cond.sample(2, steps=4, classes=1, trajectory=2)
+        cond.sample(2, steps=4, classes=1, callback=lambda *a: None)
+        assert calls == []
+    finally:
+        cond._gpu = None
