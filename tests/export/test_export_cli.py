@@ -77,3 +77,18 @@ def test_export_of_an_unsupported_diffusers_folder_exits_2(tmp_path):
     result = CliRunner().invoke(main, ["export", "--diffusers", str(tmp_path), "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "out_channels 6 != in_channels 3" in result.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_fp16_writes_a_mixed_precision_model(tmp_path, tiny_checkpoint):
+    import onnx
+
+    from ddengine.export.fp16 import fp32_ops
+
+    out = tmp_path / "m16.onnx"
+    result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--fp16"])
+    assert result.exit_code == 0, result.output
+    assert "fp16 max |ORT - torch|" in result.output
+    model = onnx.load(str(out))
+    assert onnx.TensorProto.FLOAT16 in {t.data_type for t in model.graph.initializer}
+    assert "Softmax" in fp32_ops(model).values()
+    assert read_spec(out).num_classes == 3
