@@ -8,7 +8,10 @@ from click.testing import CliRunner
 from ddengine.cli import main
 from ddengine.model import default_model_path
 
-pytestmark = pytest.mark.skipif(not default_model_path().exists(), reason=f"shipped model {default_model_path()} is not present")
+
+
+def test_default_model_is_installed_as_package_data():
+    assert default_model_path().is_file(), f"the install lacks the shipped model {default_model_path()} (package data)"
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,11 @@ import json
 
 import numpy as np
 import onnx
-import pytest
 
 from ddengine.cli.eval import FeatureNet, default_classifier_path, real_images
 from ddengine.model import default_model_path
 
 
-@pytest.mark.skipif(not default_classifier_path().exists(), reason="engine/models/classifier.onnx is not present")
 def test_shipped_classifier_accuracy_on_real_test_images():
     meta = json.loads({p.key: p.value for p in onnx.load(str(default_classifier_path())).metadata_props}["ddengine.classifier"])
     assert meta["test_accuracy"] >= 0.9
@@ -19,7 +17,6 @@ def test_shipped_classifier_accuracy_on_real_test_images():
     assert np.mean(logits.argmax(1) == labels[:2000]) >= 0.9
 
 
-@pytest.mark.skipif(not default_model_path().exists(), reason="engine/models/default.onnx is not present")
 def test_fp16_default_model_keeps_35_db_over_a_full_ddim_run(tmp_path):
     from ddengine.export import fp16
 
