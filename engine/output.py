@@ -27,20 +27,28 @@ def _file_mode():
 FILE_MODE = _file_mode()
 
 
-def atomic_write(path, data):
-    """Write bytes to `path` via a temp file in the same folder, fsync, then os.replace (never a partial file)."""
+def atomic_write_via(path, write):
+    """Call write(tmp_path) on a temp file next to `path`, fsync it, then os.replace it in (never a partial file)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path, data):
+    """Write bytes to `path` atomically (see atomic_write_via)."""
+    atomic_write_via(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def check_writable_dir(folder):

@@ -1,8 +1,8 @@
 """Training checkpoints: one safetensors file (weights, EMA weights, AdamW state) + JSON metadata, written atomically."""
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from ddengine.output import atomic_write_via
 
 FORMAT = "ddengine-checkpoint"
 FORMAT_VERSION = 1
@@ -11,27 +11,6 @@ META_KEY = "ddengine_checkpoint"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or not a ddengine checkpoint."""
-
-
-def atomic_write_bytes(path, write):
-    """Call write(tmp_path) on a temp file next to `path`, then os.replace it into place."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as err:
-        raise OSError(f"cannot write {path}: {err.strerror or err}") from None
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save(path, *, model, ema, optimizer, meta):
@@ -45,7 +24,7 @@ def save(path, *, model, ema, optimizer, meta):
         for key, value in state.items():
             tensors[f"optim.{idx}.{key}"] = value.detach().clone()
     header = dict(meta, format=FORMAT, format_version=FORMAT_VERSION, param_groups=opt["param_groups"])
-    atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(header, sort_keys=True)}))
+    atomic_write_via(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(header, sort_keys=True)}))
 
 
 def load(path):

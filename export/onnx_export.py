@@ -7,7 +7,9 @@ import numpy as np
 
 from ddengine.spec import METADATA_KEY, ModelSpec
 
-from .checkpoint import CheckpointError, atomic_write_bytes
+from ddengine.output import atomic_write
+
+from .checkpoint import CheckpointError
 
 OPSET = 17
 ATOL_FP32 = 1e-4
@@ -131,7 +133,7 @@ def write_model(model, out_path):
     out_path = Path(out_path)
     if not out_path.parent.is_dir():
         raise OSError(f"output folder {out_path.parent} does not exist")
-    atomic_write_bytes(out_path, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write(out_path, data)
 
 
 def load_checkpoint_module(path):

@@ -75,7 +75,7 @@ def save_grid(images, path, columns=10):
     """One row per class (images are ordered i % 10 = class), up to `columns` samples each, as a PNG."""
     from PIL import Image
 
-    from ddengine.export.checkpoint import atomic_write_bytes
+    from ddengine.output import atomic_write_via
 
     columns = min(columns, len(images) // 10)
     h, w = images.shape[1:3]
@@ -83,7 +83,7 @@ def save_grid(images, path, columns=10):
     for cls in range(10):
         for col in range(columns):
             grid[cls * h:(cls + 1) * h, col * w:(col + 1) * w] = images[cls + 10 * col, :, :, 0]
-    atomic_write_bytes(path, lambda tmp: Image.fromarray(grid, mode="L").save(tmp, format="PNG"))
+    atomic_write_via(path, lambda tmp: Image.fromarray(grid, mode="L").save(tmp, format="PNG"))
 
 
 @click.command()
@@ -123,10 +123,10 @@ def eval_cmd(model_path, classifier_path, data_path, n, steps, guidances, seed, 
         save_grid(images, grid_path)
         click.echo(f"wrote {grid_path}")
     if json_path:
-        from ddengine.export.checkpoint import atomic_write_bytes
+        from ddengine.output import atomic_write_via
 
         text = json.dumps({"model": model_path or "default", "steps": steps, "rows": rows}, indent=2)
-        atomic_write_bytes(json_path, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_via(json_path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _line(row):
