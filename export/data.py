@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ddengine.sampler import to_uint8  # noqa: F401  (re-exported: real images use the engine's own mapping)
+
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "apt-get install dataset-fashion-mnist"
 FILES = {
@@ -79,8 +81,3 @@ def load(split="train", path=None, size=32):
     """Images (N, 1, size, size) float32 in [-1, 1] and labels (N,) int64."""
     images, labels = load_uint8(split, path)
     return to_model_range(images, size), labels
-
-
-def to_uint8(x):
-    """Model-range float images (N, 1, H, W) -> uint8 (N, H, W, 1) (the engine's image layout)."""
-    return np.clip(np.round((np.asarray(x) + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
