@@ -15,6 +15,7 @@ from .data import load as load_data
 from .unet import UNet, UNetConfig
 
 LAST = "last.safetensors"
+LOSS_LOG = "loss.tsv"
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class TrainConfig:
     seed: int = 0
     precision: str = "bf16"
     save_every: int = 500
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.05
 
 
 def scheduler_dict(beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000):
@@ -90,9 +93,13 @@ def ema_update(ema, model, decay, step):
         pe.lerp_(pm, 1 - d)
 
 
-def lr_at(step, cfg):
-    """Linear warm-up then constant."""
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+def lr_at(step, cfg, total):
+    """Linear warm-up, then constant or cosine decay to min_lr_ratio * lr at `total` (Loshchilov & Hutter 2017)."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if cfg.lr_schedule == "constant" or step < cfg.warmup_steps:
+        return cfg.lr * warm
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def build(model_cfg, train_cfg):
@@ -141,18 +148,25 @@ def train(out_dir, model_cfg=None, train_cfg=None, data=None, data_path=None, re
     x, y = torch.as_tensor(x), torch.as_tensor(y)
     abar = torch.as_tensor(alphas_cumprod(scheduler_dict(train_cfg.beta_schedule, train_cfg.num_train_timesteps)), dtype=torch.float32)
     per_epoch = len(x) // train_cfg.batch_size
-    total = train_cfg.epochs * per_epoch if max_steps is None else min(max_steps, train_cfg.epochs * per_epoch)
+    planned = train_cfg.epochs * per_epoch
+    total = planned if max_steps is None else min(max_steps, planned)
     log(f"{sum(p.numel() for p in model.parameters())} parameters, {per_epoch} steps/epoch, {total} steps, precision {train_cfg.precision}")
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
-    return _loop(out_dir, model_cfg, train_cfg, model, ema, opt, step, total, x, y, abar, per_epoch, deadline)
+    return _loop(out_dir, model_cfg, train_cfg, model, ema, opt, step, total, planned, x, y, abar, per_epoch, deadline)
 
 
-def _loop(out_dir, model_cfg, train_cfg, model, ema, opt, step, total, x, y, abar, per_epoch, deadline=None):
+def _log_losses(out_dir, first_step, losses):
+    """Append one line per optimiser step (step, loss) to out_dir/loss.tsv: the run's reproducibility record."""
+    with open(out_dir / LOSS_LOG, "a") as fh:
+        fh.writelines(f"{first_step + i + 1}\t{loss:.6f}\n" for i, loss in enumerate(losses))
+
+
+def _loop(out_dir, model_cfg, train_cfg, model, ema, opt, step, total, planned, x, y, abar, per_epoch, deadline=None):
     """The optimisation loop: one seeded permutation per epoch, so a resumed run replays the same batches."""
     from tqdm import tqdm
 
     model.train()
-    bs, losses = train_cfg.batch_size, []
+    bs, losses, unlogged = train_cfg.batch_size, [], []
     bar = tqdm(total=total, initial=step, mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_cfg.precision == "bf16")
     while step < total:
@@ -164,7 +178,7 @@ def _loop(out_dir, model_cfg, train_cfg, model, ema, opt, step, total, x, y, aba
                 break
             idx = perm[i * bs:(i + 1) * bs]
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, train_cfg)
+                group["lr"] = lr_at(step, train_cfg, planned)
             with autocast:
                 loss = diffusion_loss(model, x[idx], y[idx], abar, gen, train_cfg.p_uncond, model_cfg.null_class)
             opt.zero_grad(set_to_none=True)
@@ -174,10 +188,13 @@ def _loop(out_dir, model_cfg, train_cfg, model, ema, opt, step, total, x, y, aba
             step += 1
             ema_update(ema, model, train_cfg.ema_decay, step)
             losses.append(loss.item())
+            unlogged.append(losses[-1])
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-100:]):.4f}")
             out_of_time = deadline is not None and time.monotonic() > deadline
             if step % train_cfg.save_every == 0 or step == total or out_of_time:
+                _log_losses(out_dir, step - len(unlogged), unlogged)
+                unlogged = []
                 save(out_dir / LAST, model_cfg, train_cfg, model, ema, opt, step, float(np.mean(losses[-200:])))
             if out_of_time:
                 bar.close()

@@ -15,6 +15,9 @@ def _fail(message):
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=5e-4, show_default=True)
+@click.option("--p-uncond", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="Label dropout: probability of training a batch row on the null class (CFG).")
+@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True, help="After warm-up: constant, or cosine decay to 5% of --lr at the last planned step.")
 @click.option("--base-channels", type=click.IntRange(8), default=32, show_default=True)
 @click.option("--channel-mult", default="1,2,2", show_default=True, help="Width multiplier per resolution level.")
 @click.option("--num-res-blocks", type=click.IntRange(1), default=1, show_default=True)
@@ -25,7 +28,7 @@ def _fail(message):
 @click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None, help="Save and stop after this much wall time.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="torch CPU threads (1 avoids oversubscription on a shared 2-core box).")
 @click.option("--resume", "resume_from", type=click.Path(dir_okay=False), default=None, help="Continue from a checkpoint (its settings win).")
-def train(out_dir, data_path, epochs, batch_size, lr, base_channels, channel_mult, num_res_blocks, beta_schedule, precision, seed, max_steps, max_minutes, threads, resume_from):
+def train(out_dir, data_path, epochs, batch_size, lr, p_uncond, ema_decay, lr_schedule, base_channels, channel_mult, num_res_blocks, beta_schedule, precision, seed, max_steps, max_minutes, threads, resume_from):
     """Train the class-conditional U-Net on Fashion-MNIST; EMA weights are what `export` ships."""
     import torch
 
@@ -39,7 +42,7 @@ def train(out_dir, data_path, epochs, batch_size, lr, base_channels, channel_mul
         model_cfg = UNetConfig(base_channels=base_channels, channel_mult=mult, num_res_blocks=num_res_blocks, head_channels=base_channels * mult[-1])
     except ValueError as err:
         _fail(f"bad model shape (--base-channels {base_channels}, --channel-mult {channel_mult!r}): {err}")
-    train_cfg = trainer.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, beta_schedule=beta_schedule, precision=precision, seed=seed)
+    train_cfg = trainer.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, p_uncond=p_uncond, ema_decay=ema_decay, lr_schedule=lr_schedule, beta_schedule=beta_schedule, precision=precision, seed=seed)
     torch.set_num_threads(threads)
     try:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
