@@ -76,7 +76,18 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
     assert opt.state_dict()["state"][0]["exp_avg"].abs().sum() > 0
     train.train(tmp_path, data=_fake_data(), resume_from=path, log=lambda *_: None, max_steps=4)
     assert checkpoint.load(path)[0]["step"] == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == [train.LAST]  # atomic: no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [train.LAST, train.LOSS_LOG]  # atomic: no temp files left
+    logged = [line.split("\t") for line in (tmp_path / train.LOSS_LOG).read_text().splitlines()]
+    assert [int(s) for s, _ in logged] == [1, 2, 3, 4] and all(float(v) > 0 for _, v in logged)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    cfg = train.TrainConfig(lr=1e-3, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    lrs = [train.lr_at(s, cfg, 100) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[100] == pytest.approx(1e-4)
+    assert lrs[55] == pytest.approx(0.55e-3)  # halfway through the decay: the mean of peak and floor
+    assert train.lr_at(99, train.TrainConfig(lr=1e-3, warmup_steps=10), 100) == 1e-3  # constant is the default
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
