@@ -203,7 +203,7 @@ def environment(torch):
 def main(argv=None):
     args = parse_args(argv)
     torch = require_gpu()
-    from ddengine.export.unet import UNet, UNetConfig
+    from ddengine.nets.unet import UNet, UNetConfig
     from ddengine.output import atomic_write
 
     config = UNetConfig.from_dict(json.loads(Path(args.unet_config).read_text())) if args.unet_config else UNetConfig()

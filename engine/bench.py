@@ -1,4 +1,7 @@
-"""Latency benchmarks: the fused engine against the bare-forward floor, ORT + numpy, and diffusers + torch."""
+"""Latency benchmarks: the product's own loop (Sampler.run) on each backend, next to its bare-forward floor and
+the baselines a user would run instead: ORT + a numpy step, the torch twin + diffusers' scheduler (fp32 and
+bf16 autocast), and OpenVINO + diffusers' scheduler in torch (the optimum-intel way). Timed round-robin.
+"""
 import os
 import platform
 import statistics
@@ -7,10 +10,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ddengine.batch import own_labels
 from ddengine.coeffs import SIGMA
 from ddengine.reference import reference_step
+from ddengine.resources import physical_cores
 
 TORCH_UNAVAILABLE = "torch model unavailable"
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile", "avx_vnni")
 
 
 @dataclass
@@ -20,7 +26,9 @@ class Row:
     name: str
     batch: int
     steps: int
-    seconds: float | None = None  # median over repeats
+    backend: str | None = None
+    precision: str | None = None
+    seconds: float | None = None  # the run closest to the median of `runs`
     forward_s: float | None = None
     step_s: float | None = None
     other_s: float | None = None
@@ -39,16 +47,23 @@ class Row:
         return {**asdict(self), "ms_per_step": self.ms_per_step, "images_per_s": self.images_per_s}
 
 
-def _row(name, request, runs):
-    """The run closest to the median of `runs` (dicts with seconds, forward, step) as a Row."""
-    mid = statistics.median(r["seconds"] for r in runs)
-    best = min(runs, key=lambda r: abs(r["seconds"] - mid))
-    forward, step = best.get("forward", best["seconds"]), best.get("step", 0.0)
-    return Row(name, request.n, request.steps, best["seconds"], forward, step, best["seconds"] - forward - step,
-               runs=[r["seconds"] for r in runs])
+def engine_name(backend):
+    return f"ddengine {backend}"
 
 
-def measure(runners, request, repeats=3, warmup=1):
+def floor_name(backend):
+    return f"floor {backend}: bare forward x steps"
+
+
+NUMPY = "ORT + numpy step (unfused)"
+OPENVINO_DIFFUSERS = "OpenVINO + diffusers scheduler (optimum-intel way)"
+
+
+def diffusers_name(precision):
+    return f"torch {precision} + diffusers scheduler"
+
+
+def measure(runners, repeats=3, warmup=1):
     """Time each runner (name -> once() -> dict) round-robin, so background load hits all of them alike.
 
     The order rotates every round: no runner always follows the same one (torch's OpenMP threads, for
@@ -61,11 +76,21 @@ def measure(runners, request, repeats=3, warmup=1):
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             runs[name].append(runners[name]())
-    return [_row(name, request, runs[name]) for name in names]
+    return runs
+
+
+def to_row(name, request, runs, **labels):
+    """The run closest to the median of `runs` (dicts with seconds and, where measured, forward and step)."""
+    mid = statistics.median(r["seconds"] for r in runs)
+    best = min(runs, key=lambda r: abs(r["seconds"] - mid))
+    forward, step = best.get("forward"), best.get("step")
+    other = None if forward is None or step is None else best["seconds"] - forward - step
+    return Row(name, request.n, request.steps, seconds=best["seconds"], forward_s=forward, step_s=step, other_s=other,
+               runs=[r["seconds"] for r in runs], **labels)
 
 
 def engine_runner(sampler, request):
-    """The product: Sampler.run (fill_noise, forward, fused step) with its forward/step timers."""
+    """The product: Sampler.run (noise, forwards, fused steps, uint8 images and records) with its timers."""
     def once():
         timers, start = {"forward": 0.0, "step": 0.0}, time.perf_counter()
         sampler.run(request, timers=timers)
@@ -73,75 +98,72 @@ def engine_runner(sampler, request):
     return once
 
 
-def _forward_inputs(sampler, request):
-    """The (possibly CFG-doubled) batch, labels and output buffer the engine's forward sees."""
+def forward_feeds(sampler, request):
+    """The forward rows the engine runs for this request (doubled under guidance) and an output buffer."""
     spec, b = sampler.spec, request.n
-    rows = 2 * b if request.guidance is not None else b
-    x = np.random.default_rng(0).standard_normal((rows, spec.channels, spec.height, spec.width), dtype=np.float32)
-    labels = sampler._labels(request, slice(0, b))
-    return x, labels, np.empty_like(x)
+    labels, guided = own_labels(spec, request.classes, request.guidance, b)
+    rows = 2 * b if guided else b
+    x = np.random.default_rng(0).standard_normal((rows, *spec.image_shape), dtype=np.float32)
+    feeds = {"sample": x}
+    if labels is not None:
+        null = np.full(b, spec.null_class if spec.null_class is not None else 0, dtype=np.int64)
+        feeds["class_labels"] = np.concatenate([labels, null]) if guided else labels
+    return feeds, np.empty_like(x), guided
 
 
 def floor_runner(sampler, request):
-    """(c) the floor: `steps` bare backend forwards on the same batch, nothing else."""
+    """The floor: `steps` bare backend forwards on the engine's rows, nothing else."""
     timesteps = sampler.plan(request).timesteps
-    x, labels, out = _forward_inputs(sampler, request)
+    feeds, out, _ = forward_feeds(sampler, request)
 
     def once():
         start = time.perf_counter()
         for t in timesteps:
-            sampler.backend.run(x, int(t), labels, out)
+            sampler.backend.run({**feeds, "timestep": np.full(len(out), t, dtype=np.int64)}, out)
         return {"seconds": time.perf_counter() - start}
     return once
 
 
 def numpy_runner(sampler, request):
-    """(b) ONNX Runtime forward + the unfused numpy step (reference_step in float32, numpy standard_normal noise)."""
+    """The backend's forward + the unfused numpy step (reference_step in float32, numpy standard_normal noise)."""
     plan = sampler.plan(request)
-    _, labels, _ = _forward_inputs(sampler, request)
-    spec, b, cfg = sampler.spec, request.n, request.guidance is not None
-    shape = (b, spec.channels, spec.height, spec.width)
+    feeds, _, guided = forward_feeds(sampler, request)
+    b = request.n
 
     def once():
         rng, fwd, stp = np.random.default_rng(0), 0.0, 0.0
         start = time.perf_counter()
-        x = rng.standard_normal(shape, dtype=np.float32)
+        x = rng.standard_normal((b, *sampler.spec.image_shape), dtype=np.float32)
         for i, t in enumerate(plan.timesteps):
             t0 = time.perf_counter()
-            x_in = np.concatenate([x, x]) if cfg else x
+            x_in = np.concatenate([x, x]) if guided else x
             out = np.empty_like(x_in)
-            sampler.backend.run(x_in, int(t), labels, out)
+            sampler.backend.run({**feeds, "sample": x_in, "timestep": np.full(len(x_in), t, dtype=np.int64)}, out)
             t1 = time.perf_counter()
-            noise = rng.standard_normal(shape, dtype=np.float32) if plan.coeffs[i, SIGMA] != 0 else None
-            x = reference_step(x, out, plan.coeffs[i], noise, guidance=request.guidance, clip=plan.clip, dtype=np.float32)
+            noise = rng.standard_normal(x.shape, dtype=np.float32) if plan.coeffs[i, SIGMA] != 0 else None
+            x = reference_step(x, out[:b], plan.coeffs[i], noise, uncond=out[b:] if guided else None,
+                               guidance=request.guidance, clip=plan.clip, dtype=np.float32)
             fwd, stp = fwd + t1 - t0, stp + time.perf_counter() - t1
         return {"seconds": time.perf_counter() - start, "forward": fwd, "step": stp}
     return once
 
 
-def load_torch_model(sampler, checkpoint=None):
-    """The torch U-Net behind the sampler's ONNX model, or (None, reason).
+def torch_twin(sampler, weights=None):
+    """(the torch U-Net behind the sampler's ONNX model, "") or (None, why not).
 
-    From `checkpoint` (a training checkpoint, via ddengine.export) when given, else from ddengine.export's
-    `load_torch_model_for(onnx_path)` hook; either way it must compute the same function as the ONNX model.
+    From `weights` (a twin .safetensors) or the twin next to the model (ddengine.nets.twin); it must compute
+    the same function as the ONNX model (max abs error < 1e-3 on a random batch) to stand in for it.
     """
     try:
         import torch  # noqa: F401
-    except ImportError:
-        return None, f"{TORCH_UNAVAILABLE} (torch is not installed)"
-    try:
-        if checkpoint is not None:
-            from ddengine.export.onnx_export import load_checkpoint_module
 
-            net = load_checkpoint_module(checkpoint)[0]
-        else:
-            from ddengine.export.onnx_export import load_torch_model_for
-
-            net = load_torch_model_for(sampler.model.path)
+        from ddengine.nets.twin import TwinError, load_twin, twin_path
     except ImportError as err:
-        return None, f"{TORCH_UNAVAILABLE} (no torch twin of {sampler.model.path.name}: {err}; pass --torch-checkpoint)"
-    except Exception as err:  # a checkpoint that is missing or not a ddengine U-Net
-        return None, f"{TORCH_UNAVAILABLE} ({type(err).__name__}: {err})"
+        return None, f"{TORCH_UNAVAILABLE} ({err}; pip install 'ddengine[export]')"
+    try:
+        net = load_twin(weights if weights is not None else twin_path(sampler.model.path))
+    except TwinError as err:
+        return None, f"{TORCH_UNAVAILABLE} ({err})"
     error = twin_error(net, sampler)
     if not error < 1e-3:
         return None, f"{TORCH_UNAVAILABLE} (the torch model differs from {sampler.model.path.name}: max abs error {error:.3g})"
@@ -149,46 +171,69 @@ def load_torch_model(sampler, checkpoint=None):
 
 
 def twin_error(net, sampler, batch=2):
-    """Max abs difference between the torch module and the ONNX backend on one random input."""
+    """Max abs difference between the torch module and the sampler's backend on one random input."""
     import torch
 
     spec = sampler.spec
-    x = np.random.default_rng(0).standard_normal((batch, spec.channels, spec.height, spec.width), dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((batch, *spec.image_shape), dtype=np.float32)
     labels = np.arange(batch, dtype=np.int64) % spec.num_classes if spec.conditional else None
-    onnx_out = sampler.backend.run(x, 500, labels, np.empty_like(x))
+    feeds = {"sample": x, "timestep": np.full(batch, 500, dtype=np.int64), "class_labels": labels}
+    onnx_out = sampler.backend.run(feeds, np.empty_like(x))
     with torch.inference_mode():
         t = torch.full((batch,), 500, dtype=torch.int64)
         torch_out = net(torch.from_numpy(x), t, None if labels is None else torch.from_numpy(labels)).float().numpy()
     return float(np.abs(onnx_out - torch_out).max())
 
 
-def diffusers_runner(net, sampler, request, precision="fp32"):
-    """(a) the diffusers way: the torch U-Net in a DDIMScheduler/DDPMScheduler loop (fp32 or bf16 autocast)."""
+def torch_forward(net, precision):
+    """forward(x, t, labels) of the torch twin, in fp32 or under bf16 autocast (the way a torch user speeds it up)."""
+    import torch
+
+    def forward(x, t, labels):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return net(x, t, labels).float()
+    return forward
+
+
+def backend_forward(sampler):
+    """forward(x, t, labels) through a ddengine backend with torch tensors in and out (optimum-intel's OVModel)."""
+    import torch
+
+    def forward(x, t, labels):
+        feeds = {"sample": x.numpy(), "timestep": t.numpy()}
+        if labels is not None:
+            feeds["class_labels"] = labels.numpy()
+        out = np.empty(x.shape, dtype=np.float32)
+        return torch.from_numpy(sampler.backend.run(feeds, out))
+    return forward
+
+
+def diffusers_runner(forward, sampler, request):
+    """The diffusers way: a DDIMScheduler/DDPMScheduler loop in torch around `forward`, CFG by torch ops."""
     import torch
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    spec, b, cfg = sampler.spec, request.n, request.guidance is not None
+    spec, b = sampler.spec, request.n
     config = dict(spec.scheduler)
     if request.spacing is not None:
         config["timestep_spacing"] = request.spacing
     scheduler = (DDIMScheduler if request.method == "ddim" else DDPMScheduler).from_config(config)
-    labels = sampler._labels(request, slice(0, b))
-    labels = None if labels is None else torch.from_numpy(labels)
-    shape = (b, spec.channels, spec.height, spec.width)
+    feeds, _, guided = forward_feeds(sampler, request)
+    labels = torch.from_numpy(feeds["class_labels"]) if "class_labels" in feeds else None
     extra = {"eta": request.eta} if request.method == "ddim" else {}
 
     def once():
         generator, fwd, stp = torch.Generator().manual_seed(0), 0.0, 0.0
         start = time.perf_counter()
         scheduler.set_timesteps(request.steps)
-        x = torch.randn(shape, generator=generator)
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        x = torch.randn((b, *spec.image_shape), generator=generator)
+        with torch.inference_mode():
             for t in scheduler.timesteps:
                 t0 = time.perf_counter()
-                x_in = torch.cat([x, x]) if cfg else x
-                out = net(x_in, t.expand(len(x_in)), labels).float()
-                if cfg:
-                    uncond, cond = out.chunk(2)
+                x_in = torch.cat([x, x]) if guided else x
+                out = forward(x_in, t.expand(len(x_in)), labels)
+                if guided:
+                    cond, uncond = out.chunk(2)
                     out = uncond + request.guidance * (cond - uncond)
                 t1 = time.perf_counter()
                 x = scheduler.step(out, t, x, generator=generator, **extra).prev_sample
@@ -197,30 +242,43 @@ def diffusers_runner(net, sampler, request, precision="fp32"):
     return once
 
 
-FUSED, FLOOR, NUMPY = "ddengine fused", "floor: bare forward x steps", "ORT + numpy step (unfused)"
+def run_benchmarks(samplers, batches, steps=50, method="ddim", eta=0.0, guidance=None, repeats=3, baselines=True, log=None,
+                   torch_weights=None):
+    """Every configuration for every batch size, round-robin per batch.
 
-
-def diffusers_name(precision):
-    return f"diffusers + torch {precision}"
-
-
-def run_benchmarks(sampler, batches, steps=50, method="ddim", eta=0.0, guidance=None, repeats=3, baselines=True, log=None,
-                   torch_checkpoint=None):
-    """Every configuration for every batch size, interleaved per batch; rows: engine, floor, numpy, diffusers."""
-    net, why = load_torch_model(sampler, torch_checkpoint) if baselines else (None, "")
+    samplers: backend label -> Sampler (the engine and its floor are measured on each); the baselines use the
+    ONNX Runtime sampler (numpy step), the torch twin (fp32, bf16) and an OpenVINO sampler when given.
+    """
+    first = next(iter(samplers.values()))
+    net, why = torch_twin(first, torch_weights) if baselines else (None, "")
     rows = []
     for batch in batches:
-        classes = [i % sampler.spec.num_classes for i in range(batch)] if sampler.spec.conditional else None
-        request = sampler.request(batch, steps, method, eta, classes=classes, guidance=guidance, batch_size=batch)
-        runners = {FUSED: engine_runner(sampler, request), FLOOR: floor_runner(sampler, request)}
+        classes = "all" if first.spec.conditional else None
+        requests = {k: s.request(batch, steps, method, eta, classes=classes, guidance=guidance, batch_size=batch)
+                    for k, s in samplers.items()}
+        runners, labels = {}, {}
+        for key, sampler in samplers.items():
+            for name, factory in ((engine_name(key), engine_runner), (floor_name(key), floor_runner)):
+                runners[name] = factory(sampler, requests[key])
+                labels[name] = {"backend": sampler.backend.name, "precision": sampler.backend.precision}
         if baselines:
-            runners[NUMPY] = numpy_runner(sampler, request)
+            ort = next((s for s in samplers.values() if s.backend.name == "ort-cpu"), first)
+            runners[NUMPY] = numpy_runner(ort, requests[_key(samplers, ort)])
+            labels[NUMPY] = {"backend": ort.backend.name, "precision": "fp32"}
             if net is not None:
                 for precision in ("fp32", "bf16"):
-                    runners[diffusers_name(precision)] = diffusers_runner(net, sampler, request, precision)
-        measured = measure(runners, request, repeats)
+                    runners[diffusers_name(precision)] = diffusers_runner(torch_forward(net, precision), first,
+                                                                          requests[_key(samplers, first)])
+                    labels[diffusers_name(precision)] = {"backend": "torch", "precision": precision}
+            ov = next((s for s in samplers.values() if s.backend.name == "openvino"), None)
+            if ov is not None and _has("torch") and _has("diffusers"):
+                runners[OPENVINO_DIFFUSERS] = diffusers_runner(backend_forward(ov), ov, requests[_key(samplers, ov)])
+                labels[OPENVINO_DIFFUSERS] = {"backend": "openvino", "precision": ov.backend.precision}
+        request = requests[_key(samplers, first)]
+        runs = measure(runners, repeats)
+        measured = [to_row(name, request, runs[name], **labels[name]) for name in runners]
         if baselines and net is None:
-            measured += [Row(diffusers_name(p), batch, steps, note=why) for p in ("fp32", "bf16")]
+            measured += [Row(diffusers_name(p), batch, steps, backend="torch", precision=p, note=why) for p in ("fp32", "bf16")]
         for row in measured:
             if log is not None:
                 log(row)
@@ -228,38 +286,60 @@ def run_benchmarks(sampler, batches, steps=50, method="ddim", eta=0.0, guidance=
     return rows
 
 
-def summary(rows):
-    """Per batch: fused total / floor and the speed-up over diffusers fp32, of medians and of best runs (None: not measured)."""
+def _key(samplers, sampler):
+    return next(k for k, s in samplers.items() if s is sampler)
+
+
+def _has(module):
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def summary(rows, samplers):
+    """Per batch and backend: engine / its floor and the engine's speed-up over each torch baseline (None: not measured)."""
     out = {}
     for batch in sorted({r.batch for r in rows}):
-        by_name = {r.name: r for r in rows if r.batch == batch}
-        fused, floor, torch32 = by_name[FUSED], by_name[FLOOR], by_name.get(diffusers_name("fp32"))
-        measured = torch32 is not None and torch32.seconds is not None
-        out[str(batch)] = {
-            "fused_over_floor": fused.seconds / floor.seconds,
-            "fused_over_floor_best": min(fused.runs) / min(floor.runs) if fused.runs and floor.runs else None,
-            "speedup_vs_diffusers_fp32": torch32.seconds / fused.seconds if measured else None,
-            "speedup_vs_diffusers_fp32_best": min(torch32.runs) / min(fused.runs) if measured and torch32.runs else None}
+        by_name = {r.name: r for r in rows if r.batch == batch and r.seconds is not None}
+        entry = {}
+        for key in samplers:
+            engine, floor = by_name.get(engine_name(key)), by_name.get(floor_name(key))
+            if engine is None or floor is None:
+                continue
+            stats = {"over_floor": engine.seconds / floor.seconds, "over_floor_best": min(engine.runs) / min(floor.runs)}
+            for base in (diffusers_name("fp32"), diffusers_name("bf16"), OPENVINO_DIFFUSERS):
+                if base in by_name:
+                    stats[f"speedup_vs {base}"] = by_name[base].seconds / engine.seconds
+            entry[key] = stats
+        out[str(batch)] = entry
     return out
 
 
 def machine():
-    """What the numbers were measured on."""
+    """What the numbers were measured on: CPU model, its ISA flags, cores, versions and the load."""
     import onnxruntime
 
-    from ddengine.backends.ort import physical_cores
-
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            for line in f:
+                if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "load_average_1_5_15min": _load()}
+    versions = {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+    for module in ("openvino", "torch"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            pass
+    return {"cpu": cpu, "isa_flags": [f for f in ISA_FLAGS if f in flags], "logical_cpus": os.cpu_count(),
+            "physical_cores": physical_cores(), **versions, "load_average_1_5_15min": load_average()}
 
 
-def _load():
+def load_average():
     """The 1/5/15-minute load averages: other work on the machine while measuring (None where unknown)."""
     try:
         return [round(v, 2) for v in os.getloadavg()]

@@ -1,4 +1,8 @@
-"""Load an ONNX model, read its ModelSpec (the `ddengine` metadata entry) and check its inputs against it."""
+"""Load an ONNX model: its ModelSpec (the `ddengine` metadata entry), bound to the graph's tensors and checked.
+
+The file is never held in memory twice: the ONNX checker reads it from disk first, then it is parsed once,
+and its content hash streams it (external-data files included), so a multi-GB model costs one copy at a time.
+"""
 import hashlib
 import importlib.resources
 import json
@@ -8,9 +12,11 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from ddengine.spec import METADATA_KEY, ModelSpec, ModelSpecError
+from ddengine.schedule import SchedulerConfigError
+from ddengine.spec import DYNAMIC, INPUT_ROLES, METADATA_KEY, OUTPUT_ROLE, ModelSpec, ModelSpecError, TensorSpec
 
 DEFAULT_MODEL = "models/default.onnx"
+CHUNK = 1 << 20
 
 
 class ModelError(ValueError):
@@ -19,11 +25,12 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class Model:
-    """A validated model file: where it is, what it is (spec), and its content hash."""
+    """A validated model file: where it is, what it is (spec, bound to its graph), and its content hash."""
 
     path: Path
     spec: ModelSpec
     sha256: str
+    activation_bytes_per_row: int  # an upper bound on the forward's intermediate tensors per batch row
 
 
 def default_model_path():
@@ -34,124 +41,217 @@ def default_model_path():
 def load_model(path=None, scheduler_config=None):
     """Read and validate `path` (None = the shipped model); `scheduler_config` (a diffusers JSON file) overrides the schedule."""
     path = Path(path) if path is not None else default_model_path()
-    data = _read(path)
-    proto = _parse(path, data)
-    spec = _spec(path, proto, scheduler_config)
-    _check_io(path, proto, spec)
-    return Model(path=path, spec=spec, sha256=hashlib.sha256(data).hexdigest())
+    _check_file(path)
+    override = read_scheduler_config(scheduler_config) if scheduler_config is not None else None
+    _check_graph(path)
+    proto = _parse(path)
+    spec = _spec(path, proto, override)
+    try:
+        spec = spec.bind(graph_io(proto, spec))
+    except ModelSpecError as err:
+        raise ModelError(f"model file {path}: {err}") from None
+    _check_class_embeddings(path, proto, spec)
+    try:
+        spec.schedule  # parsed once, here; a bad config names its source
+    except (SchedulerConfigError, TypeError) as err:
+        source = scheduler_config if override is not None else f"model file {path} (its '{METADATA_KEY}' scheduler)"
+        raise ModelError(f"{source}: invalid scheduler config: {err}") from None
+    return Model(path=path, spec=spec, sha256=onnx_sha256(path, proto), activation_bytes_per_row=activation_bytes(proto))
 
 
 def read_scheduler_config(path):
-    """A diffusers scheduler_config.json as a dict, without its private `_class_name`-style keys."""
+    """A diffusers scheduler_config.json as a dict, without its private `_`-prefixed keys but `_class_name`."""
+    path = Path(path)
     try:
-        config = json.loads(Path(path).read_text())
+        config = json.loads(path.read_text())
+    except IsADirectoryError:
+        raise ModelError(f"scheduler config {path} is a folder; expected a scheduler_config.json file") from None
     except OSError as err:
         raise ModelError(f"cannot read scheduler config {path}: {err.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"scheduler config {path} is not valid JSON: {err}") from None
     if not isinstance(config, dict):
         raise ModelError(f"scheduler config {path} must be a JSON object, got {type(config).__name__}")
-    return {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        from ddengine.schedule import SchedulerConfig
+
+        SchedulerConfig.from_dict(config)
+    except (SchedulerConfigError, TypeError) as err:
+        raise ModelError(f"scheduler config {path}: {err}") from None
+    return {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
 
 
-def _read(path):
+def _check_file(path):
     if not path.exists():
         raise ModelError(f"model file {path} does not exist")
     if not path.is_file():
         raise ModelError(f"model path {path} is not a file")
-    data = path.read_bytes()
-    if data.startswith(b"version https://git-lfs"):
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
         raise ModelError(f"model file {path} is a Git LFS pointer, not an ONNX model (run `git lfs pull`)")
-    return data
 
 
-def _parse(path, data):
+def _check_graph(path):
+    """onnx.checker on the file (it reads the file itself, so no second copy is held here)."""
     try:
-        proto = onnx.load_from_string(data)
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as err:
+        raise ModelError(f"model file {path} fails the ONNX checker: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # protobuf's DecodeError and friends
+        raise ModelError(f"model file {path} is not a valid ONNX protobuf: {str(err).splitlines()[0]}") from None
+
+
+def _parse(path):
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # protobuf's DecodeError and friends
         raise ModelError(f"model file {path} is not a valid ONNX protobuf: {err}") from None
     if not proto.graph.input or not proto.graph.output:
-        raise ModelError(f"model file {path} is not a valid ONNX model: its graph has no inputs or outputs ({len(data)} bytes)")
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as err:
-        raise ModelError(f"model file {path} fails the ONNX checker: {str(err).splitlines()[0]}") from None
+        raise ModelError(f"model file {path} is not a valid ONNX model: its graph has no inputs or outputs")
     return proto
 
 
-def _spec(path, proto, scheduler_config):
+def _spec(path, proto, override):
     meta = {p.key: p.value for p in proto.metadata_props}
-    override = read_scheduler_config(scheduler_config) if scheduler_config is not None else None
-    if METADATA_KEY in meta:
-        try:
+    try:
+        if METADATA_KEY in meta:
             spec = ModelSpec.from_json(meta[METADATA_KEY])
-        except ModelSpecError as err:
-            raise ModelError(f"model file {path}: {err}") from None
-        spec = replace(spec, scheduler=override) if override is not None else spec
-    elif override is not None:
-        spec = _spec_from_graph(path, proto, override)
-    else:
-        raise ModelError(f"model file {path} has no '{METADATA_KEY}' metadata entry; "
-                         "pass --scheduler-config (a diffusers scheduler_config.json)")
-    _check_schedule(path, spec)
-    return spec
+            return replace(spec, scheduler=override) if override is not None else spec
+        if override is not None:
+            return _spec_from_graph(path, proto, override)
+    except ModelSpecError as err:
+        raise ModelError(f"model file {path}: {err}") from None
+    raise ModelError(f"model file {path} has no '{METADATA_KEY}' metadata entry; "
+                     "pass --scheduler-config (a diffusers scheduler_config.json)")
 
 
 def _spec_from_graph(path, proto, scheduler):
-    """A spec for an ONNX model exported elsewhere: image shape from the `sample` input, unconditional."""
+    """A spec for an unconditional ONNX model exported elsewhere: image shape from its `sample` input."""
     inputs = {i.name: i for i in proto.graph.input}
-    defaults = ModelSpec(scheduler={}, channels=0, height=0, width=0)
-    extra = sorted(set(inputs) - {defaults.input_names["sample"], defaults.input_names["timestep"]})
-    if extra:
-        raise ModelError(f"model file {path} has no '{METADATA_KEY}' metadata and inputs {extra} besides sample/timestep; "
-                         "only unconditional models can be described by --scheduler-config alone")
-    dims = _dims(path, inputs, defaults.input_names["sample"])
-    if len(dims) != 4 or any(d is None for d in dims[1:]):
-        raise ModelError(f"model file {path}: input 'sample' must have static shape (N, C, H, W) to be used without metadata, got {dims}")
-    t_type = inputs[defaults.input_names["timestep"]].type.tensor_type.elem_type
-    output = proto.graph.output[0].name
-    return replace(defaults, scheduler=scheduler, channels=dims[1], height=dims[2], width=dims[3],
-                   timestep_dtype=str(helper.tensor_dtype_to_np_dtype(t_type)), output_name=output)
+    inputs = {k: v for k, v in inputs.items() if k not in {t.name for t in proto.graph.initializer}}
+    extra = sorted(set(inputs) - {"sample", "timestep"})
+    if extra or "sample" not in inputs or "timestep" not in inputs:
+        raise ModelError(f"model file {path} has no '{METADATA_KEY}' metadata and inputs {sorted(inputs)}; without metadata "
+                         "only unconditional models with inputs 'sample' and 'timestep' can be described by --scheduler-config")
+    dims = _tensor(inputs["sample"]).shape
+    if len(dims) != 4 or any(d == DYNAMIC for d in dims[1:]):
+        raise ModelError(f"model file {path}: input 'sample' must have shape (N, C, H, W) with static C, H, W to be used "
+                         f"without metadata, got {list(dims)}")
+    return ModelSpec(scheduler=scheduler, channels=dims[1], height=dims[2], width=dims[3],
+                     input_names={"sample": "sample", "timestep": "timestep"}, output_name=proto.graph.output[0].name)
 
 
-def _check_schedule(path, spec):
+def _tensor(value):
+    """TensorSpec of a graph input/output (numpy dtype name; DYNAMIC for symbolic or missing dims)."""
+    t = value.type.tensor_type
     try:
-        from ddengine.schedule import SchedulerConfig
-    except ImportError:  # the schedule module is optional at load time; make_plan checks again
-        return
-    try:
-        SchedulerConfig.from_dict(spec.scheduler)
-    except (ValueError, TypeError, KeyError) as err:
-        raise ModelError(f"model file {path}: invalid scheduler config: {err}") from None
+        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type).name
+    except (KeyError, TypeError):
+        dtype = f"onnx type {t.elem_type}"
+    dims = tuple(d.dim_value if d.HasField("dim_value") else DYNAMIC for d in t.shape.dim)
+    return TensorSpec(name=value.name, dtype=dtype, shape=dims)
 
 
-def _dims(path, inputs, name):
-    if name not in inputs:
-        raise ModelError(f"model file {path} has no input {name!r}; its inputs are {sorted(inputs)}")
-    shape = inputs[name].type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") else None for d in shape]
-
-
-def _check_io(path, proto, spec):
-    """Inputs and output named by the spec exist, with the spec's image shape where the graph fixes it."""
-    inputs = {i.name: i for i in proto.graph.input}
+def graph_io(proto, spec):
+    """role -> TensorSpec for the spec's inputs and output; other graph inputs (not initializers) are refused."""
     initializers = {t.name for t in proto.graph.initializer}
-    wanted = [spec.input_names["sample"], spec.input_names["timestep"]]
-    if spec.conditional:
-        wanted.append(spec.input_names.get("class_labels", "class_labels"))
-    missing = [n for n in wanted if n not in inputs]
-    if missing:
-        raise ModelError(f"model file {path} lacks input(s) {missing} named by its spec; its inputs are {sorted(inputs)}")
-    extra = sorted(set(inputs) - set(wanted) - initializers)
+    inputs = {i.name: i for i in proto.graph.input if i.name not in initializers}
+    outputs = {o.name: o for o in proto.graph.output}
+    named = {spec.input_names[r]: r for r in spec.roles()}
+    extra = sorted(set(inputs) - set(named))
     if extra:
-        raise ModelError(f"model file {path} has input(s) {extra} the spec does not name (expected only {wanted})")
-    expected = [None, spec.channels, spec.height, spec.width]
-    dims = _dims(path, inputs, spec.input_names["sample"])
-    if len(dims) != 4 or any(d is not None and d != e for d, e in zip(dims[1:], expected[1:])):
-        raise ModelError(f"model file {path}: input {spec.input_names['sample']!r} has shape {dims}, "
-                         f"spec expects (N, {spec.channels}, {spec.height}, {spec.width})")
-    outputs = [o.name for o in proto.graph.output]
-    if spec.output_name not in outputs:
-        raise ModelError(f"model file {path} has no output {spec.output_name!r} named by its spec; its outputs are {outputs}")
-    if spec.conditional and spec.null_class is not None and not 0 <= spec.null_class <= spec.num_classes:
-        raise ModelError(f"model file {path}: null_class {spec.null_class} outside [0, {spec.num_classes}]")
+        raise ModelSpecError(f"the graph has input(s) {extra} the spec does not name (it names {sorted(named)})")
+    io = {role: _tensor(inputs[name]) for name, role in named.items() if name in inputs}
+    if spec.output_name in outputs:
+        io[OUTPUT_ROLE] = _tensor(outputs[spec.output_name])
+    else:
+        raise ModelSpecError(f"the graph has no output {spec.output_name!r} named by its spec; its outputs are {sorted(outputs)}")
+    return {r: io[r] for r in (*INPUT_ROLES, OUTPUT_ROLE) if r in io}
+
+
+def _check_class_embeddings(path, proto, spec):
+    """A Gather of an embedding table by class_labels must have a row for every class id the spec allows."""
+    if not spec.conditional:
+        return
+    ids = {spec.io["class_labels"].name}
+    for node in proto.graph.node:  # follow Casts of the labels
+        if node.op_type == "Cast" and node.input and node.input[0] in ids:
+            ids.update(node.output)
+    tables = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in ids and node.input[0] in tables:
+            rows = tables[node.input[0]].dims[0]
+            needed = max(spec.num_classes, (spec.null_class if spec.null_class is not None else -1) + 1)
+            if rows < needed:
+                raise ModelError(f"model file {path}: its class embedding {node.input[0]!r} has {rows} rows, but the spec "
+                                 f"allows class ids up to {needed - 1} ({spec.num_classes} classes, null class {spec.null_class})")
+
+
+def activation_bytes(proto):
+    """Peak bytes per batch row of the float intermediates alive at once, walking the graph in order (each value
+    freed after its last use): what an ideal memory planner needs for one row of the forward."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=False)
+    except Exception:  # inference is an estimate's input; a model it cannot follow is estimated by its I/O alone
+        inferred = proto
+    sizes = {v.name: _row_bytes(v) for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    initializers = {t.name for t in proto.graph.initializer}
+    last_use = {}
+    for i, node in enumerate(inferred.graph.node):
+        for name in node.input:
+            last_use[name] = i
+    live = peak = sum(sizes.get(v.name, 0) for v in inferred.graph.input if v.name not in initializers)
+    for i, node in enumerate(inferred.graph.node):
+        live += sum(sizes.get(name, 0) for name in node.output)
+        peak = max(peak, live)
+        live -= sum(sizes.get(name, 0) for name in set(node.input) | set(node.output)
+                    if name not in initializers and last_use.get(name, -1) <= i and name in sizes)
+    return peak
+
+
+def _row_bytes(value):
+    """Bytes per batch row of a float value whose shape inference knows (0 for others)."""
+    t = value.type.tensor_type
+    if t.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) or not t.shape.dim:
+        return 0
+    size = 1
+    for d in t.shape.dim[1:]:
+        size *= d.dim_value if d.HasField("dim_value") else 1
+    return size * (4 if t.elem_type == onnx.TensorProto.FLOAT else 2)
+
+
+def external_files(proto, path):
+    """The external-data files an ONNX model names, each checked to stay inside the model's folder."""
+    folder = Path(path).resolve().parent
+    names = set()
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            names.update(e.value for e in tensor.external_data if e.key == "location")
+    files = []
+    for name in sorted(names):
+        target = (folder / name).resolve()
+        if Path(name).is_absolute() or folder not in target.parents:
+            raise ModelError(f"model file {path}: external data location {name!r} points outside the model's folder {folder}")
+        files.append(target)
+    return files
+
+
+def onnx_sha256(path, proto=None):
+    """Content hash of a model: sha256 of the file, extended by its external-data files (names and bytes) if any."""
+    proto = _parse(Path(path)) if proto is None else proto
+    digest = hashlib.sha256()
+    _update(digest, path)
+    extra = external_files(proto, path)
+    if not extra:
+        return digest.hexdigest()
+    for file in extra:
+        digest.update(b"\0" + file.name.encode() + b"\0")
+        _update(digest, file)
+    return digest.hexdigest()
+
+
+def _update(digest, path):
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            digest.update(block)

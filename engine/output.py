@@ -1,4 +1,4 @@
-"""Writing results: atomic PNG/npy files, the manifest (JSON lines), image grids and trajectory strips."""
+"""Writing files atomically (temp file or anonymous file, then rename or link), PNG/npy encoding, image grids."""
 import io
 import json
 import math
@@ -83,13 +83,18 @@ def encode_npy(array):
     return buffer.getvalue()
 
 
+def encode(image, fmt="png"):
+    """The bytes of one uint8 (H, W, C) image as PNG or .npy."""
+    return encode_png(image) if fmt == "png" else encode_npy(image)
+
+
 def save_image(path, image, fmt="png"):
     """Atomically write one uint8 (H, W, C) image as PNG or .npy."""
-    atomic_write(path, encode_png(image) if fmt == "png" else encode_npy(image))
+    atomic_write(path, encode(image, fmt))
 
 
 def grid(images, cols=None, pad=2):
-    """Tile uint8 (N, H, W, C) images into one (rows*H, cols*W, C) image, `pad` pixels apart."""
+    """Tile uint8 (N, H, W, C) images into one (rows*H, cols*W, C) image, `pad` pixels apart (row-major)."""
     images = np.asarray(images)
     n, h, w, c = images.shape
     cols = cols or math.ceil(math.sqrt(n))
@@ -102,22 +107,20 @@ def grid(images, cols=None, pad=2):
     return out
 
 
+def class_grid(images, classes, pad=2):
+    """One row per class (in order of first appearance), its images left to right; one class or none: a square grid."""
+    images = np.asarray(images)
+    if classes is None or len(set(classes)) < 2:
+        return grid(images, pad=pad)
+    order = list(dict.fromkeys(int(c) for c in classes))
+    rows = [[i for i, c in enumerate(classes) if c == k] for k in order]
+    cols = max(len(r) for r in rows)
+    blank = np.zeros_like(images[0])
+    tiles = [images[r[j]] if j < len(r) else blank for r in rows for j in range(cols)]
+    return grid(np.stack(tiles), cols=cols, pad=pad)
+
+
 def trajectory_strip(x_t, x0, pad=2):
     """Two rows: the snapshots of x_t on top and of predicted x_0 below, uint8 (K, H, W, C) each."""
     x_t, x0 = np.asarray(x_t), np.asarray(x0)
     return grid(np.concatenate([x_t, x0]), cols=len(x_t), pad=pad)
-
-
-class Manifest:
-    """manifest.jsonl: one JSON object per image, rewritten atomically so it never lists a half-written file."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.records = []
-
-    def add(self, record):
-        self.records.append(record)
-
-    def flush(self):
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
-        atomic_write(self.path, text.encode())

@@ -5,7 +5,6 @@ with); alphas and alphas_cumprod are then computed in float64 (diffusers keeps t
 ~3 digits of 1 - alphas_cumprod[t] at small t).
 """
 import math
-import warnings
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -22,6 +21,13 @@ UNSUPPORTED_VARIANCE_TYPES = {
 }
 # Keys diffusers accepts in a scheduler_config.json that do not change the DDPM/DDIM step without thresholding.
 IGNORED_KEYS = ("dynamic_thresholding_ratio", "sample_max_value")
+# diffusers scheduler classes whose config describes a discrete DDPM training schedule (betas over T timesteps,
+# epsilon/v/sample prediction), which DDPM and DDIM sample exactly: their `_compatibles`. Flow matching, EDM,
+# consistency and score-SDE schedulers mean something else by the same keys and are refused.
+COMPATIBLE_CLASSES = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+                      "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
+                      "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                      "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler")
 
 
 class SchedulerConfigError(ValueError):
@@ -108,14 +114,21 @@ class SchedulerConfig:
 
     @classmethod
     def from_dict(cls, config):
-        """Build from a diffusers scheduler_config.json dict; `_`-prefixed and step-neutral keys are ignored."""
+        """Build from a diffusers scheduler_config.json dict of a compatible class; other keys are ignored (unused_keys)."""
         if not isinstance(config, dict):
             raise SchedulerConfigError(f"scheduler config must be a dict, got {type(config).__name__}")
+        name = config.get("_class_name")
+        if name is not None and name not in COMPATIBLE_CLASSES:
+            raise SchedulerConfigError(f"scheduler class {name!r} is not supported: its config does not describe a discrete "
+                                       f"DDPM training schedule; expected one of {', '.join(COMPATIBLE_CLASSES)}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in config if k not in known and not k.startswith("_") and k not in IGNORED_KEYS)
-        if unknown:  # diffusers' from_config also ignores unexpected keys (e.g. another scheduler's) with a warning
-            warnings.warn(f"scheduler config keys {', '.join(unknown)} are not used by DDPM/DDIM and are ignored", stacklevel=2)
         return cls(**{k: v for k, v in config.items() if k in known})
+
+    @classmethod
+    def unused_keys(cls, config):
+        """Keys of a scheduler config that DDPM/DDIM sampling does not read (diffusers' from_config ignores them too)."""
+        known = {f.name for f in fields(cls)}
+        return sorted(k for k in config if k not in known and not k.startswith("_") and k not in IGNORED_KEYS)
 
     def to_dict(self):
         """The diffusers scheduler_config keys and values (JSON-serialisable)."""

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ddengine.spec import METADATA_KEY, ModelSpec
-
 from ddengine.output import atomic_write
+from ddengine.spec import METADATA_KEY, ModelSpec
 
 from .checkpoint import CheckpointError
 
@@ -139,7 +138,7 @@ def write_model(model, out_path):
 def load_checkpoint_module(path):
     """(UNet with EMA weights in eval mode, ModelSpec) from a training checkpoint."""
     from . import checkpoint
-    from .unet import UNet, UNetConfig
+    from ddengine.nets.unet import UNet, UNetConfig
 
     meta, parts = checkpoint.load(path)
     try:
@@ -154,9 +153,13 @@ def load_checkpoint_module(path):
 
 
 def export_checkpoint(path, out_path, fp16=False):
-    """`ddengine export CHECKPOINT -o OUT [--fp16]`: returns the measured max errors."""
+    """`ddengine export CHECKPOINT -o OUT [--fp16]`: OUT and its torch twin OUT.safetensors; returns the max errors."""
+    from ddengine.nets.twin import save_twin, twin_path
+
     module, spec = load_checkpoint_module(path)
-    return export_module(module, spec, out_path, fp16=fp16)
+    errors = export_module(module, spec, out_path, fp16=fp16)
+    save_twin(twin_path(out_path), module)
+    return errors
 
 
 def read_spec(path):

@@ -11,8 +11,8 @@ import torch
 from torch.nn import functional as F
 
 from . import checkpoint
-from .data import load as load_data
-from .unet import UNet, UNetConfig
+from ddengine.data import load as load_data
+from ddengine.nets.unet import UNet, UNetConfig
 
 LAST = "last.safetensors"
 LOSS_LOG = "loss.tsv"

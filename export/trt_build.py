@@ -6,15 +6,14 @@ and no BuilderFlag is ever set for it. Every None/False return raises with the p
 logger's text; the engine and then its manifest are written atomically, and an engine whose manifest
 matches the cache key is reused instead of rebuilt.
 """
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
+from ddengine.backends import trt_manifest as mf
 from ddengine.backends.trt import checked, engine_io, import_tensorrt, make_logger
-from ddengine.export import manifest as mf
 
 log = logging.getLogger(__name__)
 ENGINE_SUFFIX = ".plan"
@@ -76,13 +75,6 @@ def parse_batch(text):
     return values
 
 
-def engine_profile(spec, batch):
-    """The batch profile: images (min, opt, max) and the engine's, opt/max doubled for a conditional model's CFG batch."""
-    factor = 2 if spec.conditional else 1
-    lo, opt, hi = batch
-    return {"batch": [lo, opt, hi], "engine_batch": [lo, opt * factor, hi * factor]}
-
-
 def onnx_precision(proto):
     """'fp16' if the graph holds any float16 tensor (initializer, Cast/Constant, declared value), else 'fp32'."""
     fp16 = onnx.TensorProto.FLOAT16
@@ -108,49 +100,17 @@ def check_precision(proto, precision, path):
     raise BuildError(f"--precision fp32 was asked for, but {path} contains float16 tensors; build it with --precision fp16")
 
 
-def input_shapes(proto, engine_batch, path):
-    """{input name: (min, opt, max) shapes}: axis 0 is the batch, every other axis must be static."""
-    initializers = {t.name for t in proto.graph.initializer}
+def input_shapes(spec, engine_batch, path):
+    """{input name: (min, opt, max) shapes} from the model's I/O contract: axis 0 is the batch, the rest static."""
     shapes = {}
-    for value in proto.graph.input:
-        if value.name in initializers:
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
-        if any(d < 1 for d in dims[1:]):
-            raise BuildError(f"{path}: input {value.name!r} has shape {dims}; only axis 0 (batch) may be dynamic")
-        if not dims or dims[0] >= 1:
+    for role in spec.roles():
+        tensor = spec.io[role]
+        if any(d < 1 for d in tensor.shape[1:]):
+            raise BuildError(f"{path}: input {tensor.name!r} has shape {list(tensor.shape)}; only axis 0 (batch) may be dynamic")
+        if tensor.scalar or tensor.shape[0] >= 1:
             continue  # scalar or static input: no profile entry needed
-        shapes[value.name] = tuple(tuple([b, *dims[1:]]) for b in engine_batch)
+        shapes[tensor.name] = tuple(tensor.at(rows) for rows in engine_batch)
     return shapes
-
-
-def external_files(proto, path):
-    """The external-data files an ONNX model names, each checked to stay inside the model's folder."""
-    folder = Path(path).resolve().parent
-    names = set()
-    for tensor in proto.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            names.update(e.value for e in tensor.external_data if e.key == "location")
-    files = []
-    for name in sorted(names):
-        target = (folder / name).resolve()
-        if Path(name).is_absolute() or folder not in target.parents:
-            raise BuildError(f"{path}: external data location {name!r} points outside the model's folder {folder}")
-        files.append(target)
-    return files
-
-
-def onnx_sha256(path, data=None, proto=None):
-    """Content hash of a model: sha256 of the file, extended by its external-data files (names and bytes) if any."""
-    data = Path(path).read_bytes() if data is None else data
-    proto = onnx.load_model_from_string(data) if proto is None else proto
-    extra = external_files(proto, path)
-    if not extra:
-        return mf.sha256_bytes(data)
-    digest = hashlib.sha256(data)
-    for file in extra:
-        digest.update(b"\0" + file.name.encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()
 
 
 def network_flags(trt):
@@ -166,36 +126,34 @@ def build_engine(config, *, gpu=None):
 
     trt = import_tensorrt()
     model = load_model(config.onnx_path)
-    data = Path(config.onnx_path).read_bytes()
-    proto = onnx.load_model_from_string(data)
-    check_precision(proto, config.precision, config.onnx_path)
-    profile = engine_profile(model.spec, config.batch)
+    check_precision(onnx.load(str(config.onnx_path), load_external_data=False), config.precision, config.onnx_path)
+    profile = model.spec.batch_profile(config.batch)
     if gpu is None:
-        from ddengine.cuda_step import gpu_properties, use_device
+        from ddengine.gpu.driver import gpu_properties, use_device
 
         use_device(config.device)
         gpu = gpu_properties(config.device)
-    key = mf.make_key(onnx_sha256=onnx_sha256(config.onnx_path, data, proto), precision=config.precision, profile=profile,
+    key = mf.make_key(onnx_sha256=model.sha256, precision=config.precision, profile=profile,
                       hardware_compat=config.hardware_compat, tensorrt_version=trt.__version__, gpu_name=gpu[0],
                       compute_capability=gpu[1], ddengine_version=__version__)
     engine_path = config.engine
     if not config.force and mf.cached_engine_ok(engine_path, key):
         log.info("reusing %s: its manifest matches the cache key", engine_path)
         return BuildResult(engine_path, mf.manifest_path(engine_path), True, mf.read_manifest(engine_path))
-    shapes = input_shapes(proto, profile["engine_batch"], config.onnx_path)
-    engine_bytes, io = serialize_engine(trt, data, shapes, config)
+    shapes = input_shapes(model.spec, profile["engine_batch"], config.onnx_path)
+    engine_bytes, io = serialize_engine(trt, shapes, config)
     mf.write_atomic(engine_path, engine_bytes)
     manifest = mf.write_manifest(engine_path, key, mf.sha256_bytes(engine_bytes), spec_json=model.spec.to_json(), io=io)
     return BuildResult(engine_path, mf.manifest_path(engine_path), False, manifest)
 
 
-def serialize_engine(trt, onnx_bytes, shapes, config):
-    """Parse, configure and build; returns (plan bytes, engine I/O description) after deserializing it once."""
+def serialize_engine(trt, shapes, config):
+    """Parse (from the file, so external data resolves), configure and build; returns (plan bytes, engine I/O)."""
     logger = make_logger(trt)
     builder = checked(trt.Builder(logger), "Builder()", logger)
     network = checked(builder.create_network(network_flags(trt)), "create_network(STRONGLY_TYPED)", logger)
     parser = checked(trt.OnnxParser(network, logger), "OnnxParser()", logger)
-    if not parser.parse(onnx_bytes, str(config.onnx_path)):
+    if not parser.parse_from_file(str(config.onnx_path)):
         errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "(no parser error recorded)"
         raise BuildError(f"TensorRT could not parse {config.onnx_path}:\n{errors}\n{logger.text()}")
     builder_config = checked(builder.create_builder_config(), "create_builder_config()", logger)

@@ -7,6 +7,9 @@
 
 #include "philox.h"
 
+typedef int dd_i32;
+typedef long long dd_i64;
+
 /* Column order of a coefficient row (engine/coeffs.py COLUMNS). */
 enum { DD_AX, DD_AM, DD_BX, DD_BM, DD_B0, DD_P0, DD_PX, DD_PE, DD_SIGMA, DD_NUM_COLUMNS };
 
@@ -33,6 +36,50 @@ DD_FN float dd_step_mean(float x, float m, const float *row, int use_clip, float
 DD_FN float dd_step_noisy(float x, float m, const float *row, int use_clip, float clip, float z)
 {
     return dd_step_mean(x, m, row, use_clip, clip) + row[DD_SIGMA] * z;
+}
+
+/* One image of a step (numpy twin: engine/kernels.py IMAGE_DTYPE; 32 bytes). Every image carries its own
+ * coefficient row, noise counter and guidance, so images of different requests at different steps share one
+ * U-Net forward and one kernel launch, each still a pure function of its own seed and parameters. */
+typedef struct {
+    dd_u64 seed;    /* Philox key */
+    dd_i32 row;     /* coefficient table row of this step */
+    dd_u32 step;    /* noise counter of this step */
+    dd_i32 uncond;  /* model_out row of the unconditional output; -1: no guidance */
+    float guidance; /* guidance scale, read where uncond >= 0 */
+    dd_i32 bad;     /* first step whose inputs or result were non-finite; -1: none (written by the kernel) */
+    dd_i32 unused;  /* pads the record to 32 bytes */
+} dd_image;
+
+/* Everything one launch needs (flash-attention's one params struct), shared by the C and CUDA kernels. */
+typedef struct {
+    float *x;               /* (batch, per_image): x_t in, x_{t-1} out (fill_noise: x_T out) */
+    const float *model_out; /* rows of per_image floats: row j is image j's (conditional) output */
+    const float *table;     /* coefficient rows, DD_NUM_COLUMNS floats each */
+    dd_image *images;       /* (batch) */
+    dd_i64 batch, per_image;
+    float clip;             /* > 0: clip x0 to [-clip, clip]; 0: no clipping */
+    dd_i32 unused;          /* explicit tail padding: the same 56 bytes under every compiler */
+} dd_step_args;
+
+/* The layout the Python side mirrors (engine/kernels.py); a compiler that lays the records out otherwise fails here. */
+#ifdef __cplusplus
+#define DD_STATIC_ASSERT(cond, msg) static_assert(cond, msg)
+#else
+#define DD_STATIC_ASSERT(cond, msg) _Static_assert(cond, msg)
+#endif
+DD_STATIC_ASSERT(sizeof(dd_image) == 32 && __builtin_offsetof(dd_image, row) == 8
+                 && __builtin_offsetof(dd_image, guidance) == 20 && __builtin_offsetof(dd_image, bad) == 24,
+                 "dd_image must match engine/kernels.py IMAGE_DTYPE");
+DD_STATIC_ASSERT(sizeof(dd_step_args) == 56 && __builtin_offsetof(dd_step_args, batch) == 32
+                 && __builtin_offsetof(dd_step_args, clip) == 48, "dd_step_args must match engine/kernels.py StepArgs");
+
+/* 1 when v is NaN or +-inf (all exponent bits set), by integer test: no libm, vectorizes as an OR reduction. */
+DD_FN dd_u32 dd_nonfinite(float v)
+{
+    union { float f; dd_u32 u; } bits;
+    bits.f = v;
+    return (bits.u & 0x7f800000u) == 0x7f800000u;
 }
 
 #endif /* DDENGINE_DDSTEP_H */

@@ -1,84 +1,92 @@
-/* CUDA twin of kernels/step_ext.c, compiled at run time with NVRTC (engine/cuda_step.py; options
- * --fmad=false -I<this folder>), so self-contained: no system headers. One thread per quad of 4 elements
- * of one image, grid-stride; the step counter and tables live on the device so one CUDA graph replays
- * every step. Per element the same expressions as the C kernel (kernels/ddstep.h, kernels/philox.h).
+/* CUDA twin of kernels/step_ext.c, compiled at run time with NVRTC (engine/gpu/nvrtc.py; options
+ * --fmad=false -I<this folder>), so self-contained: no system headers. Every kernel takes the one params
+ * struct of kernels/ddstep.h. One thread per quad of 4 elements of one image, grid-stride; rows, noise
+ * counters and guidance are per image and live on the device, so one CUDA graph replays every step.
+ * Per element the same expressions as the C kernel (kernels/ddstep.h, kernels/philox.h).
  */
 #include "ddstep.h"
 
-/* x <- step(x, model_out) with row = coeff_table + 9 * (*step_index) and noise step *step_index. */
-extern "C" __global__ void ddstep_step(float *x, const float *model_out, const float *coeff_table,
-                                       const int *step_index, const unsigned long long *seeds, int batch,
-                                       long long per_image, int use_guidance, float guidance, float clip)
+/* x <- step(x, model_out) for every image j with its own row, noise counter, guidance and uncond row. */
+extern "C" __global__ void ddstep_step(dd_step_args a)
 {
-    const int n = *step_index;
-    float row[DD_NUM_COLUMNS];
-    for (int k = 0; k < DD_NUM_COLUMNS; k++)
-        row[k] = coeff_table[(long long)DD_NUM_COLUMNS * n + k];
-    const int noisy = row[DD_SIGMA] != 0.0f;
-    const int use_clip = clip > 0.0f;
-    const long long quads = (per_image + 3) / 4;
-    const long long total = quads * batch;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += stride) {
-        const long long img = t / quads, q = t - img * quads;
+    const dd_i64 quads = (a.per_image + 3) / 4;
+    const dd_i64 total = quads * a.batch;
+    const dd_i64 stride = (dd_i64)gridDim.x * blockDim.x;
+    for (dd_i64 t = (dd_i64)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += stride) {
+        const dd_i64 img = t / quads, q = t - img * quads;
+        dd_image *im = a.images + img;
+        const float *row = a.table + (dd_i64)DD_NUM_COLUMNS * im->row;
+        const int noisy = row[DD_SIGMA] != 0.0f, use_clip = a.clip > 0.0f;
         float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if (noisy)
-            dd_normals4(seeds[img], (dd_u64)q, (dd_u32)n, DD_DOMAIN_STEP, z);
-        float *xi = x + img * per_image;
-        const float *u = model_out + img * per_image;
-        const float *c = u + (long long)batch * per_image;
+            dd_normals4(im->seed, (dd_u64)q, im->step, DD_DOMAIN_STEP, z);
+        float *xi = a.x + img * a.per_image;
+        const float *c = a.model_out + img * a.per_image;
+        const float *u = im->uncond >= 0 ? a.model_out + (dd_i64)im->uncond * a.per_image : 0;
+        dd_u32 bad = 0;
         for (int k = 0; k < 4; k++) {
-            const long long e = 4 * q + k;
-            if (e >= per_image)
+            const dd_i64 e = 4 * q + k;
+            if (e >= a.per_image)
                 break;
-            const float m = use_guidance ? dd_guide(u[e], c[e], guidance) : u[e];
-            xi[e] = noisy ? dd_step_noisy(xi[e], m, row, use_clip, clip, z[k])
-                          : dd_step_mean(xi[e], m, row, use_clip, clip);
+            const float m = u ? dd_guide(u[e], c[e], im->guidance) : c[e];
+            const float y = noisy ? dd_step_noisy(xi[e], m, row, use_clip, a.clip, z[k])
+                                  : dd_step_mean(xi[e], m, row, use_clip, a.clip);
+            bad |= dd_nonfinite(c[e]) | (u ? dd_nonfinite(u[e]) : 0u) | dd_nonfinite(y);
+            xi[e] = y;
         }
+        if (bad)
+            atomicCAS(&im->bad, -1, (dd_i32)im->step); /* the first failing step wins */
     }
 }
 
-/* out <- the initial noise x_T (Philox domain 1, step 0), as ddengine._kernels.fill_noise. */
-extern "C" __global__ void ddstep_fill_noise(float *out, const unsigned long long *seeds, int batch,
-                                             long long per_image)
+/* x <- the initial noise x_T of each image's seed (Philox domain 1, step 0), as ddengine._kernels.fill_noise. */
+extern "C" __global__ void ddstep_fill_noise(dd_step_args a)
 {
-    const long long quads = (per_image + 3) / 4;
-    const long long total = quads * batch;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += stride) {
-        const long long img = t / quads, q = t - img * quads;
+    const dd_i64 quads = (a.per_image + 3) / 4;
+    const dd_i64 total = quads * a.batch;
+    const dd_i64 stride = (dd_i64)gridDim.x * blockDim.x;
+    for (dd_i64 t = (dd_i64)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += stride) {
+        const dd_i64 img = t / quads, q = t - img * quads;
         float z[4];
-        dd_normals4(seeds[img], (dd_u64)q, 0u, DD_DOMAIN_INIT, z);
+        dd_normals4(a.images[img].seed, (dd_u64)q, 0u, DD_DOMAIN_INIT, z);
         for (int k = 0; k < 4; k++) {
-            const long long e = 4 * q + k;
-            if (e >= per_image)
+            const dd_i64 e = 4 * q + k;
+            if (e >= a.per_image)
                 break;
-            out[img * per_image + e] = z[k];
+            a.x[img * a.per_image + e] = z[k];
         }
     }
 }
 
-/* t_out[0..n) <- t_table[*step_index]: the model's timestep input for the current step (int64). */
-extern "C" __global__ void ddstep_set_timesteps_i64(long long *t_out, const long long *t_table,
-                                                    const int *step_index, int n)
+/* The model's timestep input for the current step: t_out[j] and t_out[uncond] <- t_table[images[j].row]. */
+extern "C" __global__ void ddstep_set_timesteps_i64(dd_i64 *t_out, const dd_i64 *t_table, const dd_image *images,
+                                                    int batch)
 {
-    const long long t = t_table[*step_index];
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-        t_out[i] = t;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < batch; j += gridDim.x * blockDim.x) {
+        const dd_i64 t = t_table[images[j].row];
+        t_out[j] = t;
+        if (images[j].uncond >= 0)
+            t_out[images[j].uncond] = t;
+    }
 }
 
-/* t_out[0..n) <- (float)t_table[*step_index]: the same for float32 timestep inputs. */
-extern "C" __global__ void ddstep_set_timesteps_f32(float *t_out, const long long *t_table,
-                                                    const int *step_index, int n)
+/* The same for float32 timestep inputs. */
+extern "C" __global__ void ddstep_set_timesteps_f32(float *t_out, const dd_i64 *t_table, const dd_image *images,
+                                                    int batch)
 {
-    const float t = (float)t_table[*step_index];
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-        t_out[i] = t;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < batch; j += gridDim.x * blockDim.x) {
+        const float t = (float)t_table[images[j].row];
+        t_out[j] = t;
+        if (images[j].uncond >= 0)
+            t_out[images[j].uncond] = t;
+    }
 }
 
-/* ++*step_index, by a single thread: the last node of a step's graph. */
-extern "C" __global__ void ddstep_advance(int *step_index)
+/* Every image moves to its next row and noise counter: the last node of a step's graph. */
+extern "C" __global__ void ddstep_advance(dd_image *images, int batch)
 {
-    if (blockIdx.x == 0 && threadIdx.x == 0)
-        *step_index += 1;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < batch; j += gridDim.x * blockDim.x) {
+        images[j].row += 1;
+        images[j].step += 1;
+    }
 }

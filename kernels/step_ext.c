@@ -9,6 +9,8 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -127,84 +129,162 @@ static void noise_block(dd_u64 seed, dd_u64 q0, int nq, dd_u32 step, dd_u32 doma
     box_muller_block(r[0], r[1], r[2], r[3], nq, z);
 }
 
-typedef struct {
-    float row[DD_NUM_COLUMNS];
-    float guidance, clip;
-    int guided, use_clip;
-} step_params;
-
-/* x[i] <- step(x[i], m[i]) (+ sigma z[i]) for n elements; specialised by inlining on the constant flags. */
-static inline __attribute__((always_inline)) void
-step_loop(float *restrict x, const float *restrict u, const float *restrict c, const float *restrict z,
-          int n, const step_params *prm, const int guided, const int use_clip, const int noisy)
+/* x[i] <- step(x[i], m[i]) (+ sigma z[i]) for n elements of one image; returns 1 if an input or result is
+ * non-finite. Specialised by inlining on the constant flags (c = conditional output, u = unconditional). */
+static inline __attribute__((always_inline)) dd_u32
+step_loop(float *restrict x, const float *restrict c, const float *restrict u, const float *restrict z, int n,
+          const float *restrict table_row, float g, float clip, const int guided, const int use_clip, const int noisy)
 {
     float row[DD_NUM_COLUMNS];
-    memcpy(row, prm->row, sizeof(row));
-    const float g = prm->guidance, clip = prm->clip;
+    memcpy(row, table_row, sizeof(row));
+    dd_u32 bad = 0;
     for (int i = 0; i < n; i++) {
-        float m = guided ? dd_guide(u[i], c[i], g) : u[i];
-        x[i] = noisy ? dd_step_noisy(x[i], m, row, use_clip, clip, z[i]) : dd_step_mean(x[i], m, row, use_clip, clip);
+        float m = guided ? dd_guide(u[i], c[i], g) : c[i];
+        float y = noisy ? dd_step_noisy(x[i], m, row, use_clip, clip, z[i]) : dd_step_mean(x[i], m, row, use_clip, clip);
+        bad |= dd_nonfinite(c[i]) | (guided ? dd_nonfinite(u[i]) : 0u) | dd_nonfinite(y);
+        x[i] = y;
     }
+    return bad;
 }
 
-DD_CLONES static void step_block(float *restrict x, const float *restrict u, const float *restrict c,
-                                 const float *restrict z, int n, const step_params *prm)
+DD_CLONES static dd_u32 step_block(float *restrict x, const float *restrict c, const float *restrict u,
+                                   const float *restrict z, int n, const float *row, float g, float clip)
 {
-    int code = (prm->guided ? 4 : 0) | (prm->use_clip ? 2 : 0) | (z ? 1 : 0);
+    int code = (u ? 4 : 0) | (clip > 0.0f ? 2 : 0) | (z ? 1 : 0);
     switch (code) {
-    case 0: step_loop(x, u, c, z, n, prm, 0, 0, 0); break;
-    case 1: step_loop(x, u, c, z, n, prm, 0, 0, 1); break;
-    case 2: step_loop(x, u, c, z, n, prm, 0, 1, 0); break;
-    case 3: step_loop(x, u, c, z, n, prm, 0, 1, 1); break;
-    case 4: step_loop(x, u, c, z, n, prm, 1, 0, 0); break;
-    case 5: step_loop(x, u, c, z, n, prm, 1, 0, 1); break;
-    case 6: step_loop(x, u, c, z, n, prm, 1, 1, 0); break;
-    default: step_loop(x, u, c, z, n, prm, 1, 1, 1); break;
+    case 0: return step_loop(x, c, u, z, n, row, g, clip, 0, 0, 0);
+    case 1: return step_loop(x, c, u, z, n, row, g, clip, 0, 0, 1);
+    case 2: return step_loop(x, c, u, z, n, row, g, clip, 0, 1, 0);
+    case 3: return step_loop(x, c, u, z, n, row, g, clip, 0, 1, 1);
+    case 4: return step_loop(x, c, u, z, n, row, g, clip, 1, 0, 0);
+    case 5: return step_loop(x, c, u, z, n, row, g, clip, 1, 0, 1);
+    case 6: return step_loop(x, c, u, z, n, row, g, clip, 1, 1, 0);
+    default: return step_loop(x, c, u, z, n, row, g, clip, 1, 1, 1);
     }
 }
 
-/* ---------------------------------------------------------------- work split and threads */
+/* ---------------------------------------------------------------- work items */
 
 typedef struct {
-    float *x;                 /* step: x (B, per_image); fill_noise: out */
-    const float *model_out;   /* step only: (B or 2B, per_image) */
-    const dd_u64 *seeds;
-    Py_ssize_t batch, per_image, blocks_per_image, items;
-    dd_u32 step, domain;
-    int fill;                 /* 1: fill_noise, 0: step */
-    step_params prm;
+    dd_step_args a;
+    const dd_u64 *seeds;      /* fill_noise only */
+    Py_ssize_t blocks_per_image, items;
+    int fill;                 /* 1: fill_noise (x_T into a.x), 0: step */
     atomic_llong next;
 } job_t;
 
 static void run_item(job_t *job, Py_ssize_t item)
 {
     float z[DD_BLOCK];
+    const dd_step_args *a = &job->a;
     Py_ssize_t img = item / job->blocks_per_image;
     Py_ssize_t e0 = (item % job->blocks_per_image) * DD_BLOCK;
-    Py_ssize_t left = job->per_image - e0;
+    Py_ssize_t left = a->per_image - e0;
     int n = left < DD_BLOCK ? (int)left : DD_BLOCK;
-    float *x = job->x + img * job->per_image + e0;
-    int noisy = job->fill || job->prm.row[DD_SIGMA] != 0.0f;
-    if (noisy)
-        noise_block(job->seeds[img], (dd_u64)e0 / 4, (n + 3) / 4, job->step, job->domain, z);
+    float *x = a->x + img * a->per_image + e0;
     if (job->fill) {
+        noise_block(job->seeds[img], (dd_u64)e0 / 4, (n + 3) / 4, 0u, DD_DOMAIN_INIT, z);
         memcpy(x, z, (size_t)n * sizeof(float));
         return;
     }
-    const float *u = job->model_out + img * job->per_image + e0;
-    const float *c = job->prm.guided ? u + job->batch * job->per_image : NULL;
-    step_block(x, u, c, noisy ? z : NULL, n, &job->prm);
+    dd_image *im = &a->images[img];
+    const float *row = a->table + (Py_ssize_t)DD_NUM_COLUMNS * im->row;
+    int noisy = row[DD_SIGMA] != 0.0f;
+    if (noisy)
+        noise_block(im->seed, (dd_u64)e0 / 4, (n + 3) / 4, im->step, DD_DOMAIN_STEP, z);
+    const float *c = a->model_out + img * a->per_image + e0;
+    const float *u = im->uncond >= 0 ? a->model_out + (Py_ssize_t)im->uncond * a->per_image + e0 : NULL;
+    if (step_block(x, c, u, noisy ? z : NULL, n, row, im->guidance, a->clip)) {
+        dd_i32 none = -1; /* the first failing step wins; threads of one step store the same value */
+        __atomic_compare_exchange_n(&im->bad, &none, (dd_i32)im->step, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    }
 }
 
-static void *worker(void *arg)
+static void worker(job_t *job)
 {
-    job_t *job = (job_t *)arg;
     for (;;) {
         long long item = atomic_fetch_add(&job->next, 1);
         if (item >= job->items)
-            return NULL;
+            return;
         run_item(job, (Py_ssize_t)item);
     }
+}
+
+/* ---------------------------------------------------------------- the persistent thread pool */
+
+/* Helper threads started once and parked on a condition variable between jobs: a call costs a wake-up, not a
+ * pthread_create. One job at a time runs on the pool; a caller that finds it busy runs its job alone (same
+ * result: items are independent of the thread count). */
+static struct {
+    pthread_mutex_t busy;     /* held by the caller whose job is on the pool */
+    pthread_mutex_t mu;       /* guards the fields below */
+    pthread_cond_t wake, idle;
+    job_t *job;
+    unsigned long generation; /* bumped per job: helpers 0..wanted-1 take part */
+    int size, wanted, running;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
+          NULL, 0, 0, 0, 0};
+
+static void *pool_thread(void *arg)
+{
+    int id = (int)(intptr_t)arg;
+    unsigned long seen = 0;
+    pthread_mutex_lock(&pool.mu);
+    for (;;) {
+        while (pool.generation == seen)
+            pthread_cond_wait(&pool.wake, &pool.mu);
+        seen = pool.generation;
+        if (id >= pool.wanted)
+            continue;
+        job_t *job = pool.job;
+        pthread_mutex_unlock(&pool.mu);
+        worker(job);
+        pthread_mutex_lock(&pool.mu);
+        if (--pool.running == 0)
+            pthread_cond_signal(&pool.idle);
+    }
+    return NULL;
+}
+
+/* Start helpers until there are `n` (fewer if the system refuses threads). Called with pool.busy held. */
+static void pool_grow(int n)
+{
+    while (pool.size < n) {
+        pthread_t tid;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int failed = pthread_create(&tid, &attr, pool_thread, (void *)(intptr_t)pool.size);
+        pthread_attr_destroy(&attr);
+        if (failed)
+            return;
+        pthread_mutex_lock(&pool.mu);
+        pool.size++;
+        pthread_mutex_unlock(&pool.mu);
+    }
+}
+
+static void pool_prepare_fork(void)
+{
+    pthread_mutex_lock(&pool.busy);
+    pthread_mutex_lock(&pool.mu);
+}
+
+static void pool_parent_after_fork(void)
+{
+    pthread_mutex_unlock(&pool.mu);
+    pthread_mutex_unlock(&pool.busy);
+}
+
+/* A forked child has none of the helpers: start from an empty pool. */
+static void pool_child_after_fork(void)
+{
+    pthread_mutex_init(&pool.busy, NULL);
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.idle, NULL);
+    pool.job = NULL;
+    pool.size = pool.wanted = pool.running = 0;
 }
 
 /* Cores this process may run on (its affinity mask), else the online count. */
@@ -222,307 +302,161 @@ static int cpu_count(void)
 /* Runs all items on up to `threads` threads (0 = all cores); the caller has released the GIL. */
 static void run_job(job_t *job, Py_ssize_t threads)
 {
-    pthread_t tid[DD_MAX_THREADS];
-    Py_ssize_t n = 1;
-    if (job->batch * job->per_image >= DD_MIN_PARALLEL) {
-        n = threads == 0 ? cpu_count() : threads; /* sysconf costs microseconds: only for large jobs */
-        if (n > job->items)
-            n = job->items;
-        if (n > DD_MAX_THREADS)
-            n = DD_MAX_THREADS;
-    }
     atomic_init(&job->next, 0);
-    Py_ssize_t started = 0;
-    for (Py_ssize_t t = 1; t < n; t++) {
-        if (pthread_create(&tid[started], NULL, worker, job) != 0)
-            break; /* fewer threads, same result */
-        started++;
+    Py_ssize_t n = 1;
+    if (job->a.batch * job->a.per_image >= DD_MIN_PARALLEL) {
+        n = threads == 0 ? cpu_count() : threads; /* sysconf costs microseconds: only for large jobs */
+        n = n > job->items ? job->items : n;
+        n = n > DD_MAX_THREADS ? DD_MAX_THREADS : n;
     }
+    if (n <= 1 || pthread_mutex_trylock(&pool.busy) != 0) {
+        worker(job);
+        return;
+    }
+    pool_grow((int)n - 1);
+    pthread_mutex_lock(&pool.mu);
+    pool.job = job;
+    pool.wanted = pool.running = pool.size < n - 1 ? pool.size : (int)n - 1;
+    pool.generation++;
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
     worker(job);
-    for (Py_ssize_t t = 0; t < started; t++)
-        pthread_join(tid[t], NULL);
+    pthread_mutex_lock(&pool.mu);
+    while (pool.running > 0)
+        pthread_cond_wait(&pool.idle, &pool.mu);
+    pthread_mutex_unlock(&pool.mu);
+    pthread_mutex_unlock(&pool.busy);
 }
 
-/* ---------------------------------------------------------------- argument validation */
+/* ---------------------------------------------------------------- arguments: memory safety only */
 
-/* numpy-style name of a buffer format ("float32", "uint64", ...). */
-static const char *format_name(const char *fmt, Py_ssize_t itemsize)
+/* A C-contiguous buffer of items of `itemsize` bytes (kind: 'f' float, 'u' unsigned, 0 = any record). The rest
+ * of the contract (finite rows, guidance, clip) is validated once at the Python boundary (engine/kernels.py). */
+static int get_buffer(PyObject *obj, const char *name, char kind, Py_ssize_t itemsize, int writable, Py_buffer *v)
 {
-    if (fmt == NULL)
-        return "uint8";
-    if (*fmt == '>' || *fmt == '!')
-        return "a big-endian type"; /* not native on the little-endian hosts this builds for */
+    if (PyObject_GetBuffer(obj, v, writable ? PyBUF_RECORDS : PyBUF_RECORDS_RO) != 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be a %scontiguous array, got %.100s", name, writable ? "writable " : "",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    const char *fmt = v->format ? v->format : "B";
     while (*fmt == '@' || *fmt == '=' || *fmt == '<')
         fmt++;
-    if (fmt[0] == '\0' || fmt[1] != '\0')
-        return "a structured or unknown type";
-    switch (fmt[0]) {
-    case '?': return "bool";
-    case 'b': return "int8";
-    case 'B': return "uint8";
-    case 'h': return "int16";
-    case 'H': return "uint16";
-    case 'i': case 'l': case 'q': return itemsize == 8 ? "int64" : itemsize == 4 ? "int32" : "a signed int";
-    case 'I': case 'L': case 'Q': return itemsize == 8 ? "uint64" : itemsize == 4 ? "uint32" : "an unsigned int";
-    case 'e': return "float16";
-    case 'f': return "float32";
-    case 'd': return "float64";
-    case 'g': return "longdouble";
-    case 'Z': return "a complex type";
-    default: return "an unknown type";
-    }
-}
-
-static int is_format(const Py_buffer *v, const char *want)
-{
-    return strcmp(format_name(v->format, v->itemsize), want) == 0;
-}
-
-static void shape_str(const Py_buffer *v, Py_ssize_t first, char *out, size_t size)
-{
-    size_t len = (size_t)snprintf(out, size, "(");
-    for (int d = 0; d < v->ndim && len < size; d++) {
-        Py_ssize_t s = d == 0 ? first : v->shape[d];
-        len += (size_t)snprintf(out + len, size - len, d == 0 ? "%zd" : ", %zd", s);
-    }
-    if (len < size)
-        snprintf(out + len, size - len, v->ndim == 1 ? ",)" : ")");
-}
-
-/* Gets a buffer of dtype `want`, C-contiguous, ndim >= min_ndim, writable if asked; clear errors otherwise. */
-static int get_array(PyObject *obj, const char *name, const char *want, int writable, int min_ndim, Py_buffer *v)
-{
-    if (PyObject_GetBuffer(obj, v, PyBUF_RECORDS_RO) != 0) {
-        PyErr_Format(PyExc_TypeError, "%s must be a %s array (buffer protocol), got %.100s",
-                     name, want, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    const char *err = NULL;
-    PyObject *exc = PyExc_ValueError;
-    if (!is_format(v, want)) {
-        PyErr_Format(PyExc_TypeError, "%s must be %s, got %s", name, want, format_name(v->format, v->itemsize));
-        PyBuffer_Release(v);
-        return -1;
-    }
-    if (v->ndim < min_ndim)
-        err = "an array with ndim >= 1, got a 0-d array";
-    else if (!PyBuffer_IsContiguous(v, 'C'))
-        err = "C-contiguous, got a non-contiguous array (use numpy.ascontiguousarray)";
-    else if (writable && v->readonly)
-        err = "writable, got a read-only array";
-    if (err) {
-        PyErr_Format(exc, "%s must be %s", name, err);
+    int kind_ok = kind == 0 || (kind == 'f' && fmt[0] == 'f') || (kind == 'u' && strchr("ILQ", fmt[0]) && fmt[0] != 0);
+    if (!kind_ok || v->itemsize != itemsize || v->ndim < 1 || !PyBuffer_IsContiguous(v, 'C')) {
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous array of %zd-byte %s items (ndim >= 1), got format "
+                     "%s, itemsize %zd, ndim %d", name, itemsize, kind == 'f' ? "float" : kind == 'u' ? "uint" : "record",
+                     v->format ? v->format : "B", v->itemsize, v->ndim);
         PyBuffer_Release(v);
         return -1;
     }
     return 0;
 }
 
-/* seeds: uint64, 1-d, contiguous, exactly `batch` entries. */
-static int get_seeds(PyObject *obj, Py_ssize_t batch, Py_buffer *v)
+static void release(Py_buffer *views, int n)
 {
-    if (get_array(obj, "seeds", "uint64", 0, 1, v) != 0)
-        return -1;
-    if (v->ndim != 1 || v->shape[0] != batch) {
-        PyErr_Format(PyExc_ValueError, "seeds must have B=%zd entries (one per image), got %s%zd", batch,
-                     v->ndim != 1 ? "an array of ndim != 1 with size " : "", v->len / 8);
-        PyBuffer_Release(v);
-        return -1;
-    }
-    return 0;
+    for (int i = 0; i < n; i++)
+        PyBuffer_Release(&views[i]);
 }
 
-/* model_out: same shape as x, first axis B (2B = [unconditional; conditional] with guidance). */
-static int check_model_out(const Py_buffer *x, const Py_buffer *mo, int guided)
+/* Every image's table row and unconditional row must lie inside the buffers the kernel reads. */
+static int check_images(const dd_image *images, Py_ssize_t batch, Py_ssize_t table_rows, Py_ssize_t out_rows)
 {
-    int ok = mo->ndim == x->ndim && mo->shape[0] == (guided ? 2 : 1) * x->shape[0];
-    for (int d = 1; ok && d < x->ndim; d++)
-        ok = mo->shape[d] == x->shape[d];
-    if (ok)
-        return 0;
-    char want[256], got[256];
-    shape_str(x, (guided ? 2 : 1) * x->shape[0], want, sizeof(want));
-    shape_str(mo, mo->shape[0], got, sizeof(got));
-    PyErr_Format(PyExc_ValueError, "model_out must have shape %s (%s), got %s", want,
-                 guided ? "2B = [unconditional; conditional] with guidance" : "same as x without guidance", got);
-    return -1;
-}
-
-/* The kernel reads model_out while it writes x: they must be distinct memory. */
-static int check_no_overlap(const Py_buffer *x, const Py_buffer *mo)
-{
-    const char *xb = (const char *)x->buf, *mb = (const char *)mo->buf;
-    if (x->len == 0 || mo->len == 0 || xb + x->len <= mb || mb + mo->len <= xb)
-        return 0;
-    PyErr_SetString(PyExc_ValueError, "model_out must not share memory with x, got overlapping buffers");
-    return -1;
-}
-
-static int finite_f32(double v)
-{
-    float f = (float)v;
-    return f == f && f - f == 0.0f;
-}
-
-/* row: a sequence or float32/float64 buffer of the 9 coefficients of engine/coeffs.py, all finite. */
-static int parse_row(PyObject *obj, float out[DD_NUM_COLUMNS])
-{
-    double vals[DD_NUM_COLUMNS];
-    Py_ssize_t n;
-    Py_buffer v;
-    if (PyObject_CheckBuffer(obj) && PyObject_GetBuffer(obj, &v, PyBUF_RECORDS_RO) == 0) {
-        int f32 = is_format(&v, "float32"), f64 = is_format(&v, "float64");
-        n = v.ndim == 1 ? v.shape[0] : -1;
-        if ((!f32 && !f64) || !PyBuffer_IsContiguous(&v, 'C') || n != DD_NUM_COLUMNS) {
-            PyErr_Format(PyExc_ValueError, "row must be 9 float32/float64 values (engine/coeffs.py), got a %s "
-                         "buffer of ndim %d and %zd items", format_name(v.format, v.itemsize), v.ndim,
-                         v.itemsize ? v.len / v.itemsize : 0);
-            PyBuffer_Release(&v);
+    for (Py_ssize_t j = 0; j < batch; j++) {
+        if (images[j].row < 0 || images[j].row >= table_rows) {
+            PyErr_Format(PyExc_IndexError, "images[%zd].row = %d is outside the table's %zd rows", j, images[j].row,
+                         table_rows);
             return -1;
         }
-        for (int i = 0; i < DD_NUM_COLUMNS; i++)
-            vals[i] = f32 ? ((const float *)v.buf)[i] : ((const double *)v.buf)[i];
-        PyBuffer_Release(&v);
-    } else {
-        PyErr_Clear();
-        PyObject *seq = PySequence_Fast(obj, "row must be a sequence of 9 floats (engine/coeffs.py)");
-        if (seq == NULL)
-            return -1;
-        n = PySequence_Fast_GET_SIZE(seq);
-        if (n != DD_NUM_COLUMNS) {
-            PyErr_Format(PyExc_ValueError, "row must have 9 values (engine/coeffs.py), got %zd", n);
-            Py_DECREF(seq);
+        if (images[j].uncond < -1 || images[j].uncond >= out_rows) {
+            PyErr_Format(PyExc_IndexError, "images[%zd].uncond = %d is outside model_out's %zd rows (-1: no guidance)",
+                         j, images[j].uncond, out_rows);
             return -1;
         }
-        for (int i = 0; i < DD_NUM_COLUMNS; i++) {
-            vals[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, i));
-            if (vals[i] == -1.0 && PyErr_Occurred()) {
-                PyErr_Format(PyExc_TypeError, "row[%d] must be a float, got %.100s", i,
-                             Py_TYPE(PySequence_Fast_GET_ITEM(seq, i))->tp_name);
-                Py_DECREF(seq);
-                return -1;
-            }
-        }
-        Py_DECREF(seq);
     }
-    for (int i = 0; i < DD_NUM_COLUMNS; i++) {
-        if (!finite_f32(vals[i])) {
-            PyObject *got = PyFloat_FromDouble(vals[i]);
-            if (got != NULL) {
-                PyErr_Format(PyExc_ValueError, "row[%d] must be finite in float32, got %R", i, got);
-                Py_DECREF(got);
-            }
-            return -1;
-        }
-        out[i] = (float)vals[i];
-    }
-    return 0;
-}
-
-/* None -> *present = 0; a finite float (and > 0 when positive) -> its float32 value. */
-static int parse_opt_float(PyObject *obj, const char *name, int positive, int *present, float *out)
-{
-    *present = 0;
-    if (obj == NULL || obj == Py_None)
-        return 0;
-    double v = PyFloat_AsDouble(obj);
-    if (v == -1.0 && PyErr_Occurred()) {
-        PyErr_Format(PyExc_TypeError, "%s must be a float or None, got %.100s", name, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    if (!finite_f32(v) || (positive && !((float)v > 0.0f))) {
-        PyErr_Format(PyExc_ValueError, "%s must be a finite float%s or None, got %R", name, positive ? " > 0" : "",
-                     obj);
-        return -1;
-    }
-    *present = 1;
-    *out = (float)v;
-    return 0;
-}
-
-/* An int in [0, limit); `what` names the range in the error. */
-static int parse_uint(PyObject *obj, const char *name, long long limit, const char *what, long long *out)
-{
-    PyObject *idx = PyNumber_Index(obj);
-    if (idx == NULL) {
-        PyErr_Format(PyExc_TypeError, "%s must be an int %s, got %.100s", name, what, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    int overflow = 0;
-    long long v = PyLong_AsLongLongAndOverflow(idx, &overflow);
-    Py_DECREF(idx);
-    if (overflow || v < 0 || v >= limit) {
-        PyErr_Format(PyExc_ValueError, "%s must be an int %s, got %R", name, what, obj);
-        return -1;
-    }
-    *out = v;
     return 0;
 }
 
 static int parse_threads(PyObject *obj, Py_ssize_t *out)
 {
-    long long v = 0;
-    if (obj != NULL && parse_uint(obj, "threads", (long long)1 << 31, "in [0, 2**31) (0 = all cores)", &v) != 0)
+    *out = obj == NULL ? 0 : PyLong_AsSsize_t(obj);
+    if (*out == -1 && PyErr_Occurred())
         return -1;
-    *out = (Py_ssize_t)v;
+    if (*out < 0) {
+        PyErr_Format(PyExc_ValueError, "threads must be >= 0 (0 = all cores), got %zd", *out);
+        return -1;
+    }
     return 0;
 }
 
 /* ---------------------------------------------------------------- Python API */
 
 PyDoc_STRVAR(step_doc,
-"step(x, model_out, row, seeds, step_index, *, guidance=None, clip=None, threads=0) -> None\n\n"
-"One fused sampler step (engine/coeffs.py) in place on float32 x of shape (B, ...); model_out is (B, ...)\n"
-"or, with guidance, (2B, ...) = [unconditional; conditional]; row = 9 coefficients; seeds = uint64[B];\n"
-"noise z = Philox4x32-10(seed, element // 4, step_index, domain 0), added only when sigma != 0.");
+"step(x, model_out, table, images, *, clip=0.0, threads=0) -> None\n\n"
+"One fused sampler step (engine/coeffs.py) in place on float32 x of shape (B, ...). Image j steps with\n"
+"coefficient row table[images[j].row], noise Philox4x32-10(images[j].seed, element // 4, images[j].step,\n"
+"domain 0) where sigma != 0, conditional output model_out[j] and, where images[j].uncond >= 0, guidance\n"
+"u + g (c - u) with u = model_out[uncond]; images[j].bad records the first non-finite step.\n"
+"images is a writable array of engine/kernels.py IMAGE_DTYPE records.");
 
 static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"x", "model_out", "row", "seeds", "step_index", "guidance", "clip", "threads", NULL};
-    PyObject *xo, *mo_o, *row_o, *seeds_o, *step_o, *guid_o = NULL, *clip_o = NULL, *thr_o = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO|$OOO:step", kwlist, &xo, &mo_o, &row_o, &seeds_o,
-                                     &step_o, &guid_o, &clip_o, &thr_o))
+    static char *kwlist[] = {"x", "model_out", "table", "images", "clip", "threads", NULL};
+    PyObject *xo, *mo_o, *table_o, *images_o, *thr_o = NULL;
+    double clip = 0.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$dO:step", kwlist, &xo, &mo_o, &table_o, &images_o, &clip,
+                                     &thr_o))
         return NULL;
+    Py_ssize_t threads;
+    if (parse_threads(thr_o, &threads) != 0)
+        return NULL;
+    Py_buffer v[4]; /* x, model_out, table, images */
+    int got = 0;
+    if (get_buffer(xo, "x", 'f', 4, 1, &v[got]) == 0 && ++got && get_buffer(mo_o, "model_out", 'f', 4, 0, &v[got]) == 0
+        && ++got && get_buffer(table_o, "table", 'f', 4, 0, &v[got]) == 0 && ++got
+        && get_buffer(images_o, "images", 0, (Py_ssize_t)sizeof(dd_image), 1, &v[got]) == 0)
+        got++;
+    if (got < 4) {
+        release(v, got);
+        return NULL;
+    }
     job_t job;
     memset(&job, 0, sizeof(job));
-    long long step_index;
-    Py_ssize_t threads;
-    if (parse_row(row_o, job.prm.row) != 0
-        || parse_opt_float(guid_o, "guidance", 0, &job.prm.guided, &job.prm.guidance) != 0
-        || parse_opt_float(clip_o, "clip", 1, &job.prm.use_clip, &job.prm.clip) != 0
-        || parse_uint(step_o, "step_index", (long long)1 << 32, "in [0, 2**32)", &step_index) != 0
-        || parse_threads(thr_o, &threads) != 0)
-        return NULL;
-    Py_buffer x, mo, seeds;
-    if (get_array(xo, "x", "float32", 1, 1, &x) != 0)
-        return NULL;
-    if (get_array(mo_o, "model_out", "float32", 0, 1, &mo) != 0) {
-        PyBuffer_Release(&x);
-        return NULL;
-    }
-    if (check_model_out(&x, &mo, job.prm.guided) != 0 || check_no_overlap(&x, &mo) != 0
-        || get_seeds(seeds_o, x.shape[0], &seeds) != 0) {
-        PyBuffer_Release(&mo);
-        PyBuffer_Release(&x);
+    Py_ssize_t batch = v[0].shape[0], elements = v[0].len / 4;
+    Py_ssize_t per_image = batch ? elements / batch : 0;
+    const char *err = NULL;
+    if (v[3].len / (Py_ssize_t)sizeof(dd_image) != batch)
+        err = "images must hold one record per image of x";
+    else if (per_image > 0 && (v[1].len / 4) % per_image != 0)
+        err = "model_out must be whole rows of x's per-image size";
+    else if (per_image > 0 && v[1].len / 4 / per_image < batch)
+        err = "model_out must have at least as many rows as x (row j: image j's output)";
+    else if ((v[2].len / 4) % DD_NUM_COLUMNS != 0)
+        err = "table must be rows of 9 coefficients (engine/coeffs.py)";
+    else if ((const char *)v[0].buf < (const char *)v[1].buf + v[1].len
+             && (const char *)v[1].buf < (const char *)v[0].buf + v[0].len)
+        err = "model_out must not share memory with x";
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        release(v, 4);
         return NULL;
     }
-    job.x = (float *)x.buf;
-    job.model_out = (const float *)mo.buf;
-    job.seeds = (const dd_u64 *)seeds.buf;
-    job.batch = x.shape[0];
-    job.per_image = job.batch ? x.len / 4 / job.batch : 0;
-    job.blocks_per_image = (job.per_image + DD_BLOCK - 1) / DD_BLOCK;
-    job.items = job.batch * job.blocks_per_image;
-    job.step = (dd_u32)step_index;
-    job.domain = DD_DOMAIN_STEP;
+    Py_ssize_t out_rows = per_image ? v[1].len / 4 / per_image : 0;
+    if (check_images((const dd_image *)v[3].buf, batch, v[2].len / 4 / DD_NUM_COLUMNS, out_rows) != 0) {
+        release(v, 4);
+        return NULL;
+    }
+    job.a = (dd_step_args){(float *)v[0].buf, (const float *)v[1].buf, (const float *)v[2].buf,
+                           (dd_image *)v[3].buf, batch, per_image, clip > 0.0 ? (float)clip : 0.0f, 0};
+    job.blocks_per_image = (per_image + DD_BLOCK - 1) / DD_BLOCK;
+    job.items = batch * job.blocks_per_image;
     if (job.items > 0) {
         Py_BEGIN_ALLOW_THREADS
         run_job(&job, threads);
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&seeds);
-    PyBuffer_Release(&mo);
-    PyBuffer_Release(&x);
+    release(v, 4);
     Py_RETURN_NONE;
 }
 
@@ -540,32 +474,48 @@ static PyObject *py_fill_noise(PyObject *self, PyObject *args, PyObject *kwargs)
     Py_ssize_t threads;
     if (parse_threads(thr_o, &threads) != 0)
         return NULL;
-    Py_buffer out, seeds;
-    if (get_array(out_o, "out", "float32", 1, 1, &out) != 0)
+    Py_buffer v[2];
+    int got = 0;
+    if (get_buffer(out_o, "out", 'f', 4, 1, &v[got]) == 0 && ++got && get_buffer(seeds_o, "seeds", 'u', 8, 0, &v[got]) == 0)
+        got++;
+    if (got < 2) {
+        release(v, got);
         return NULL;
-    if (get_seeds(seeds_o, out.shape[0], &seeds) != 0) {
-        PyBuffer_Release(&out);
+    }
+    Py_ssize_t batch = v[0].shape[0];
+    if (v[1].len / 8 != batch) {
+        PyErr_Format(PyExc_ValueError, "seeds must have B=%zd entries (one per image), got %zd", batch, v[1].len / 8);
+        release(v, 2);
         return NULL;
     }
     job_t job;
     memset(&job, 0, sizeof(job));
-    job.x = (float *)out.buf;
-    job.seeds = (const dd_u64 *)seeds.buf;
-    job.batch = out.shape[0];
-    job.per_image = job.batch ? out.len / 4 / job.batch : 0;
-    job.blocks_per_image = (job.per_image + DD_BLOCK - 1) / DD_BLOCK;
-    job.items = job.batch * job.blocks_per_image;
-    job.step = 0;
-    job.domain = DD_DOMAIN_INIT;
+    Py_ssize_t per_image = batch ? v[0].len / 4 / batch : 0;
+    job.a = (dd_step_args){(float *)v[0].buf, NULL, NULL, NULL, batch, per_image, 0.0f, 0};
+    job.seeds = (const dd_u64 *)v[1].buf;
     job.fill = 1;
+    job.blocks_per_image = (per_image + DD_BLOCK - 1) / DD_BLOCK;
+    job.items = batch * job.blocks_per_image;
     if (job.items > 0) {
         Py_BEGIN_ALLOW_THREADS
         run_job(&job, threads);
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&seeds);
-    PyBuffer_Release(&out);
+    release(v, 2);
     Py_RETURN_NONE;
+}
+
+/* An int in [0, 2**32). */
+static int parse_u32(PyObject *obj, const char *name, dd_u32 *out)
+{
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if ((v == (unsigned long long)-1 && PyErr_Occurred()) || v > 0xffffffffULL) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s must hold ints in [0, 2**32), got %R", name, obj);
+        return -1;
+    }
+    *out = (dd_u32)v;
+    return 0;
 }
 
 /* A sequence of n ints, each in [0, 2**32). */
@@ -573,17 +523,16 @@ static int parse_u32s(PyObject *obj, const char *name, int n, dd_u32 *out)
 {
     PyObject *seq = PySequence_Fast(obj, "expected a sequence of ints");
     if (seq == NULL || PySequence_Fast_GET_SIZE(seq) != n) {
+        PyErr_Clear();
         PyErr_Format(PyExc_ValueError, "%s must be a sequence of %d ints in [0, 2**32)", name, n);
         Py_XDECREF(seq);
         return -1;
     }
     for (int i = 0; i < n; i++) {
-        long long v;
-        if (parse_uint(PySequence_Fast_GET_ITEM(seq, i), name, (long long)1 << 32, "in [0, 2**32)", &v) != 0) {
+        if (parse_u32(PySequence_Fast_GET_ITEM(seq, i), name, &out[i]) != 0) {
             Py_DECREF(seq);
             return -1;
         }
-        out[i] = (dd_u32)v;
     }
     Py_DECREF(seq);
     return 0;
@@ -605,10 +554,26 @@ static PyObject *py_philox(PyObject *self, PyObject *args)
                          (unsigned long)ctr[3]);
 }
 
+PyDoc_STRVAR(layout_doc, "layout() -> dict: sizes and field offsets of dd_image and dd_step_args, as compiled.");
+
+static PyObject *py_layout(PyObject *self, PyObject *unused)
+{
+    return Py_BuildValue(
+        "{s:{s:n,s:n,s:n,s:n,s:n,s:n,s:n},s:{s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n}}",
+        "dd_image", "size", sizeof(dd_image), "seed", offsetof(dd_image, seed), "row", offsetof(dd_image, row),
+        "step", offsetof(dd_image, step), "uncond", offsetof(dd_image, uncond), "guidance",
+        offsetof(dd_image, guidance), "bad", offsetof(dd_image, bad),
+        "dd_step_args", "size", sizeof(dd_step_args), "x", offsetof(dd_step_args, x), "model_out",
+        offsetof(dd_step_args, model_out), "table", offsetof(dd_step_args, table), "images",
+        offsetof(dd_step_args, images), "batch", offsetof(dd_step_args, batch), "per_image",
+        offsetof(dd_step_args, per_image), "clip", offsetof(dd_step_args, clip));
+}
+
 static PyMethodDef methods[] = {
     {"step", (PyCFunction)(void (*)(void))py_step, METH_VARARGS | METH_KEYWORDS, step_doc},
     {"fill_noise", (PyCFunction)(void (*)(void))py_fill_noise, METH_VARARGS | METH_KEYWORDS, fill_noise_doc},
     {"philox4x32_10", py_philox, METH_VARARGS, philox_doc},
+    {"layout", py_layout, METH_NOARGS, layout_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -619,5 +584,8 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__kernels(void)
 {
+    static int registered = 0;
+    if (!registered && pthread_atfork(pool_prepare_fork, pool_parent_after_fork, pool_child_after_fork) == 0)
+        registered = 1;
     return PyModule_Create(&module);
 }

@@ -1,7 +1,13 @@
-"""The backend protocol: load a model once, run one U-Net forward into a preallocated buffer, close."""
+"""The backend contract: load a model once, run one U-Net forward into a preallocated buffer, close.
+
+Every backend binds the model's tensors by the one I/O contract (`spec.io`, engine/spec.py): role -> name,
+dtype and shape. Device backends (TensorRT, ONNX Runtime CUDA) also open DeviceRunners for the GPU loop.
+"""
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from ddengine.spec import OUTPUT_ROLE
 
 
 class BackendError(RuntimeError):
@@ -10,14 +16,73 @@ class BackendError(RuntimeError):
 
 @runtime_checkable
 class Backend(Protocol):
-    """One loaded model on one device; `run` must be safe to call from several threads at once."""
+    """One loaded model on one device; `run` must be safe to call from several threads at once.
+
+    name: the registry name; precision: what the forward computes in ("fp32", "bf16", "fp16");
+    batch_invariant: whether a row's output is bit-identical whatever else shares its batch (tested per backend).
+    """
 
     name: str
+    precision: str
+    batch_invariant: bool
 
-    def run(self, sample: np.ndarray, timestep: int, class_labels: np.ndarray | None, out: np.ndarray) -> np.ndarray:
-        """Write model(sample, timestep, class_labels) into `out` (float32, sample's shape) and return `out`."""
+    def run(self, feeds: dict, out: np.ndarray) -> np.ndarray:
+        """Write the model's output for feeds (role -> array: sample, timestep per row, class_labels, ...) into `out`."""
         ...
 
     def close(self) -> None:
         """Release the session and its memory; the backend is unusable afterwards."""
         ...
+
+
+def host_inputs(spec, feeds):
+    """{tensor name: contiguous array in the graph's dtype} for a forward on host arrays (a scalar timestep: its first value)."""
+    inputs = {}
+    for role in spec.roles():
+        tensor, value = spec.io[role], feeds.get(role)
+        if value is None:
+            raise BackendError(f"the model's input {tensor.name!r} ({role}) was not given")
+        value = np.ascontiguousarray(value, dtype=tensor.dtype)
+        inputs[tensor.name] = value[:1].reshape(()) if tensor.scalar else value
+    return inputs
+
+
+class DeviceRunner:
+    """One forward context on one CUDA stream: tensors bound by device address for a row count, then enqueued.
+
+    Subclasses bind one tensor (`_bind_tensor`) and enqueue; roles, dtypes and shapes come from `spec.io`.
+    """
+
+    supports_capture = False  # whether enqueue() may sit inside a captured CUDA graph
+
+    def __init__(self, backend, stream):
+        self.backend, self.stream, self.spec = backend, stream, backend.spec
+
+    def dtype(self, role):
+        """numpy dtype of a role's tensor ("sample", "timestep", "class_labels", ..., "out")."""
+        return np.dtype(self.spec.io[role].dtype)
+
+    def shape(self, role, rows):
+        """The role's tensor shape for `rows` forward rows."""
+        return self.spec.io[role].at(rows)
+
+    def bind(self, rows, addresses):
+        """Bind every input role and the output to the device buffers at `addresses` (role -> address)."""
+        for role in (*self.spec.roles(), OUTPUT_ROLE):
+            address = addresses.get(role)
+            if address is None:
+                raise BackendError(f"model tensor {self.spec.io[role].name!r} ({role}) needs a device buffer, got None")
+            self._bind_tensor(role, self.spec.io[role].name, rows, int(address))
+        self._bound()
+
+    def _bind_tensor(self, role, name, rows, address):
+        raise NotImplementedError
+
+    def _bound(self):
+        """Called once every tensor is bound."""
+
+    def enqueue(self):
+        raise NotImplementedError
+
+    def close(self):
+        """Release what the runner holds."""

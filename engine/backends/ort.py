@@ -1,26 +1,10 @@
 """ONNX Runtime backend: one InferenceSession reused for every call, outputs bound into the caller's buffer."""
-import os
-
 import numpy as np
 import onnxruntime as ort
 
-from ddengine.backends.base import BackendError
-
-
-def physical_cores():
-    """Physical cores this process may use (hyper-thread siblings counted once)."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cores = set()
-    for cpu in cpus:
-        try:
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as f:
-                core = f.read().strip()
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id") as f:
-                package = f.read().strip()
-        except OSError:
-            core, package = str(cpu), "0"
-        cores.add((package, core))
-    return max(1, len(cores))
+from ddengine.backends.base import BackendError, host_inputs
+from ddengine.resources import physical_cores
+from ddengine.spec import OUTPUT_ROLE
 
 
 def session_options(threads=None):
@@ -39,47 +23,35 @@ def session_options(threads=None):
 class OrtBackend:
     """Runs a ddengine ONNX model with one ONNX Runtime execution provider (CPU, CUDA or TensorRT)."""
 
+    precision = "fp32"
+    batch_invariant = True  # on the CPU provider: tests/backends/test_batch_invariance.py
+
     def __init__(self, model, *, provider="CPUExecutionProvider", threads=None, name="ort-cpu"):
-        self.name = name
-        self.spec = model.spec
+        self.name, self.spec = name, model.spec
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(str(model.path), sess_options=session_options(threads), providers=providers)
         except Exception as err:  # ORT raises its own exception types (Fail, InvalidProtobuf, ...)
             raise BackendError(f"ONNX Runtime could not load {model.path}: {err}") from None
-        names = self.spec.input_names
-        self._inputs = {i.name: i for i in self.session.get_inputs()}
-        self._x_name, self._t_name = names["sample"], names["timestep"]
-        self._c_name = names.get("class_labels") if self.spec.conditional else None
-        self._x_dtype = _np_dtype(self._inputs[self._x_name].type)
-        self._t_dtype = _np_dtype(self._inputs[self._t_name].type)
-        self._t_scalar = len(self._inputs[self._t_name].shape) == 0
-        self._c_dtype = _np_dtype(self._inputs[self._c_name].type) if self._c_name else None
-        self._out_name = self.spec.output_name
-        self._out_dtype = _np_dtype(next(o.type for o in self.session.get_outputs() if o.name == self._out_name))
-        self._device = "cuda" if provider != "CPUExecutionProvider" else "cpu"
+        self._out = self.spec.io[OUTPUT_ROLE]
+        self._direct = provider == "CPUExecutionProvider" and self._out.dtype == "float32"
 
-    def run(self, sample, timestep, class_labels, out):
-        """One forward: `out` (float32, C-contiguous, sample's shape) receives the model output."""
+    def run(self, feeds, out):
+        """One forward: `out` (float32, C-contiguous, (rows, C, H, W)) receives the model output."""
         if self.session is None:
             raise BackendError(f"{self.name}: the backend is closed")
-        batch = sample.shape[0]
         binding = self.session.io_binding()  # one per call: IOBinding objects are not thread-safe
-        binding.bind_cpu_input(self._x_name, _as(sample, self._x_dtype))
-        t = np.array(timestep, dtype=self._t_dtype) if self._t_scalar else np.full(batch, timestep, dtype=self._t_dtype)
-        binding.bind_cpu_input(self._t_name, t)
-        if self._c_name is not None:
-            binding.bind_cpu_input(self._c_name, _as(class_labels, self._c_dtype))
-        direct = self._device == "cpu" and self._out_dtype == np.float32
-        if direct:
-            binding.bind_output(self._out_name, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        for name, value in host_inputs(self.spec, feeds).items():
+            binding.bind_cpu_input(name, value)
+        if self._direct:
+            binding.bind_output(self._out.name, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
         else:
-            binding.bind_output(self._out_name, "cpu")
+            binding.bind_output(self._out.name, "cpu")
         try:
             self.session.run_with_iobinding(binding)
         except Exception as err:  # ORT's Fail / RuntimeException (e.g. out of memory)
-            raise BackendError(f"{self.name}: the model's forward failed for batch {batch}, timestep {timestep}: {err}") from None
-        if not direct:
+            raise BackendError(f"{self.name}: the model's forward failed for {len(out)} rows: {err}") from None
+        if not self._direct:
             np.copyto(out, binding.copy_outputs_to_cpu()[0], casting="same_kind")
         return out
 
@@ -92,17 +64,3 @@ class OrtBackend:
 
     def __exit__(self, *exc):
         self.close()
-
-
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
-
-def _np_dtype(ort_type):
-    if ort_type not in _ORT_TYPES:
-        raise BackendError(f"unsupported ONNX input/output type {ort_type}; expected one of {', '.join(_ORT_TYPES)}")
-    return np.dtype(_ORT_TYPES[ort_type])
-
-
-def _as(array, dtype):
-    return np.ascontiguousarray(array, dtype=dtype)

@@ -1,20 +1,21 @@
 """TensorRT backend: runs an engine built by `ddengine build`, after checking its manifest and sha256.
 
 An engine file is executable code (TensorRT docs, "Security Considerations"), so it is deserialized only
-when its manifest (export/manifest.py) matches this machine and its bytes hash to the recorded sha256.
+when its manifest (engine/backends/trt_manifest.py) matches this machine and its bytes hash to the recorded sha256.
 Every TensorRT call that reports failure by returning None/False raises with the logger's captured text.
 One execution context per concurrent caller (TensorRT is thread-safe only across contexts).
 tensorrt and cuda-python are imported lazily, when a backend is created.
 """
 import collections
-import json
 import logging
 import queue
 from pathlib import Path
 
 import numpy as np
 
-from ddengine.backends.base import BackendError
+from ddengine.backends import trt_manifest as mf
+from ddengine.backends.base import BackendError, DeviceRunner, host_inputs
+from ddengine.spec import OUTPUT_ROLE
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install ddengine[gpu]"
@@ -76,14 +77,13 @@ def checked(value, what, logger, since=0):
 
 
 def runtime_key(trt, device=0, onnx_sha256=None):
-    """The manifest fields an engine must match to run here (export/manifest.py KEY_FIELDS)."""
+    """The manifest fields an engine must match to run here (trt_manifest.KEY_FIELDS)."""
     import ddengine
-    from ddengine.cuda_step import gpu_properties
-    from ddengine.export.manifest import current_os
+    from ddengine.gpu import driver
 
-    name, capability = gpu_properties(device)
+    name, capability = driver.gpu_properties(device)
     key = {"tensorrt_version": trt.__version__, "gpu_name": name, "compute_capability": capability,
-           "os": current_os(), "ddengine_version": ddengine.__version__}
+           "os": mf.current_os(), "ddengine_version": ddengine.__version__}
     if onnx_sha256 is not None:
         key["onnx_sha256"] = onnx_sha256
     return key
@@ -101,14 +101,15 @@ def wanted_on_load(manifest_key, here):
 
 
 class TensorRTBackend:
-    """A TensorRT engine on one GPU: `run` for host arrays, `open_runner` for device-side loops (gpu_sampler)."""
+    """A TensorRT engine on one GPU: `run` for host arrays, `open_runner` for the device loop (engine/gpu/loop.py)."""
 
-    def __init__(self, engine_path, *, onnx_sha256=None, device=0, name="tensorrt"):
-        from ddengine.cuda_step import use_device
-        from ddengine.export import manifest as mf
-        from ddengine.spec import ModelSpec
+    precision = "fp16"
+    batch_invariant = False  # tactics are chosen per profile and shape
 
-        self.name, self.device, self.engine_path = name, device, Path(engine_path)
+    def __init__(self, engine_path, spec, *, onnx_sha256=None, device=0, name="tensorrt"):
+        from ddengine.gpu.driver import use_device
+
+        self.name, self.device, self.engine_path, self.spec = name, device, Path(engine_path), spec
         trt = self.trt = import_tensorrt()
         self.manifest = mf.read_manifest(self.engine_path)
         here = runtime_key(trt, device, onnx_sha256)
@@ -118,24 +119,23 @@ class TensorRTBackend:
         self.logger = make_logger(trt)
         self._runtime = checked(trt.Runtime(self.logger), "Runtime()", self.logger)
         self.engine = checked(self._runtime.deserialize_cuda_engine(data), f"deserialize_cuda_engine({self.engine_path})", self.logger)
-        self.spec = ModelSpec.from_json(json.dumps(self.manifest["spec"]))
-        self.io = engine_io(trt, self.engine)
-        self.names = io_names(self.spec, self.io)
-        self.min_batch, _, self.max_batch = (int(b) for b in self.manifest["key"]["profile"]["engine_batch"])
+        check_engine_io(spec, engine_io(trt, self.engine))
+        self.precision = self.manifest["key"]["precision"]
+        self.min_rows, _, self.max_rows = (int(b) for b in self.manifest["key"]["profile"]["engine_batch"])
         self._idle = queue.SimpleQueue()  # HostSessions not in use (one per concurrent `run` caller)
 
     def open_runner(self, stream):
         """A new execution context bound to `stream`: one per concurrent caller / captured CUDA graph."""
         return TrtRunner(self, stream)
 
-    def run(self, sample, timestep, class_labels, out):
+    def run(self, feeds, out):
         """Backend protocol: one forward of host arrays into `out` (float32), on a per-caller context."""
         try:
             session = self._idle.get_nowait()
         except queue.Empty:
             session = HostSession(self)
         try:
-            return session.run(sample, timestep, class_labels, out)
+            return session.run(feeds, out)
         finally:
             self._idle.put(session)
 
@@ -160,10 +160,8 @@ def create(model, *, provider=None, threads=None, name="tensorrt", engine=None, 
 
     The engine must have been built from exactly this ONNX file (its content hash is checked against the manifest).
     """
-    from ddengine.export.trt_build import onnx_sha256
-
     path = Path(engine) if engine is not None else Path(model.path).with_suffix(".plan")
-    return TensorRTBackend(path, onnx_sha256=onnx_sha256(model.path), device=device, name=name)
+    return TensorRTBackend(path, model.spec, onnx_sha256=model.sha256, device=device, name=name)
 
 
 def engine_io(trt, engine):
@@ -177,61 +175,42 @@ def engine_io(trt, engine):
     return io
 
 
-def io_names(spec, io):
-    """The engine's sample/timestep/class_labels/out tensor names, checked against the spec (float32 sample and out)."""
-    names = {"sample": spec.input_names["sample"], "timestep": spec.input_names["timestep"],
-             "class_labels": spec.input_names.get("class_labels") if spec.conditional else None,
-             "out": spec.output_name}
-    for role, name in names.items():
-        if name is None:
-            continue
-        want = "output" if role == "out" else "input"
-        if name not in io or io[name]["mode"] != want:
-            raise BackendError(f"engine lacks {want} tensor {name!r} ({role}); its I/O tensors are {sorted(io)}")
-    for role in ("sample", "out"):
-        if io[names[role]]["dtype"] != "float32":
-            raise BackendError(f"engine tensor {names[role]!r} is {io[names[role]]['dtype']}, expected float32 "
-                               f"(export the fp16 ONNX with float32 inputs/outputs: `ddengine export --fp16`)")
-    return names
+def check_engine_io(spec, io):
+    """The engine's tensors are the ONNX model's (spec.io): same names, directions and dtypes."""
+    for role, tensor in spec.io.items():
+        want = "output" if role == OUTPUT_ROLE else "input"
+        got = io.get(tensor.name)
+        if got is None or got["mode"] != want:
+            raise BackendError(f"engine lacks {want} tensor {tensor.name!r} ({role}); its I/O tensors are {sorted(io)}")
+        if got["dtype"] != tensor.dtype:
+            raise BackendError(f"engine tensor {tensor.name!r} ({role}) is {got['dtype']}, the ONNX model's is {tensor.dtype}; "
+                               f"rebuild the engine from this model with `ddengine build`")
 
 
-class TrtRunner:
-    """One execution context on one stream: bind device buffers for a batch, then enqueue forwards."""
+class TrtRunner(DeviceRunner):
+    """One execution context on one stream: bind device buffers for a row count, then enqueue forwards."""
 
     supports_capture = True  # execute_async_v3 may be captured into a CUDA graph after one warm-up enqueue
 
     def __init__(self, backend, stream):
-        self.backend, self.stream = backend, stream
+        super().__init__(backend, stream)
         self.logger = backend.logger
         self.context = checked(backend.engine.create_execution_context(), "create_execution_context()", self.logger)
 
-    def dtype(self, role):
-        """numpy dtype the engine expects for a role ("sample", "timestep", "class_labels", "out")."""
-        return np.dtype(self.backend.io[self.backend.names[role]]["dtype"])
-
-    def shape(self, role, batch):
-        """The tensor's shape at this batch (its dynamic axis 0 set to `batch`)."""
-        dims = self.backend.io[self.backend.names[role]]["shape"]
-        return tuple(batch if d < 0 else d for d in dims)
-
-    def bind(self, batch, *, sample, timestep, class_labels, out):
-        """Set input shapes for `batch` and every tensor's device address (all return values checked)."""
-        lo, hi = self.backend.min_batch, self.backend.max_batch
-        if not lo <= batch <= hi:
-            raise BackendError(f"batch {batch} is outside the engine's profile [{lo}, {hi}] (model batch, doubled "
+    def bind(self, rows, addresses):
+        """Set input shapes for `rows` and every tensor's device address (all return values checked)."""
+        lo, hi = self.backend.min_rows, self.backend.max_rows
+        if not lo <= rows <= hi:
+            raise BackendError(f"{rows} forward rows are outside the engine's profile [{lo}, {hi}] (images, doubled "
                                f"under guidance); rebuild with another `ddengine build --batch MIN:OPT:MAX`")
-        since = self.logger.mark()
-        addresses = {"sample": sample, "timestep": timestep, "class_labels": class_labels, "out": out}
-        for role, address in addresses.items():
-            name = self.backend.names[role]
-            if name is None:
-                continue
-            if address is None:
-                raise BackendError(f"engine input {name!r} ({role}) needs a device buffer, got None")
-            if role != "out":
-                shape = self.shape(role, batch)
-                checked(self.context.set_input_shape(name, shape), f"set_input_shape({name!r}, {shape})", self.logger, since)
-            checked(self.context.set_tensor_address(name, int(address)), f"set_tensor_address({name!r})", self.logger, since)
+        self._since = self.logger.mark()
+        super().bind(rows, addresses)
+
+    def _bind_tensor(self, role, name, rows, address):
+        if role != OUTPUT_ROLE:
+            shape = self.shape(role, rows)
+            checked(self.context.set_input_shape(name, shape), f"set_input_shape({name!r}, {shape})", self.logger, self._since)
+        checked(self.context.set_tensor_address(name, address), f"set_tensor_address({name!r})", self.logger, self._since)
 
     def enqueue(self):
         """Queue one forward on the stream; False from execute_async_v3 raises (it never fails silently)."""
@@ -243,40 +222,33 @@ class TrtRunner:
 
 
 class HostSession:
-    """A runner, its stream and device buffers sized for the profile's max batch, for host-array `run` calls."""
+    """A runner, its stream and device buffers sized for the profile's max rows, for host-array `run` calls."""
 
     def __init__(self, backend):
-        from ddengine.cuda_step import DeviceArray, Stream, use_device
+        from ddengine.gpu.driver import use_device
+        from ddengine.gpu.memory import DeviceArray, Stream
 
         use_device(backend.device)
-        self.stream = Stream()
+        self.backend, self.stream = backend, Stream()
         self.runner = backend.open_runner(self.stream)
-        b, spec = backend.max_batch, backend.spec
-        image = (spec.channels, spec.height, spec.width)
-        self.buffers = {"sample": DeviceArray((b, *image), np.float32), "out": DeviceArray((b, *image), np.float32),
-                        "timestep": DeviceArray(max(b, 1), self.runner.dtype("timestep"))}
-        if backend.names["class_labels"] is not None:
-            self.buffers["class_labels"] = DeviceArray(b, self.runner.dtype("class_labels"))
+        rows = backend.max_rows
+        self.buffers = {role: DeviceArray(self.runner.shape(role, rows), self.runner.dtype(role))
+                        for role in backend.spec.io if not (role == "timestep" and backend.spec.io[role].scalar)}
+        if "timestep" not in self.buffers:
+            self.buffers["timestep"] = DeviceArray(1, self.runner.dtype("timestep"))
 
-    def run(self, sample, timestep, class_labels, out):
-        from ddengine.cuda_step import use_device
+    def run(self, feeds, out):
+        from ddengine.gpu.driver import use_device
 
-        use_device(self.runner.backend.device)  # this session may be reused from another thread
-        b = sample.shape[0]
-        if out.shape != sample.shape or out.dtype != np.float32:
-            raise BackendError(f"out must be float32 of shape {sample.shape}, got {out.dtype} {out.shape}")
-        t_shape = self.runner.shape("timestep", b)
-        self.buffers["sample"].upload(sample, self.stream)
-        self.buffers["timestep"].upload(np.full(t_shape, timestep, dtype=self.runner.dtype("timestep")), self.stream)
-        if "class_labels" in self.buffers:
-            if class_labels is None or len(class_labels) != b:
-                raise BackendError(f"this conditional engine needs {b} class labels, got "
-                                   f"{None if class_labels is None else len(class_labels)}")
-            self.buffers["class_labels"].upload(class_labels, self.stream)
-        self.runner.bind(b, sample=self.buffers["sample"], timestep=self.buffers["timestep"],
-                         class_labels=self.buffers.get("class_labels"), out=self.buffers["out"])
+        use_device(self.backend.device)  # this session may be reused from another thread
+        rows = len(out)
+        inputs = host_inputs(self.backend.spec, feeds)
+        for role in self.backend.spec.roles():
+            self.buffers[role].upload(inputs[self.backend.spec.io[role].name], self.stream)
+        self.runner.bind(rows, {role: buffer.ptr for role, buffer in self.buffers.items()})
         self.runner.enqueue()
-        np.copyto(out, self.buffers["out"].download(self.stream, shape=out.shape))
+        result = self.buffers[OUTPUT_ROLE].download(self.stream, shape=out.shape)
+        np.copyto(out, result, casting="same_kind")
         return out
 
     def close(self):

@@ -4,9 +4,21 @@ from pathlib import Path
 import click
 
 
+BUILD_EXTRA = "pip install torch==2.13.0 && pip install 'ddengine[export]'"
+
+
 def _fail(message):
     """A usage/input error: Click prints it and exits with code 2."""
     raise click.UsageError(message)
+
+
+def _require(*modules):
+    """Exit 2 naming the extra to install when a build-time dependency (torch, safetensors, ...) is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        _fail(f"this command needs {', '.join(missing)} (build-time dependencies): {BUILD_EXTRA}")
 
 
 @click.command()
@@ -30,12 +42,13 @@ def _fail(message):
 @click.option("--resume", "resume_from", type=click.Path(dir_okay=False), default=None, help="Continue from a checkpoint (its settings win).")
 def train(out_dir, data_path, epochs, batch_size, lr, p_uncond, ema_decay, lr_schedule, base_channels, channel_mult, num_res_blocks, beta_schedule, precision, seed, max_steps, max_minutes, threads, resume_from):
     """Train the class-conditional U-Net on Fashion-MNIST; EMA weights are what `export` ships."""
+    _require("torch", "safetensors", "tqdm")
     import torch
 
     from ddengine.export import train as trainer
     from ddengine.export.checkpoint import CheckpointError
-    from ddengine.export.data import DataError
-    from ddengine.export.unet import UNetConfig
+    from ddengine.data import DataError
+    from ddengine.nets.unet import UNetConfig
 
     try:
         mult = tuple(int(m) for m in channel_mult.split(","))
@@ -65,6 +78,7 @@ def train(out_dir, data_path, epochs, batch_size, lr, p_uncond, ema_decay, lr_sc
 @click.option("--fp16", is_flag=True, help="Mixed precision: fp16 weights/convs, fp32 I/O, norms, softmax and timestep embedding.")
 def export(checkpoint, out_path, diffusers_dir, fp16):
     """Export a training checkpoint (EMA weights) or a diffusers UNet2DModel to self-describing ONNX."""
+    _require("torch", "safetensors", "onnxscript", *(["diffusers"] if diffusers_dir else []), *(["onnxconverter_common"] if fp16 else []))
     from ddengine.export.checkpoint import CheckpointError
     from ddengine.export.diffusers_export import DiffusersExportError, export_diffusers
     from ddengine.export.onnx_export import ExportError, export_checkpoint
@@ -105,10 +119,11 @@ def _check_writable(path):
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True)
 def train_classifier(out_path, data_path, epochs, seed, threads):
     """Train the small CNN used by `ddengine eval` (accuracy and FID features) and export it to ONNX."""
+    _require("torch", "onnxscript")
     import torch
 
+    from ddengine.data import DataError
     from ddengine.export import classifier
-    from ddengine.export.data import DataError
 
     _check_writable(out_path)
     torch.set_num_threads(threads)

@@ -1,48 +1,29 @@
-"""`ddengine sample`: generate images to a folder (one file per image + manifest.jsonl), optionally a grid."""
-import dataclasses
+"""`ddengine sample`: generate images into a folder (one file per image + manifest.jsonl), optionally a grid.
+
+Exit codes: 0 all images fine, 1 some images non-finite (recorded, not written) or a write failed, 2 bad usage
+or input (nothing written), 128 + N stopped by signal N (130: Ctrl-C) with every finished image listed.
+"""
 import sys
 from pathlib import Path
 
 import click
 
-SPACINGS = ("leading", "trailing", "linspace")
+from ddengine.cli.common import (EXIT_FAILED, Interrupted, StopOnSignal, exit_interrupted, model_options,
+                                 open_sampler, progress_bar, schedule_options, usage_errors)
 
 
-def open_sampler(model, scheduler_config, backend, threads=None):
-    """A Sampler for the CLI; model and backend problems become usage errors (exit 2)."""
-    from ddengine.backends import BackendError
-    from ddengine.model import ModelError
-    from ddengine.sampler import InvalidParameterError, Sampler
-
-    try:
-        return Sampler(model, backend=backend, scheduler_config=scheduler_config, threads=threads)
-    except (ModelError, BackendError, InvalidParameterError) as err:
-        raise click.UsageError(str(err)) from None
-
-
-def parse_classes(values, spec, n):
-    """--class values -> None, or one label per image (cycling through the given ones; `all` = every class)."""
+def parse_classes(values):
+    """--class values -> None, one int, a list of ints (cycled over the images) or "all"."""
     if not values:
         return None
     if "all" in values:
         if len(values) > 1:
             raise click.BadParameter(f"'all' cannot be combined with other classes, got {list(values)}", param_hint="--class")
-        if not spec.conditional:
-            raise click.BadParameter("'all' needs a class-conditional model; this model is unconditional (num_classes = 0)", param_hint="--class")
-        values = range(spec.num_classes)
+        return "all"
     try:
-        labels = [int(v) for v in values]
+        return [int(v) for v in values]
     except ValueError:
         raise click.BadParameter(f"expected integers or 'all', got {list(values)}", param_hint="--class") from None
-    return [labels[i % len(labels)] for i in range(n)]
-
-
-def make_plan_or_fail(sampler, request):
-    """The request's StepPlan; schedule problems are usage errors."""
-    try:
-        return sampler.plan(request)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
 
 
 def check_png_channels(channels, fmt, grid, trajectory):
@@ -55,101 +36,95 @@ def check_png_channels(channels, fmt, grid, trajectory):
                                      "use --format npy without --grid or --trajectory", param_hint=hint)
 
 
-def progress_bar(quiet, description):
-    """A rich progress bar on stderr (a no-op context when quiet)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=quiet, transient=False)
-
-
 @click.command()
-@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), default=None, help="ONNX model (default: the shipped one).")
-@click.option("--scheduler-config", type=click.Path(dir_okay=False, path_type=Path), default=None, help="diffusers scheduler_config.json overriding the model's schedule.")
-@click.option("--backend", default="auto", show_default=True, help="auto, ort-cpu, ort-cuda, ort-tensorrt or tensorrt.")
-@click.option("--steps", type=int, default=50, show_default=True, help="Sampling steps (1..num_train_timesteps).")
-@click.option("--method", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
-@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0 = deterministic).")
+@model_options
+@schedule_options
 @click.option("--n", "n", type=int, default=16, show_default=True, help="Number of images.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed + i.")
 @click.option("--class", "classes", multiple=True, help="Class label (repeatable; cycled over the images) or 'all'.")
-@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale (needs --class).")
-@click.option("--spacing", type=click.Choice(SPACINGS), default=None, help="Timestep spacing (default: the model's).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True, help="Output folder (NNNNN.png per image + manifest.jsonl; same-named files are replaced).")
-@click.option("--grid", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write all images as one grid PNG.")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance scale (needs --class; default: the model's recommended one; 1 = none).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True,
+              help="Output folder: NNNNN.png per image + manifest.jsonl.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier run in --out (removes the files its manifest lists).")
+@click.option("--grid", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write all images as one PNG: a row per class when there are several.")
 @click.option("--format", "fmt", type=click.Choice(["png", "npy"]), default="png", show_default=True)
 @click.option("--trajectory", type=int, default=0, help="Every K steps snapshot x_t and predicted x0; one strip PNG per image.")
-@click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
-def sample(model, scheduler_config, backend, steps, method, eta, n, batch_size, seed, classes, guidance, spacing,
-           out, grid, fmt, trajectory, threads, quiet):
+def sample(model, scheduler_config, backend, threads, steps, method, eta, spacing, n, batch_size, seed, classes, guidance,
+           out, overwrite, grid, fmt, trajectory, quiet):
     """Generate images with a model (default: the shipped one)."""
-    from ddengine.output import OutputError, check_writable_dir
-    from ddengine.sampler import InvalidParameterError
+    from ddengine.outdir import OutputFolder
+    from ddengine.resources import available_memory, human_bytes
 
     sampler = open_sampler(model, scheduler_config, backend, threads)
-    try:
-        request = sampler.request(n, steps, method, eta, seed, None, parse_classes(classes, sampler.spec, n) if n > 0 else None,
-                                  guidance, batch_size, spacing, trajectory or False)
-    except InvalidParameterError as err:
-        raise click.UsageError(str(err)) from None
-    make_plan_or_fail(sampler, request)
+    request = usage_errors(sampler.request, n, steps, method, eta, seed, None, parse_classes(classes), guidance,
+                           batch_size, spacing, trajectory or False)
     check_png_channels(sampler.spec.channels, fmt, grid, trajectory)
-    try:
-        check_writable_dir(out)
-        if grid is not None:
-            check_writable_dir(grid.parent)
-    except OutputError as err:
-        raise click.UsageError(str(err)) from None
-    params = dict(model=str(sampler.model.path), model_sha256=sampler.model.sha256, backend=sampler.backend.name,
-                  scheduler_config=str(scheduler_config) if scheduler_config else None, steps=steps, method=method,
-                  eta=eta, guidance=guidance, spacing=spacing or sampler.spec.scheduler.get("timestep_spacing"),
-                  batch_size=batch_size, n=n, format=fmt, trajectory=trajectory or None)
-    try:
-        failed = run_and_write(sampler, request, out, grid, fmt, params, quiet)
-    except (OSError, RuntimeError) as err:  # disk full, backend failure: what is done so far stays listed
-        click.echo(f"Error: sampling stopped: {err}; finished images are listed in {out / 'manifest.jsonl'}", err=True)
-        sys.exit(1)
+    kept = request.n * sampler.spec.per_image if grid is not None else 0
+    free = available_memory()
+    if free is not None and kept > free:
+        raise click.UsageError(f"--grid keeps all {request.n} images in memory ({human_bytes(kept)}); this machine has "
+                               f"{human_bytes(free)} available: sample fewer images or drop --grid")
+    if grid is not None and not (grid.resolve().parent.is_dir() or grid.resolve().parent == out.resolve()):
+        raise click.UsageError(f"--grid {grid}: folder {grid.parent} does not exist (only --out is created)")
+    folder = usage_errors(OutputFolder, out, overwrite)
+    with StopOnSignal() as stop:
+        try:
+            failed = write_run(sampler, request, folder, grid, fmt, quiet, stop)
+        except Interrupted as err:
+            folder.close()
+            exit_interrupted(err, f"stopped: {folder.files} image file(s) written, each listed in "
+                                  f"{folder.manifest_path if folder.has_manifest else 'no manifest (none finished)'}")
+        except (OSError, RuntimeError) as err:  # disk full, backend failure: what is done so far stays listed
+            folder.close()
+            where = (f"the {folder.files} finished image file(s) are listed in {folder.manifest_path}" if folder.has_manifest
+                     else "no image was finished")
+            click.echo(f"Error: sampling stopped: {err}; {where}", err=True)
+            sys.exit(EXIT_FAILED)
+    folder.close()
     if failed:
-        click.echo(f"{failed} of {n} images failed (non-finite values); see {out / 'manifest.jsonl'}", err=True)
-        sys.exit(1)
+        click.echo(f"{failed} of {request.n} images failed (non-finite values); see {folder.manifest_path}", err=True)
+        sys.exit(EXIT_FAILED)
     if not quiet:
-        click.echo(f"wrote {n} images to {out}" + (f" and grid {grid}" if grid else ""), err=True)
+        click.echo(f"wrote {request.n} images to {out}" + (f" and grid {grid}" if grid else ""), err=True)
 
 
-def run_and_write(sampler, request, out, grid_path, fmt, params, quiet):
-    """Sample chunk by chunk, writing each image and the manifest as soon as its chunk is done; return #failed."""
+def write_run(sampler, request, folder, grid_path, fmt, quiet, stop):
+    """Sample chunk by chunk; each image file lands, then its manifest line. Returns the number of failed images."""
     import numpy as np
 
-    import ddengine
-    from ddengine.output import Manifest, grid, save_image, trajectory_strip
+    from ddengine.output import class_grid, encode, save_image, trajectory_strip
 
-    manifest = Manifest(out / "manifest.jsonl")
-    kept, failed, total = [], 0, request.n * request.steps
+    kept, kept_classes, failed = [], [], 0
     with progress_bar(quiet, "sampling") as bar:
-        task = bar.add_task("sampling", total=total)
-        for start in range(0, request.n, request.batch_size):
-            part = slice(start, min(start + request.batch_size, request.n))
-            sub = dataclasses.replace(request, seeds=request.seeds[part],
-                                      classes=None if request.classes is None else request.classes[part])
-            images, records = sampler.run(sub, progress=lambda done, _t, s=start: bar.update(task, completed=s * request.steps + done))
-            for image, record in zip(images, records):
-                index = start + record.pop("index")
-                strip = record.pop("trajectory", None)
-                name = f"{index:05d}.{fmt}"
+        task = bar.add_task("sampling", total=request.n * request.steps)
+
+        def progress(done, total):
+            stop.check()
+            bar.update(task, completed=done)
+
+        for chunk in sampler.chunks(request, progress=progress):
+            for image, record in zip(chunk.images, chunk.records):
+                stop.check()
+                index, strip = record["index"], record.pop("trajectory", None)
+                files = []
                 if record["status"] == "ok":
-                    save_image(out / name, image, fmt)
+                    files.append(f"{index:05d}.{fmt}")
+                    folder.write(files[-1], encode(image, fmt))
+                    if strip is not None:
+                        files.append(f"{index:05d}_trajectory.png")
+                        folder.write(files[-1], encode(trajectory_strip(strip["x_t"], strip["x0"])))
                     if grid_path is not None:
                         kept.append(image)
-                    if strip is not None:
-                        save_image(out / f"{index:05d}_trajectory.png", trajectory_strip(strip["x_t"], strip["x0"]))
+                        kept_classes.append(record["class"])
                 else:
                     failed += 1
-                manifest.add({"file": name if record["status"] == "ok" else None, "index": index, **record, **params,
-                              "ddengine_version": ddengine.__version__})
-            manifest.flush()
+                folder.add({"file": files[0] if files else None, "trajectory_file": files[1] if len(files) > 1 else None,
+                            "format": fmt, **record}, files)
+        bar.update(task, completed=request.n * request.steps)
     if grid_path is not None and kept:
-        save_image(grid_path, grid(np.stack(kept)))
+        save_image(grid_path, class_grid(np.stack(kept), None if request.classes is None else kept_classes))
     return failed

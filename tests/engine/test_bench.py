@@ -105,7 +105,7 @@ def test_torch_twin_from_a_project_checkpoint(tmp_path):
 
     from ddengine.export.onnx_export import load_checkpoint_module
     from ddengine.export.train import TrainConfig, build, save
-    from ddengine.export.unet import UNetConfig
+    from ddengine.nets.unet import UNetConfig
     from ddengine.spec import METADATA_KEY
 
     model_cfg = UNetConfig(base_channels=8, channel_mult=(1, 2), image_size=8, groups=4, head_channels=8, num_classes=3)

@@ -12,7 +12,7 @@ from export_helpers import randomized, tiny_config  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_unet():
-    from ddengine.export.unet import UNet
+    from ddengine.nets.unet import UNet
 
     torch.manual_seed(0)
     return randomized(UNet(tiny_config()))

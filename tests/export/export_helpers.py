@@ -4,7 +4,7 @@ import torch
 
 def tiny_config(**overrides):
     """A 16x16, two-level U-Net with 3 classes (null class 3): exports in seconds."""
-    from ddengine.export.unet import UNetConfig
+    from ddengine.nets.unet import UNetConfig
 
     cfg = dict(image_size=16, base_channels=8, channel_mult=(1, 2), groups=4, head_channels=16, num_classes=3)
     return UNetConfig(**(cfg | overrides))

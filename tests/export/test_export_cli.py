@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from ddengine.cli import main
 from ddengine.export import checkpoint, train
 from ddengine.export.onnx_export import read_spec
-from ddengine.export.unet import UNet
+from ddengine.nets.unet import UNet
 
 from export_helpers import randomized, tiny_config
 

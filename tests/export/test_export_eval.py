@@ -14,7 +14,7 @@ from scipy import linalg
 
 from ddengine.cli import main
 from ddengine.export import classifier
-from ddengine.export.data import to_model_range
+from ddengine.data import to_model_range
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
 from tiny_models import build_tiny_model  # noqa: E402

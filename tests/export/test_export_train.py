@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ddengine.export import checkpoint, train
-from ddengine.export.unet import UNet
+from ddengine.nets.unet import UNet
 
 from export_helpers import tiny_config
 

@@ -5,8 +5,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ddengine.sampler import to_uint8  # noqa: F401  (re-exported: real images use the engine's own mapping)
-
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "apt-get install dataset-fashion-mnist"
 FILES = {

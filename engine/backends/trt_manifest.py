@@ -44,15 +44,6 @@ def sha256_bytes(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path, chunk=1 << 20):
-    """Hex sha256 of a file's content, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def current_os():
     """The platform an engine is tied to, e.g. 'Linux-x86_64' (engines do not move across platforms)."""
     return f"{platform.system()}-{platform.machine()}"

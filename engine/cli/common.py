@@ -1,0 +1,102 @@
+"""What the CLI commands share: the sampler options, opening a Sampler, progress, interruption and exit codes."""
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from ddengine.plan import METHODS
+from ddengine.timesteps import SPACINGS
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_SIGNAL_BASE = 128  # a run stopped by signal N exits 128 + N (130 for Ctrl-C, 143 for SIGTERM)
+
+
+def model_options(command):
+    """--model, --scheduler-config, --backend, --threads."""
+    for option in reversed([
+        click.option("--model", type=click.Path(path_type=Path), default=None, help="ONNX model (default: the shipped one)."),
+        click.option("--scheduler-config", type=click.Path(path_type=Path), default=None,
+                     help="diffusers scheduler_config.json overriding the model's schedule."),
+        click.option("--backend", default="auto", show_default=True, help="auto, or a backend `ddengine info` lists."),
+        click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def schedule_options(command):
+    """--steps, --method, --eta, --spacing."""
+    for option in reversed([
+        click.option("--steps", type=int, default=50, show_default=True, help="Sampling steps (1..num_train_timesteps)."),
+        click.option("--method", type=click.Choice(METHODS), default="ddim", show_default=True),
+        click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0 = deterministic)."),
+        click.option("--spacing", type=click.Choice(SPACINGS), default=None, help="Timestep spacing (default: the model's)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def open_sampler(model, scheduler_config, backend, threads=None):
+    """A Sampler for the CLI; model, backend and parameter problems become usage errors (exit 2)."""
+    from ddengine.sampler import Sampler
+
+    return usage_errors(Sampler, model, backend=backend, scheduler_config=scheduler_config, threads=threads)
+
+
+def usage_errors(fn, *args, **kwargs):
+    """fn(*args, **kwargs), with the engine's input errors raised as click.UsageError (exit 2, no traceback)."""
+    from ddengine.backends import BackendError
+    from ddengine.model import ModelError
+    from ddengine.output import OutputError
+    from ddengine.requests import InvalidParameterError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ModelError, BackendError, InvalidParameterError, OutputError) as err:
+        raise click.UsageError(str(err)) from None
+
+
+def progress_bar(quiet, description):
+    """A rich progress bar on stderr (a no-op context when quiet)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=quiet, transient=False)
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; raised at the next safe point (between images and between steps)."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopOnSignal:
+    """Within the block, SIGINT/SIGTERM only set a flag; `check()` raises Interrupted at a point of our choosing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signum, self._old = None, {}
+        for sig in self.SIGNALS:
+            self._old[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def check(self):
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def exit_interrupted(err, message):
+    click.echo(f"{message} ({err})", err=True)
+    sys.exit(EXIT_SIGNAL_BASE + err.signum)
