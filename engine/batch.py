@@ -2,14 +2,14 @@
 
 The forward's row layout is written here once: rows 0..B-1 are the images' own outputs (conditional where they
 have a class), rows B..B+G-1 the unconditional outputs of the G images under classifier-free guidance. Each
-image carries its own coefficient row, noise counter and guidance (engine/kernels.py), so an image's result
+image carries its own coefficient row, noise counter and guidance (engine/fused.py), so an image's result
 is a pure function of its seed and parameters whatever else shares its forward (exact step-level batching).
 The solo sampler admits one chunk and steps it to the end; the server admits and retires between steps.
 """
 import numpy as np
 
-from ddengine import kernels
-from ddengine.kernels import IMAGE_DTYPE, NO_UNCOND
+from ddengine import fused
+from ddengine.fused import IMAGE_DTYPE, NO_UNCOND
 
 
 def own_labels(spec, classes, guidance, n):
@@ -62,8 +62,8 @@ class ImageBatch:
             raise ValueError(f"plan clips x0 at {plan.clip}, this batch at {self.clip}: one model, one clip")
         first = self._plan_offset(plan)
         new = slice(self.n, self.n + k)
-        kernels.fill_noise(self.x_in[new], np.ascontiguousarray(seeds, dtype=np.uint64), self.threads)
-        self.images[new] = kernels.image_records(seeds, row=first, guidance=0.0 if guidance is None else guidance)
+        fused.fill_noise(self.x_in[new], np.ascontiguousarray(seeds, dtype=np.uint64), self.threads)
+        self.images[new] = fused.image_records(seeds, row=first, guidance=0.0 if guidance is None else guidance)
         self.images["uncond"][new] = 0 if guidance is not None else NO_UNCOND  # placed by _layout
         if labels is not None:
             self.labels[new] = labels
@@ -89,8 +89,8 @@ class ImageBatch:
     def update(self):
         """The fused step of every image (kernels/ddstep.h), then each moves to its next step; returns the finished."""
         n = self.n
-        kernels.step(self.x_in[:n], self.out[:self.rows], self.table, self.images[:n], self.clip, self.threads)
-        kernels.advance(self.images[:n])
+        fused.step(self.x_in[:n], self.out[:self.rows], self.table, self.images[:n], self.clip, self.threads)
+        fused.advance(self.images[:n])
         self.remaining[:n] -= 1
         return np.flatnonzero(self.remaining[:n] == 0)
 

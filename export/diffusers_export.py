@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+from ddengine.nets.twin import save_twin, twin_path
+
 from .onnx_export import export_module, spec_for
 
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D", "AttnDownsampleBlock2D")
@@ -55,21 +57,6 @@ def scheduler_from(path, num_train_timesteps=None):
         raise DiffusersExportError(f"{path}: unusable scheduler config: {err}") from None
 
 
-def _wrapper(unet, conditional):
-    """forward(sample, timestep[, class_labels]) -> out, the ddengine input contract."""
-    import torch
-
-    class Wrapped(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample, timestep, class_labels=None):
-            return self.unet(sample, timestep, class_labels=class_labels if conditional else None).sample
-
-    return Wrapped().eval()
-
-
 def export_diffusers(folder, out_path, fp16=False):
     """`ddengine export --diffusers DIR -o OUT`: class ids 0..K-2 are classes and K-1 the null class (K = num_class_embeds)."""
     unet_dir, sched_path = find_folders(folder)
@@ -81,6 +68,8 @@ def export_diffusers(folder, out_path, fp16=False):
     scheduler = scheduler_from(sched_path)
     from diffusers import UNet2DModel
 
+    from ddengine.nets.diffusers_unet import DiffusersUNet
+
     try:
         unet = UNet2DModel.from_pretrained(str(unet_dir)).eval()
     except (OSError, ValueError, RuntimeError) as err:
@@ -91,4 +80,7 @@ def export_diffusers(folder, out_path, fp16=False):
     if k == 1:
         raise DiffusersExportError("num_class_embeds 1 leaves no real class besides the null class (expected >= 2)")
     spec = spec_for(scheduler, unet.config.in_channels, height, width, max(k - 1, 0))
-    return export_module(_wrapper(unet, k > 0), spec, out_path, fp16=fp16)
+    module = DiffusersUNet(unet).eval()
+    errors = export_module(module, spec, out_path, fp16=fp16)
+    save_twin(twin_path(out_path), module)
+    return errors

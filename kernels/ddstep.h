@@ -38,7 +38,7 @@ DD_FN float dd_step_noisy(float x, float m, const float *row, int use_clip, floa
     return dd_step_mean(x, m, row, use_clip, clip) + row[DD_SIGMA] * z;
 }
 
-/* One image of a step (numpy twin: engine/kernels.py IMAGE_DTYPE; 32 bytes). Every image carries its own
+/* One image of a step (numpy twin: engine/fused.py IMAGE_DTYPE; 32 bytes). Every image carries its own
  * coefficient row, noise counter and guidance, so images of different requests at different steps share one
  * U-Net forward and one kernel launch, each still a pure function of its own seed and parameters. */
 typedef struct {
@@ -62,7 +62,7 @@ typedef struct {
     dd_i32 unused;          /* explicit tail padding: the same 56 bytes under every compiler */
 } dd_step_args;
 
-/* The layout the Python side mirrors (engine/kernels.py); a compiler that lays the records out otherwise fails here. */
+/* The layout the Python side mirrors (engine/fused.py); a compiler that lays the records out otherwise fails here. */
 #ifdef __cplusplus
 #define DD_STATIC_ASSERT(cond, msg) static_assert(cond, msg)
 #else
@@ -70,9 +70,9 @@ typedef struct {
 #endif
 DD_STATIC_ASSERT(sizeof(dd_image) == 32 && __builtin_offsetof(dd_image, row) == 8
                  && __builtin_offsetof(dd_image, guidance) == 20 && __builtin_offsetof(dd_image, bad) == 24,
-                 "dd_image must match engine/kernels.py IMAGE_DTYPE");
+                 "dd_image must match engine/fused.py IMAGE_DTYPE");
 DD_STATIC_ASSERT(sizeof(dd_step_args) == 56 && __builtin_offsetof(dd_step_args, batch) == 32
-                 && __builtin_offsetof(dd_step_args, clip) == 48, "dd_step_args must match engine/kernels.py StepArgs");
+                 && __builtin_offsetof(dd_step_args, clip) == 48, "dd_step_args must match engine/fused.py StepArgs");
 
 /* 1 when v is NaN or +-inf (all exponent bits set), by integer test: no libm, vectorizes as an OR reduction. */
 DD_FN dd_u32 dd_nonfinite(float v)

@@ -331,7 +331,7 @@ static void run_job(job_t *job, Py_ssize_t threads)
 /* ---------------------------------------------------------------- arguments: memory safety only */
 
 /* A C-contiguous buffer of items of `itemsize` bytes (kind: 'f' float, 'u' unsigned, 0 = any record). The rest
- * of the contract (finite rows, guidance, clip) is validated once at the Python boundary (engine/kernels.py). */
+ * of the contract (finite rows, guidance, clip) is validated once at the Python boundary (engine/fused.py). */
 static int get_buffer(PyObject *obj, const char *name, char kind, Py_ssize_t itemsize, int writable, Py_buffer *v)
 {
     if (PyObject_GetBuffer(obj, v, writable ? PyBUF_RECORDS : PyBUF_RECORDS_RO) != 0) {
@@ -398,7 +398,7 @@ PyDoc_STRVAR(step_doc,
 "coefficient row table[images[j].row], noise Philox4x32-10(images[j].seed, element // 4, images[j].step,\n"
 "domain 0) where sigma != 0, conditional output model_out[j] and, where images[j].uncond >= 0, guidance\n"
 "u + g (c - u) with u = model_out[uncond]; images[j].bad records the first non-finite step.\n"
-"images is a writable array of engine/kernels.py IMAGE_DTYPE records.");
+"images is a writable array of engine/fused.py IMAGE_DTYPE records.");
 
 static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwargs)
 {
@@ -511,7 +511,7 @@ static int parse_u32(PyObject *obj, const char *name, dd_u32 *out)
     unsigned long long v = PyLong_AsUnsignedLongLong(obj);
     if ((v == (unsigned long long)-1 && PyErr_Occurred()) || v > 0xffffffffULL) {
         PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "%s must hold ints in [0, 2**32), got %R", name, obj);
+        PyErr_Format(PyExc_ValueError, "%s must be an int in [0, 2**32), got %R", name, obj);
         return -1;
     }
     *out = (dd_u32)v;

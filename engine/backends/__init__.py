@@ -11,10 +11,11 @@ BACKENDS = {
     "ort-cuda": ("ddengine.backends.ort_cuda", "OrtCudaBackend", "CUDAExecutionProvider"),
     "ort-tensorrt": ("ddengine.backends.ort", "OrtBackend", "TensorrtExecutionProvider"),
     "tensorrt": ("ddengine.backends.trt", "create", "tensorrt"),  # needs an engine built by `ddengine build`
+    "torch-cuda": ("ddengine.backends.torch_cuda", "TorchCudaBackend", "torch+gpu"),  # needs the model's torch twin
 }
 CPU_BACKENDS = ("ort-cpu",)
 INSTALL_HINT = {"CUDAExecutionProvider": "pip install 'ddengine[gpu]'", "TensorrtExecutionProvider": "pip install 'ddengine[gpu]'",
-                "tensorrt": "pip install 'ddengine[gpu]'"}
+                "tensorrt": "pip install 'ddengine[gpu]'", "torch+gpu": "PyTorch with CUDA, cuda-python and an NVIDIA GPU"}
 
 __all__ = ["Backend", "BackendError", "BACKENDS", "CPU_BACKENDS", "AutoChoice", "auto_choice", "available_backends", "resolve_backend",
            "create_backend"]
@@ -36,7 +37,13 @@ def available_backends():
     providers = set(onnxruntime.get_available_providers())
 
     def have(need):
-        return need in providers if need.endswith("ExecutionProvider") else importlib.util.find_spec(need) is not None
+        if need.endswith("ExecutionProvider"):
+            return need in providers
+        if need == "torch+gpu":  # torch is not imported for this: a GPU that cuda-python sees, and torch installed
+            from ddengine.gpu.driver import device_count
+
+            return importlib.util.find_spec("torch") is not None and device_count() > 0
+        return importlib.util.find_spec(need) is not None
     return [name for name, (_, _, need) in BACKENDS.items() if have(need)]
 
 

@@ -4,7 +4,7 @@
 
 Per step, on one stream: [copy x into the guided images' unconditional rows] -> set_timesteps -> forward ->
 fused step (x in place, bad recorded per image) -> advance. Rows, noise counters and guidance live on the
-device in the per-image records (engine/kernels.py), so after one eager warm-up step the whole step is
+device in the per-image records (engine/fused.py), so after one eager warm-up step the whole step is
 captured once per (plan, batch, guided) and replayed for every later step and call (TensorRT: enqueue once
 before capture, one execution context per captured graph; NVIDIA/TensorRT#2603, #3798). `graphs=False`
 runs the same launches without capture. A DeviceLoop serves one thread at a time; DeviceLoops keeps one per thread.
@@ -14,10 +14,11 @@ import threading
 import numpy as np
 
 from ddengine.batch import own_labels
-from ddengine.gpu.driver import check, import_cuda, use_device
+from ddengine.gpu import driver
+from ddengine.gpu.driver import check, use_device
 from ddengine.gpu.memory import DeviceArray, Stream, copy_device
 from ddengine.gpu.step_kernels import step_args, step_kernels
-from ddengine.kernels import NO_UNCOND, image_records
+from ddengine.fused import NO_UNCOND, image_records
 from ddengine.spec import OUTPUT_ROLE
 
 
@@ -47,12 +48,13 @@ class DeviceLoop:
             state.labels.upload(np.concatenate([labels, null]) if guided else labels, self.stream)
         self.kernels.fill_noise(self.stream, state.args)
         for i, t in enumerate(plan.timesteps.tolist()):
-            if state.use_graph and state.graph_exec is None:
-                self._step(state)  # warm-up: TensorRT must enqueue once before capture
-                state.graph_exec = self._capture(state)
+            if state.use_graph and state.graph is None:
+                self._step(state)  # warm-up: TensorRT must enqueue once before capture, torch warms its kernels
+                body = lambda: self._step(state)  # noqa: E731
+                capture = getattr(state.runner, "capture", None)
+                state.graph = capture(body) if capture is not None else StreamGraph(self.stream, body)
             elif state.use_graph:
-                _, runtime, _ = import_cuda()
-                check(runtime.cudaGraphLaunch(state.graph_exec, int(self.stream)))
+                state.graph.launch()
             else:
                 self._step(state)
             if on_step is not None:
@@ -72,20 +74,6 @@ class DeviceLoop:
         state.runner.enqueue()
         k.step(s, state.args)
         k.advance(s, state.images.ptr, state.batch)
-
-    def _capture(self, state):
-        """Record one step (every launch above) into an executable CUDA graph."""
-        _, runtime, _ = import_cuda()
-        mode = runtime.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-        check(runtime.cudaStreamBeginCapture(int(self.stream), mode))
-        try:
-            self._step(state)
-        finally:
-            graph = check(runtime.cudaStreamEndCapture(int(self.stream)))
-        try:
-            return check(runtime.cudaGraphInstantiate(graph, 0))
-        finally:
-            check(runtime.cudaGraphDestroy(graph))
 
     def _state(self, plan, batch, guided):
         key = (plan.timesteps.tobytes(), plan.coeffs.tobytes(), plan.clip, batch, guided)
@@ -129,17 +117,42 @@ class _State:
                                 "class_labels": None if self.labels is None else self.labels.ptr})
         self.args = step_args(self.model_x.ptr, self.out.ptr, self.table.ptr, self.images.ptr, batch, spec.per_image,
                               plan.clip)
-        self.graph_exec = None
+        self.graph = None
 
     def close(self):
-        if self.graph_exec is not None:
-            _, runtime, _ = import_cuda()
-            check(runtime.cudaGraphExecDestroy(self.graph_exec))
-            self.graph_exec = None
+        if self.graph is not None:
+            self.graph.close()
+            self.graph = None
         self.runner.close()
         for buffer in (self.model_x, self.out, self.images, self.table, self.t_table, self.t_in, self.labels):
             if buffer is not None:
                 buffer.free()
+
+
+class StreamGraph:
+    """One step captured from `stream` into an executable CUDA graph (cuda.bindings' stream capture)."""
+
+    def __init__(self, stream, body):
+        _, runtime, _ = driver.import_cuda()
+        self.stream = stream
+        mode = runtime.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        check(runtime.cudaStreamBeginCapture(int(stream), mode))
+        try:
+            body()
+        finally:
+            graph = check(runtime.cudaStreamEndCapture(int(stream)))
+        try:
+            self.graph_exec = check(runtime.cudaGraphInstantiate(graph, 0))
+        finally:
+            check(runtime.cudaGraphDestroy(graph))
+
+    def launch(self):
+        _, runtime, _ = driver.import_cuda()
+        check(runtime.cudaGraphLaunch(self.graph_exec, int(self.stream)))
+
+    def close(self):
+        _, runtime, _ = driver.import_cuda()
+        check(runtime.cudaGraphExecDestroy(self.graph_exec))
 
 
 def _use_graph(graphs, runner):

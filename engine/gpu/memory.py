@@ -1,23 +1,24 @@
 """Streams and device buffers on cuda.bindings' runtime API."""
 import numpy as np
 
-from ddengine.gpu.driver import check, import_cuda
+from ddengine.gpu import driver
+from ddengine.gpu.driver import check
 
 
 class Stream:
     """A non-blocking CUDA stream (the backend's; the step kernels launch on it)."""
 
     def __init__(self):
-        _, runtime, _ = import_cuda()
+        _, runtime, _ = driver.import_cuda()
         self.handle = check(runtime.cudaStreamCreateWithFlags(runtime.cudaStreamNonBlocking))
 
     def synchronize(self):
-        _, runtime, _ = import_cuda()
+        _, runtime, _ = driver.import_cuda()
         check(runtime.cudaStreamSynchronize(self.handle))
 
     def close(self):
         if self.handle is not None:
-            _, runtime, _ = import_cuda()
+            _, runtime, _ = driver.import_cuda()
             check(runtime.cudaStreamDestroy(self.handle))
             self.handle = None
 
@@ -29,7 +30,7 @@ class DeviceArray:
     """A C-contiguous device buffer with a numpy shape and dtype; `ptr` is its device address."""
 
     def __init__(self, shape, dtype):
-        _, runtime, _ = import_cuda()
+        _, runtime, _ = driver.import_cuda()
         self.shape = tuple(int(d) for d in shape) if isinstance(shape, (tuple, list)) else (int(shape),)
         self.dtype = np.dtype(dtype)
         self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
@@ -61,14 +62,14 @@ class DeviceArray:
 
     def free(self):
         if self._mem is not None:
-            _, runtime, _ = import_cuda()
+            _, runtime, _ = driver.import_cuda()
             check(runtime.cudaFree(self._mem))
             self._mem, self.ptr = None, 0
 
 
 def copy(dst, src, nbytes, kind, stream=None, wait=False):
     """cudaMemcpyAsync on `stream` (capturable into a CUDA graph unless `wait`, which synchronizes the stream)."""
-    _, runtime, _ = import_cuda()
+    _, runtime, _ = driver.import_cuda()
     handle = 0 if stream is None else int(stream)
     check(runtime.cudaMemcpyAsync(dst, src, nbytes, getattr(runtime.cudaMemcpyKind, kind), handle))
     if wait:

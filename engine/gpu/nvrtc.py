@@ -9,7 +9,8 @@ import os
 import threading
 from pathlib import Path
 
-from ddengine.gpu.driver import CudaError, check, import_cuda
+from ddengine.gpu import driver
+from ddengine.gpu.driver import CudaError, check
 
 KERNEL_FILES = ("step.cu", "ddstep.h", "philox.h")
 BASE_OPTIONS = ("--fmad=false", "--std=c++17")
@@ -34,7 +35,7 @@ def source_hash(folder=None):
 
 def nvrtc_version():
     """(major, minor) of the loaded NVRTC library."""
-    _, _, nvrtc = import_cuda()
+    _, _, nvrtc = driver.import_cuda()
     return check(nvrtc.nvrtcVersion())
 
 
@@ -48,7 +49,7 @@ def nvrtc_options(arch, target, folder):
 
 def compile_step(arch, target="cubin", folder=None):
     """Compile step.cu with NVRTC for one architecture (e.g. 80, 90) into PTX text or a cubin."""
-    _, _, nvrtc = import_cuda()
+    _, _, nvrtc = driver.import_cuda()
     folder = Path(folder) if folder is not None else kernel_dir()
     source = (folder / "step.cu").read_bytes()
     prog = check(nvrtc.nvrtcCreateProgram(source, b"step.cu", 0, [], []))
@@ -67,7 +68,7 @@ def compile_step(arch, target="cubin", folder=None):
 
 
 def _nvrtc_log(prog):
-    _, _, nvrtc = import_cuda()
+    _, _, nvrtc = driver.import_cuda()
     log = b" " * check(nvrtc.nvrtcGetProgramLogSize(prog))
     check(nvrtc.nvrtcGetProgramLog(prog, log))
     return log.rstrip(b"\0 ").decode(errors="replace")
@@ -113,7 +114,7 @@ def compiled_step(arch, target="cubin", folder=None):
 
 def load_target(arch):
     """('cubin', arch) when NVRTC knows this GPU, else ('ptx', newest older arch it knows) for the driver to JIT."""
-    _, _, nvrtc = import_cuda()
+    _, _, nvrtc = driver.import_cuda()
     supported = check(nvrtc.nvrtcGetSupportedArchs())
     if arch in supported:
         return "cubin", arch

@@ -1,14 +1,15 @@
 """The five step.cu entry points loaded into a device's primary context and launched on a given stream.
 
-ddstep_step and ddstep_fill_noise take the one params struct (engine/kernels.py StepArgs, kernels/ddstep.h),
+ddstep_step and ddstep_fill_noise take the one params struct (engine/fused.py StepArgs, kernels/ddstep.h),
 passed by value; the timestep and advance kernels read the per-image records (IMAGE_DTYPE) on the device.
 """
 import ctypes
 import threading
 
-from ddengine.gpu.driver import CudaError, check, device_arch, import_cuda, use_device
+from ddengine.gpu import driver
+from ddengine.gpu.driver import CudaError, check, device_arch, use_device
 from ddengine.gpu.nvrtc import compiled_step, load_target, nvrtc_version
-from ddengine.kernels import StepArgs
+from ddengine.fused import StepArgs
 
 ENTRY_POINTS = ("ddstep_step", "ddstep_fill_noise", "ddstep_set_timesteps_i64", "ddstep_set_timesteps_f32",
                 "ddstep_advance")
@@ -23,25 +24,25 @@ class StepKernels:
     """step.cu's entry points in one device's primary context; every launch goes on a given stream."""
 
     def __init__(self, device=0, folder=None):
-        driver, _, _ = import_cuda()
+        cu, _, _ = driver.import_cuda()
         use_device(device)
         self.device, self.arch = device, device_arch(device)
         target, arch = load_target(self.arch)
         image = compiled_step(arch, target, folder)
         try:
-            self.module = check(driver.cuModuleLoadData(image))
+            self.module = check(cu.cuModuleLoadData(image))
         except CudaError as err:
-            driver_version = check(driver.cuDriverGetVersion())
+            driver_version = check(cu.cuDriverGetVersion())
             raise CudaError(f"cannot load the step kernel compiled by NVRTC {nvrtc_version()} for sm_{self.arch} "
                             f"into driver {driver_version // 1000}.{driver_version % 1000 // 10}: {err}") from None
-        self.functions = {name: check(driver.cuModuleGetFunction(self.module, name.encode())) for name in ENTRY_POINTS}
+        self.functions = {name: check(cu.cuModuleGetFunction(self.module, name.encode())) for name in ENTRY_POINTS}
 
     def _launch(self, name, threads, stream, *args):
-        driver, _, _ = import_cuda()
+        cu, _, _ = driver.import_cuda()
         grid = max(1, (threads + BLOCK - 1) // BLOCK)
         pointers = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-        check(driver.cuLaunchKernel(self.functions[name], grid, 1, 1, BLOCK, 1, 1, 0,
-                                    driver.CUstream(int(stream)), ctypes.addressof(pointers), 0))
+        check(cu.cuLaunchKernel(self.functions[name], grid, 1, 1, BLOCK, 1, 1, 0, cu.CUstream(int(stream)),
+                                ctypes.addressof(pointers), 0))
 
     def step(self, stream, args):
         """x <- step(x, model_out) in place for every image of `args` (a StepArgs of device addresses)."""

@@ -1,8 +1,9 @@
-"""The torch twin of an exported U-Net: its EMA weights and config in one safetensors file next to the ONNX file.
+"""The torch twin of an exported U-Net: its weights and architecture in one safetensors file next to the ONNX file.
 
-`ddengine export` writes MODEL.safetensors beside MODEL.onnx; the bench baselines and the torch-CUDA backend
-load it. The tensors are the module's state dict; the metadata key `ddengine_twin` holds {"format": 1,
-"model_config": UNetConfig}.
+`ddengine export` writes MODEL.safetensors beside MODEL.onnx; the bench baselines and the torch-CUDA backend load
+it. The tensors are the module's state dict; the metadata key `ddengine_twin` holds {"format": 1, "architecture":
+"ddengine-unet" | "diffusers-UNet2DModel", "config": ...}. Every twin is called as forward(sample, timestep,
+class_labels) -> model output, the engine's input contract.
 """
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 TWIN_KEY = "ddengine_twin"
 TWIN_FORMAT = 1
 SUFFIX = ".safetensors"
+ARCHITECTURES = ("ddengine-unet", "diffusers-UNet2DModel")
 
 
 class TwinError(ValueError):
@@ -22,22 +24,26 @@ def twin_path(model_path):
 
 
 def save_twin(path, module):
-    """Write `module` (a ddengine.nets.unet.UNet) as a twin file, atomically."""
+    """Write `module` (a ddengine UNet, or a DiffusersUNet wrapper) as a twin file, atomically."""
     from safetensors.torch import save_file
 
     from ddengine.output import atomic_write_via
 
-    tensors = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
-    meta = {TWIN_KEY: json.dumps({"format": TWIN_FORMAT, "model_config": json.loads(module.config.to_json())})}
+    from ddengine.nets.diffusers_unet import DiffusersUNet
+
+    if isinstance(module, DiffusersUNet):
+        architecture, config, state = "diffusers-UNet2DModel", dict(module.unet.config), module.unet.state_dict()
+    else:
+        architecture, config, state = "ddengine-unet", json.loads(module.config.to_json()), module.state_dict()
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    meta = {TWIN_KEY: json.dumps({"format": TWIN_FORMAT, "architecture": architecture, "config": config}, default=list)}
     atomic_write_via(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_twin(path):
-    """The UNet of a twin file (eval mode, fp32, CPU); TwinError naming what is wrong otherwise."""
+    """The module of a twin file (eval mode, fp32, CPU); TwinError naming what is wrong otherwise."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
-
-    from ddengine.nets.unet import UNet, UNetConfig
 
     path = Path(path)
     if not path.is_file():
@@ -47,10 +53,25 @@ def load_twin(path):
             header = json.loads((fh.metadata() or {}).get(TWIN_KEY, "null"))
         if not isinstance(header, dict) or header.get("format") != TWIN_FORMAT:
             raise TwinError(f"{path} is not a ddengine U-Net twin (no '{TWIN_KEY}' metadata of format {TWIN_FORMAT})")
-        module = UNet(UNetConfig.from_dict(header["model_config"]))
-        module.load_state_dict(load_file(str(path)))
+        if header.get("architecture") not in ARCHITECTURES:
+            raise TwinError(f"{path}: twin architecture {header.get('architecture')!r} is not one of {', '.join(ARCHITECTURES)}")
+        module = _build(header["architecture"], header["config"])
+        target = module.unet if header["architecture"] != "ddengine-unet" else module
+        target.load_state_dict(load_file(str(path)))
     except (SafetensorError, OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, RuntimeError) as err:
         if isinstance(err, TwinError):
             raise
         raise TwinError(f"{path}: not a usable ddengine U-Net twin: {err}") from None
     return module.eval()
+
+
+def _build(architecture, config):
+    if architecture == "ddengine-unet":
+        from ddengine.nets.unet import UNet, UNetConfig
+
+        return UNet(UNetConfig.from_dict(config))
+    from diffusers import UNet2DModel
+
+    from ddengine.nets.diffusers_unet import DiffusersUNet
+
+    return DiffusersUNet(UNet2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")}))

@@ -139,7 +139,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, sample, timestep, class_labels=None):
-        emb = self.time_mlp(timestep_embedding(timestep, self.config.base_channels))
+        emb = self.time_mlp(timestep_embedding(timestep, self.config.base_channels).to(sample.dtype))
         if self.class_emb is not None:
             if class_labels is None:
                 class_labels = torch.full_like(timestep, self.config.num_classes)

@@ -2,8 +2,9 @@
 import subprocess
 import sys
 
-MODULES = ["ddengine.backends.trt", "ddengine.backends.ort_cuda", "ddengine.cuda_step", "ddengine.gpu_sampler",
-           "ddengine.cli.build", "ddengine.export.trt_build", "ddengine.export.manifest"]
+MODULES = ["ddengine.backends.trt", "ddengine.backends.trt_manifest", "ddengine.backends.ort_cuda", "ddengine.gpu.driver",
+           "ddengine.gpu.memory", "ddengine.gpu.nvrtc", "ddengine.gpu.step_kernels", "ddengine.gpu.loop",
+           "ddengine.cli.build", "ddengine.export.trt_build"]
 
 
 def test_imports_are_lazy():

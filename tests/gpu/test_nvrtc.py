@@ -8,10 +8,12 @@ import pytest
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="needs cuda-python: pip install cuda-python nvidia-cuda-nvrtc",
                             exc_type=ImportError)
 
-from ddengine import cuda_step  # noqa: E402
+from ddengine.gpu import nvrtc as cuda_nvrtc  # noqa: E402
+from ddengine.gpu.driver import CudaError, check  # noqa: E402
+from ddengine.gpu.step_kernels import ENTRY_POINTS  # noqa: E402
 
 try:
-    cuda_step.nvrtc_version()
+    cuda_nvrtc.nvrtc_version()
 except Exception as err:  # the NVRTC shared library itself is missing
     pytest.skip(f"NVRTC library not loadable ({err}): pip install nvidia-cuda-nvrtc", allow_module_level=True)
 
@@ -19,7 +21,7 @@ except Exception as err:  # the NVRTC shared library itself is missing
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DDENGINE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(cuda_step, "_images", {})
+    monkeypatch.setattr(cuda_nvrtc, "_images", {})
     return tmp_path / "cache" / "cuda"
 
 
@@ -27,27 +29,27 @@ def cache(tmp_path, monkeypatch):
 def kernels_copy(tmp_path):
     folder = tmp_path / "kernels"
     folder.mkdir()
-    for name in cuda_step.KERNEL_FILES:
-        shutil.copy(cuda_step.kernel_dir() / name, folder / name)
+    for name in cuda_nvrtc.KERNEL_FILES:
+        shutil.copy(cuda_nvrtc.kernel_dir() / name, folder / name)
     return folder
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_ptx_for_each_architecture(arch):
-    ptx = cuda_step.compile_step(arch, "ptx").decode()
+    ptx = cuda_nvrtc.compile_step(arch, "ptx").decode()
     assert re.search(rf"^\.target sm_{arch}\b", ptx, re.M)
     entries = re.findall(r"\.entry (\w+)\(", ptx)
-    assert sorted(entries) == sorted(cuda_step.ENTRY_POINTS)
+    assert sorted(entries) == sorted(ENTRY_POINTS)
     # --fmad=false: no contraction into fma, so the CUDA twin rounds like the C kernel (-ffp-contract=off).
     assert "fma.rn.f32" not in ptx and "mul.rn.f32" in ptx
 
 
 def test_cubin_for_sm90_is_an_elf_image():
-    assert cuda_step.compile_step(90, "cubin")[:4] == b"\x7fELF"
+    assert cuda_nvrtc.compile_step(90, "cubin")[:4] == b"\x7fELF"
 
 
 def test_compiled_once_then_served_from_disk(cache, monkeypatch):
-    image = cuda_step.compiled_step(86)
+    image = cuda_nvrtc.compiled_step(86)
     files = list(cache.iterdir())
     assert len(files) == 1 and files[0].read_bytes() == image
     assert re.fullmatch(r"step-[0-9a-f]{20}-cubin_86-nvrtc\d+\.\d+-[0-9a-f]{8}\.cubin", files[0].name)
@@ -55,35 +57,35 @@ def test_compiled_once_then_served_from_disk(cache, monkeypatch):
     def no_compile(*args, **kw):
         raise AssertionError("NVRTC ran although the image was cached")
 
-    monkeypatch.setattr(cuda_step, "compile_step", no_compile)
-    monkeypatch.setattr(cuda_step, "_images", {})  # a new process: memory cache empty, disk cache kept
-    assert cuda_step.compiled_step(86) == image
+    monkeypatch.setattr(cuda_nvrtc, "compile_step", no_compile)
+    monkeypatch.setattr(cuda_nvrtc, "_images", {})  # a new process: memory cache empty, disk cache kept
+    assert cuda_nvrtc.compiled_step(86) == image
 
 
 def test_cache_key_follows_source_arch_and_nvrtc(kernels_copy, monkeypatch):
-    key = cuda_step.cache_key(90, "cubin", kernels_copy)
-    assert cuda_step.cache_key(80, "cubin", kernels_copy) != key
+    key = cuda_nvrtc.cache_key(90, "cubin", kernels_copy)
+    assert cuda_nvrtc.cache_key(80, "cubin", kernels_copy) != key
     (kernels_copy / "philox.h").write_text((kernels_copy / "philox.h").read_text() + "\n/* changed */\n")
-    assert cuda_step.cache_key(90, "cubin", kernels_copy) != key
-    changed = cuda_step.cache_key(90, "cubin", kernels_copy)
-    monkeypatch.setattr(cuda_step, "nvrtc_version", lambda: (99, 1))
-    assert cuda_step.cache_key(90, "cubin", kernels_copy) != changed
+    assert cuda_nvrtc.cache_key(90, "cubin", kernels_copy) != key
+    changed = cuda_nvrtc.cache_key(90, "cubin", kernels_copy)
+    monkeypatch.setattr(cuda_nvrtc, "nvrtc_version", lambda: (99, 1))
+    assert cuda_nvrtc.cache_key(90, "cubin", kernels_copy) != changed
 
 
 def test_compile_error_carries_the_nvrtc_log(kernels_copy):
     (kernels_copy / "step.cu").write_text('#include "ddstep.h"\nextern "C" __global__ void k(float *x) { x[0] = undefined_name; }\n')
-    with pytest.raises(cuda_step.CudaError, match="(?s)could not compile step.cu.*undefined_name"):
-        cuda_step.compile_step(90, "ptx", kernels_copy)
+    with pytest.raises(CudaError, match="(?s)could not compile step.cu.*undefined_name"):
+        cuda_nvrtc.compile_step(90, "ptx", kernels_copy)
 
 
 def test_unknown_target_is_refused():
     with pytest.raises(ValueError, match="target must be 'ptx' or 'cubin', got 'fatbin'"):
-        cuda_step.nvrtc_options(90, "fatbin", ".")
+        cuda_nvrtc.nvrtc_options(90, "fatbin", ".")
 
 
 def test_gpus_newer_than_nvrtc_get_ptx_of_the_newest_known_arch(monkeypatch):
-    supported = list(cuda_step.check(nvrtc.nvrtcGetSupportedArchs()))
-    assert cuda_step.load_target(supported[-1]) == ("cubin", supported[-1])
-    assert cuda_step.load_target(supported[-1] + 1) == ("ptx", supported[-1])
-    with pytest.raises(cuda_step.CudaError, match=f"cannot compile for sm_{supported[0] - 1}"):
-        cuda_step.load_target(supported[0] - 1)
+    supported = list(check(nvrtc.nvrtcGetSupportedArchs()))
+    assert cuda_nvrtc.load_target(supported[-1]) == ("cubin", supported[-1])
+    assert cuda_nvrtc.load_target(supported[-1] + 1) == ("ptx", supported[-1])
+    with pytest.raises(CudaError, match=f"cannot compile for sm_{supported[0] - 1}"):
+        cuda_nvrtc.load_target(supported[0] - 1)

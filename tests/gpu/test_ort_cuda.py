@@ -2,8 +2,8 @@
 onnxruntime-gpu): same result as the CPU loop; CUDA graphs are refused because Run() cannot be captured."""
 import numpy as np
 import pytest
-from gpu_support import needs_gpu
-
+from tests.support.gpu import needs_gpu
+from tests.support.tiny_models import build_tiny_model
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
@@ -13,8 +13,6 @@ def test_silent_cpu_fallback_is_refused(tmp_path):
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("the CUDA provider is available here, so there is no fallback to provoke")
-    from tiny_models import build_tiny_model
-
     from ddengine.backends.base import BackendError
     from ddengine.backends.ort_cuda import OrtCudaBackend
     from ddengine.model import load_model
@@ -30,36 +28,38 @@ def cuda_backend(tmp_path):
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("needs onnxruntime-gpu (CUDAExecutionProvider): pip install ddengine[gpu]")
-    from tiny_models import build_tiny_model
-
     from ddengine.backends.ort_cuda import OrtCudaBackend
     from ddengine.model import load_model
 
     path = tmp_path / "uncond.onnx"
     build_tiny_model(path, conv=False)
-    return OrtCudaBackend(load_model(path))
+    return OrtCudaBackend(load_model(path)), path
 
 
-@pytest.mark.gpu
-@needs_gpu[1]
-def test_device_loop_matches_the_cpu_loop(cuda_backend):
-    from toy_cuda_model import cpu_loop
-
-    from ddengine.gpu_sampler import GpuLoop
+@needs_gpu
+def test_device_loop_matches_the_host_loop(cuda_backend):
+    cuda_backend, path = cuda_backend
+    from ddengine.backends.ort import OrtBackend
+    from ddengine.gpu.loop import DeviceLoop
+    from ddengine.loop import HostLoop
+    from ddengine.model import load_model
     from ddengine.plan import make_plan
 
     plan = make_plan(dict(cuda_backend.spec.scheduler), 5, method="ddpm")
     seeds = np.array([1, 2, 3], dtype=np.uint64)
-    got = GpuLoop(cuda_backend, plan, graphs=None).denoise(seeds)
-    np.testing.assert_allclose(got, cpu_loop(cuda_backend.spec, plan, seeds, None, None), rtol=0, atol=1e-4)
+    got, bad = DeviceLoop(cuda_backend, graphs=None).denoise(plan, seeds, None, None)
+    cpu = OrtBackend(load_model(path))
+    want, _ = HostLoop(cpu, cpu.spec).denoise(plan, seeds, None, None)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert bad.tolist() == [-1, -1, -1]
 
 
-@pytest.mark.gpu
-@needs_gpu[1]
+@needs_gpu
 def test_graphs_are_refused(cuda_backend):
-    from ddengine.gpu_sampler import GpuLoop
+    cuda_backend, _ = cuda_backend
+    from ddengine.gpu.loop import DeviceLoop
     from ddengine.plan import make_plan
 
     plan = make_plan(dict(cuda_backend.spec.scheduler), 2, method="ddpm")
     with pytest.raises(ValueError, match="OrtCudaRunner backend cannot be captured"):
-        GpuLoop(cuda_backend, plan, graphs=True).denoise(np.array([1], np.uint64))
+        DeviceLoop(cuda_backend, graphs=True).denoise(plan, np.array([1], np.uint64), None, None)

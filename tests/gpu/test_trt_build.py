@@ -5,11 +5,11 @@ import json
 
 import onnx
 import pytest
-from gpu_support import FAKE_GPU
 
 from ddengine.backends import trt as trt_backend
-from ddengine.export import manifest as mf
+from ddengine.backends import trt_manifest as mf
 from ddengine.export.trt_build import BuildConfig, BuildError, build_engine, parse_batch
+from tests.support.gpu import FAKE_GPU
 
 
 def config(onnx, tmp_path, **kw):
@@ -146,22 +146,21 @@ def save_external(src, dst, location):
     return dst
 
 
-def test_external_weights_are_part_of_the_content_hash(onnx16, tmp_path):
-    from ddengine.export.trt_build import onnx_sha256
-
-    assert onnx_sha256(onnx16) == hashlib.sha256(onnx16.read_bytes()).hexdigest()  # no external data: the file hash
+def test_changed_external_weights_rebuild_the_engine(fake_trt, onnx16, tmp_path):
     path = save_external(onnx16, tmp_path / "ext.onnx", "ext.weights")
-    before = onnx_sha256(path)
-    assert before != hashlib.sha256(path.read_bytes()).hexdigest()
+    first = build_engine(config(path, tmp_path))
+    assert first.manifest["key"]["onnx_sha256"] != hashlib.sha256(path.read_bytes()).hexdigest()
+    assert build_engine(config(path, tmp_path)).reused
     weights = tmp_path / "ext.weights"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # one changed weight bit, same .onnx file
     weights.write_bytes(bytes(data))
-    assert onnx_sha256(path) != before
+    again = build_engine(config(path, tmp_path))
+    assert not again.reused and again.manifest["key"]["onnx_sha256"] != first.manifest["key"]["onnx_sha256"]
 
 
 def test_external_data_outside_the_model_folder_is_refused(onnx16, tmp_path):
-    from ddengine.export.trt_build import onnx_sha256
+    from ddengine.model import ModelError, load_model
 
     sub = tmp_path / "models"
     sub.mkdir()
@@ -172,16 +171,15 @@ def test_external_data_outside_the_model_folder_is_refused(onnx16, tmp_path):
             if entry.key == "location":
                 entry.value = "../w.bin"
     onnx.save(model, str(sub / "evil.onnx"))
-    with pytest.raises(BuildError, match="external data location '../w.bin' points outside"):
-        onnx_sha256(sub / "evil.onnx")
+    with pytest.raises(ModelError, match="'../w.bin' points outside"):
+        load_model(sub / "evil.onnx")
 
 
 def test_the_exporters_fp16_model_is_accepted_as_fp16(fake_trt, tmp_path):
     """The fp16 ONNX that `ddengine export --fp16` makes (export/fp16.py) passes the fp16 check; its fp32 source does not."""
     pytest.importorskip("onnxconverter_common", reason="export/fp16.py needs onnxconverter-common")
-    from tiny_models import build_tiny_model
-
     from ddengine.export.fp16 import convert
+    from tests.support.tiny_models import build_tiny_model
     from ddengine.export.trt_build import onnx_precision
 
     src = tmp_path / "cond32.onnx"

@@ -2,9 +2,9 @@
 CPU, and sample with the device loop with and without CUDA graphs."""
 import numpy as np
 import pytest
-from gpu_support import needs_gpu, needs_tensorrt
+from tests.support.gpu import GPU_MARKS, TRT_MARKS
 
-pytestmark = [*needs_gpu, *needs_tensorrt]
+pytestmark = [*GPU_MARKS, *TRT_MARKS]
 
 
 @pytest.fixture
@@ -25,27 +25,28 @@ def test_build_then_reuse(built, cond16, tmp_path):
 
 def test_forward_matches_onnx_runtime(built, cond16):
     from ddengine.backends.ort import OrtBackend
-    from ddengine.backends.trt import TensorRTBackend
+    from ddengine.backends.trt import create
     from ddengine.model import load_model
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
-    labels = np.array([4, 4, 0, 3], dtype=np.int64)
-    expected = OrtBackend(load_model(cond16)).run(x, 501, labels, np.empty_like(x))
-    with TensorRTBackend(built.engine_path) as backend:
-        got = backend.run(x, 501, labels, np.empty_like(x))
+    feeds = {"sample": x, "timestep": np.array([501, 501, 3, 999]), "class_labels": np.array([4, 4, 0, 3])}
+    expected = OrtBackend(load_model(cond16)).run(feeds, np.empty_like(x))
+    with create(load_model(cond16), engine=built.engine_path) as backend:
+        got = backend.run(feeds, np.empty_like(x))
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-3)  # the fp16 gain is the same in both graphs
 
 
-def test_device_loop_graph_equals_no_graph(built):
-    from ddengine.backends.trt import TensorRTBackend
-    from ddengine.gpu_sampler import GpuLoop
+def test_device_loop_graph_equals_no_graph(built, cond16):
+    from ddengine.backends.trt import create
+    from ddengine.gpu.loop import DeviceLoop
+    from ddengine.model import load_model
     from ddengine.plan import make_plan
 
-    backend = TensorRTBackend(built.engine_path)
+    backend = create(load_model(cond16), engine=built.engine_path)
     plan = make_plan(dict(backend.spec.scheduler), 5, method="ddim", eta=0.5)
-    seeds, labels = np.array([5, 6], dtype=np.uint64), np.array([4, 4, 1, 2], dtype=np.int64)
-    eager = GpuLoop(backend, plan, guidance=2.0, graphs=False).denoise(seeds, labels)
-    graphed = GpuLoop(backend, plan, guidance=2.0, graphs=True).denoise(seeds, labels)
+    seeds, classes = np.array([5, 6], dtype=np.uint64), np.array([1, 2])
+    eager, _ = DeviceLoop(backend, graphs=False).denoise(plan, seeds, classes, 2.0)
+    graphed, bad = DeviceLoop(backend, graphs=True).denoise(plan, seeds, classes, 2.0)
     np.testing.assert_array_equal(graphed, eager)
-    assert np.isfinite(eager).all()
+    assert np.isfinite(eager).all() and bad.tolist() == [-1, -1]

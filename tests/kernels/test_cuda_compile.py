@@ -8,12 +8,13 @@ import pytest
 
 import ddengine.kernels
 from ddengine import _kernels
-from kernel_oracle import rel_err
+from ddengine.gpu.step_kernels import ENTRY_POINTS
+from ddengine.fused import image_records
+from tests.support.gpu import needs_gpu
+from tests.support.kernel_oracle import random_step_case, rel_err
 
 KERNELS = Path(ddengine.kernels.__file__).resolve().parent
 SOURCE = KERNELS / "step.cu"
-ENTRY_POINTS = ("ddstep_step", "ddstep_fill_noise", "ddstep_set_timesteps_i64", "ddstep_set_timesteps_f32",
-                "ddstep_advance")
 
 
 def entries(ptx):
@@ -55,65 +56,53 @@ def test_nvrtc_compiles_without_system_headers():
     assert entries(ptx.decode(errors="replace")) == set(ENTRY_POINTS)
 
 
-def have_gpu():
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return False
-    try:
-        return subprocess.run([smi, "-L"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 @pytest.fixture(scope="module")
-def cuda_module():
-    if not have_gpu():
-        pytest.skip("no NVIDIA GPU (nvidia-smi -L failed or is missing)")
-    cupy = pytest.importorskip("cupy", reason="cupy is not installed")
-    return cupy, cupy.RawModule(code=SOURCE.read_text(), options=("--fmad=false", f"-I{KERNELS}"))
+def device():
+    """StepKernels on the first GPU (tests/support/gpu.py needs_gpu skips without one)."""
+    from ddengine.gpu.step_kernels import step_kernels
+
+    return step_kernels(0)
 
 
-def launch(mod, name, total, *args):
-    block = 256
-    mod.get_function(name)(((total + block - 1) // block,), (block,), args)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("guidance", [None, 7.5])
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_cuda_step_matches_c_kernel(cuda_module, guidance, clip):
-    cp, mod = cuda_module
+@needs_gpu
+def test_cuda_step_matches_c_kernel_and_noise_bits(device, clip):
+    from ddengine.gpu.memory import DeviceArray, Stream
+    from ddengine.gpu.step_kernels import step_args
+
     rng = np.random.default_rng(11)
-    batch, shape = 5, (3, 17, 19)  # 969 elements per image: a partial quad
-    x = rng.standard_normal((batch,) + shape).astype(np.float32)
-    model_out = rng.standard_normal(((2 if guidance else 1) * batch,) + shape).astype(np.float32)
-    table = rng.uniform(-1.5, 1.5, (4, 9)).astype(np.float32)
-    seeds = rng.integers(0, 2**64, batch, dtype=np.uint64)
-    step = 2
-    x_d, index_d = cp.asarray(x), cp.asarray(np.array([step], np.int32))
-    per_image = x[0].size
-    launch(mod, "ddstep_step", batch * ((per_image + 3) // 4), x_d, cp.asarray(model_out), cp.asarray(table), index_d,
-           cp.asarray(seeds), np.int32(batch), np.int64(per_image), np.int32(guidance is not None),
-           np.float32(guidance or 0.0), np.float32(clip or 0.0))
-    _kernels.step(x, model_out, table[step], seeds, step, guidance=guidance, clip=clip)
-    assert rel_err(cp.asnumpy(x_d), x) < 1e-6
+    x, model_out, table, images = random_step_case(rng, 6, (3, 17, 19))  # 969 elements per image: a partial quad
+    stream = Stream()
+    buffers = [DeviceArray.from_host(a, stream) for a in (x, model_out, table, images)]
+    device.step(stream, step_args(*(b.ptr for b in buffers), len(x), x[0].size, clip))
+    got = buffers[0].download(stream)
+    _kernels.step(x, model_out, table, images, clip=clip or 0.0)
+    assert rel_err(got, x) < 1e-6
+    # the noise alone (a sigma-only row) is bit-identical: the same integer Philox and float32 Box-Muller
+    noise_row = np.zeros((1, 9), np.float32)
+    noise_row[0, 8] = 1.0
+    zeros, images["row"] = np.zeros_like(x), 0
+    for b, a in zip(buffers, (zeros, zeros, noise_row, images)):
+        b.upload(a, stream)
+    device.step(stream, step_args(*(b.ptr for b in buffers), len(x), x[0].size, None))
+    host = zeros.copy()
+    _kernels.step(host, zeros.copy(), noise_row, images.copy())
+    assert np.array_equal(buffers[0].download(stream).view(np.uint32), host.view(np.uint32))
+    for b in buffers:
+        b.free()
+    stream.close()
 
 
-@pytest.mark.gpu
-def test_cuda_fill_noise_and_counters_match(cuda_module):
-    cp, mod = cuda_module
+@needs_gpu
+def test_cuda_fill_noise_is_bit_identical(device):
+    from ddengine.gpu.memory import DeviceArray, Stream
+    from ddengine.gpu.step_kernels import step_args
+
     seeds = np.array([0, 3, 2**63 + 1], np.uint64)
-    out = np.empty((3, 1001), np.float32)
-    _kernels.fill_noise(out, seeds)
-    out_d = cp.empty_like(cp.asarray(out))
-    launch(mod, "ddstep_fill_noise", 3 * 251, out_d, cp.asarray(seeds), np.int32(3), np.int64(1001))
-    assert rel_err(cp.asnumpy(out_d), out) < 1e-6
-
-    t_table = np.array([999, 500, 1], np.int64)
-    index_d = cp.asarray(np.array([1], np.int32))
-    t64, t32 = cp.zeros(6, cp.int64), cp.zeros(6, cp.float32)
-    launch(mod, "ddstep_set_timesteps_i64", 6, t64, cp.asarray(t_table), index_d, np.int32(6))
-    launch(mod, "ddstep_set_timesteps_f32", 6, t32, cp.asarray(t_table), index_d, np.int32(6))
-    launch(mod, "ddstep_advance", 1, index_d)
-    assert cp.asnumpy(t64).tolist() == [500] * 6 and cp.asnumpy(t32).tolist() == [500.0] * 6
-    assert int(cp.asnumpy(index_d)[0]) == 2
+    want = np.empty((3, 1001), np.float32)
+    _kernels.fill_noise(want, seeds)
+    stream = Stream()
+    out, images = DeviceArray(want.shape, np.float32), DeviceArray.from_host(image_records(seeds), stream)
+    device.fill_noise(stream, step_args(out.ptr, None, None, images.ptr, 3, 1001))
+    assert np.array_equal(out.download(stream).view(np.uint32), want.view(np.uint32))
+    out.free(), images.free(), stream.close()

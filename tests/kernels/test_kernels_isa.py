@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ddengine import _kernels
+from ddengine.fused import image_records
 
 # step_ext.c is not package data: build from the checkout these tests live in (the installed module was too)
 KERNELS = Path(__file__).resolve().parents[2] / "kernels"
@@ -37,8 +38,11 @@ def outputs(k):
     noise = np.empty((5, 30001), np.float32)
     k.fill_noise(noise, seeds)
     x = np.linspace(-2, 2, noise.size, dtype=np.float32).reshape(noise.shape)
-    model_out = np.concatenate([np.cos(x), 0.5 * np.sin(x)])
-    k.step(x, model_out, [1.1, -0.3, 0.2, 0.9, -0.1, 0.7, 0.2, -0.4, 0.35], seeds, 12, guidance=4.0, clip=1.5)
+    model_out = np.concatenate([np.cos(x), 0.5 * np.sin(x[:3])])
+    table = np.array([[1.1, -0.3, 0.2, 0.9, -0.1, 0.7, 0.2, -0.4, 0.35], [0.9, 0.1, 0, 1, 0, 0.8, 0.1, 0.3, 0]], np.float32)
+    images = image_records(seeds, uncond=[5, 6, 7, -1, -1], guidance=[4.0, 1.5, 7.0, 0, 0])
+    images["row"], images["step"] = [0, 1, 0, 1, 0], [12, 3, 0, 999, 2**31]
+    k.step(x, model_out, table, images, clip=1.5)
     return noise.view(np.uint32), x.view(np.uint32)
 
 

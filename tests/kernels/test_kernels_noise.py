@@ -4,16 +4,19 @@ import pytest
 from scipy import stats
 
 from ddengine import _kernels
-from kernel_oracle import batch_noise, noise, rel_err
+from ddengine.fused import image_records
+from tests.support.kernel_oracle import batch_noise, noise, rel_err
 
-NOISE_ONLY = [0, 0, 0, 0, 0, 0, 0, 0, 1]  # x' = 1 * z (engine/coeffs.py column order)
+NOISE_ONLY = np.array([[0, 0, 0, 0, 0, 0, 0, 0, 1]], np.float32)  # x' = 1 * z (engine/coeffs.py column order)
 SEEDS = np.array([0, 1, 2**32 - 1, 2**32, 2**63 + 12345, 2**64 - 1, 7, 99], dtype=np.uint64)
 
 
 def step_noise(seeds, shape, step, threads=0):
     """The noise that step() adds at this step, extracted with the sigma=1-only row."""
     x = np.zeros(shape, np.float32)
-    _kernels.step(x, np.zeros(shape, np.float32), NOISE_ONLY, seeds, step, threads=threads)
+    images = image_records(seeds)
+    images["step"] = step
+    _kernels.step(x, np.zeros(shape, np.float32), NOISE_ONLY, images, threads=threads)
     return x
 
 

@@ -4,7 +4,7 @@ import random
 import pytest
 
 from ddengine import _kernels
-from kernel_oracle import philox_np, philox_py
+from tests.support.kernel_oracle import philox_np, philox_py
 
 # Random123 kat_vectors, "philox4x32 10" lines: counter[4], key[2] -> output[4].
 KAT = [

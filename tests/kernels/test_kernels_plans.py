@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 
 from ddengine import _kernels
+from ddengine.fused import image_records
 from ddengine.plan import make_plan
 from ddengine.reference import reference_step
-from kernel_oracle import batch_noise, rel_err
+from tests.support.kernel_oracle import batch_noise, rel_err
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -20,9 +21,12 @@ def test_every_step_of_a_plan_matches_reference(prediction_type, method, eta, st
     rng = np.random.default_rng(steps)
     seeds = np.array([3, 2**40 + 4], np.uint64)
     x = rng.standard_normal((2, 3, 7, 5)).astype(np.float32)
-    for i, row in enumerate(plan.rows_float32()):
+    table, images = plan.rows_float32(), image_records(seeds)
+    for i, row in enumerate(table):
         m = rng.standard_normal(x.shape).astype(np.float32)
         ref = reference_step(x, m, row.astype(np.float64), batch_noise(seeds, x.shape, i, 0), clip=plan.clip)
-        _kernels.step(x, m, row, seeds, i, clip=plan.clip)
+        _kernels.step(x, m, table, images, clip=plan.clip or 0.0)
+        images["row"] += 1
+        images["step"] += 1
         assert rel_err(x, ref) < 1e-6, (i, int(plan.timesteps[i]))
         x = ref.astype(np.float32)

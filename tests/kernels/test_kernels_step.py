@@ -1,111 +1,92 @@
-"""The fused step of ddengine._kernels against the float64 numpy reference (engine/reference.py)."""
+"""The fused step of ddengine._kernels against the float64 numpy reference (engine/reference.py), image by image."""
 import numpy as np
 import pytest
 
 from ddengine import _kernels
-from ddengine.reference import reference_step
-from kernel_oracle import batch_noise, rel_err
+from ddengine.fused import IMAGE_DTYPE, NOT_BAD, image_records
+from tests.support.kernel_oracle import oracle_step, random_step_case, rel_err
 
 PER_IMAGE_SHAPES = [(1,), (3,), (37,), (5, 7, 3), (2053,)]  # 2053 = one 2048-element block + a partial quad
 
 
-def random_case(rng, batch, shape, guided, sigma=0.7):
-    """x, model_out ((2B, ...) with guidance) and a float32 row with every coefficient in play."""
-    x = rng.standard_normal((batch,) + shape).astype(np.float32)
-    model_out = rng.standard_normal(((2 if guided else 1) * batch,) + shape).astype(np.float32)
-    row = rng.uniform(-1.5, 1.5, 9).astype(np.float32)
-    row[8] = sigma
-    seeds = rng.integers(0, 2**64, batch, dtype=np.uint64)
-    return x, model_out, row, seeds
-
-
-def oracle(x, model_out, row, seeds, step, guidance, clip):
-    z = batch_noise(seeds, x.shape, step=step, domain=0)
-    return reference_step(x, model_out, row.astype(np.float64), z, guidance=guidance, clip=clip)
-
-
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("guidance", [None, 7.5])
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_step_matches_float64_reference(threads, guidance, clip):
-    rng = np.random.default_rng([threads, guidance is None, clip is None])
-    for batch in range(1, 18):
+def test_step_matches_float64_reference_per_image(threads, clip):
+    rng = np.random.default_rng([threads, clip is None])
+    for batch in range(1, 14):
         for shape in PER_IMAGE_SHAPES:
-            x, model_out, row, seeds = random_case(rng, batch, shape, guidance is not None)
-            step = int(rng.integers(0, 1000))
-            ref = oracle(x, model_out, row, seeds, step, guidance, clip)
-            _kernels.step(x, model_out, row, seeds, step, guidance=guidance, clip=clip, threads=threads)
+            x, model_out, table, images = random_step_case(rng, batch, shape)
+            ref = oracle_step(x, model_out, table, images, clip)
+            _kernels.step(x, model_out, table, images, clip=clip or 0.0, threads=threads)
             assert rel_err(x, ref) < 1e-6, (batch, shape)
+            assert (images["bad"] == NOT_BAD).all()
 
 
-@pytest.mark.parametrize("guidance, clip", [(None, None), (3.0, 0.5)])
-def test_multithreaded_large_batch_matches_reference(guidance, clip):
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_multithreaded_large_batch_matches_reference_and_one_thread(clip):
     rng = np.random.default_rng(5)
-    x, model_out, row, seeds = random_case(rng, 5, (3, 61, 67), guidance is not None)  # > parallel threshold
-    ref = oracle(x, model_out, row, seeds, 3, guidance, clip)
+    x, model_out, table, images = random_step_case(rng, 5, (3, 61, 67))  # > the parallel threshold
+    ref = oracle_step(x, model_out, table, images, clip or None)
     one = x.copy()
-    _kernels.step(one, model_out, row, seeds, 3, guidance=guidance, clip=clip, threads=1)
-    _kernels.step(x, model_out, row, seeds, 3, guidance=guidance, clip=clip, threads=2)
-    assert np.array_equal(x, one)
-    assert rel_err(x, ref) < 1e-6
+    _kernels.step(one, model_out, table, images.copy(), clip=clip, threads=1)
+    for _ in range(3):  # the persistent pool serves call after call
+        y = x.copy()
+        _kernels.step(y, model_out, table, images.copy(), clip=clip, threads=2)
+        assert np.array_equal(y, one)
+    assert rel_err(one, ref) < 1e-6
+
+
+def test_each_image_is_independent_of_the_rest_of_its_batch():
+    rng = np.random.default_rng(8)
+    x, model_out, table, images = random_step_case(rng, 9, (3, 40, 40))
+    together = x.copy()
+    _kernels.step(together, model_out, table, images.copy(), clip=1.0, threads=2)
+    for j in range(9):
+        alone_out = [model_out[j]] + ([model_out[images["uncond"][j]]] if images["uncond"][j] >= 0 else [])
+        alone_images = images[j:j + 1].copy()
+        alone_images["uncond"] = 1 if images["uncond"][j] >= 0 else -1
+        alone = x[j:j + 1].copy()
+        _kernels.step(alone, np.stack(alone_out), table, alone_images, clip=1.0, threads=1)
+        assert np.array_equal(alone[0], together[j])
+
+
+def test_first_non_finite_step_is_recorded_per_image():
+    rng = np.random.default_rng(9)
+    x, model_out, table, images = random_step_case(rng, 4, (50,), guided_share=1.0)
+    images["step"] = 7
+    model_out[1, 3] = np.nan  # image 1's conditional output
+    model_out[4 + 2, 0] = np.inf  # image 2's unconditional output
+    x[3, 5] = 3e38  # image 3 overflows inside the update
+    table[:, 5] = 2.0
+    _kernels.step(x, model_out, table, images, clip=0.0)
+    assert images["bad"].tolist() == [-1, 7, 7, 7]
+    images["step"] = 8
+    _kernels.step(x, model_out, table, images, clip=0.0)
+    assert images["bad"].tolist()[1:] == [7, 7, 7]  # the first failing step is kept
 
 
 def test_sigma_zero_adds_no_noise():
     rng = np.random.default_rng(6)
-    x, model_out, row, seeds = random_case(rng, 4, (9, 9), False, sigma=0.0)
-    ref = reference_step(x, model_out, row.astype(np.float64))
-    _kernels.step(x, model_out, row, seeds, 0)
+    x, model_out, table, images = random_step_case(rng, 4, (9, 9), guided_share=0.0, sigma=0.0)
+    ref = oracle_step(x, model_out, table, images)
+    images["step"] = 0
+    _kernels.step(x, model_out, table, images)
     assert rel_err(x, ref) < 1e-6
 
 
-def test_clip_bounds_x0():
-    # row: x0 = m, eps = 0, x' = x0: the step returns clip(m)
-    model_out = np.array([[-3.0, -0.5, 0.0, 0.5, 3.0, np.nan]], np.float32)
-    x = np.zeros_like(model_out)
-    _kernels.step(x, model_out, [0, 1, 0, 0, 0, 1, 0, 0, 0], np.zeros(1, np.uint64), 0, clip=1.0)
-    np.testing.assert_array_equal(x, [[-1.0, -0.5, 0.0, 0.5, 1.0, np.nan]])
+def test_records_match_the_compiled_layout():
+    layout = _kernels.layout()
+    assert layout["dd_image"]["size"] == IMAGE_DTYPE.itemsize
+    for field in ("seed", "row", "step", "uncond", "guidance", "bad"):
+        assert IMAGE_DTYPE.fields[field][1] == layout["dd_image"][field], field
+    from ddengine.fused import StepArgs
+
+    assert layout["dd_step_args"]["size"] == __import__("ctypes").sizeof(StepArgs)
+    for field in ("x", "model_out", "table", "images", "batch", "per_image", "clip"):
+        assert getattr(StepArgs, field).offset == layout["dd_step_args"][field], field
 
 
-def test_guidance_uses_unconditional_then_conditional_half():
-    # row: x' = m = u + g (c - u)
-    u = np.full((2, 3), 1.0, np.float32)
-    c = np.full((2, 3), 3.0, np.float32)
-    x = np.zeros((2, 3), np.float32)
-    _kernels.step(x, np.concatenate([u, c]), [0, 0, 0, 1, 0, 0, 0, 1, 0], np.zeros(2, np.uint64), 0, guidance=2.0)
-    np.testing.assert_array_equal(x, np.full((2, 3), 5.0))
-
-
-@pytest.mark.parametrize("row", [
-    [0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9],
-    (0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9),
-    np.array([0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9]),
-    np.array([0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9], np.float32),
-])
-def test_row_accepts_sequences_and_buffers(row):
-    x, model_out = np.ones((2, 5), np.float32), np.ones((2, 5), np.float32)
-    seeds = np.array([1, 2], np.uint64)
-    ref = oracle(x, model_out, np.asarray(row, np.float32), seeds, 4, None, None)
-    assert _kernels.step(x, model_out, row, seeds, 4) is None
-    assert rel_err(x, ref) < 1e-6
-
-
-def test_empty_batch_is_a_no_op():
-    x = np.zeros((0, 4), np.float32)
-    _kernels.step(x, x.copy(), [1] * 9, np.zeros(0, np.uint64), 0)
-    _kernels.fill_noise(x, np.zeros(0, np.uint64))
-
-
-def test_concurrent_calls_from_python_threads_match_sequential():
-    from concurrent.futures import ThreadPoolExecutor
-
-    rng = np.random.default_rng(8)
-    cases = [random_case(rng, 3, (40000,), guided=True) for _ in range(4)]  # > parallel threshold each
-    want = []
-    for x, model_out, row, seeds in cases:
-        y = x.copy()
-        _kernels.step(y, model_out, row, seeds, 9, guidance=2.0, threads=1)
-        want.append(y)
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda c: _kernels.step(*c, 9, guidance=2.0, threads=2), cases))
-    for (x, *_), y in zip(cases, want):
-        assert np.array_equal(x, y)
+def test_image_records_start_clean():
+    images = image_records(np.array([5, 6], np.uint64), row=3, uncond=[2, -1], guidance=[1.5, 0.0])
+    assert images["row"].tolist() == [3, 3] and images["step"].tolist() == [0, 0]
+    assert images["uncond"].tolist() == [2, -1] and images["bad"].tolist() == [-1, -1]

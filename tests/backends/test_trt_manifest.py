@@ -1,11 +1,13 @@
-"""Engine manifest and cache key (export/manifest.py): every key field is checked, files are written atomically."""
+"""Engine manifest and cache key (engine/backends/trt_manifest.py): every key field is checked, files are written atomically."""
 import hashlib
 import json
 import os
 
+import numpy as np
+
 import pytest
 
-from ddengine.export import manifest as mf
+from ddengine.backends import trt_manifest as mf
 
 KEY = dict(onnx_sha256="ab" * 32, precision="fp16", profile={"batch": (1, 8, 16), "engine_batch": (1, 16, 32)},
            hardware_compat="none", tensorrt_version="10.13.3", gpu_name="NVIDIA H100 80GB HBM3",
@@ -79,10 +81,23 @@ def test_bad_key_values_name_expected_and_given():
         mf.make_key(**dict(KEY, hardware_compat="turing"))
 
 
-def test_sha256_file_matches_the_published_vector(tmp_path):
+def test_the_key_s_model_hash_is_the_file_s_sha256_extended_by_its_external_data(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ddengine.model import onnx_sha256
+
     path = tmp_path / "abc"
-    path.write_bytes(b"abc")  # FIPS 180-2, appendix B.1
-    assert mf.sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    path.write_bytes(b"abc")  # FIPS 180-2, appendix B.1 (the hash streams the file; `proto` stands for its parse)
+    assert onnx_sha256(path, onnx.ModelProto()) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    weights = onnx.numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "w")
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [weights]))
+    onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    before = onnx_sha256(tmp_path / "m.onnx", proto)
+    (tmp_path / "m.data").write_bytes(b"\0" * 8)
+    assert onnx_sha256(tmp_path / "m.onnx", proto) != before  # new weights, same graph file: another model
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):

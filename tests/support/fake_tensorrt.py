@@ -142,11 +142,12 @@ def make_module(version="10.99.0", faults=(), io=None):
         def __init__(self, network, logger):
             self.logger, self.errors = logger, []
 
-        def parse(self, data, path=None):
+        def parse_from_file(self, path):
             import hashlib
+            from pathlib import Path
 
-            state.onnx_sha = hashlib.sha256(data).hexdigest()
-            state.calls.append(("parse", path))
+            state.onnx_sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            state.calls.append(("parse_from_file", path))
             if "parse" in state.faults:
                 self.errors = ["In node 3 (parseGraph): INVALID_NODE: Invalid Node - /Conv unsupported"]
                 self.logger.log(Severity.ERROR, "ModelImporter.cpp:912: failed to import /Conv")

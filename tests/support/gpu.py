@@ -1,4 +1,4 @@
-"""Shared by the GPU-path tests (a uniquely named module: every test folder has its own conftest.py)."""
+"""Shared by the GPU-path tests: markers that skip without a GPU or TensorRT, a fake GPU identity, fp16 stand-ins."""
 import importlib.util
 
 import onnx
@@ -24,7 +24,7 @@ def to_mixed_fp16(src, dst):
 
 def _gpu_count():
     try:
-        from ddengine.cuda_step import device_count
+        from ddengine.gpu.driver import device_count
     except ImportError:
         return 0
     return device_count()
@@ -35,5 +35,12 @@ def _has_tensorrt():
 
 
 HAS_GPU = _gpu_count() > 0
-needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU with cuda-python (pip install ddengine[gpu])")]
-needs_tensorrt = [pytest.mark.tensorrt, pytest.mark.skipif(not _has_tensorrt(), reason="needs TensorRT (pip install ddengine[gpu])")]
+GPU_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU with cuda-python (pip install ddengine[gpu])")]
+TRT_MARKS = [pytest.mark.tensorrt, pytest.mark.skipif(not _has_tensorrt(), reason="needs TensorRT (pip install ddengine[gpu])")]
+
+
+def needs_gpu(test):
+    """Mark one test `gpu` and skip it without a GPU (a module uses `pytestmark = GPU_MARKS`)."""
+    for mark in GPU_MARKS:
+        test = mark(test)
+    return test

@@ -63,3 +63,37 @@ def rel_err(got, ref):
     """Norm-wise relative error max|got - ref| / max|ref|."""
     ref = np.asarray(ref, dtype=np.float64)
     return float(np.max(np.abs(np.asarray(got, dtype=np.float64) - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def random_step_case(rng, batch, shape, guided_share=0.5, tables=3, sigma=0.7):
+    """x, model_out, a coefficient table and per-image records with different rows, steps and guidance.
+
+    Images 0..B-1 own model_out rows 0..B-1; guided images get unconditional rows B.. in order.
+    """
+    from ddengine.fused import NO_UNCOND, image_records
+
+    x = rng.standard_normal((batch,) + shape).astype(np.float32)
+    guided = rng.random(batch) < guided_share
+    model_out = rng.standard_normal((batch + int(guided.sum()),) + shape).astype(np.float32)
+    table = rng.uniform(-1.5, 1.5, (tables, 9)).astype(np.float32)
+    table[:, 8] = sigma
+    table[0, 8] = 0.0  # one row without noise
+    images = image_records(rng.integers(0, 2**64, batch, dtype=np.uint64))
+    images["row"] = rng.integers(0, tables, batch)
+    images["step"] = rng.integers(0, 2**32, batch, dtype=np.uint64).astype(np.uint32)
+    images["uncond"] = np.where(guided, batch + np.cumsum(guided) - 1, NO_UNCOND)
+    images["guidance"] = np.where(guided, rng.uniform(0.5, 8.0, batch), 0.0)
+    return x, model_out, table, images
+
+
+def oracle_step(x, model_out, table, images, clip=None):
+    """Each image stepped alone in float64 (engine/reference.py) with its own row, noise step and guidance."""
+    from ddengine.reference import reference_step
+
+    out = np.empty(x.shape, dtype=np.float64)
+    for j, im in enumerate(images):
+        z = noise(im["seed"], x[j].size, int(im["step"]), 0).reshape(x[j].shape)
+        uncond = model_out[im["uncond"]] if im["uncond"] >= 0 else None
+        out[j] = reference_step(x[j], model_out[j], table[im["row"]].astype(np.float64), z, uncond=uncond,
+                                guidance=float(im["guidance"]) if uncond is not None else None, clip=clip)
+    return out
