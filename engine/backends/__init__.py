@@ -1,24 +1,45 @@
-"""Backends that run the U-Net forward: one module each, imported only when chosen."""
+"""Backends that run the U-Net forward: one module each, imported only when chosen.
+
+`--backend auto` resolves, on this machine, to the fastest backend that is installed: a GPU provider when there
+is one, else OpenVINO in bf16 where the CPU runs bf16 natively, else ONNX Runtime fp32 (measured faster than
+OpenVINO fp32 on the shipped model at every batch; bench/results).
+"""
 import importlib
 import importlib.util
 from dataclasses import dataclass
 
 from ddengine.backends.base import Backend, BackendError
 
-# backend name -> (module, factory, what it needs: an ONNX Runtime provider or a Python package)
-BACKENDS = {
-    "ort-cpu": ("ddengine.backends.ort", "OrtBackend", "CPUExecutionProvider"),
-    "ort-cuda": ("ddengine.backends.ort_cuda", "OrtCudaBackend", "CUDAExecutionProvider"),
-    "ort-tensorrt": ("ddengine.backends.ort", "OrtBackend", "TensorrtExecutionProvider"),
-    "tensorrt": ("ddengine.backends.trt", "create", "tensorrt"),  # needs an engine built by `ddengine build`
-    "torch-cuda": ("ddengine.backends.torch_cuda", "TorchCudaBackend", "torch+gpu"),  # needs the model's torch twin
-}
-CPU_BACKENDS = ("ort-cpu",)
-INSTALL_HINT = {"CUDAExecutionProvider": "pip install 'ddengine[gpu]'", "TensorrtExecutionProvider": "pip install 'ddengine[gpu]'",
-                "tensorrt": "pip install 'ddengine[gpu]'", "torch+gpu": "PyTorch with CUDA, cuda-python and an NVIDIA GPU"}
+__all__ = ["Backend", "BackendError", "BACKENDS", "CPU_BACKENDS", "AutoChoice", "auto_choice", "available_backends",
+           "resolve_backend", "create_backend"]
 
-__all__ = ["Backend", "BackendError", "BACKENDS", "CPU_BACKENDS", "AutoChoice", "auto_choice", "available_backends", "resolve_backend",
-           "create_backend"]
+
+@dataclass(frozen=True)
+class Entry:
+    """A backend: where its factory is, what it needs installed, the precisions it runs, and its device."""
+
+    module: str
+    factory: str
+    needs: str  # an ONNX Runtime provider, a Python package, or "torch+gpu"
+    precisions: tuple  # the first is what "auto" means for it
+    device: str = "cpu"
+    takes_precision: bool = False  # whether the factory chooses its precision (else it has only one)
+
+
+BACKENDS = {
+    "ort-cpu": Entry("ddengine.backends.ort", "OrtBackend", "CPUExecutionProvider", ("fp32",)),
+    "openvino": Entry("ddengine.backends.openvino", "OpenVinoBackend", "openvino", ("auto", "bf16", "fp32"),
+                      takes_precision=True),
+    "ort-cuda": Entry("ddengine.backends.ort_cuda", "OrtCudaBackend", "CUDAExecutionProvider", ("fp32",), "gpu"),
+    "ort-tensorrt": Entry("ddengine.backends.ort", "OrtBackend", "TensorrtExecutionProvider", ("fp32",), "gpu"),
+    "tensorrt": Entry("ddengine.backends.trt", "create", "tensorrt", ("fp16", "fp32"), "gpu"),  # an engine from `ddengine build`
+    "torch-cuda": Entry("ddengine.backends.torch_cuda", "TorchCudaBackend", "torch+gpu", ("fp16", "bf16"), "gpu",
+                        takes_precision=True),  # needs the model's torch twin
+}
+CPU_BACKENDS = tuple(name for name, entry in BACKENDS.items() if entry.device == "cpu")
+INSTALL_HINT = {"CUDAExecutionProvider": "pip install 'ddengine[gpu]'", "TensorrtExecutionProvider": "pip install 'ddengine[gpu]'",
+                "tensorrt": "pip install 'ddengine[gpu]'", "openvino": "pip install openvino",
+                "torch+gpu": "PyTorch with CUDA, cuda-python and an NVIDIA GPU"}
 
 
 @dataclass(frozen=True)
@@ -44,36 +65,51 @@ def available_backends():
 
             return importlib.util.find_spec("torch") is not None and device_count() > 0
         return importlib.util.find_spec(need) is not None
-    return [name for name, (_, _, need) in BACKENDS.items() if have(need)]
+    return [name for name, entry in BACKENDS.items() if have(entry.needs)]
 
 
 def auto_choice():
-    """The fastest backend installed here: a GPU through ONNX Runtime's CUDA provider, else ONNX Runtime on the CPU."""
+    """The fastest backend installed here, and why (`ddengine info` prints it)."""
     available = available_backends()
     if "ort-cuda" in available:
-        return AutoChoice("ort-cuda", "fp32", "ONNX Runtime's CUDA provider is installed (TensorRT engines are chosen explicitly)")
-    return AutoChoice("ort-cpu", "fp32", "no GPU provider is installed: ONNX Runtime on the CPU, exact fp32")
+        return AutoChoice("ort-cuda", "fp32", "ONNX Runtime's CUDA provider is installed (TensorRT and torch-cuda are "
+                                              "chosen explicitly: they need a built engine or the model's torch twin)")
+    if "openvino" in available:
+        from ddengine.backends.openvino import native_bf16
+
+        if native_bf16():
+            return AutoChoice("openvino", "bf16", "this CPU runs bf16 natively (OpenVINO lists BF16: AMX or AVX512-BF16); "
+                                                  "OpenVINO bf16 is the fastest CPU path measured (bench/results)")
+        return AutoChoice("ort-cpu", "fp32", "this CPU has no native bf16; ONNX Runtime fp32 was measured faster than "
+                                             "OpenVINO fp32 on the shipped model")
+    return AutoChoice("ort-cpu", "fp32", "OpenVINO is not installed: ONNX Runtime on the CPU, exact fp32")
 
 
-def resolve_backend(name):
-    """Map "auto" to the best available backend; reject unknown or unavailable names."""
-    if name == "auto":
-        return auto_choice().name
-    if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}; expected one of {', '.join(['auto', *BACKENDS])}")
-    available = available_backends()
-    if name not in available:
-        need = BACKENDS[name][2]
-        raise BackendError(f"backend {name!r} is not available here (it needs {need}: {INSTALL_HINT.get(need, 'pip install ' + need)}); "
-                           f"available: {', '.join(available)}")
-    return name
-
-
-def create_backend(name, model, *, threads=None):
-    """Load `model` (a ddengine.model.Model) on backend `name` ("auto" or a key of BACKENDS)."""
+def resolve_backend(name, precision="auto"):
+    """(backend name, precision) for a requested pair; "auto" picks per machine; unknown or unavailable names are refused."""
     if not isinstance(name, str):
         raise BackendError(f"backend must be a name, one of {', '.join(['auto', *BACKENDS])}; got {name!r}")
-    name = resolve_backend(name)
-    module, factory, need = BACKENDS[name]
-    provider = need if need.endswith("ExecutionProvider") else None
-    return getattr(importlib.import_module(module), factory)(model, provider=provider, threads=threads, name=name)
+    if name == "auto":
+        choice = auto_choice()
+        name, precision = choice.name, choice.precision if precision == "auto" else precision
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; expected one of {', '.join(['auto', *BACKENDS])}")
+    entry = BACKENDS[name]
+    if precision != "auto" and precision not in entry.precisions:
+        raise BackendError(f"backend {name!r} runs precision {', '.join(p for p in entry.precisions if p != 'auto')}; "
+                           f"got precision {precision!r}")
+    available = available_backends()
+    if name not in available:
+        raise BackendError(f"backend {name!r} is not available here (it needs {entry.needs}: "
+                           f"{INSTALL_HINT.get(entry.needs, 'pip install ' + entry.needs)}); available: {', '.join(available)}")
+    return name, precision
+
+
+def create_backend(name, model, *, threads=None, precision="auto"):
+    """Load `model` (a ddengine.model.Model) on backend `name` ("auto" or a key of BACKENDS) at `precision`."""
+    name, precision = resolve_backend(name, precision)
+    entry = BACKENDS[name]
+    provider = entry.needs if entry.needs.endswith("ExecutionProvider") else None
+    kwargs = {"precision": entry.precisions[0] if precision == "auto" else precision} if entry.takes_precision else {}
+    return getattr(importlib.import_module(entry.module), entry.factory)(model, provider=provider, threads=threads, name=name,
+                                                                         **kwargs)

@@ -18,13 +18,12 @@ class BackendError(RuntimeError):
 class Backend(Protocol):
     """One loaded model on one device; `run` must be safe to call from several threads at once.
 
-    name: the registry name; precision: what the forward computes in ("fp32", "bf16", "fp16");
-    batch_invariant: whether a row's output is bit-identical whatever else shares its batch (tested per backend).
+    name: the registry name; precision: what the forward computes in ("fp32", "bf16", "fp16"). Whether a row's
+    output is bit-identical whatever else shares its batch is measured, not declared (probe_batch_invariance).
     """
 
     name: str
     precision: str
-    batch_invariant: bool
 
     def run(self, feeds: dict, out: np.ndarray) -> np.ndarray:
         """Write the model's output for feeds (role -> array: sample, timestep per row, class_labels, ...) into `out`."""
@@ -86,3 +85,22 @@ class DeviceRunner:
 
     def close(self):
         """Release what the runner holds."""
+
+
+def probe_batch_invariance(backend, spec, rows=7, seed=0):
+    """Whether `backend` gives each of `rows` random rows (own timesteps and labels) bit for bit the output it gives
+    that row alone: the property exact step-level batching needs (no vendor promises it; it is measured here)."""
+    rng = np.random.default_rng(seed)
+    T = spec.schedule.num_train_timesteps
+    feeds = {"sample": rng.standard_normal((rows, *spec.image_shape)).astype(np.float32),
+             "timestep": rng.integers(0, T, rows)}
+    if spec.conditional:
+        feeds["class_labels"] = rng.integers(0, spec.num_classes + (spec.null_class is not None), rows)
+    if spec.io["timestep"].scalar:
+        feeds["timestep"][:] = feeds["timestep"][0]
+    together = backend.run(feeds, np.empty((rows, *spec.image_shape), dtype=np.float32))
+    for i in range(rows):
+        alone = backend.run({k: v[i:i + 1] for k, v in feeds.items()}, np.empty((1, *spec.image_shape), dtype=np.float32))
+        if not np.array_equal(alone[0].view(np.uint32), together[i].view(np.uint32)):
+            return False
+    return True

@@ -24,7 +24,6 @@ class OrtBackend:
     """Runs a ddengine ONNX model with one ONNX Runtime execution provider (CPU, CUDA or TensorRT)."""
 
     precision = "fp32"
-    batch_invariant = True  # on the CPU provider: tests/backends/test_batch_invariance.py
 
     def __init__(self, model, *, provider="CPUExecutionProvider", threads=None, name="ort-cpu"):
         self.name, self.spec = name, model.spec

@@ -15,7 +15,6 @@ PROVIDER = "CUDAExecutionProvider"
 class OrtCudaBackend(OrtBackend):
     """An OrtBackend pinned to the CUDA provider on one device; fails instead of falling back to the CPU."""
 
-    batch_invariant = False  # cuDNN picks algorithms per shape
 
     def __init__(self, model, *, provider=PROVIDER, threads=None, name="ort-cuda", device=0):
         if provider != PROVIDER:

@@ -15,7 +15,6 @@ _TYPESTR = {"float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4"}
 class TorchCudaBackend:
     """The torch twin of a model on one CUDA device; `run` takes host arrays, `open_runner` device buffers."""
 
-    batch_invariant = False  # cuDNN and cuBLAS choose kernels per shape
 
     def __init__(self, model, *, provider=None, threads=None, name="torch-cuda", precision="fp16", channels_last=True,
                  device=0, twin=None):

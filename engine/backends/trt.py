@@ -104,7 +104,6 @@ class TensorRTBackend:
     """A TensorRT engine on one GPU: `run` for host arrays, `open_runner` for the device loop (engine/gpu/loop.py)."""
 
     precision = "fp16"
-    batch_invariant = False  # tactics are chosen per profile and shape
 
     def __init__(self, engine_path, spec, *, onnx_sha256=None, device=0, name="tensorrt"):
         from ddengine.gpu.driver import use_device

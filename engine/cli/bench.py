@@ -12,7 +12,8 @@ from ddengine.cli.common import open_sampler, schedule_options, usage_errors
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="ONNX model (default: the shipped one).")
 @click.option("--scheduler-config", type=click.Path(path_type=Path), default=None)
 @click.option("--backend", "backends", multiple=True,
-              help="Backend to measure (repeatable; default: auto and every CPU backend installed here).")
+              help="Backend to measure, NAME or NAME:PRECISION (repeatable; default: auto and every CPU backend installed here, "
+                   "OpenVINO in bf16 and fp32).")
 @click.option("--batch", "batches", type=int, multiple=True, help="Batch size (repeatable; default 1, 16, 64).")
 @schedule_options
 @click.option("--guidance", type=float, default=None, help="Benchmark classifier-free guidance (doubled forward batch).")
@@ -38,8 +39,11 @@ def bench(model, scheduler_config, backends, batches, steps, method, eta, spacin
             raise click.UsageError(f"output folder {path.parent} does not exist")
     batches = batches or (1, 16, 64)
     auto = auto_choice()
-    backends = backends or ("auto", *[b for b in CPU_BACKENDS if b in available_backends() and b != auto.name])
-    samplers = {name: open_sampler(model, scheduler_config, name, threads) for name in dict.fromkeys(backends)}
+    backends = backends or default_backends(auto, available_backends(), CPU_BACKENDS)
+    samplers = {}
+    for label in dict.fromkeys(backends):
+        name, precision = parse_backend(label)
+        samplers[label] = open_sampler(model, scheduler_config, name, threads, precision)
     for sampler in samplers.values():
         for batch in batches:
             classes = "all" if sampler.spec.conditional else None
@@ -60,6 +64,24 @@ def bench(model, scheduler_config, backends, batches, steps, method, eta, spacin
         atomic_write(json_path, (json.dumps(result, indent=2) + "\n").encode())
     if plot_path is not None:
         _plot(rows, plot_path)
+
+
+def default_backends(auto, available, cpu_backends):
+    """auto, then every installed CPU backend at each of its precisions ("openvino:bf16", "openvino:fp32", ...)."""
+    from ddengine.backends import BACKENDS
+
+    labels = ["auto"]
+    for name in cpu_backends:
+        if name in available:
+            precisions = [p for p in BACKENDS[name].precisions if p != "auto"]
+            labels += [name] if len(precisions) == 1 else [f"{name}:{p}" for p in precisions]
+    return labels
+
+
+def parse_backend(label):
+    """'openvino:bf16' -> ('openvino', 'bf16'); 'ort-cpu' -> ('ort-cpu', 'auto')."""
+    name, _, precision = label.partition(":")
+    return name, precision or "auto"
 
 
 class _Table:

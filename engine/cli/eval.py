@@ -5,12 +5,13 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ddengine.cli.common import open_sampler, usage_errors
+from ddengine.cli.common import PRECISIONS, open_sampler, usage_errors
 
 
 @click.command()
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="ONNX model (default: the shipped one).")
 @click.option("--backend", default="auto", show_default=True, help="auto, or a backend `ddengine info` lists.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="The forward's precision.")
 @click.option("--classifier", "classifier_path", type=click.Path(dir_okay=False), default=None, help="Classifier ONNX (default: the shipped one).")
 @click.option("--data", "data_path", type=click.Path(), default=None, help="Fashion-MNIST IDX folder.")
 @click.option("--n", type=click.IntRange(10), default=1000, show_default=True, help="Generated (and real floor) images per guidance.")
@@ -23,16 +24,20 @@ from ddengine.cli.common import open_sampler, usage_errors
 @click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None,
               help="Also save a PNG grid (a row per class, 10 columns) from the last --guidance.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
-def eval_cmd(model_path, backend, classifier_path, data_path, n, steps, guidances, seed, batch_size, threads, grid_path, json_path):
+def eval_cmd(model_path, backend, precision, classifier_path, data_path, n, steps, guidances, seed, batch_size, threads, grid_path, json_path):
     """FID (classifier features, vs the 10,000 test images) and conditional accuracy at 50 DDIM steps."""
     from ddengine.data import DataError
-    from ddengine.evaluation import EvaluationError, FeatureNet, evaluate, real_floor, real_images
+    from ddengine.evaluation import IMAGE_SHAPE, EvaluationError, FeatureNet, evaluate, real_floor, real_images
     from ddengine.output import atomic_write, class_grid, save_image
 
     for path in (grid_path, json_path):
         if path is not None and not Path(path).resolve().parent.is_dir():
             raise click.UsageError(f"output folder {Path(path).parent} does not exist")
-    sampler = open_sampler(model_path, None, backend, threads)
+    sampler = open_sampler(model_path, None, backend, threads, precision)
+    spec = sampler.spec
+    if (spec.height, spec.width, spec.channels) != IMAGE_SHAPE or spec.num_classes < 10:
+        raise click.UsageError(f"eval scores Fashion-MNIST models (1x32x32 images, 10 classes); {sampler.model.path.name} "
+                               f"makes {spec.channels}x{spec.height}x{spec.width} images with {spec.num_classes} classes")
     try:
         net = FeatureNet(classifier_path, threads)
         test, test_labels = real_images("test", data_path)
@@ -52,7 +57,8 @@ def eval_cmd(model_path, backend, classifier_path, data_path, n, steps, guidance
         save_image(grid_path, class_grid(images[:keep], list(np.arange(keep) % 10)))
         click.echo(f"wrote {grid_path}")
     if json_path:
-        text = json.dumps({"model": str(model_path or "default"), "backend": sampler.backend.name, "steps": steps, "rows": rows}, indent=2)
+        text = json.dumps({"model": str(model_path or "default"), "backend": sampler.backend.name,
+                           "precision": sampler.backend.precision, "steps": steps, "rows": rows}, indent=2)
         atomic_write(json_path, text.encode())
 
 

@@ -47,13 +47,27 @@ def info(model, scheduler_config, steps, method, eta, spacing):
     for i in sorted({0, 1, len(plan) - 2, len(plan) - 1} & set(range(len(plan)))):
         table.add_row(str(i), str(plan.timesteps[i]), *(f"{v:.6g}" for v in plan.coeffs[i]))
     console.print(table)
-    print_backends(console)
+    print_backends(console, loaded)
 
 
-def print_backends(console):
-    """The backends installed here and what `--backend auto` resolves to, with the reason."""
-    from ddengine.backends import auto_choice, available_backends
+def print_backends(console, model):
+    """The backends installed here, what `--backend auto` resolves to and why, and its measured batch invariance."""
+    from ddengine.backends import BackendError, auto_choice, available_backends, create_backend
+    from ddengine.backends.base import probe_batch_invariance
 
     console.print(f"[bold]backends[/bold] available here: {', '.join(available_backends())}")
     choice = auto_choice()
     console.print(f"[bold]auto[/bold]     {choice.name} ({choice.precision}): {choice.reason}")
+    try:
+        backend = create_backend(choice.name, model, precision=choice.precision)
+        exact = probe_batch_invariance(backend, model.spec)
+        backend.close()
+    except BackendError as err:
+        console.print(f"  (could not load it to probe batch invariance: {err})")
+        return
+    if exact:
+        console.print("  batch-invariant here: 7 rows with their own timesteps and labels gave, bit for bit, what each gave "
+                      "alone; the same request gives bit-identical images whatever the batch size")
+    else:
+        console.print("  [bold]not batch-invariant here[/bold]: an image can change in its last bits with the batch it "
+                      "shares; use --backend ort-cpu for the exact fp32 path")

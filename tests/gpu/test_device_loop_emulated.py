@@ -53,7 +53,7 @@ class EmuRunner(DeviceRunner):
 
 
 class EmuBackend:
-    name, precision, batch_invariant = "emulated", "fp32", True
+    name, precision = "emulated", "fp32"
 
     def __init__(self, emu, spec, nan_class=None):
         self.emu, self.spec, self.nan_class, self.forwards = emu, spec, nan_class, 0

@@ -30,7 +30,7 @@ def forward32(x, t, labels, spec, nan_class=None):
 class ToyHostBackend:
     """The Backend protocol on host arrays (the oracle side of device-loop tests)."""
 
-    name, precision, batch_invariant = "toy", "fp32", True
+    name, precision = "toy", "fp32"
 
     def __init__(self, spec, nan_class=None):
         self.spec, self.nan_class = spec, nan_class
