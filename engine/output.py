@@ -13,18 +13,19 @@ class OutputError(OSError):
     """An output path cannot be written."""
 
 
-def _file_mode():
-    """0o666 less the process umask: the mode open() would give a new file (mkstemp's own is 0o600)."""
+def _umask():
+    """The process umask, read without changing it where /proc allows."""
     try:
         with open("/proc/self/status") as f:
-            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
     except (OSError, StopIteration, ValueError):
         umask = os.umask(0o022)
         os.umask(umask)
-    return 0o666 & ~umask
+        return umask
 
 
-FILE_MODE = _file_mode()
+FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp's own is 0o600)
+DIR_MODE = 0o777 & ~_umask()  # what mkdir() would give a new folder (mkdtemp's own is 0o700)
 
 
 def atomic_write_via(path, write):

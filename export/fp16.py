@@ -79,7 +79,7 @@ def final_latents(model_path, n, steps=50, seed=0, guidance=None, classes=None):
         if step == steps - 1:
             finals[first] = x.copy()
 
-    with Sampler(model=str(model_path)) as sampler:
+    with Sampler(model=str(model_path), backend="ort-cpu") as sampler:  # the graph's own precision, no bf16
         sampler.sample(n, steps=steps, method="ddim", eta=0.0, seed=seed, classes=classes, guidance=guidance, batch_size=n, callback=keep)
     return np.concatenate([finals[k] for k in sorted(finals)])
 

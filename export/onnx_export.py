@@ -11,7 +11,9 @@ from ddengine.spec import METADATA_KEY, ModelSpec
 from .checkpoint import CheckpointError
 
 OPSET = 17
+OPSET_PARTS = 18  # the pipeline parts: the exporter writes opset-18 Split (num_outputs) for diffusers' attention
 ATOL_FP32 = 1e-4
+EXTERNAL_DATA_BYTES = 1500 * 2**20
 INPUTS = ("sample", "timestep", "class_labels")
 
 
@@ -19,9 +21,12 @@ class ExportError(RuntimeError):
     """The exported graph is invalid or does not reproduce the torch model."""
 
 
-def spec_for(scheduler, channels, height, width, num_classes):
-    """The ModelSpec of a U-Net: class id `num_classes` is the null class when conditional."""
+def spec_for(scheduler, channels, height, width, num_classes, text=False):
+    """The ModelSpec of a U-Net: class id `num_classes` is the null class when conditional; `text`: an
+    encoder_hidden_states input (a text-conditioned latent U-Net)."""
     names = {k: k for k in (INPUTS if num_classes else INPUTS[:2])}
+    if text:
+        names["encoder_hidden_states"] = "encoder_hidden_states"
     return ModelSpec(scheduler=dict(scheduler), channels=channels, height=height, width=width, num_classes=num_classes,
                      null_class=num_classes if num_classes else None, input_names=names)
 
@@ -39,23 +44,88 @@ def random_inputs(spec, n, seed, num_train_timesteps=None):
 
 def to_onnx(module, spec, opset=OPSET):
     """torch.onnx (dynamo exporter) -> ModelProto with a dynamic batch axis, metadata attached, checker-clean."""
+    model = trace(module, random_inputs(spec, 2, seed=0), [spec.output_name], {METADATA_KEY: spec.to_json()}, opset)
+    check(model)
+    return model
+
+
+def trace(module, feeds, output_names, metadata=None, opset=OPSET):
+    """torch.onnx's dynamo exporter on numpy `feeds` (axis 0 dynamic) -> ModelProto with named nodes and metadata."""
     import onnx
     import torch
 
-    feeds = random_inputs(spec, 2, seed=0)
     args = tuple(torch.from_numpy(v) for v in feeds.values())
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module.eval(), args, None, input_names=list(feeds), output_names=[spec.output_name],
-                                    dynamic_shapes={k: {0: batch} for k in feeds}, opset_version=opset, dynamo=True, optimize=True, verbose=False)
+        program = torch.onnx.export(module.eval(), args, None, input_names=list(feeds), output_names=list(output_names),
+                                    dynamic_shapes={k: {0: batch} for k in feeds}, opset_version=opset, dynamo=True,
+                                    optimize=True, verbose=False)
     model = program.model_proto
     for i, node in enumerate(model.graph.node):
         node.name = node.name or f"{node.op_type}_{i}"
     model.producer_name = "ddengine"
-    onnx.helper.set_model_props(model, {METADATA_KEY: spec.to_json()})
-    check(model)
+    if metadata:
+        onnx.helper.set_model_props(model, metadata)
     return model
+
+
+def export_graph(module, feeds, output_names, path, metadata=None, fp16=False):
+    """Trace `module`, optionally to mixed fp16, and save it to `path`: one file, or with external data over 1.5 GB."""
+    import onnx
+
+    model = trace(module, feeds, output_names, metadata, OPSET_PARTS)
+    if fp16:
+        from . import fp16 as mixed
+
+        model = mixed.convert(model)
+    path = Path(path)
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weights > EXTERNAL_DATA_BYTES:  # protobuf cannot serialize 2 GB: the weights go next to the graph
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    del model
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise ExportError(f"exported ONNX graph {path.name} fails onnx.checker: {err}") from None
+
+
+def verify_file(path, module, feeds, atol=None):
+    """Max |ORT - torch| of a saved model over random `feeds(n, seed)` (see compare)."""
+    return compare(_session(str(path)), module, feeds, atol)
+
+
+def compare(session, module, feeds, atol=None, batches=(1, 3), seed=1234):
+    """Max |ORT - torch| over random inputs at several batch sizes; ExportError above `atol` (None: 2% of the
+    output's scale, for fp16 graphs). Returns the error."""
+    import torch
+
+    worst = 0.0
+    for n in batches:
+        inputs = feeds(n, seed + n)
+        with torch.no_grad():
+            want = module(*(torch.from_numpy(v) for v in inputs.values())).float().numpy()
+        got = session.run(None, inputs)[0]
+        if got.shape != want.shape:
+            raise ExportError(f"ONNX output shape {got.shape} != torch {want.shape} at batch {n}")
+        err = float(np.max(np.abs(got.astype(np.float64) - want)))
+        limit = atol if atol is not None else 2e-2 * max(float(np.abs(want).max()), 1.0)
+        if not err <= limit:
+            raise ExportError(f"ONNX Runtime differs from torch by {err:.3g} (> {limit:.3g}) at batch {n}")
+        worst = max(worst, err)
+    return worst
+
+
+def _session(model):
+    """An ONNX Runtime CPU session of a path or serialized bytes, quiet."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 class _quiet:
@@ -84,31 +154,12 @@ def check(model):
 
 def run_onnx(model, feeds):
     """Run a ModelProto on ONNX Runtime's CPU provider; returns the first output."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)[0]
+    return _session(model.SerializeToString()).run(None, feeds)[0]
 
 
-def verify(model, module, spec, atol, batches=(1, 3), seed=1234):
-    """Max |ORT - torch| over random inputs at several batch sizes; ExportError above `atol`. Returns the error."""
-    import torch
-
-    worst = 0.0
-    for n in batches:
-        feeds = random_inputs(spec, n, seed + n)
-        with torch.no_grad():
-            want = module(*(torch.from_numpy(v) for v in feeds.values())).float().numpy()
-        got = run_onnx(model, feeds)
-        if got.shape != want.shape:
-            raise ExportError(f"ONNX output shape {got.shape} != torch {want.shape} at batch {n}")
-        err = float(np.max(np.abs(got.astype(np.float64) - want)))
-        if not err <= atol:
-            raise ExportError(f"ONNX Runtime differs from torch by {err:.3g} (> {atol:g}) at batch {n}")
-        worst = max(worst, err)
-    return worst
+def verify(model, module, spec, atol):
+    """Max |ORT - torch| of an in-memory U-Net ModelProto over random inputs of its spec (see compare)."""
+    return compare(_session(model.SerializeToString()), module, lambda n, seed: random_inputs(spec, n, seed), atol)
 
 
 def export_module(module, spec, out_path, fp16=False, fp16_atol=None):
@@ -120,8 +171,7 @@ def export_module(module, spec, out_path, fp16=False, fp16_atol=None):
 
         model = mixed.convert(model)
         check(model)
-        scale = float(np.abs(run_onnx(model, random_inputs(spec, 3, seed=7))).max())
-        errors["fp16"] = verify(model, module, spec, fp16_atol if fp16_atol is not None else 2e-2 * max(scale, 1.0))
+        errors["fp16"] = verify(model, module, spec, fp16_atol)
     write_model(model, out_path)
     return errors
 
