@@ -7,10 +7,10 @@ the model's error by sqrt((1 - abar) / abar), and bf16's 8-bit mantissa at those
 trajectories (measured: fp32 for t >= 900 of the shipped cosine schedule lifts the worst image of a 100-step DDPM
 run from 31 to 45 dB PSNR against fp32). A row's precision depends on its own timestep only, so batches stay exact.
 
-One compiled model per (precision, forward row count) (static shapes: measured faster than one dynamic-batch model,
-see bench/results), compiled on first use and kept (least recently used first out); one infer request per
-concurrent caller; inputs and the output shared with the caller's arrays (no copies). Latency settings: one
-stream, INFERENCE_NUM_THREADS = the threads asked for (default: physical cores).
+OpenVinoGraph compiles one model per (precision, input shapes) (static shapes: measured faster than one
+dynamic-batch model, see bench/results), on first use, and keeps the last few; one infer request per concurrent
+caller; inputs and the output shared with the caller's arrays (no copies). Latency settings: one stream,
+INFERENCE_NUM_THREADS = the threads asked for (default: physical cores).
 """
 import collections
 import queue
@@ -52,40 +52,39 @@ def resolve_precision(precision, core=None):
     return precision
 
 
-class OpenVinoBackend:
-    """A ddengine ONNX model on OpenVINO's CPU plugin (Backend protocol: run host arrays into `out`)."""
+class OpenVinoGraph:
+    """Any ONNX file on OpenVINO's CPU plugin: infer(inputs by name, out) at a given precision, compiled per shape."""
 
-    def __init__(self, model, *, provider=None, threads=None, name="openvino", precision="auto"):
+    def __init__(self, path, precision="auto", threads=None):
         ov = self.ov = import_openvino()
-        self.name, self.spec, self.path = name, model.spec, model.path
-        self.core = ov.Core()
+        self.path, self.core = path, ov.Core()
         self.precision = resolve_precision(precision, self.core)
         self.config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(threads or physical_cores())}
-        abar = self.spec.schedule.alphas_cumprod()
-        noisiest = np.sqrt((1.0 - abar) / abar) > FP32_AMPLIFICATION
-        self.fp32_at = noisiest if self.precision == "bf16" else np.zeros_like(noisiest)  # by timestep index
         try:
-            self.graph = self.core.read_model(str(model.path))
+            self.graph = self.core.read_model(str(path))
         except Exception as err:  # OpenVINO raises RuntimeError subclasses of its own
-            raise BackendError(f"OpenVINO could not read {model.path}: {_first_line(err)}") from None
-        self._compiled = collections.OrderedDict()  # (precision, rows) -> (CompiledModel, idle InferRequests)
+            raise BackendError(f"OpenVINO could not read {path}: {_first_line(err)}") from None
+        self.output = self.graph.outputs[0].get_any_name()
+        self._compiled = collections.OrderedDict()  # (precision, shapes) -> (CompiledModel, idle InferRequests)
         self._lock = threading.Lock()
-        self._compile(self.precision, 1)  # a model the plugin cannot compile fails here, not at the first forward
 
-    def _compile(self, precision, rows):
-        """The compiled model and idle-request queue for (precision, rows) (compiled once, then cached)."""
-        key = (precision, rows)
+    def compile(self, shapes, precision=None):
+        """The compiled model and idle-request queue for {input name: shape} (compiled once, then cached)."""
+        precision = precision or self.precision
+        key = (precision, tuple(sorted((k, tuple(v)) for k, v in shapes.items())))
         with self._lock:
             entry = self._compiled.get(key)
             if entry is not None:
                 self._compiled.move_to_end(key)
                 return entry
+        if self.graph is None:
+            raise BackendError(f"OpenVINO graph {self.path} is closed")
         graph = self.graph.clone()
-        graph.reshape({self.spec.io[r].name: list(self.spec.io[r].at(rows)) for r in self.spec.roles()})
+        graph.reshape({name: list(shape) for name, shape in shapes.items()})
         try:
             compiled = self.core.compile_model(graph, "CPU", {**self.config, "INFERENCE_PRECISION_HINT": HINTS[precision]})
         except Exception as err:
-            raise BackendError(f"OpenVINO could not compile {self.path} for {rows} rows ({precision}): "
+            raise BackendError(f"OpenVINO could not compile {self.path} for inputs {dict(shapes)} ({precision}): "
                                f"{_first_line(err)}") from None
         with self._lock:
             entry = self._compiled.setdefault(key, (compiled, queue.SimpleQueue()))
@@ -93,9 +92,56 @@ class OpenVinoBackend:
                 self._compiled.popitem(last=False)
         return entry
 
+    def infer(self, inputs, out=None, precision=None):
+        """The first output for {input name: array}: into `out` (float32) when given, else a new array."""
+        compiled, idle = self.compile({k: v.shape for k, v in inputs.items()}, precision)
+        try:
+            request = idle.get_nowait()
+        except queue.Empty:
+            request = compiled.create_infer_request()
+        try:
+            for name, value in inputs.items():
+                request.set_tensor(name, self.ov.Tensor(np.ascontiguousarray(value), shared_memory=True))
+            if out is not None and out.dtype == np.float32 and out.flags.c_contiguous:
+                request.set_tensor(self.output, self.ov.Tensor(out, shared_memory=True))
+                request.infer()
+                return out
+            request.infer()
+            result = request.get_tensor(self.output).data
+            if out is None:
+                return result.copy()
+            np.copyto(out, result, casting="same_kind")
+            return out
+        except Exception as err:
+            raise BackendError(f"OpenVINO: the forward of {self.path} failed: {_first_line(err)}") from None
+        finally:
+            idle.put(request)
+
+    def close(self):
+        """Drop the compiled models (OpenVINO frees them with their last reference)."""
+        with self._lock:
+            self._compiled.clear()
+        self.graph = None
+
+
+class OpenVinoBackend:
+    """A ddengine ONNX model on OpenVINO's CPU plugin (Backend protocol: run host arrays into `out`)."""
+
+    def __init__(self, model, *, provider=None, threads=None, name="openvino", precision="auto"):
+        self.name, self.spec = name, model.spec
+        self.graph = OpenVinoGraph(model.path, precision, threads)
+        self.precision = self.graph.precision
+        abar = self.spec.schedule.alphas_cumprod()
+        noisiest = np.sqrt((1.0 - abar) / abar) > FP32_AMPLIFICATION
+        self.fp32_at = noisiest if self.precision == "bf16" else np.zeros_like(noisiest)  # by timestep index
+        self.graph.compile(self._shapes(1))  # a model the plugin cannot compile fails here, not at the first forward
+
+    def _shapes(self, rows):
+        return {self.spec.io[r].name: self.spec.io[r].at(rows) for r in self.spec.roles()}
+
     def run(self, feeds, out):
         """One forward: `out` (float32, C-contiguous, (rows, C, H, W)) receives the model output."""
-        if self.graph is None:
+        if self.graph.graph is None:
             raise BackendError(f"{self.name}: the backend is closed")
         fp32 = self.fp32_at[np.asarray(feeds["timestep"], dtype=np.int64)]
         if fp32.all() or not fp32.any():
@@ -107,33 +153,13 @@ class OpenVinoBackend:
         return out
 
     def _infer(self, precision, feeds, out):
-        """The forward of all rows at one precision."""
-        compiled, idle = self._compile(precision, len(out))
         try:
-            request = idle.get_nowait()
-        except queue.Empty:
-            request = compiled.create_infer_request()
-        try:
-            for name, value in host_inputs(self.spec, feeds).items():
-                request.set_tensor(name, self.ov.Tensor(value, shared_memory=True))
-            out_name = self.spec.io[OUTPUT_ROLE].name
-            if out.dtype == np.float32 and out.flags.c_contiguous and self.spec.io[OUTPUT_ROLE].dtype == "float32":
-                request.set_tensor(out_name, self.ov.Tensor(out, shared_memory=True))
-                request.infer()
-            else:
-                request.infer()
-                np.copyto(out, request.get_tensor(out_name).data, casting="same_kind")
-        except Exception as err:
-            raise BackendError(f"{self.name}: the model's forward failed for {len(out)} rows: {_first_line(err)}") from None
-        finally:
-            idle.put(request)
-        return out
+            return self.graph.infer(host_inputs(self.spec, feeds), out, precision)
+        except BackendError as err:
+            raise BackendError(f"{self.name}: {err} ({len(out)} rows)") from None
 
     def close(self):
-        """Drop the compiled models (OpenVINO frees them with their last reference)."""
-        with self._lock:
-            self._compiled.clear()
-        self.graph = None
+        self.graph.close()
 
     def __enter__(self):
         return self
