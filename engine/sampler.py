@@ -31,11 +31,11 @@ class Chunk:
 class Sampler:
     """Samples a ddengine ONNX model; one backend session shared by every call (thread-safe)."""
 
-    def __init__(self, model=None, backend="auto", scheduler_config=None, *, threads=None):
+    def __init__(self, model=None, backend="auto", scheduler_config=None, *, threads=None, precision="auto"):
         threads = parse_threads(threads)
         self.model = model if isinstance(model, Model) else load_model(model, scheduler_config)
         self.spec = self.model.spec
-        self.backend = create_backend(backend, self.model, threads=threads)
+        self.backend = create_backend(backend, self.model, threads=threads, precision=precision)
         self.threads = threads or 0
         self._plans = {}  # Request.plan_key -> StepPlan (read-only)
         self.host_loop = HostLoop(self.backend, self.spec, self.threads)
@@ -122,6 +122,8 @@ class Sampler:
                 observe = None if trajectory is None else _snapshots(trajectory, plan, request)
                 x, bad = self.host_loop.denoise(plan, seeds, classes, request.guidance, on_step=step_hook,
                                                 observe=observe, timers=timers)
+            if (bad >= 0).any():  # no NaN reaches the uint8 cast (numpy warns on it); x may be a device download
+                x = np.where((bad >= 0).reshape(-1, *[1] * (x.ndim - 1)), np.float32(0), x)
             images = to_uint8(x, self.spec.value_range)
             images[bad >= 0] = 0  # never shown: their records say "error"
             yield Chunk(start, images, self._records(request, part, bad, trajectory))

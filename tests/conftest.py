@@ -1,12 +1,14 @@
-"""Fixtures for the engine tests: tiny ONNX models written on demand (see tiny_models.py)."""
-import sys
-from pathlib import Path
+"""Fixtures shared by every test folder: tiny ONNX models written on demand (tests/support/tiny_models.py)."""
+import os
+from types import SimpleNamespace
+
+# torch's OpenMP pool spins on every core; next to other work (a training run on a 2-core box) a 6-step tiny-U-Net
+# test took 9 s with 2 threads and 0.2 s with 1. Set before torch is first imported; an explicit setting wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny_models import build_tiny_model  # noqa: E402
+from tests.support.tiny_models import build_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +46,18 @@ def linear_model(tiny_dir):
     path = tiny_dir / "linear.onnx"
     spec = build_tiny_model(path, num_classes=3, conv=False)
     return path, spec
+
+
+@pytest.fixture(scope="session")
+def eval_setup(tmp_path_factory):
+    """Tiny Fashion-MNIST files (40 train, 30 test), an untrained classifier (ONNX and its torch module, the oracle)
+    and a 1x32x32 tiny model with 10 classes: what `ddengine eval` and ddengine.evaluation need, in seconds."""
+    pytest.importorskip("torch")
+    from tests.support.export_helpers import tiny_classifier, tiny_fashion_mnist
+
+    root = tmp_path_factory.mktemp("eval")
+    sets = tiny_fashion_mnist(root / "data")
+    net = tiny_classifier(root / "clf.onnx")
+    build_tiny_model(root / "model.onnx", channels=1, height=32, width=32, num_classes=10)
+    return SimpleNamespace(root=root, data=root / "data", classifier=root / "clf.onnx", model=root / "model.onnx",
+                           net=net, sets=sets)

@@ -9,16 +9,19 @@ from ddengine.plan import METHODS
 from ddengine.timesteps import SPACINGS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EXIT_SIGNAL_BASE = 128  # a run stopped by signal N exits 128 + N (130 for Ctrl-C, 143 for SIGTERM)
 
 
 def model_options(command):
-    """--model, --scheduler-config, --backend, --threads."""
+    """--model, --scheduler-config, --backend, --precision, --threads."""
     for option in reversed([
         click.option("--model", type=click.Path(path_type=Path), default=None, help="ONNX model (default: the shipped one)."),
         click.option("--scheduler-config", type=click.Path(path_type=Path), default=None,
                      help="diffusers scheduler_config.json overriding the model's schedule."),
         click.option("--backend", default="auto", show_default=True, help="auto, or a backend `ddengine info` lists."),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                     help="The forward's precision: auto = the backend's best on this machine (`ddengine info`)."),
         click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)."),
     ]):
         command = option(command)
@@ -37,11 +40,12 @@ def schedule_options(command):
     return command
 
 
-def open_sampler(model, scheduler_config, backend, threads=None):
+def open_sampler(model, scheduler_config, backend, threads=None, precision="auto"):
     """A Sampler for the CLI; model, backend and parameter problems become usage errors (exit 2)."""
     from ddengine.sampler import Sampler
 
-    return usage_errors(Sampler, model, backend=backend, scheduler_config=scheduler_config, threads=threads)
+    return usage_errors(Sampler, model, backend=backend, scheduler_config=scheduler_config, threads=threads,
+                        precision=precision)
 
 
 def usage_errors(fn, *args, **kwargs):

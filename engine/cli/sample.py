@@ -53,13 +53,13 @@ def check_png_channels(channels, fmt, grid, trajectory):
 @click.option("--format", "fmt", type=click.Choice(["png", "npy"]), default="png", show_default=True)
 @click.option("--trajectory", type=int, default=0, help="Every K steps snapshot x_t and predicted x0; one strip PNG per image.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
-def sample(model, scheduler_config, backend, threads, steps, method, eta, spacing, n, batch_size, seed, classes, guidance,
+def sample(model, scheduler_config, backend, precision, threads, steps, method, eta, spacing, n, batch_size, seed, classes, guidance,
            out, overwrite, grid, fmt, trajectory, quiet):
     """Generate images with a model (default: the shipped one)."""
     from ddengine.outdir import OutputFolder
     from ddengine.resources import available_memory, human_bytes
 
-    sampler = open_sampler(model, scheduler_config, backend, threads)
+    sampler = open_sampler(model, scheduler_config, backend, threads, precision)
     request = usage_errors(sampler.request, n, steps, method, eta, seed, None, parse_classes(classes), guidance,
                            batch_size, spacing, trajectory or False)
     check_png_channels(sampler.spec.channels, fmt, grid, trajectory)
@@ -75,13 +75,13 @@ def sample(model, scheduler_config, backend, threads, steps, method, eta, spacin
         try:
             failed = write_run(sampler, request, folder, grid, fmt, quiet, stop)
         except Interrupted as err:
+            listed = folder.manifest_path if folder.has_manifest else "no manifest (none finished)"  # before close()
             folder.close()
-            exit_interrupted(err, f"stopped: {folder.files} image file(s) written, each listed in "
-                                  f"{folder.manifest_path if folder.has_manifest else 'no manifest (none finished)'}")
+            exit_interrupted(err, f"stopped: {folder.files} image file(s) written, each listed in {listed}")
         except (OSError, RuntimeError) as err:  # disk full, backend failure: what is done so far stays listed
-            folder.close()
             where = (f"the {folder.files} finished image file(s) are listed in {folder.manifest_path}" if folder.has_manifest
-                     else "no image was finished")
+                     else "no image was finished")  # before close(), which forgets the manifest
+            folder.close()
             click.echo(f"Error: sampling stopped: {err}; {where}", err=True)
             sys.exit(EXIT_FAILED)
     folder.close()

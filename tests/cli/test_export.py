@@ -1,34 +1,69 @@
-"""`ddengine export / train / train-classifier`: bad input exits 2 with a clear message and writes nothing."""
+"""`ddengine export / train / train-classifier`: the model and its torch twin written, bad input exits 2 with a clear
+message and writes nothing."""
+import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
-from ddengine.cli import main
-from ddengine.export import checkpoint, train
-from ddengine.export.onnx_export import read_spec
-from ddengine.nets.unet import UNet
+torch = pytest.importorskip("torch")
 
-from export_helpers import randomized, tiny_config
+from ddengine.cli import main  # noqa: E402
+from ddengine.export import checkpoint, train  # noqa: E402
+from ddengine.export.onnx_export import read_spec  # noqa: E402
+from ddengine.nets.unet import UNet  # noqa: E402
+
+from tests.support.export_helpers import randomized, tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "last.safetensors"
+def weights():
+    """The raw and the EMA weights of a checkpoint: different, so the export can be told to have taken the EMA ones."""
     cfg = tiny_config()
-    model = randomized(UNet(cfg))
-    meta = {"model_config": cfg.__dict__, "train_config": train.TrainConfig().__dict__, "step": 7,
+    return randomized(UNet(cfg), seed=0), randomized(UNet(cfg), seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, weights):
+    path = tmp_path_factory.mktemp("ckpt") / "last.safetensors"
+    model, ema = weights
+    meta = {"model_config": tiny_config().__dict__, "train_config": train.TrainConfig().__dict__, "step": 7,
             "scheduler": train.scheduler_dict()}
-    checkpoint.save(path, model=model, ema=model, optimizer=torch.optim.AdamW(model.parameters()), meta=meta)
+    checkpoint.save(path, model=model, ema=ema, optimizer=torch.optim.AdamW(model.parameters()), meta=meta)
     return path
 
 
-def test_export_writes_a_self_describing_model(tmp_path, tiny_checkpoint):
-    out = tmp_path / "m.onnx"
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_checkpoint):
+    out = tmp_path_factory.mktemp("export") / "m.onnx"
     result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out)])
+    return out, result
+
+
+def test_export_writes_a_self_describing_model(exported):
+    out, result = exported
     assert result.exit_code == 0, result.output
     assert "max |ORT - torch|" in result.output
     spec = read_spec(out)
     assert (spec.num_classes, spec.null_class, spec.height) == (3, 3, 16)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.onnx", "m.safetensors"]  # the twin, and no temp file
+
+
+def test_the_export_and_its_twin_compute_the_checkpoints_ema_weights(exported, weights):
+    from ddengine.nets.twin import load_twin, twin_path
+    from ddengine.sampler import Sampler
+
+    out, _ = exported
+    model, ema = weights
+    twin = load_twin(twin_path(out))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 1, 16, 16)).astype(np.float32)
+    t, y = np.array([0, 500, 999]), np.array([0, 2, 3])
+    with torch.no_grad():
+        args = (torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y))
+        want, raw, got = ema(*args).numpy(), model(*args).numpy(), twin(*args).numpy()
+    assert np.abs(want - raw).max() > 1e-2  # the two weight sets are distinguishable
+    np.testing.assert_array_equal(got, want)
+    onnx_out = Sampler(out, backend="ort-cpu").backend.run({"sample": x, "timestep": t, "class_labels": y}, np.empty_like(x))
+    np.testing.assert_allclose(onnx_out, want, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("content, message", [(b"\x00" * 100, "not a readable safetensors file"), (None, "does not exist")])

@@ -1,8 +1,14 @@
-"""`ddengine sample` and `ddengine info` end to end: files, manifest, exit codes, and bad input."""
+"""`ddengine sample` end to end: files and manifest, exit codes 0/1/2/128+N, bad input writing nothing, --overwrite,
+--grid one row per class, the progress bar, a failed manifest append, Ctrl-C / SIGTERM at safe points, 16,000 images."""
+import errno
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,44 +16,77 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ddengine.cli import main
+from ddengine.loop import HostLoop
 from ddengine.sampler import Sampler
+from tests.support.tiny_models import SCHEDULER, build_tiny_model
+
+CPU = ("--backend", "ort-cpu")  # the exact fp32 path: the images are compared bit for bit with the API's
 
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def records(folder):
+    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+def assert_manifest_lists_exactly_the_files(folder):
+    """Every listed file exists, every file but the manifest is listed, and nothing else (no temp files) is there."""
+    listed = {name for r in records(folder) for name in (r["file"], r.get("trajectory_file")) if name}
+    assert set(os.listdir(folder)) == listed | {"manifest.jsonl"}
+    return listed
+
+
 def test_sample_writes_images_manifest_grid_and_strips(tmp_path, cond_model):
     out, grid = tmp_path / "out", tmp_path / "grid.png"
-    result = run("sample", "--model", cond_model, "--n", 5, "--steps", 4, "--batch-size", 2, "--seed", 3,
+    result = run("sample", "--model", cond_model, *CPU, "--n", 5, "--steps", 4, "--batch-size", 2, "--seed", 3,
                  "--class", "all", "--guidance", 2.0, "--out", out, "--grid", grid, "--trajectory", 2, "--quiet")
     assert result.exit_code == 0, result.output
-    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    assert [(r["file"], r["seed"], r["class"], r["status"]) for r in records] == [
-        (f"{i:05d}.png", 3 + i, i % 4, "ok") for i in range(5)]
-    assert records[0]["steps"] == 4 and records[0]["guidance"] == 2.0 and records[0]["method"] == "ddim"
-    assert len(records[0]["model_sha256"]) == 64 and records[0]["ddengine_version"]
-    api, _ = Sampler(cond_model).sample(5, steps=4, seed=3, classes=[0, 1, 2, 3, 0], guidance=2.0)
+    got = records(out)
+    assert [(r["file"], r["trajectory_file"], r["seed"], r["class"], r["status"], r["format"]) for r in got] == [
+        (f"{i:05d}.png", f"{i:05d}_trajectory.png", 3 + i, i % 4, "ok", "png") for i in range(5)]
+    assert {(r["steps"], r["guidance"], r["method"], r["eta"], r["spacing"], r["backend"]) for r in got} == {
+        (4, 2.0, "ddim", 0.0, None, "ort-cpu")}
+    import hashlib
+
+    assert {r["model_sha256"] for r in got} == {hashlib.sha256(cond_model.read_bytes()).hexdigest()}
+    api, _ = Sampler(cond_model, backend="ort-cpu").sample(5, steps=4, seed=3, classes="all", guidance=2.0)
     for i in range(5):
         assert np.array_equal(np.asarray(Image.open(out / f"{i:05d}.png")), api[i])
-        assert (out / f"{i:05d}_trajectory.png").exists()
-    assert Image.open(grid).size == (3 * 10 + 2, 2 * 10 + 2)
-    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+        assert Image.open(out / f"{i:05d}_trajectory.png").size == (3 * 10 + 2, 2 * 10 + 2)  # steps 0, 2, 3; x_t over x0
+    assert_manifest_lists_exactly_the_files(out)
+    assert Image.open(grid).size == (2 * 10 + 2, 4 * 10 + 2)  # 4 classes, one row each; class 0 has 2 images
+
+
+def test_grid_has_one_row_per_class(tmp_path, cond_model):
+    out, grid = tmp_path / "out", tmp_path / "grid.png"
+    result = run("sample", "--model", cond_model, *CPU, "--n", 8, "--steps", 2, "--class", 1, "--class", 2,
+                 "--out", out, "--grid", grid, "--quiet")
+    assert result.exit_code == 0, result.output
+    image = np.asarray(Image.open(grid))
+    assert image.shape == (2 * 10 + 2, 4 * 10 + 2, 3)  # classes 1 and 2 (rows), 4 images each (columns), 2 px apart
+    for i in range(8):  # the images cycle over the classes: row i % 2, column i // 2
+        r, c = i % 2, i // 2
+        tile = image[2 + r * 10:2 + r * 10 + 8, 2 + c * 10:2 + c * 10 + 8]
+        assert np.array_equal(tile, np.asarray(Image.open(out / f"{i:05d}.png"))), i
 
 
 def test_sample_npy_format(tmp_path, uncond_model):
-    result = run("sample", "--model", uncond_model, "--n", 2, "--steps", 2, "--format", "npy", "--out", tmp_path, "--quiet")
+    result = run("sample", "--model", uncond_model, *CPU, "--n", 2, "--steps", 2, "--format", "npy", "--out", tmp_path, "--quiet")
     assert result.exit_code == 0, result.output
-    assert np.load(tmp_path / "00001.npy").shape == (8, 8, 1)
+    api, _ = Sampler(uncond_model, backend="ort-cpu").sample(2, steps=2)
+    assert np.array_equal(np.load(tmp_path / "00001.npy"), api[1])
+    assert_manifest_lists_exactly_the_files(tmp_path)
 
 
 def test_nan_images_exit_1_and_the_others_are_written(tmp_path, nan_model):
-    result = run("sample", "--model", nan_model, "--n", 4, "--steps", 3, "--class", 1, "--class", 2, "--out", tmp_path, "--quiet")
+    result = run("sample", "--model", nan_model, *CPU, "--n", 4, "--steps", 3, "--class", 1, "--class", 2, "--out", tmp_path, "--quiet")
     assert result.exit_code == 1
     assert "2 of 4 images failed" in result.output
-    records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
-    assert [(r["status"], r["file"]) for r in records] == [("ok", "00000.png"), ("error", None), ("ok", "00002.png"), ("error", None)]
-    assert "non-finite" in records[1]["error"]
+    got = records(tmp_path)
+    assert [(r["status"], r["file"]) for r in got] == [("ok", "00000.png"), ("error", None), ("ok", "00002.png"), ("error", None)]
+    assert "non-finite" in got[1]["error"]
     assert sorted(os.listdir(tmp_path)) == ["00000.png", "00002.png", "manifest.jsonl"]
 
 
@@ -59,14 +98,19 @@ BAD_INPUTS = [
     (["--batch-size", 0], "batch_size must be >= 1, got 0"),
     (["--guidance", -1, "--class", 1], "guidance must be a finite number >= 0, got -1.0"),
     (["--guidance", "nan", "--class", 1], "guidance must be a finite number >= 0, got nan"),
+    (["--guidance", 2], "guidance=2.0 needs classes"),
     (["--eta", "nan"], "eta must be a finite number >= 0, got nan"),
     (["--eta", -0.5], "eta must be a finite number >= 0, got -0.5"),
+    (["--method", "ddpm", "--eta", 0.5], "eta applies to method 'ddim' only"),
     (["--class", 9], "class must be in [0, 3], got 9"),
     (["--class", "shoe"], "expected integers or 'all'"),
+    (["--class", "all", "--class", 1], "'all' cannot be combined with other classes"),
     (["--method", "euler"], "'euler' is not one of 'ddim', 'ddpm'"),
-    (["--threads", 0], "threads must be >= 1, got 0"),
+    (["--spacing", "karras"], "'karras' is not one of 'leading', 'trailing', 'linspace'"),
+    (["--threads", 0], "threads must be in [1, "),
     (["--backend", "tpu"], "unknown backend 'tpu'; expected one of auto, ort-cpu"),
     (["--seed", -1], "seed must be in [0, 18446744073709551600], got -1"),
+    (["--trajectory", -1], "trajectory must be >= 1, got -1"),
 ]
 
 
@@ -76,12 +120,12 @@ def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, cond_mode
     result = run("sample", "--model", cond_model, "--out", out, "--quiet", *args)
     assert result.exit_code == 2, result.output
     assert message in result.output
-    assert not out.exists()
+    assert "Traceback" not in result.output and not out.exists()
 
 
 @pytest.mark.parametrize("setup,message", [
     (lambda d: None, "does not exist"),
-    (lambda d: (d / "m.onnx").write_bytes(b"garbage!"), "not a valid ONNX"),
+    (lambda d: (d / "m.onnx").write_bytes(b"garbage!"), "m.onnx"),
 ])
 def test_missing_or_corrupt_model_exits_2(tmp_path, setup, message):
     setup(tmp_path)
@@ -90,9 +134,15 @@ def test_missing_or_corrupt_model_exits_2(tmp_path, setup, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_model_without_metadata_needs_scheduler_config(tmp_path):
-    from tiny_models import SCHEDULER, build_tiny_model
+def test_a_bad_scheduler_config_exits_2_naming_the_file(tmp_path, uncond_model):
+    config = tmp_path / "scheduler_config.json"
+    config.write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}))
+    result = run("sample", "--model", uncond_model, "--scheduler-config", config, "--out", tmp_path / "out", "--quiet")
+    assert result.exit_code == 2 and f"scheduler config {config}" in result.output
+    assert "'FlowMatchEulerDiscreteScheduler' is not supported" in result.output and not (tmp_path / "out").exists()
 
+
+def test_model_without_metadata_needs_scheduler_config(tmp_path):
     build_tiny_model(tmp_path / "plain.onnx", metadata=False)
     result = run("sample", "--model", tmp_path / "plain.onnx", "--out", tmp_path / "out", "--quiet")
     assert result.exit_code == 2 and "--scheduler-config" in result.output and not (tmp_path / "out").exists()
@@ -103,45 +153,62 @@ def test_model_without_metadata_needs_scheduler_config(tmp_path):
 
 
 def test_conditional_request_on_unconditional_model_exits_2(tmp_path, uncond_model):
-    for args in (["--class", 1], ["--class", "all"], ["--guidance", 3]):
+    for args, message in ((["--class", 1], "unconditional"), (["--class", "all"], "unconditional"),
+                          (["--guidance", 3], "needs a class-conditional model with a null class")):
         result = run("sample", "--model", uncond_model, "--out", tmp_path / "out", "--quiet", *args)
-        assert result.exit_code == 2 and "unconditional" in result.output, args
+        assert result.exit_code == 2 and message in result.output, args
     assert not (tmp_path / "out").exists()
+
+
+def test_a_request_too_big_for_memory_exits_2_naming_the_estimate(tmp_path, cond_model, monkeypatch):
+    from ddengine import requests
+
+    monkeypatch.setattr(requests, "available_memory", lambda: 10_000)
+    result = run("sample", "--model", cond_model, "--n", 64, "--batch-size", 64, "--class", 1, "--guidance", 2,
+                 "--out", tmp_path / "out", "--quiet")
+    assert result.exit_code == 2
+    assert "batch_size 64 needs about" in result.output and "this machine has 9.8 KiB available" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_pointing_at_a_file_is_a_clear_error(tmp_path, uncond_model):
+    (tmp_path / "taken").write_text("mine")
+    result = run("sample", "--model", uncond_model, "--out", tmp_path / "taken", "--quiet")
+    assert result.exit_code == 2 and "is a file; expected a folder" in result.output and "File exists" not in result.output
+    assert (tmp_path / "taken").read_text() == "mine"
 
 
 def test_unwritable_out_fails_before_sampling(tmp_path, uncond_model, monkeypatch):
     (tmp_path / "file").write_text("x")
-    monkeypatch.setattr(Sampler, "run", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    monkeypatch.setattr(HostLoop, "denoise", lambda *a, **k: pytest.fail("sampled before checking --out"))
     result = run("sample", "--model", uncond_model, "--out", tmp_path / "file" / "out", "--quiet")
     assert result.exit_code == 2 and "not writable" in result.output
 
 
-def test_info_prints_spec_and_schedule(cond_model):
-    result = run("info", cond_model, "--steps", 10)
+def test_grid_into_a_missing_folder_exits_2(tmp_path, cond_model):
+    result = run("sample", "--model", cond_model, "--out", tmp_path / "out", "--grid", tmp_path / "no" / "g.png", "--quiet")
+    assert result.exit_code == 2 and "does not exist" in result.output and not (tmp_path / "out").exists()
+
+
+def test_an_earlier_run_is_refused_untouched_and_overwrite_replaces_only_it(tmp_path, uncond_model):
+    out = tmp_path / "out"
+    assert run("sample", "--model", uncond_model, "--n", 3, "--steps", 2, "--out", out, "--quiet").exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    result = run("sample", "--model", uncond_model, "--n", 1, "--steps", 2, "--out", out, "--quiet")
+    assert result.exit_code == 2 and "holds an earlier run (3 image file(s) and manifest.jsonl)" in result.output
+    assert "--overwrite" in result.output
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+    result = run("sample", "--model", uncond_model, "--n", 1, "--steps", 2, "--seed", 9, "--out", out, "--overwrite", "--quiet")
     assert result.exit_code == 0, result.output
-    assert "3x8x8" in result.output and "4 classes, null class 4" in result.output
-    assert "[901, 801, 701, 601, 501, 401, 301, 201, 101, 1]" in result.output  # diffusers "leading", steps_offset 1
-
-
-def test_info_bad_steps_exit_2(cond_model):
-    result = run("info", cond_model, "--steps", 0)
-    assert result.exit_code == 2 and "steps must be" in result.output
-
-
-def test_sampling_imports_no_torch(tmp_path, uncond_model):
-    code = ("import sys; from ddengine.cli import main; "
-            f"main(['sample', '--model', {str(uncond_model)!r}, '--n', '2', '--steps', '2', '--out', {str(tmp_path)!r}, '--quiet'], standalone_mode=False); "
-            "from ddengine import Sampler; Sampler({m!r}).sample(1, steps=2); "
-            "assert 'torch' not in sys.modules, 'torch was imported'; print('no torch')").replace("{m!r}", repr(str(uncond_model)))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "no torch" in result.stdout, result.stderr
+    assert sorted(os.listdir(out)) == ["00000.png", "manifest.jsonl", "notes.txt"]
+    assert [r["seed"] for r in records(out)] == [9]
 
 
 def test_png_outputs_need_1_3_or_4_channels(tmp_path):
-    from tiny_models import build_tiny_model
-
     build_tiny_model(tmp_path / "two.onnx", channels=2)
-    for args, hint in ((["--format", "png"], "--format"), (["--format", "npy", "--trajectory", "2"], "--trajectory")):
+    for args, hint in ((["--format", "png"], "--format"), (["--format", "npy", "--trajectory", "2"], "--trajectory"),
+                       (["--format", "npy", "--grid", tmp_path / "g.png"], "--grid")):
         result = run("sample", "--model", tmp_path / "two.onnx", "--out", tmp_path / "out", "--quiet", *args)
         assert result.exit_code == 2 and "PNG needs 1, 3 or 4 channels, the model makes 2" in result.output and hint in result.output
     assert not (tmp_path / "out").exists()
@@ -153,16 +220,126 @@ def test_a_failure_mid_run_exits_1_and_keeps_finished_images_listed(tmp_path, un
     from ddengine.backends.base import BackendError
 
     calls = {"n": 0}
-    real_run = Sampler.run
+    real = HostLoop.denoise
 
-    def second_chunk_fails(self, request, **kwargs):
+    def second_chunk_fails(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise BackendError("simulated out of memory")
-        return real_run(self, request, **kwargs)
-    monkeypatch.setattr(Sampler, "run", second_chunk_fails)
-    result = run("sample", "--model", uncond_model, "--n", 4, "--batch-size", 2, "--steps", 2, "--out", tmp_path, "--quiet")
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(HostLoop, "denoise", second_chunk_fails)
+    result = run("sample", "--model", uncond_model, *CPU, "--n", 4, "--batch-size", 2, "--steps", 2, "--out", tmp_path, "--quiet")
     assert result.exit_code == 1 and "simulated out of memory" in result.output
-    records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
-    assert [r["file"] for r in records] == ["00000.png", "00001.png"]
+    assert "the 2 finished image file(s) are listed in" in result.output
+    assert [r["file"] for r in records(tmp_path)] == ["00000.png", "00001.png"]
     assert sorted(os.listdir(tmp_path)) == ["00000.png", "00001.png", "manifest.jsonl"]
+
+
+def test_a_failed_manifest_append_exits_1_and_removes_its_image(tmp_path, uncond_model, monkeypatch):
+    real = os.write
+    state = {"appends": 0}
+
+    def write(fd, data):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = ""
+        if target.endswith("manifest.jsonl"):
+            state["appends"] += 1
+            if state["appends"] == 3:  # the disk fills up on the third image's line
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+    monkeypatch.setattr(os, "write", write)
+    result = run("sample", "--model", uncond_model, *CPU, "--n", 5, "--steps", 2, "--out", tmp_path, "--quiet")
+    monkeypatch.undo()
+    assert result.exit_code == 1 and "No space left on device" in result.output
+    assert assert_manifest_lists_exactly_the_files(tmp_path) == {"00000.png", "00001.png"}
+
+
+def test_the_progress_bar_follows_the_sampler_to_its_total(tmp_path, cond_model, monkeypatch):
+    import ddengine.cli.sample as sample_cli
+
+    updates, real = [], sample_cli.progress_bar
+
+    def recording(quiet, description):
+        bar = real(quiet, description)
+        update = bar.update
+
+        def spy(task, **kwargs):
+            updates.append(kwargs.get("completed"))
+            return update(task, **kwargs)
+        bar.update = spy
+        return bar
+    monkeypatch.setattr(sample_cli, "progress_bar", recording)
+    result = CliRunner().invoke(main, ["sample", "--model", str(cond_model), "--n", "7", "--steps", "3", "--batch-size", "3",
+                                       "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    from_sampler = updates[:-1]  # the last update is the bar's own close at the total
+    assert from_sampler == sorted(from_sampler) and from_sampler[-1] == 21 and len(from_sampler) == 9
+    assert "21/21" in result.stderr and "wrote 7 images" in result.stderr
+
+
+@pytest.mark.slow
+def test_sixteen_thousand_images_finish(uncond_model):
+    """The manifest is appended, never rewritten: 16,000 images finish (on tmpfs where there is one: no fsync cost)."""
+    build = Path(tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    try:
+        build_tiny_model(build / "small.onnx", height=4, width=4)
+        out = build / "out"
+        result = run("sample", "--model", build / "small.onnx", *CPU, "--n", 16000, "--steps", 1, "--batch-size", 4000,
+                     "--format", "npy", "--out", out, "--quiet")
+        assert result.exit_code == 0, result.output
+        got = records(out)
+        assert [r["index"] for r in got] == list(range(16000)) and len(os.listdir(out)) == 16001
+        assert got[-1]["file"] == "15999.npy" and (out / "15999.npy").is_file()
+    finally:
+        import shutil
+
+        shutil.rmtree(build, ignore_errors=True)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_at_a_safe_point_and_the_manifest_lists_exactly_the_images(tmp_path, uncond_model, signum, code):
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", "from ddengine.cli import main; main()", "sample", "--model", str(uncond_model), *CPU,
+               "--n", "64", "--steps", "900", "--batch-size", "1", "--out", str(out), "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:  # wait until two images are finished
+            manifest = out / "manifest.jsonl"
+            if manifest.exists() and manifest.read_text().count("\n") >= 2:
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr
+    listed = assert_manifest_lists_exactly_the_files(out)
+    assert 2 <= len(listed) < 64
+    assert f"stopped: {len(listed)} image file(s) written, each listed in {out / 'manifest.jsonl'}" in stderr
+    assert [r["index"] for r in records(out)] == list(range(len(listed)))  # in order, none half-done
+    api, _ = Sampler(uncond_model, backend="ort-cpu").sample(1, steps=900, seeds=[len(listed) - 1])
+    assert np.array_equal(np.asarray(Image.open(out / f"{len(listed) - 1:05d}.png"))[..., None], api[0])
+
+
+def test_sampling_imports_no_torch(tmp_path, uncond_model):
+    code = ("import sys; from ddengine.cli import main; "
+            f"main(['sample', '--model', {str(uncond_model)!r}, '--n', '2', '--steps', '2', '--out', {str(tmp_path)!r}, '--quiet'], "
+            "standalone_mode=False); "
+            f"from ddengine import Sampler; Sampler({str(uncond_model)!r}).sample(1, steps=2); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print('no torch')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "no torch" in result.stdout, result.stderr
+
+
+def test_the_default_model_is_sampled_without_model(tmp_path):
+    result = run("sample", "--n", 2, "--steps", 2, "--class", 3, "--out", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.output
+    got = records(tmp_path)
+    assert [(r["status"], r["class"]) for r in got] == [("ok", 3), ("ok", 3)]
+    assert Image.open(tmp_path / "00001.png").size == (32, 32)

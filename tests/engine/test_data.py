@@ -1,17 +1,12 @@
-"""Fashion-MNIST IDX loader on tiny files written here: values, padding, and clear errors."""
+"""ddengine.data, the Fashion-MNIST IDX loader on tiny files written here: values, padding, and clear errors."""
 import gzip
-import struct
 
 import numpy as np
 import pytest
 
-from ddengine.export import data
-
-
-def write_idx(path, array, magic):
-    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as fh:
-        fh.write(header + array.astype(np.uint8).tobytes())
+from ddengine import data
+from ddengine.sampler import to_uint8
+from tests.support.export_helpers import write_idx
 
 
 @pytest.fixture
@@ -36,9 +31,12 @@ def test_loads_scaled_and_padded(tiny_set):
 
 
 def test_uint8_round_trip(tiny_set):
+    """The engine's own uint8 mapping (to_uint8) gives the raw IDX bytes back: one mapping for real and generated images."""
     folder, images, _ = tiny_set
     x, _ = data.load("test", folder)
-    np.testing.assert_array_equal(data.to_uint8(x)[:, 2:30, 2:30, 0], images)
+    back = to_uint8(x)
+    np.testing.assert_array_equal(back[:, 2:30, 2:30, 0], images)
+    assert back.shape == (5, 32, 32, 1) and (back[:, :2] == 0).all()  # the -1 padding is black
 
 
 def test_missing_folder_names_the_package(tmp_path):

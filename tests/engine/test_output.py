@@ -1,11 +1,12 @@
-"""Output files: atomic writes, PNG/npy round trips, grids, trajectory strips, the writability probe."""
+"""Output files: atomic writes, PNG/npy round trips, grids (one row per class), trajectory strips, the writability probe."""
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from ddengine.output import Manifest, OutputError, atomic_write, check_writable_dir, grid, save_image, trajectory_strip
+from ddengine.output import (OutputError, atomic_write, atomic_write_via, check_writable_dir, class_grid, encode, grid, save_image,
+                             trajectory_strip)
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
@@ -67,13 +68,47 @@ def test_writable_probe(tmp_path):
         check_writable_dir(tmp_path / "file" / "sub")
 
 
-def test_manifest_is_json_lines(tmp_path):
-    import json
+def test_a_failing_writer_leaves_no_temp_file(tmp_path):
+    def half_then_fail(tmp):
+        open(tmp, "wb").write(b"half")
+        raise RuntimeError("encoder crashed")
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        atomic_write_via(tmp_path / "x.png", half_then_fail)
+    assert os.listdir(tmp_path) == []
 
-    manifest = Manifest(tmp_path / "manifest.jsonl")
-    manifest.add({"file": "00000.png", "seed": 1})
-    manifest.flush()
-    manifest.add({"file": None, "seed": 2})
-    manifest.flush()
-    lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
-    assert [json.loads(line)["seed"] for line in lines] == [1, 2]
+
+def test_atomic_write_into_a_missing_folder_names_it(tmp_path):
+    with pytest.raises(OutputError, match=r"cannot write .*missing/a.bin"):
+        atomic_write(tmp_path / "missing" / "a.bin", b"x")
+
+
+@pytest.mark.parametrize("image, message", [
+    (np.zeros((4, 4, 2), np.uint8), r"expected a uint8 \(H, W, 1\|3\|4\) image, got uint8 \(4, 4, 2\)"),
+    (np.zeros((4, 4, 3), np.float32), "got float32"),
+    (np.zeros((4, 4), np.uint8), r"got uint8 \(4, 4\)"),
+])
+def test_png_needs_uint8_with_1_3_or_4_channels(image, message):
+    with pytest.raises(ValueError, match=message):
+        encode(image, "png")
+
+
+def _tiles(classes, h=3, w=2):
+    """uint8 (N, h, w, 1) images whose every pixel is their index + 1 (0 stays the padding and blank cells)."""
+    return (np.arange(len(classes), dtype=np.uint8) + 1)[:, None, None, None] * np.ones((len(classes), h, w, 1), np.uint8)
+
+
+def test_class_grid_puts_one_row_per_class_in_order_of_first_appearance():
+    classes = [2, 0, 2, 1, 0, 2, 2]
+    out = class_grid(_tiles(classes), classes, pad=1)
+    rows, cols = 3, 4  # classes 2, 0, 1; class 2 has the most images (4)
+    assert out.shape == (rows * (3 + 1) + 1, cols * (2 + 1) + 1, 1)
+    cell = [[int(out[1 + r * 4, 1 + c * 3, 0]) for c in range(cols)] for r in range(rows)]
+    # each row: the indices (+1) of that class's images left to right; blank cells stay black
+    assert cell == [[1, 3, 6, 7], [2, 5, 0, 0], [4, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("classes", [None, [3, 3, 3, 3, 3]])
+def test_class_grid_of_one_class_or_none_is_a_square_grid(classes):
+    images = _tiles([0] * 5)
+    assert np.array_equal(class_grid(images, classes), grid(images))
+    assert grid(images).shape == (2 * 5 + 2, 3 * 4 + 2, 1)  # ceil(sqrt(5)) = 3 columns, 2 rows, 2 px padding

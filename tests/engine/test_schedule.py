@@ -68,12 +68,13 @@ def test_trained_betas_used_verbatim_as_float32():
     assert isinstance(cfg.trained_betas, tuple) and hash(cfg)
 
 
-def test_from_dict_reads_a_diffusers_scheduler_config():
+def test_from_dict_reads_a_diffusers_scheduler_config(recwarn):
     sd = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
           "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
           "steps_offset": 1, "trained_betas": None, "clip_sample": False}
-    with pytest.warns(UserWarning, match="skip_prk_steps"):
-        cfg = SchedulerConfig.from_dict(json.loads(json.dumps(sd)))
+    cfg = SchedulerConfig.from_dict(json.loads(json.dumps(sd)))
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]  # unknown keys are reported, not warned about
+    assert SchedulerConfig.unused_keys(sd) == ["skip_prk_steps"]  # private `_` keys are not "unused"
     ref = diffusers.DDIMScheduler.from_config(sd)
     for key, value in cfg.to_dict().items():
         if key in ref.config and key != "trained_betas":
@@ -81,10 +82,49 @@ def test_from_dict_reads_a_diffusers_scheduler_config():
     assert ulps(cfg.betas(), ref.betas.numpy()) <= 8
 
 
+def test_unused_keys_are_exactly_what_diffusers_ddpm_does_not_take():
+    """The oracle: the keys of a real diffusers config that neither DDPMScheduler nor DDIMScheduler takes."""
+    config = dict(diffusers.PNDMScheduler(skip_prk_steps=True).config)
+    taken = {p for cls in (diffusers.DDPMScheduler, diffusers.DDIMScheduler) for p in inspect.signature(cls.__init__).parameters}
+    wanted = sorted(k for k in config if not k.startswith("_") and k not in taken)
+    assert wanted  # PNDM has keys DDPM lacks (skip_prk_steps), so the check can fail
+    assert SchedulerConfig.unused_keys(config) == wanted
+    assert SchedulerConfig.unused_keys({"prediction_type": "epsilon", "sample_max_value": 1.0, "_class_name": "X"}) == []
+
+
 def test_from_dict_ignores_thresholding_knobs_silently(recwarn):
     cfg = SchedulerConfig.from_dict({"_class_name": "DDPMScheduler", "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0})
     assert cfg == SchedulerConfig()
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+@pytest.mark.parametrize("cls", ["FlowMatchEulerDiscreteScheduler", "EDMEulerScheduler", "ScoreSdeVeScheduler",
+                                 "LCMScheduler"])
+def test_foreign_scheduler_classes_are_refused_naming_the_accepted_ones(cls):
+    config = {"_class_name": cls, "num_train_timesteps": 1000}
+    with pytest.raises(SchedulerConfigError) as err:
+        SchedulerConfig.from_dict(config)
+    message = str(err.value)
+    assert repr(cls) in message and "DDPMScheduler" in message and "DDIMScheduler" in message
+
+
+def test_a_real_flow_match_config_is_refused():
+    """diffusers' own FlowMatchEulerDiscreteScheduler config (its keys would otherwise mostly parse as defaults)."""
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", **diffusers.FlowMatchEulerDiscreteScheduler().config}
+    with pytest.raises(SchedulerConfigError, match="FlowMatchEulerDiscreteScheduler.*not supported.*expected one of"):
+        SchedulerConfig.from_dict(json.loads(json.dumps(config)))
+
+
+def test_accepted_classes_are_diffusers_ddpm_compatibles():
+    """Every accepted class is one diffusers itself declares compatible with DDPMScheduler and DDIMScheduler's config."""
+    from ddengine.schedule import COMPATIBLE_CLASSES
+
+    for cls in (diffusers.DDPMScheduler, diffusers.DDIMScheduler):
+        assert set(COMPATIBLE_CLASSES) <= {*cls._compatibles, cls.__name__}
+    assert {"DDPMScheduler", "DDIMScheduler"} <= set(COMPATIBLE_CLASSES)
+    assert "EDMEulerScheduler" not in COMPATIBLE_CLASSES  # EDM's sigmas are not a DDPM beta schedule
+    for name in COMPATIBLE_CLASSES:
+        SchedulerConfig.from_dict({"_class_name": name})
 
 
 def test_to_dict_round_trips_through_json():

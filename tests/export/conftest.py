@@ -1,13 +1,9 @@
 """Fixtures for the export tests: a tiny U-Net with random (non-zero-init) weights and its ONNX export."""
-import sys
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, str(Path(__file__).parent))
 
-from export_helpers import randomized, tiny_config  # noqa: E402
+from tests.support.export_helpers import randomized, tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")

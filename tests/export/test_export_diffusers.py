@@ -10,7 +10,7 @@ import torch
 from ddengine.export.diffusers_export import DiffusersExportError, export_diffusers
 from ddengine.spec import METADATA_KEY, ModelSpec
 
-from export_helpers import randomized
+from tests.support.export_helpers import randomized
 
 TINY = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
@@ -78,3 +78,14 @@ def test_missing_files_are_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     with pytest.raises(DiffusersExportError, match="no scheduler_config.json"):
         export_diffusers(tmp_path, tmp_path / "m.onnx")
+
+
+def test_the_export_writes_the_diffusers_twin_beside_the_onnx(exported):
+    from ddengine.nets.twin import load_twin, twin_path
+
+    unet, out, _ = exported
+    twin = load_twin(twin_path(out))
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 1, 8, 8)).astype(np.float32))
+    t, y = torch.tensor([3, 700]), torch.tensor([1, 4])
+    with torch.no_grad():
+        assert torch.equal(twin(x, t, y), unet(x, t, class_labels=y).sample)

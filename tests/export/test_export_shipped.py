@@ -4,7 +4,7 @@ import json
 import numpy as np
 import onnx
 
-from ddengine.cli.eval import FeatureNet, default_classifier_path, real_images
+from ddengine.evaluation import FeatureNet, default_classifier_path, real_images
 from ddengine.model import default_model_path
 
 
@@ -17,10 +17,23 @@ def test_shipped_classifier_accuracy_on_real_test_images():
     assert np.mean(logits.argmax(1) == labels[:2000]) >= 0.9
 
 
-def test_fp16_default_model_keeps_35_db_over_a_full_ddim_run(tmp_path):
+def test_fp16_default_model_keeps_35_db_over_a_full_ddim_run(tmp_path, monkeypatch):
+    import ddengine.sampler
     from ddengine.export import fp16
+
+    # both runs must compute in the graphs' own precision: on a bf16 backend (OpenVINO bf16, `auto` on AMX machines)
+    # the fp32 and fp16 files would both run in bf16 and the PSNR would not measure the fp16 file against fp32
+    used = []
+    real = ddengine.sampler.create_backend
+
+    def spy(name, model, **kwargs):
+        backend = real(name, model, **kwargs)
+        used.append((backend.name, backend.precision))
+        return backend
+    monkeypatch.setattr(ddengine.sampler, "create_backend", spy)
 
     half = tmp_path / "fp16.onnx"
     onnx.save(fp16.convert(onnx.load(str(default_model_path()))), str(half))
     assert half.stat().st_size < 0.6 * default_model_path().stat().st_size  # the weights really are fp16
     assert fp16.sampling_psnr(default_model_path(), half, n=4, steps=50, classes=[0, 3, 7, 9]) >= 35.0
+    assert used and set(used) == {("ort-cpu", "fp32")}

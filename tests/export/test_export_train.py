@@ -6,7 +6,7 @@ import torch
 from ddengine.export import checkpoint, train
 from ddengine.nets.unet import UNet
 
-from export_helpers import tiny_config
+from tests.support.export_helpers import tiny_config
 
 
 def test_alphas_cumprod_matches_diffusers():

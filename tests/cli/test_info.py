@@ -1,0 +1,82 @@
+"""`ddengine info`: the spec, the tensors bound from the graph, the schedule (checked against diffusers) and the backends."""
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from ddengine.cli import main
+from ddengine.model import default_model_path
+from tests.support.tiny_models import SCHEDULER, build_tiny_model
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_info_prints_spec_io_and_schedule(cond_model):
+    result = run("info", cond_model, "--steps", 10)
+    assert result.exit_code == 0, result.output
+    assert "3x8x8" in result.output and "4 classes, null class 4" in result.output
+    for role, dtype, shape in (("sample", "float32", "[-1, 3, 8, 8]"), ("timestep", "int64", "[-1]"),
+                               ("class_labels", "int64", "[-1]"), ("out", "float32", "[-1, 3, 8, 8]")):
+        assert re.search(rf"io\s+{role}\s+'{role}' {dtype} {re.escape(shape)}", result.output), role
+
+
+def test_info_timesteps_and_coefficients_are_diffusers(cond_model):
+    diffusers = pytest.importorskip("diffusers")
+    result = run("info", cond_model, "--steps", 10)
+    sched = diffusers.DDIMScheduler(**SCHEDULER)
+    sched.set_timesteps(10)
+    assert f"timesteps {sched.timesteps.tolist()}" in result.output
+    t = int(sched.timesteps[0])
+    ax = float(1 / sched.alphas_cumprod[t].double().sqrt())  # epsilon prediction: x0 = x / sqrt(abar) - ...
+    row = re.search(rf"│ 0\s+│ {t}\s+│ ([\d.e+-]+)", result.output)
+    assert row and float(row.group(1)) == pytest.approx(ax, rel=1e-5)
+
+
+def test_info_names_the_keys_ddpm_and_ddim_do_not_use(tmp_path, uncond_model):
+    config = tmp_path / "scheduler_config.json"
+    config.write_text(json.dumps({"_class_name": "PNDMScheduler", **SCHEDULER, "skip_prk_steps": True}))
+    result = run("info", uncond_model, "--scheduler-config", config, "--steps", 3)
+    assert result.exit_code == 0, result.output
+    assert "(not used by DDPM/DDIM: skip_prk_steps)" in result.output
+
+
+def test_info_says_which_backend_auto_picks_here(cond_model):
+    from ddengine.backends import auto_choice, available_backends
+
+    result = run("info", cond_model, "--steps", 3)
+    choice = auto_choice()
+    assert f"available here: {', '.join(available_backends())}" in result.output
+    assert f"auto     {choice.name} ({choice.precision})" in result.output
+
+
+def test_info_on_a_model_without_null_class(tmp_path):
+    """A conditional model without a null class needs classes to sample; info still shows its schedule."""
+    from ddengine.spec import ModelSpec
+
+    spec = ModelSpec(scheduler=dict(SCHEDULER), channels=1, height=8, width=8, num_classes=3)
+    build_tiny_model(tmp_path / "m.onnx", num_classes=3, spec=spec)
+    result = run("info", tmp_path / "m.onnx", "--steps", 4)
+    assert result.exit_code == 0, result.output
+    assert "3 classes, null class None" in result.output
+
+
+@pytest.mark.parametrize("args, message", [(["--steps", 0], "steps must be in [1, 1000], got 0"),
+                                           (["--method", "ddpm", "--eta", 1], "eta applies to method 'ddim' only")])
+def test_info_bad_parameters_exit_2(cond_model, args, message):
+    result = run("info", cond_model, *args)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_info_of_a_bad_model_exits_2(tmp_path):
+    build_tiny_model(tmp_path / "bad.onnx", meta={"value_range": [1, 1]})
+    result = run("info", tmp_path / "bad.onnx")
+    assert result.exit_code == 2 and "value_range must be two finite numbers" in result.output and "Traceback" not in result.output
+
+
+def test_info_defaults_to_the_shipped_model():
+    result = run("info", "--steps", 5)
+    assert result.exit_code == 0, result.output
+    assert str(default_model_path()) in result.output and "10 classes, null class 10" in result.output
