@@ -66,16 +66,17 @@ def diffusers_name(precision):
 def measure(runners, repeats=3, warmup=1):
     """Time each runner (name -> once() -> dict) round-robin, so background load hits all of them alike.
 
-    The order rotates every round: no runner always follows the same one (torch's OpenMP threads, for
-    one, are still spinning when its run returns and would slow whichever runner comes next).
+    Every round runs them in a fresh (seeded) order, so no runner always follows the same one: torch's OpenMP
+    threads, for one, are still spinning when its run returns and would slow whichever runner comes next.
     """
     for once in runners.values():
         for _ in range(warmup):
             once()
     names, runs = list(runners), {name: [] for name in runners}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            runs[name].append(runners[name]())
+    rng = np.random.default_rng(0)
+    for _ in range(repeats):
+        for k in rng.permutation(len(names)):
+            runs[names[k]].append(runners[names[k]]())
     return runs
 
 
@@ -152,7 +153,7 @@ def torch_twin(sampler, weights=None):
     """(the torch U-Net behind the sampler's ONNX model, "") or (None, why not).
 
     From `weights` (a twin .safetensors) or the twin next to the model (ddengine.nets.twin); it must compute
-    the same function as the ONNX model (max abs error < 1e-3 on a random batch) to stand in for it.
+    the same function as the ONNX model run exactly (ONNX Runtime fp32; max abs error < 1e-3 on a random batch).
     """
     try:
         import torch  # noqa: F401
@@ -171,14 +172,18 @@ def torch_twin(sampler, weights=None):
 
 
 def twin_error(net, sampler, batch=2):
-    """Max abs difference between the torch module and the sampler's backend on one random input."""
+    """Max abs difference between the torch module and the ONNX model on ONNX Runtime fp32, on one random input."""
     import torch
+
+    from ddengine.backends.ort import OrtBackend
 
     spec = sampler.spec
     x = np.random.default_rng(0).standard_normal((batch, *spec.image_shape), dtype=np.float32)
     labels = np.arange(batch, dtype=np.int64) % spec.num_classes if spec.conditional else None
     feeds = {"sample": x, "timestep": np.full(batch, 500, dtype=np.int64), "class_labels": labels}
-    onnx_out = sampler.backend.run(feeds, np.empty_like(x))
+    exact = OrtBackend(sampler.model)
+    onnx_out = exact.run(feeds, np.empty_like(x))
+    exact.close()
     with torch.inference_mode():
         t = torch.full((batch,), 500, dtype=torch.int64)
         torch_out = net(torch.from_numpy(x), t, None if labels is None else torch.from_numpy(labels)).float().numpy()

@@ -98,9 +98,6 @@ def test_a_twin_of_another_model_is_refused(tmp_path, twins):
     assert all(r["seconds"] is None and "the torch model differs from m.onnx" in r["note"] for r in rows.values())
 
 
-@pytest.mark.xfail(auto_choice().precision != "fp32", strict=True,
-                   reason="engine/bench.py torch_twin checks the twin against the first sampler's backend; when `auto` "
-                          "is a bf16 backend (OpenVINO bf16 here) the model's own twin differs by ~1e-2 and is refused")
 def test_the_twin_is_accepted_whatever_the_first_backends_precision(tmp_path, twins):
     model, _ = twins
     result = bench("--model", model, "--batch", 2, "--steps", 2, "--repeats", 1, "--json", tmp_path / "b.json")

@@ -83,10 +83,6 @@ def test_measure_runs_every_runner_once_per_round_after_its_warm_up():
     assert len({r[0] for r in rounds}) == 3  # the order changes between rounds
 
 
-@pytest.mark.xfail(strict=True, reason="engine/bench.py measure() rotates the order by one per round, which keeps each "
-                                       "runner's predecessor: with 5 runners and the default 3 repeats the first runner "
-                                       "(the product's engine row) always runs right after the last (the torch bf16 or "
-                                       "OpenVINO baseline), the bias its docstring says the rotation avoids")
 def test_no_runner_always_follows_the_same_one():
     order = _timed_order("abcde", repeats=3)
     predecessors = {n: {order[i - 1] for i in range(5, len(order)) if order[i] == n} for n in "abcde"}
