@@ -1,6 +1,5 @@
 """Writing files atomically (temp file or anonymous file, then rename or link), PNG/npy encoding, image grids."""
 import io
-import json
 import math
 import os
 import tempfile

@@ -20,7 +20,6 @@ import numpy as np
 
 from ddengine.backends.base import BackendError, host_inputs
 from ddengine.resources import physical_cores
-from ddengine.spec import OUTPUT_ROLE
 
 PRECISIONS = ("auto", "bf16", "fp32")
 HINTS = {"bf16": "bf16", "fp32": "f32"}  # our name -> INFERENCE_PRECISION_HINT

@@ -8,7 +8,6 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from ddengine.backends import auto_choice
 from ddengine.bench import NUMPY, TORCH_UNAVAILABLE, diffusers_name, engine_name, floor_name
 from ddengine.cli import main
 

@@ -4,6 +4,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tests.support.export_helpers import randomized, tiny_config  # noqa: E402
+from tests.support.trt_fixtures import cond16, fake_trt, no_trt, onnx16, onnx32  # noqa: E402,F401  (TensorRT build tests)
 
 
 @pytest.fixture(scope="session")

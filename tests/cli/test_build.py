@@ -62,7 +62,7 @@ def test_fp32_onnx_with_fp16_precision_exits_1(fake_trt, onnx32, tmp_path):
 def test_tensorrt_without_a_gpu_exits_1_naming_the_device(monkeypatch, onnx16, tmp_path):
     from tests.support import fake_tensorrt
 
-    from ddengine.cuda_step import device_count
+    from ddengine.gpu.driver import device_count
 
     if device_count() > 0:
         pytest.skip("a GPU is present: the missing-device error cannot be provoked")
