@@ -1,26 +1,38 @@
 """ImageBatch: images at any step of any plan, denoised together by one forward and one fused step per step.
 
 The forward's row layout is written here once: rows 0..B-1 are the images' own outputs (conditional where they
-have a class), rows B..B+G-1 the unconditional outputs of the G images under classifier-free guidance. Each
-image carries its own coefficient row, noise counter and guidance (engine/fused.py), so an image's result
-is a pure function of its seed and parameters whatever else shares its forward (exact step-level batching).
-The solo sampler admits one chunk and steps it to the end; the server admits and retires between steps.
+have a class or a prompt), rows B..B+G-1 the unconditional outputs of the G images under classifier-free
+guidance. Each image carries its own coefficient row, noise counter and guidance (engine/fused.py), and its own
+conditioning inputs (class label, text embedding), so an image's result is a pure function of its seed and
+parameters whatever else shares its forward (exact step-level batching). The solo sampler admits one chunk and
+steps it to the end; the scheduler admits and retires between steps.
 """
 import numpy as np
 
 from ddengine import fused
 from ddengine.fused import IMAGE_DTYPE, NO_UNCOND
 
+LABELS = "class_labels"
+
+
+def doubles(guidance):
+    """Whether guidance runs the doubled forward u + g (c - u) (Ho & Salimans 2022): g = 0 is the unconditional
+    model alone and g = 1 (or no g) the conditional model alone, one forward each."""
+    return guidance is not None and guidance != 0 and guidance != 1
+
 
 def own_labels(spec, classes, guidance, n):
-    """(labels of the images' own rows or None, guided): g = 0 is the null-class model alone, g = 1 (or no g) the
-    conditional model alone; only other g run the doubled forward u + g (c - u) (Ho & Salimans 2022)."""
+    """(class labels of the images' own rows or None, guided) for a class-conditional model."""
     if not spec.conditional:
         return None, False
-    null = np.full(n, spec.null_class if spec.null_class is not None else 0, dtype=np.int64)
     if classes is None or guidance == 0:
-        return null, False
-    return np.asarray(classes, dtype=np.int64), guidance is not None and guidance != 1
+        return null_labels(spec, n), False
+    return np.asarray(classes, dtype=np.int64), doubles(guidance)
+
+
+def null_labels(spec, n):
+    """The null class for n unconditional rows."""
+    return np.full(n, spec.null_class if spec.null_class is not None else 0, dtype=np.int64)
 
 
 class ImageBatch:
@@ -32,9 +44,11 @@ class ImageBatch:
         self.x_in = np.empty((rows, *spec.image_shape), dtype=np.float32)
         self.out = np.empty_like(self.x_in)
         self.t_in = np.empty(rows, dtype=np.int64)
-        self.labels_in = np.empty(rows, dtype=np.int64) if spec.conditional else None
+        roles = [r for r in spec.roles() if r not in ("sample", "timestep")]  # class_labels, encoder_hidden_states
+        self.inputs = {r: np.empty(spec.io[r].at(rows), dtype=spec.io[r].dtype) for r in roles}
+        self.own = {r: np.empty(spec.io[r].at(capacity), dtype=spec.io[r].dtype) for r in roles}
+        self.uncond = {r: np.empty(spec.io[r].at(capacity), dtype=spec.io[r].dtype) for r in roles}
         self.images = np.empty(capacity, dtype=IMAGE_DTYPE)
-        self.labels = np.empty(capacity, dtype=np.int64)
         self.remaining = np.zeros(capacity, dtype=np.int64)
         self.tags = [None] * capacity
         self.n = 0
@@ -53,20 +67,31 @@ class ImageBatch:
         """The images' latents x_t (a view: the first rows of the forward input)."""
         return self.x_in[:self.n]
 
-    def admit(self, plan, seeds, labels, guidance, tags):
-        """Add images at step 0 of `plan` (x_T from their seeds); guidance None = no unconditional row."""
+    def admit(self, plan, seeds, labels, guidance, tags, conditions=None):
+        """Add images at step 0 of `plan` (x_T from their seeds); guidance None = no unconditional row.
+
+        labels: the own rows' class labels (own_labels) of a class-conditional model; conditions: other inputs as
+        {role: (own rows' values, unconditional rows' values)}, e.g. prompt and negative-prompt embeddings.
+        """
         k = len(seeds)
         if self.n + k > self.capacity:
             raise ValueError(f"cannot admit {k} images into a batch of {self.n} with capacity {self.capacity}")
         if plan.clip != self.clip:
             raise ValueError(f"plan clips x0 at {plan.clip}, this batch at {self.clip}: one model, one clip")
+        conditions = dict(conditions or {})
+        if LABELS in self.own:
+            conditions[LABELS] = (labels if labels is not None else null_labels(self.spec, k), null_labels(self.spec, k))
+        missing = sorted(set(self.own) - set(conditions))
+        if missing:
+            raise ValueError(f"the model's inputs {missing} need values for the admitted images")
         first = self._plan_offset(plan)
         new = slice(self.n, self.n + k)
         fused.fill_noise(self.x_in[new], np.ascontiguousarray(seeds, dtype=np.uint64), self.threads)
         self.images[new] = fused.image_records(seeds, row=first, guidance=0.0 if guidance is None else guidance)
         self.images["uncond"][new] = 0 if guidance is not None else NO_UNCOND  # placed by _layout
-        if labels is not None:
-            self.labels[new] = labels
+        for role, (own, uncond) in conditions.items():
+            self.own[role][new] = own
+            self.uncond[role][new] = uncond
         self.remaining[new] = len(plan)
         self.tags[new] = tags
         self.n += k
@@ -74,15 +99,14 @@ class ImageBatch:
         return new
 
     def forward(self):
-        """The U-Net forward of every row: per-row timesteps and labels, guided rows copied from their images."""
+        """The U-Net forward of every row: per-row timesteps and conditioning, guided rows copied from their images."""
         n, g = self.n, len(self.guided)
         if g:
             np.take(self.x_in[:n], self.guided, axis=0, out=self.x_in[n:n + g])
         np.take(self.t_table, self.images["row"][:n], out=self.t_in[:n])
         self.t_in[n:n + g] = self.t_in[self.guided]
         feeds = {"sample": self.x_in[:n + g], "timestep": self.t_in[:n + g]}
-        if self.labels_in is not None:
-            feeds["class_labels"] = self.labels_in[:n + g]
+        feeds.update({role: values[:n + g] for role, values in self.inputs.items()})
         run_rows(self.backend, self.spec, feeds, self.out[:n + g])
         return self.out[:n + g]
 
@@ -106,21 +130,24 @@ class ImageBatch:
         tags = [self.tags[s] for s in slots]
         keep = np.setdiff1d(np.arange(self.n), slots)
         m = len(keep)
-        self.x_in[:m], self.images[:m] = self.x_in[keep], self.images[keep]
-        self.labels[:m], self.remaining[:m] = self.labels[keep], self.remaining[keep]
+        self.x_in[:m], self.images[:m], self.remaining[:m] = self.x_in[keep], self.images[keep], self.remaining[keep]
+        for store in (self.own, self.uncond):
+            for values in store.values():
+                values[:m] = values[keep]
         self.tags[:m] = [self.tags[s] for s in keep]
         self.n = m
         self._layout()
         return x, bad, tags
 
     def _layout(self):
-        """Unconditional rows n.. for the guided images, in order; their labels are the null class."""
+        """Unconditional rows n.. for the guided images, in order, with their unconditional inputs."""
         n = self.n
         self.guided = np.flatnonzero(self.images["uncond"][:n] != NO_UNCOND)
-        self.images["uncond"][self.guided] = n + np.arange(len(self.guided), dtype=np.int32)
-        if self.labels_in is not None:
-            self.labels_in[:n] = self.labels[:n]
-            self.labels_in[n:n + len(self.guided)] = self.spec.null_class if self.spec.null_class is not None else 0
+        g = len(self.guided)
+        self.images["uncond"][self.guided] = n + np.arange(g, dtype=np.int32)
+        for role, values in self.inputs.items():
+            values[:n] = self.own[role][:n]
+            values[n:n + g] = self.uncond[role][self.guided]
         if not n:
             self._plans.clear()
 

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from ddengine.batch import ImageBatch, own_labels
+from ddengine.batch import ImageBatch, doubles, own_labels
 
 
 class HostLoop:
@@ -18,12 +18,15 @@ class HostLoop:
     def __init__(self, backend, spec, threads=0):
         self.backend, self.spec, self.threads = backend, spec, threads
 
-    def denoise(self, plan, seeds, classes, guidance, on_step=None, observe=None, timers=None):
-        """Sample one chunk: on_step(i, t, x) after each step; observe(i, t, x, out, n) between forward and update."""
+    def denoise(self, plan, seeds, classes, guidance, on_step=None, observe=None, timers=None, conditions=None):
+        """Sample one chunk: on_step(i, t, x) after each step; observe(i, t, x, out, n) between forward and update.
+
+        conditions: other per-image inputs, {role: (own rows, unconditional rows)} (prompt embeddings).
+        """
         n = len(seeds)
-        labels, guided = own_labels(self.spec, classes, guidance, n)
+        labels, guided = own_labels(self.spec, classes, guidance, n) if conditions is None else (None, doubles(guidance))
         batch = ImageBatch(self.backend, self.spec, n, clip=plan.clip, threads=self.threads)
-        batch.admit(plan, seeds, labels, guidance if guided else None, list(range(n)))
+        batch.admit(plan, seeds, labels, guidance if guided else None, list(range(n)), conditions)
         clock = time.perf_counter
         for i, t in enumerate(plan.timesteps.tolist()):
             start = clock()

@@ -32,6 +32,8 @@ class Request:
     batch_size: int
     spacing: str | None
     trajectory: int  # 0 = none, else a snapshot every `trajectory` steps
+    prompts: tuple | None = None  # text-to-image models: one prompt per image
+    negative_prompts: tuple | None = None  # and the prompt of its unconditional half ("" when none is given)
 
     @property
     def n(self):
@@ -48,7 +50,7 @@ class Request:
 
 
 def make_request(spec, n, steps=50, method="ddim", eta=0.0, seed=0, seeds=None, classes=None, guidance=None,
-                 batch_size=16, spacing=None, trajectory=False):
+                 batch_size=16, spacing=None, trajectory=False, *, prompt=None, negative_prompt=None):
     """Check every parameter against the model's spec; raise InvalidParameterError naming expected vs given."""
     num_train = spec.schedule.num_train_timesteps
     n = integer("n", n, 1)
@@ -62,9 +64,10 @@ def make_request(spec, n, steps=50, method="ddim", eta=0.0, seed=0, seeds=None, 
         choice("spacing", spacing, SPACINGS)
     k = 0 if trajectory is False or trajectory is None else integer("trajectory", trajectory, 1)
     labels = parse_classes(spec, n, classes)
+    prompts, negatives = parse_prompts(spec, n, prompt, negative_prompt)
     return Request(steps=steps, method=method, eta=eta, seeds=parse_seeds(n, seed, seeds), classes=labels,
-                   guidance=parse_guidance(spec, guidance, labels), batch_size=min(batch_size, n), spacing=spacing,
-                   trajectory=k)
+                   guidance=parse_guidance(spec, guidance, labels is not None or prompts is not None),
+                   batch_size=min(batch_size, n), spacing=spacing, trajectory=k, prompts=prompts, negative_prompts=negatives)
 
 
 def integer(name, value, low, high=None):
@@ -109,6 +112,8 @@ def parse_seeds(n, seed, seeds):
 
 def parse_classes(spec, n, classes):
     """None, or one int64 label per image in [0, num_classes): one int, a list cycled over the images, or "all"."""
+    if classes is not None and spec.text_conditional:
+        raise InvalidParameterError("classes are for class-conditional models; this text-to-image model takes prompt")
     if classes is None:
         if spec.conditional and spec.null_class is None:
             raise InvalidParameterError(f"the model is class-conditional ({spec.num_classes} classes) and has no null class; pass classes")
@@ -131,17 +136,44 @@ def parse_classes(spec, n, classes):
     return np.array([labels[i % len(labels)] for i in range(n)], dtype=np.int64)
 
 
-def parse_guidance(spec, guidance, classes):
-    """The guidance scale: as given, or the model's recommended one when classes are given and guidance is not."""
+def parse_guidance(spec, guidance, conditioned):
+    """The guidance scale: as given, or the model's recommended one when classes or prompts are given and guidance is not."""
     if guidance is None:
-        return spec.recommended_guidance if classes is not None else None
+        return spec.recommended_guidance if conditioned else None
     guidance = real("guidance", guidance)
     if not spec.guidable:
-        raise InvalidParameterError(f"guidance={guidance!r} needs a class-conditional model with a null class; this model "
-                                    f"has {spec.num_classes} classes and null class {spec.null_class}")
-    if classes is None:
-        raise InvalidParameterError(f"guidance={guidance!r} needs classes (it steers towards them)")
+        raise InvalidParameterError(f"guidance={guidance!r} needs a class-conditional model with a null class or a "
+                                    f"text-to-image model; this model has {spec.num_classes} classes and null class {spec.null_class}")
+    if not conditioned:
+        raise InvalidParameterError(f"guidance={guidance!r} needs {'a prompt' if spec.text_conditional else 'classes'} "
+                                    "(it steers towards them)")
     return guidance
+
+
+MAX_PROMPT_CHARS = 10_000
+
+
+def parse_prompts(spec, n, prompt, negative_prompt):
+    """(prompts, negative prompts) per image for a text-to-image model: a string or a list cycled over the images."""
+    if not spec.text_conditional:
+        if prompt is not None or negative_prompt is not None:
+            raise InvalidParameterError("prompt and negative_prompt need a text-to-image model folder; this model takes "
+                                        + ("classes" if spec.conditional else "no conditioning"))
+        return None, None
+    if prompt is None:
+        raise InvalidParameterError("this text-to-image model needs prompt (a string, or a list of strings cycled over the images)")
+    prompts = _strings("prompt", prompt, n)
+    return prompts, _strings("negative_prompt", "" if negative_prompt is None else negative_prompt, n)
+
+
+def _strings(name, value, n):
+    given = [value] if isinstance(value, str) else value
+    if not isinstance(given, (list, tuple)) or not given or not all(isinstance(p, str) for p in given):
+        raise InvalidParameterError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
+    longest = max(len(p) for p in given)
+    if longest > MAX_PROMPT_CHARS:
+        raise InvalidParameterError(f"{name} must be at most {MAX_PROMPT_CHARS} characters, got one of {longest}")
+    return tuple(given[i % len(given)] for i in range(n))
 
 
 def parse_threads(threads):

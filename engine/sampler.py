@@ -12,6 +12,7 @@ import ddengine
 from ddengine.backends import create_backend
 from ddengine.loop import HostLoop
 from ddengine.model import Model, load_model
+from ddengine.pipeline_spec import is_pipeline_folder
 from ddengine.reference import guided_output, predicted_x0
 from ddengine.requests import InvalidParameterError, check_memory, make_request, parse_threads
 
@@ -33,6 +34,12 @@ class Sampler:
 
     def __init__(self, model=None, backend="auto", scheduler_config=None, *, threads=None, precision="auto"):
         threads = parse_threads(threads)
+        self.pipeline = None  # a text-to-image model folder: tokenizer, text encoder and VAE around the U-Net
+        if not isinstance(model, Model) and model is not None and is_pipeline_folder(model):
+            from ddengine.pipeline import TextPipeline
+
+            self.pipeline = TextPipeline(model, backend, precision, threads)
+            model = self.pipeline.unet_path
         self.model = model if isinstance(model, Model) else load_model(model, scheduler_config)
         self.spec = self.model.spec
         self.backend = create_backend(backend, self.model, threads=threads, precision=precision)
@@ -57,7 +64,8 @@ class Sampler:
         self.close()
 
     def sample(self, n, steps=50, method="ddim", eta=0.0, seed=0, seeds=None, classes=None, guidance=None,
-               batch_size=16, spacing=None, progress=None, callback=None, trajectory=False):
+               batch_size=16, spacing=None, progress=None, callback=None, trajectory=False, *, prompt=None,
+               negative_prompt=None):
         """Generate `n` images: uint8 (n, H, W, C) and one record per image (index, seed, class, status, error, ...).
 
         Image i uses seeds[i] (default seed + i) and is bit-identical whatever `batch_size`. `classes`: one int, a
@@ -66,19 +74,25 @@ class Sampler:
         `progress(done, total)` is called after every step; `callback(step, timestep, x, first_index)` sees each
         chunk's latents after each step; `trajectory=k` adds x_t and predicted-x0 snapshots every k steps.
         """
-        request = self.request(n, steps, method, eta, seed, seeds, classes, guidance, batch_size, spacing, trajectory)
+        request = self.request(n, steps, method, eta, seed, seeds, classes, guidance, batch_size, spacing, trajectory,
+                               prompt=prompt, negative_prompt=negative_prompt)
         return self.run(request, progress=progress, callback=callback)
 
     def stream(self, n, steps=50, method="ddim", eta=0.0, seed=0, seeds=None, classes=None, guidance=None,
-               batch_size=16, spacing=None, progress=None, callback=None, trajectory=False):
+               batch_size=16, spacing=None, progress=None, callback=None, trajectory=False, *, prompt=None,
+               negative_prompt=None):
         """Like `sample`, but yields each finished Chunk (start, images, records) instead of keeping them all."""
-        request = self.request(n, steps, method, eta, seed, seeds, classes, guidance, batch_size, spacing, trajectory)
+        request = self.request(n, steps, method, eta, seed, seeds, classes, guidance, batch_size, spacing, trajectory,
+                               prompt=prompt, negative_prompt=negative_prompt)
         return self.chunks(request, progress=progress, callback=callback)
 
     def request(self, n, steps=50, method="ddim", eta=0.0, seed=0, seeds=None, classes=None, guidance=None,
-                batch_size=16, spacing=None, trajectory=False):
+                batch_size=16, spacing=None, trajectory=False, *, prompt=None, negative_prompt=None):
         """Validate sampling parameters against this model and machine (InvalidParameterError otherwise)."""
-        request = make_request(self.spec, n, steps, method, eta, seed, seeds, classes, guidance, batch_size, spacing, trajectory)
+        if trajectory and self.pipeline is not None:
+            raise InvalidParameterError("trajectory snapshots are of pixel-space models; this is a latent text-to-image model")
+        request = make_request(self.spec, n, steps, method, eta, seed, seeds, classes, guidance, batch_size, spacing, trajectory,
+                               prompt=prompt, negative_prompt=negative_prompt)
         check_memory(self.model, request, getattr(self.backend, "max_rows", None))
         self.plan(request)
         return request
@@ -115,18 +129,32 @@ class Sampler:
                     progress(start * request.steps + (i + 1) * k, total)
 
             trajectory = [] if request.trajectory else None
+            conditions = None if self.pipeline is None else self.pipeline.conditions(
+                request.prompts[part], request.negative_prompts[part], request.guidance)[0]
             if self.device_loop is not None and trajectory is None and callback is None:
-                x, bad = self.device_loop.denoise(plan, seeds, classes, request.guidance, on_step=on_step, timers=timers)
+                x, bad = self.device_loop.denoise(plan, seeds, classes, request.guidance, on_step=on_step, timers=timers,
+                                                  conditions=conditions)
             else:  # per-step host access (trajectory, callback) or a CPU backend
                 step_hook = on_step if callback is None else _with_callback(on_step, callback, start)
                 observe = None if trajectory is None else _snapshots(trajectory, plan, request)
                 x, bad = self.host_loop.denoise(plan, seeds, classes, request.guidance, on_step=step_hook,
-                                                observe=observe, timers=timers)
-            if (bad >= 0).any():  # no NaN reaches the uint8 cast (numpy warns on it); x may be a device download
-                x = np.where((bad >= 0).reshape(-1, *[1] * (x.ndim - 1)), np.float32(0), x)
-            images = to_uint8(x, self.spec.value_range)
+                                                observe=observe, timers=timers, conditions=conditions)
+            x, bad, value_range = self._finish(x, bad, len(plan), b)
+            images = to_uint8(x, value_range)
             images[bad >= 0] = 0  # never shown: their records say "error"
             yield Chunk(start, images, self._records(request, part, bad, trajectory))
+
+    def _finish(self, x, bad, steps, batch_size):
+        """(images as floats, bad, their value range): latents decoded by the VAE for a text-to-image model;
+        an image whose values are non-finite gets its step in `bad` (`steps` when only the decoder made it so)."""
+        value_range = self.spec.value_range
+        if self.pipeline is not None:
+            x = self.pipeline.decode(np.where(np.isfinite(x), x, np.float32(0)), batch_size)
+            bad = np.where((bad < 0) & ~np.isfinite(x.reshape(len(x), -1)).all(axis=1), steps, bad)
+            value_range = (-1.0, 1.0)
+        if (bad >= 0).any():  # no NaN reaches the uint8 cast (numpy warns on it); x may be a device download
+            x = np.where((bad >= 0).reshape(-1, *[1] * (x.ndim - 1)), np.float32(0), x)
+        return x, bad, value_range
 
     def _records(self, request, part, bad, trajectory):
         common = {**request.params(), "model_sha256": self.model.sha256, "backend": self.backend.name,
@@ -137,6 +165,8 @@ class Sampler:
             record = {"index": index, "seed": seed,
                       "class": None if request.classes is None else int(request.classes[index]),
                       "status": "ok", "error": None, **common}
+            if request.prompts is not None:
+                record.update(prompt=request.prompts[index], negative_prompt=request.negative_prompts[index])
             if bad[j] >= 0:
                 record.update(status="error", error=f"image {index} (seed {seed}) became non-finite (NaN/inf) at step {bad[j]}")
             elif trajectory is not None:

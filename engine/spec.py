@@ -74,9 +74,14 @@ class ModelSpec:
         return self.num_classes > 0
 
     @property
+    def text_conditional(self):
+        """A latent text-to-image U-Net: conditioned on prompt embeddings (encoder_hidden_states)."""
+        return "encoder_hidden_states" in self.input_names
+
+    @property
     def guidable(self):
-        """Classifier-free guidance needs a class-conditional model with a null class."""
-        return self.conditional and self.null_class is not None
+        """Classifier-free guidance needs an unconditional branch: a null class, or a negative/empty prompt."""
+        return (self.conditional and self.null_class is not None) or self.text_conditional
 
     @property
     def cfg_factor(self):
@@ -180,7 +185,7 @@ def check_fields(spec):
     g = spec.recommended_guidance
     if g is not None and not (_number(g) and g >= 0 and spec.guidable):
         raise ModelSpecError(f"'{METADATA_KEY}' metadata recommended_guidance must be null or a finite number >= 0 on a "
-                             f"model with a null class, got {g!r}")
+                             f"model with a null class or text conditioning, got {g!r}")
 
 
 def check_io(spec, io):

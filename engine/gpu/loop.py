@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 
-from ddengine.batch import own_labels
+from ddengine.batch import doubles, null_labels, own_labels
 from ddengine.gpu import driver
 from ddengine.gpu.driver import check, use_device
 from ddengine.gpu.memory import DeviceArray, Stream, copy_device
@@ -33,19 +33,26 @@ class DeviceLoop:
         self.stream = backend.stream() if callable(getattr(backend, "stream", None)) else Stream()
         self._states = {}  # (plan key, batch, guided) -> _State
 
-    def denoise(self, plan, seeds, classes, guidance, on_step=None, timers=None):
-        """Sample one chunk on the device; on_step(i, t, None) after step i has run."""
+    def denoise(self, plan, seeds, classes, guidance, on_step=None, timers=None, conditions=None):
+        """Sample one chunk on the device; on_step(i, t, None) after step i has run.
+
+        conditions: other per-image inputs, {role: (own rows, unconditional rows)} (prompt embeddings).
+        """
         seeds = np.ascontiguousarray(seeds, dtype=np.uint64)
         use_device(self.device)  # the caller's thread may not have made the context current yet
         n = len(seeds)
-        labels, guided = own_labels(self.spec, classes, guidance, n)
+        if conditions is None:
+            labels, guided = own_labels(self.spec, classes, guidance, n)
+            conditions = {} if labels is None else {"class_labels": (labels, null_labels(self.spec, n))}
+        else:
+            guided = doubles(guidance)
         state = self._state(plan, n, guided)
         images = image_records(seeds, uncond=n + np.arange(n) if guided else NO_UNCOND,
                                guidance=guidance if guided else 0.0)
         state.images.upload(images, self.stream)
-        if state.labels is not None:
-            null = np.full(n, self.spec.null_class if self.spec.null_class is not None else 0, dtype=np.int64)
-            state.labels.upload(np.concatenate([labels, null]) if guided else labels, self.stream)
+        for role, buffer in state.inputs.items():
+            own, uncond = conditions[role]
+            buffer.upload(np.concatenate([own, uncond]) if guided else own, self.stream)
         self.kernels.fill_noise(self.stream, state.args)
         for i, t in enumerate(plan.timesteps.tolist()):
             if state.use_graph and state.graph is None:
@@ -109,12 +116,13 @@ class _State:
         if spec.io["timestep"].scalar:
             raise ValueError("the device loop needs a per-row timestep input; this model's is a scalar (use the host loop)")
         self.t_in = DeviceArray(rows, t_dtype)
-        self.labels = DeviceArray(rows, self.runner.dtype("class_labels")) if spec.conditional else None
+        self.inputs = {role: DeviceArray(self.runner.shape(role, rows), self.runner.dtype(role))
+                       for role in spec.roles() if role not in ("sample", "timestep")}  # class_labels, encoder_hidden_states
         for role in ("sample", OUTPUT_ROLE):
             if self.runner.dtype(role) != np.float32:
                 raise ValueError(f"the model's {role} tensor is {self.runner.dtype(role)}; the CUDA step kernel needs float32")
         self.runner.bind(rows, {"sample": self.model_x.ptr, "timestep": self.t_in.ptr, OUTPUT_ROLE: self.out.ptr,
-                                "class_labels": None if self.labels is None else self.labels.ptr})
+                                **{role: buffer.ptr for role, buffer in self.inputs.items()}})
         self.args = step_args(self.model_x.ptr, self.out.ptr, self.table.ptr, self.images.ptr, batch, spec.per_image,
                               plan.clip)
         self.graph = None
@@ -124,9 +132,8 @@ class _State:
             self.graph.close()
             self.graph = None
         self.runner.close()
-        for buffer in (self.model_x, self.out, self.images, self.table, self.t_table, self.t_in, self.labels):
-            if buffer is not None:
-                buffer.free()
+        for buffer in (self.model_x, self.out, self.images, self.table, self.t_table, self.t_in, *self.inputs.values()):
+            buffer.free()
 
 
 class StreamGraph:
@@ -170,13 +177,13 @@ class DeviceLoops:
         self._all = []  # every loop created, for close()
         self._lock = threading.Lock()
 
-    def denoise(self, plan, seeds, classes, guidance, on_step=None, timers=None):
+    def denoise(self, plan, seeds, classes, guidance, on_step=None, timers=None, conditions=None):
         loop = getattr(self._local, "loop", None)
         if loop is None:
             loop = self._local.loop = DeviceLoop(self.backend, graphs=self.graphs, device=self.device)
             with self._lock:
                 self._all.append(loop)
-        return loop.denoise(plan, seeds, classes, guidance, on_step=on_step, timers=timers)
+        return loop.denoise(plan, seeds, classes, guidance, on_step=on_step, timers=timers, conditions=conditions)
 
     def close(self):
         with self._lock:

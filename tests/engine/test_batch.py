@@ -129,7 +129,7 @@ def test_retire_keeps_the_other_images_and_their_layout(sampler):
         assert np.array_equal(kept[field], before_images[[0, 3, 4]][field]), field
     # the guided images (0 and 4) now own unconditional rows 3 and 4, right after the three own rows
     assert kept["uncond"].tolist() == [3, NO_UNCOND, 4] and batch.rows == 5
-    assert batch.labels_in[:5].tolist() == [0, 3, 0, spec.null_class, spec.null_class]
+    assert batch.inputs["class_labels"][:5].tolist() == [0, 3, 0, spec.null_class, spec.null_class]
     # the kept images finish exactly as if nothing had been retired
     for _ in range(4):
         finished = batch.step()

@@ -83,7 +83,8 @@ BAD_MODELS = {
     "null_class_unconditional": (dict(meta={"null_class": 0}), "null_class 0 needs a conditional model"),
     "null_class_negative": (dict(num_classes=3, meta={"null_class": -1}), "null_class must be an integer >= 0, got -1"),
     "guidance_negative": (dict(num_classes=3, meta={"recommended_guidance": -1}),
-                          "recommended_guidance must be null or a finite number >= 0 on a model with a null class, got -1"),
+                          "recommended_guidance must be null or a finite number >= 0 on a model with a null class or text "
+                          "conditioning, got -1"),
     "guidance_nan": (dict(num_classes=3, meta={"recommended_guidance": float("nan")}), "recommended_guidance must be null or a finite"),
     "guidance_without_null_class": (dict(meta={"recommended_guidance": 2.0}), "recommended_guidance must be null"),
     "channels_zero": (dict(meta={"channels": 0}), "channels must be an integer >= 1, got 0"),

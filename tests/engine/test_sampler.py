@@ -237,7 +237,7 @@ def test_device_loops_run_the_chunks_and_host_hooks_stay_on_the_host(cond_model)
     calls = []
 
     class FakeDeviceLoop:
-        def denoise(self, plan, seeds, classes, guidance, on_step=None, timers=None):
+        def denoise(self, plan, seeds, classes, guidance, on_step=None, timers=None, conditions=None):
             calls.append((len(plan), seeds.tolist(), classes.tolist(), guidance))
             for i, t in enumerate(plan.timesteps.tolist()):
                 on_step(i, t, None)
