@@ -17,6 +17,26 @@ MANIFEST = "manifest.jsonl"
 OUTPUT_NAME = re.compile(r"^\d{5,}(_trajectory)?\.(png|npy)$")
 
 
+MANIFEST_LINE_BYTES = 700  # one JSON record of about 20 fields
+FILE_OVERHEAD_BYTES = 4096  # a file's share of the file system (one block)
+
+
+def check_space(folder, n, image_bytes):
+    """Refuse a run whose files would not fit on the disk of `folder`, naming the estimate and the free space."""
+    import shutil
+
+    from ddengine.resources import human_bytes
+
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    need = n * (image_bytes + FILE_OVERHEAD_BYTES + MANIFEST_LINE_BYTES)
+    if need > free:
+        raise OutputError(f"{n} images need about {human_bytes(need)} on disk (files and manifest); {probe} has "
+                          f"{human_bytes(free)} free: sample fewer images or choose another --out")
+
+
 def earlier_outputs(folder):
     """The files of an earlier run in `folder`: its manifest, what it lists, and files named like our outputs."""
     folder = Path(folder)

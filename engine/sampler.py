@@ -52,6 +52,14 @@ class Sampler:
 
             self.device_loop = DeviceLoops(self.backend)
 
+    @property
+    def image_shape(self):
+        """(H, W, C) of the uint8 images this sampler returns (decoded from latents for a text-to-image model)."""
+        if self.pipeline is not None:
+            scale = self.pipeline.spec.vae_scale
+            return self.spec.height * scale, self.spec.width * scale, self.pipeline.spec.image_channels
+        return self.spec.height, self.spec.width, self.spec.channels
+
     def close(self):
         if self.device_loop is not None:
             self.device_loop.close()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from ddengine.cli.common import (EXIT_FAILED, Interrupted, StopOnSignal, exit_interrupted, model_options,
                                  open_sampler, progress_bar, schedule_options, usage_errors)
@@ -56,20 +57,21 @@ def check_png_channels(channels, fmt, grid, trajectory):
 def sample(model, scheduler_config, backend, precision, threads, steps, method, eta, spacing, n, batch_size, seed, classes, guidance,
            out, overwrite, grid, fmt, trajectory, quiet):
     """Generate images with a model (default: the shipped one)."""
-    from ddengine.outdir import OutputFolder
+    from ddengine.outdir import OutputFolder, check_space
     from ddengine.resources import available_memory, human_bytes
 
     sampler = open_sampler(model, scheduler_config, backend, threads, precision)
     request = usage_errors(sampler.request, n, steps, method, eta, seed, None, parse_classes(classes), guidance,
                            batch_size, spacing, trajectory or False)
     check_png_channels(sampler.spec.channels, fmt, grid, trajectory)
-    kept = request.n * sampler.spec.per_image if grid is not None else 0
+    kept = request.n * int(np.prod(sampler.image_shape)) if grid is not None else 0
     free = available_memory()
     if free is not None and kept > free:
         raise click.UsageError(f"--grid keeps all {request.n} images in memory ({human_bytes(kept)}); this machine has "
                                f"{human_bytes(free)} available: sample fewer images or drop --grid")
     if grid is not None and not (grid.resolve().parent.is_dir() or grid.resolve().parent == out.resolve()):
         raise click.UsageError(f"--grid {grid}: folder {grid.parent} does not exist (only --out is created)")
+    usage_errors(check_space, out, request.n, int(np.prod(sampler.image_shape)) * (1 if fmt == "png" else 4))
     folder = usage_errors(OutputFolder, out, overwrite)
     with StopOnSignal() as stop:
         try:
@@ -94,8 +96,6 @@ def sample(model, scheduler_config, backend, precision, threads, steps, method, 
 
 def write_run(sampler, request, folder, grid_path, fmt, quiet, stop):
     """Sample chunk by chunk; each image file lands, then its manifest line. Returns the number of failed images."""
-    import numpy as np
-
     from ddengine.output import class_grid, encode, save_image, trajectory_strip
 
     kept, kept_classes, failed = [], [], 0
