@@ -127,3 +127,16 @@ def test_export_fp16_writes_a_mixed_precision_model(tmp_path, tiny_checkpoint):
     assert onnx.TensorProto.FLOAT16 in {t.data_type for t in model.graph.initializer}
     assert "Softmax" in fp32_ops(model).values()
     assert read_spec(out).num_classes == 3
+
+
+@pytest.mark.parametrize("command", [["train", "-o", "runs_x"], ["export", "ckpt.safetensors", "-o", "m.onnx"],
+                                     ["train-classifier", "-o", "c.onnx"]])
+def test_build_commands_without_torch_name_the_extra(command, monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 2 and "needs torch" in result.output and "pip install 'ddengine[export]'" in result.output
+    assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []

@@ -212,3 +212,15 @@ def test_many_images_append_to_one_manifest(tmp_path):
     lines = (tmp_path / MANIFEST).read_bytes().splitlines(keepends=True)
     assert sizes == [sum(len(line) for line in lines[:i + 1]) for i in range(50)]
     assert outdir.OUTPUT_NAME.match("00049.png") and len(listing(tmp_path)) == 51
+
+
+def test_a_run_that_would_not_fit_on_the_disk_is_refused_naming_both_sizes(tmp_path, monkeypatch):
+    import shutil
+
+    from ddengine.outdir import check_space
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
+    check_space(tmp_path / "new" / "folder", 10, 1024)  # ~60 KB fits in 1 MB
+    with pytest.raises(OutputError, match=r"1000 images need about 5.6 MiB on disk .* has 976.6 KiB free"):
+        check_space(tmp_path / "new", 1000, 1024)
+    assert not (tmp_path / "new").exists()
