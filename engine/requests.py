@@ -8,7 +8,7 @@ import numpy as np
 
 from ddengine.plan import METHODS
 from ddengine.resources import available_memory, human_bytes, usable_cpus
-from ddengine.timesteps import SPACINGS
+from ddengine.timesteps import SPACINGS, nonempty_list
 
 SEED_LIMIT = 2**64
 ARENA_SLACK = 1.5  # ONNX Runtime's arena and fragmentation over the ideal peak (measured: 2.1 vs 1.7 MB/row)
@@ -122,16 +122,11 @@ def parse_classes(spec, n, classes):
         raise InvalidParameterError(f"classes={classes!r} given but the model is unconditional (num_classes = 0)")
     if isinstance(classes, str):
         if classes != "all":
-            raise InvalidParameterError(f"classes must be an int, a list of ints or 'all', got {classes!r}")
+            raise InvalidParameterError(f"classes must be an int, a non-empty list of ints or 'all', got {classes!r}")
         classes = range(spec.num_classes)
     elif isinstance(classes, (numbers.Integral, np.integer)) and not isinstance(classes, (bool, np.bool_)):
         classes = [classes]
-    try:
-        given = list(classes)
-    except TypeError:
-        raise InvalidParameterError(f"classes must be an int, a list of ints or 'all', got {classes!r}") from None
-    if not given:
-        raise InvalidParameterError("classes must not be empty (give an int, a list of ints or 'all')")
+    given = nonempty_list(classes, "classes", "an int, a non-empty list of ints or 'all'", InvalidParameterError)
     labels = [integer("class", c, 0, spec.num_classes - 1) for c in given]
     return np.array([labels[i % len(labels)] for i in range(n)], dtype=np.int64)
 

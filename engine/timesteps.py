@@ -32,14 +32,20 @@ def inference_timesteps(num_train_timesteps, steps, spacing, steps_offset=0):
     raise ValueError(f"timestep_spacing must be one of {', '.join(map(repr, SPACINGS))}, got {spacing!r}")
 
 
+def nonempty_list(value, name, expected, error):
+    """list(value), or error naming `expected` when it is not iterable or empty (shared by the request validators)."""
+    try:
+        values = list(value)
+    except TypeError:
+        raise error(f"{name} must be {expected}, got {value!r}") from None
+    if not values:
+        raise error(f"{name} must be {expected}, got an empty list")
+    return values
+
+
 def check_timesteps(timesteps, num_train_timesteps):
     """Validate an explicit schedule (strictly descending integers in [0, T)) and return it as int64."""
-    try:
-        values = list(timesteps)
-    except TypeError:
-        raise ValueError(f"timesteps must be a list of integers, got {timesteps!r}") from None
-    if not values:
-        raise ValueError("timesteps must be a non-empty list of integers, got an empty list")
+    values = nonempty_list(timesteps, "timesteps", "a non-empty list of integers", ValueError)
     for i, t in enumerate(values):
         if not _is_int(t) or not 0 <= t < num_train_timesteps:
             raise ValueError(f"timesteps[{i}] must be an integer in [0, {num_train_timesteps - 1}], got {t!r}")

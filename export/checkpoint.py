@@ -29,24 +29,17 @@ def save(path, *, model, ema, optimizer, meta):
 
 def load(path):
     """Read a checkpoint -> (meta dict, {'model': sd, 'ema': sd, 'optim': optimizer state dict}); clear errors otherwise."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from ddengine.nets.twin import read_tagged
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            header = (fh.metadata() or {}).get(META_KEY)
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
-    if header is None:
+        meta, tensors = read_tagged(path, META_KEY)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    if not isinstance(meta, dict):
         raise CheckpointError(f"{path} is a safetensors file but not a ddengine checkpoint (no '{META_KEY}' metadata)")
-    try:
-        meta = json.loads(header)
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON: {err}") from None
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format {meta.get('format')!r} v{meta.get('format_version')!r}, expected {FORMAT!r} v{FORMAT_VERSION}")
     parts = {"model": {}, "ema": {}, "optim": {}}

@@ -6,8 +6,9 @@
  */
 #include "ddstep.h"
 
-/* x <- step(x, model_out) for every image j with its own row, noise counter, guidance and uncond row. */
-extern "C" __global__ void ddstep_step(dd_step_args a)
+/* The quad (img, q) of each thread, grid-stride: FILL writes x_T (Philox domain 1, step 0), else one fused step
+ * for image img with its own row, noise counter, guidance and unconditional row. */
+template <int FILL> __device__ void dd_quads(dd_step_args a)
 {
     const dd_i64 quads = (a.per_image + 3) / 4;
     const dd_i64 total = quads * a.batch;
@@ -15,19 +16,23 @@ extern "C" __global__ void ddstep_step(dd_step_args a)
     for (dd_i64 t = (dd_i64)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += stride) {
         const dd_i64 img = t / quads, q = t - img * quads;
         dd_image *im = a.images + img;
+        float *xi = a.x + img * a.per_image;
+        float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (FILL) {
+            dd_normals4(im->seed, (dd_u64)q, 0u, DD_DOMAIN_INIT, z);
+            for (int k = 0; k < 4 && 4 * q + k < a.per_image; k++)
+                xi[4 * q + k] = z[k];
+            continue;
+        }
         const float *row = a.table + (dd_i64)DD_NUM_COLUMNS * im->row;
         const int noisy = row[DD_SIGMA] != 0.0f, use_clip = a.clip > 0.0f;
-        float z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if (noisy)
             dd_normals4(im->seed, (dd_u64)q, im->step, DD_DOMAIN_STEP, z);
-        float *xi = a.x + img * a.per_image;
         const float *c = a.model_out + img * a.per_image;
         const float *u = im->uncond >= 0 ? a.model_out + (dd_i64)im->uncond * a.per_image : 0;
         dd_u32 bad = 0;
-        for (int k = 0; k < 4; k++) {
+        for (int k = 0; k < 4 && 4 * q + k < a.per_image; k++) {
             const dd_i64 e = 4 * q + k;
-            if (e >= a.per_image)
-                break;
             const float m = u ? dd_guide(u[e], c[e], im->guidance) : c[e];
             const float y = noisy ? dd_step_noisy(xi[e], m, row, use_clip, a.clip, z[k])
                                   : dd_step_mean(xi[e], m, row, use_clip, a.clip);
@@ -39,24 +44,11 @@ extern "C" __global__ void ddstep_step(dd_step_args a)
     }
 }
 
-/* x <- the initial noise x_T of each image's seed (Philox domain 1, step 0), as ddengine._kernels.fill_noise. */
-extern "C" __global__ void ddstep_fill_noise(dd_step_args a)
-{
-    const dd_i64 quads = (a.per_image + 3) / 4;
-    const dd_i64 total = quads * a.batch;
-    const dd_i64 stride = (dd_i64)gridDim.x * blockDim.x;
-    for (dd_i64 t = (dd_i64)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += stride) {
-        const dd_i64 img = t / quads, q = t - img * quads;
-        float z[4];
-        dd_normals4(a.images[img].seed, (dd_u64)q, 0u, DD_DOMAIN_INIT, z);
-        for (int k = 0; k < 4; k++) {
-            const dd_i64 e = 4 * q + k;
-            if (e >= a.per_image)
-                break;
-            a.x[img * a.per_image + e] = z[k];
-        }
-    }
-}
+/* x <- step(x, model_out) for every image j with its own row, noise counter, guidance and uncond row. */
+extern "C" __global__ void ddstep_step(dd_step_args a) { dd_quads<0>(a); }
+
+/* x <- the initial noise x_T of each image's seed, as ddengine._kernels.fill_noise. */
+extern "C" __global__ void ddstep_fill_noise(dd_step_args a) { dd_quads<1>(a); }
 
 /* The model's timestep input for the current step: t_out[j] and t_out[uncond] <- t_table[images[j].row]. */
 extern "C" __global__ void ddstep_set_timesteps_i64(dd_i64 *t_out, const dd_i64 *t_table, const dd_image *images,

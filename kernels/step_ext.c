@@ -328,6 +328,18 @@ static void run_job(job_t *job, Py_ssize_t threads)
     pthread_mutex_unlock(&pool.busy);
 }
 
+/* Splits job->a into (image, block) items and runs them with the GIL released. */
+static void run_without_gil(job_t *job, Py_ssize_t threads)
+{
+    job->blocks_per_image = (job->a.per_image + DD_BLOCK - 1) / DD_BLOCK;
+    job->items = job->a.batch * job->blocks_per_image;
+    if (job->items > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        run_job(job, threads);
+        Py_END_ALLOW_THREADS
+    }
+}
+
 /* ---------------------------------------------------------------- arguments: memory safety only */
 
 /* A C-contiguous buffer of items of `itemsize` bytes (kind: 'f' float, 'u' unsigned, 0 = any record). The rest
@@ -449,13 +461,7 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     job.a = (dd_step_args){(float *)v[0].buf, (const float *)v[1].buf, (const float *)v[2].buf,
                            (dd_image *)v[3].buf, batch, per_image, clip > 0.0 ? (float)clip : 0.0f, 0};
-    job.blocks_per_image = (per_image + DD_BLOCK - 1) / DD_BLOCK;
-    job.items = batch * job.blocks_per_image;
-    if (job.items > 0) {
-        Py_BEGIN_ALLOW_THREADS
-        run_job(&job, threads);
-        Py_END_ALLOW_THREADS
-    }
+    run_without_gil(&job, threads);
     release(v, 4);
     Py_RETURN_NONE;
 }
@@ -494,13 +500,7 @@ static PyObject *py_fill_noise(PyObject *self, PyObject *args, PyObject *kwargs)
     job.a = (dd_step_args){(float *)v[0].buf, NULL, NULL, NULL, batch, per_image, 0.0f, 0};
     job.seeds = (const dd_u64 *)v[1].buf;
     job.fill = 1;
-    job.blocks_per_image = (per_image + DD_BLOCK - 1) / DD_BLOCK;
-    job.items = batch * job.blocks_per_image;
-    if (job.items > 0) {
-        Py_BEGIN_ALLOW_THREADS
-        run_job(&job, threads);
-        Py_END_ALLOW_THREADS
-    }
+    run_without_gil(&job, threads);
     release(v, 2);
     Py_RETURN_NONE;
 }

@@ -40,25 +40,38 @@ def save_twin(path, module):
     atomic_write_via(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def load_twin(path):
-    """The module of a twin file (eval mode, fp32, CPU); TwinError naming what is wrong otherwise."""
+def read_tagged(path, key):
+    """(the JSON metadata entry `key` of a safetensors file, or None; its tensors); ValueError naming the file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            entry = (fh.metadata() or {}).get(key)
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+    try:
+        return (None if entry is None else json.loads(entry)), tensors
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: its '{key}' metadata is not valid JSON: {err}") from None
+
+
+def load_twin(path):
+    """The module of a twin file (eval mode, fp32, CPU); TwinError naming what is wrong otherwise."""
     path = Path(path)
     if not path.is_file():
         raise TwinError(f"torch twin {path} not found (`ddengine export` writes it next to the ONNX file)")
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            header = json.loads((fh.metadata() or {}).get(TWIN_KEY, "null"))
+        header, tensors = read_tagged(path, TWIN_KEY)
         if not isinstance(header, dict) or header.get("format") != TWIN_FORMAT:
             raise TwinError(f"{path} is not a ddengine U-Net twin (no '{TWIN_KEY}' metadata of format {TWIN_FORMAT})")
         if header.get("architecture") not in ARCHITECTURES:
             raise TwinError(f"{path}: twin architecture {header.get('architecture')!r} is not one of {', '.join(ARCHITECTURES)}")
         module = _build(header["architecture"], header["config"])
         target = module.unet if header["architecture"] != "ddengine-unet" else module
-        target.load_state_dict(load_file(str(path)))
-    except (SafetensorError, OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, RuntimeError) as err:
+        target.load_state_dict(tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
         if isinstance(err, TwinError):
             raise
         raise TwinError(f"{path}: not a usable ddengine U-Net twin: {err}") from None

@@ -42,13 +42,13 @@ def test_classes_int_list_cycled_and_all(cond, classes, n, want):
 
 
 @pytest.mark.parametrize("classes, message", [
-    ([], "classes must not be empty"),
+    ([], "classes must be an int, a non-empty list of ints or 'all', got an empty list"),
     (4, "class must be in [0, 3], got 4"),  # 4 is the null class: not a class one can ask for
     (-1, "class must be in [0, 3], got -1"),
     ([0, 9], "class must be in [0, 3], got 9"),
-    ("some", "classes must be an int, a list of ints or 'all', got 'some'"),
-    (1.5, "classes must be an int, a list of ints or 'all', got 1.5"),
-    (True, "classes must be an int, a list of ints or 'all', got True"),
+    ("some", "classes must be an int, a non-empty list of ints or 'all', got 'some'"),
+    (1.5, "classes must be an int, a non-empty list of ints or 'all', got 1.5"),
+    (True, "classes must be an int, a non-empty list of ints or 'all', got True"),
     ([1.0], "class must be an integer, got 1.0"),
     ([False], "class must be an integer, got False"),
     (None, None),

@@ -16,6 +16,7 @@ ENTRY_POINTS = ("ddstep_step", "ddstep_fill_noise", "ddstep_set_timesteps_i64", 
 
 SOURCE = r"""
 #define __global__
+#define __device__
 struct dd_dim3 { unsigned x, y, z; };
 static dd_dim3 blockIdx, blockDim, threadIdx, gridDim;
 static int atomicCAS(int *address, int compare, int value)
