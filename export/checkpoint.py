@@ -32,10 +32,8 @@ def load(path):
     from ddengine.nets.twin import read_tagged
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
     try:
-        meta, tensors = read_tagged(path, META_KEY)
+        meta, tensors = read_tagged(path, META_KEY, "checkpoint")
     except ValueError as err:
         raise CheckpointError(str(err)) from None
     if not isinstance(meta, dict):

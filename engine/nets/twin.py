@@ -40,11 +40,14 @@ def save_twin(path, module):
     atomic_write_via(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def read_tagged(path, key):
-    """(the JSON metadata entry `key` of a safetensors file, or None; its tensors); ValueError naming the file."""
+def read_tagged(path, key, what, hint=""):
+    """(the JSON metadata entry `key` of a safetensors file, or None; its tensors); ValueError naming the file
+    (`what` it should have been and a `hint`, when it is missing)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
+    if not Path(path).is_file():
+        raise ValueError(f"{what} {path} does not exist or is not a file{hint}")
     try:
         with safe_open(str(path), framework="pt") as fh:
             entry = (fh.metadata() or {}).get(key)
@@ -60,10 +63,8 @@ def read_tagged(path, key):
 def load_twin(path):
     """The module of a twin file (eval mode, fp32, CPU); TwinError naming what is wrong otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise TwinError(f"torch twin {path} not found (`ddengine export` writes it next to the ONNX file)")
     try:
-        header, tensors = read_tagged(path, TWIN_KEY)
+        header, tensors = read_tagged(path, TWIN_KEY, "torch twin", " (`ddengine export` writes it next to the ONNX file)")
         if not isinstance(header, dict) or header.get("format") != TWIN_FORMAT:
             raise TwinError(f"{path} is not a ddengine U-Net twin (no '{TWIN_KEY}' metadata of format {TWIN_FORMAT})")
         if header.get("architecture") not in ARCHITECTURES:

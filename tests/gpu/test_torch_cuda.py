@@ -49,7 +49,7 @@ def test_a_model_without_a_twin_is_refused(tmp_path):
     from tests.support.tiny_models import build_tiny_model
 
     build_tiny_model(tmp_path / "m.onnx")
-    with pytest.raises(BackendError, match="torch twin .*m.safetensors not found"):
+    with pytest.raises(BackendError, match="torch twin .*m.safetensors does not exist"):
         TorchCudaBackend(load_model(tmp_path / "m.onnx"))
 
 

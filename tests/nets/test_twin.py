@@ -95,7 +95,7 @@ def test_garbage_and_missing_files_are_clear_twin_errors(tmp_path, content):
     (tmp_path / "bad.safetensors").write_bytes(content)
     with pytest.raises(TwinError, match=r"bad.safetensors"):
         load_twin(tmp_path / "bad.safetensors")
-    with pytest.raises(TwinError, match=r"torch twin .*missing.safetensors not found \(`ddengine export` writes it"):
+    with pytest.raises(TwinError, match=r"torch twin .*missing.safetensors does not exist or is not a file \(`ddengine export` writes it"):
         load_twin(tmp_path / "missing.safetensors")
 
 
