@@ -128,11 +128,11 @@ def diffusers_runner(torch, backend, case):
 
 def floor_runner(torch, backend, case):
     """The floor: the bare forward of the engine's rows, captured in one CUDA graph, replayed `steps` times."""
-    from ddengine.batch import own_labels
+    from ddengine.batch import forward_rows, own_labels
 
     spec, device = backend.spec, f"cuda:{backend.device}"
     labels, guided = own_labels(spec, case.classes, case.guidance, case.batch)
-    rows = case.batch * (2 if guided else 1)
+    rows = forward_rows(case.batch, guided)
     x = torch.randn((rows, *spec.image_shape), device=device)
     t = torch.full((rows,), 500, dtype=torch.int64, device=device)
     c = torch.zeros(rows, dtype=torch.int64, device=device) if spec.conditional else None

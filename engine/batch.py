@@ -21,6 +21,11 @@ def doubles(guidance):
     return guidance is not None and guidance != 0 and guidance != 1
 
 
+def forward_rows(images, guided):
+    """Rows of one forward for `images` images: [own rows; unconditional rows] when guided (doubles)."""
+    return images * (2 if guided else 1)
+
+
 def own_labels(spec, classes, guidance, n):
     """(class labels of the images' own rows or None, guided) for a class-conditional model."""
     if not spec.conditional:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ddengine.batch import own_labels
+from ddengine.batch import forward_rows, own_labels
 from ddengine.coeffs import SIGMA
 from ddengine.reference import reference_step
 from ddengine.resources import physical_cores
@@ -103,7 +103,7 @@ def forward_feeds(sampler, request):
     """The forward rows the engine runs for this request (doubled under guidance) and an output buffer."""
     spec, b = sampler.spec, request.n
     labels, guided = own_labels(spec, request.classes, request.guidance, b)
-    rows = 2 * b if guided else b
+    rows = forward_rows(b, guided)
     x = np.random.default_rng(0).standard_normal((rows, *spec.image_shape), dtype=np.float32)
     feeds = {"sample": x}
     if labels is not None:

@@ -178,8 +178,10 @@ def parse_threads(threads):
 
 def check_memory(model, request, backend_rows=None, keep_images=False):
     """Refuse a request whose forward (or, kept in memory, whose images) would not fit; names the estimate."""
+    from ddengine.batch import doubles, forward_rows
+
     spec = model.spec
-    rows = request.batch_size * (2 if request.guidance not in (None, 0, 1) else 1)
+    rows = forward_rows(request.batch_size, doubles(request.guidance))
     if backend_rows is not None and rows > backend_rows:
         raise InvalidParameterError(f"batch_size {request.batch_size} needs {rows} forward rows; this backend takes at most "
                                     f"{backend_rows} (its engine profile)")

@@ -149,7 +149,6 @@ class Sampler:
                                                 observe=observe, timers=timers, conditions=conditions)
             x, bad, value_range = self._finish(x, bad, len(plan), b)
             images = to_uint8(x, value_range)
-            images[bad >= 0] = 0  # never shown: their records say "error"
             yield Chunk(start, images, self._records(request, part, bad, trajectory))
 
     def _finish(self, x, bad, steps, batch_size):
@@ -160,8 +159,8 @@ class Sampler:
             x = self.pipeline.decode(np.where(np.isfinite(x), x, np.float32(0)), batch_size)
             bad = np.where((bad < 0) & ~np.isfinite(x.reshape(len(x), -1)).all(axis=1), steps, bad)
             value_range = (-1.0, 1.0)
-        if (bad >= 0).any():  # no NaN reaches the uint8 cast (numpy warns on it); x may be a device download
-            x = np.where((bad >= 0).reshape(-1, *[1] * (x.ndim - 1)), np.float32(0), x)
+        if (bad >= 0).any():  # failed images are black (never shown: their records say "error"), and no NaN is cast
+            x = np.where((bad >= 0).reshape(-1, *[1] * (x.ndim - 1)), np.float32(value_range[0]), x)
         return x, bad, value_range
 
     def _records(self, request, part, bad, trajectory):

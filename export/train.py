@@ -52,23 +52,10 @@ def scheduler_dict(beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000):
 
 
 def alphas_cumprod(scheduler):
-    """abar_t for the training schedule: ddengine.schedule when present, else diffusers' float32 betas."""
-    try:
-        from ddengine.schedule import SchedulerConfig
-    except ImportError:
-        return _alphas_cumprod_diffusers(scheduler)
+    """abar_t for the training schedule, as the engine samples it (ddengine.schedule)."""
+    from ddengine.schedule import SchedulerConfig
+
     return SchedulerConfig.from_dict(scheduler).alphas_cumprod()
-
-
-def _alphas_cumprod_diffusers(scheduler):
-    """Betas as diffusers builds them (float32), abar by float64 cumprod (iDDPM cosine: Nichol & Dhariwal 2021, eq. 17)."""
-    T = scheduler["num_train_timesteps"]
-    if scheduler["beta_schedule"] == "linear":
-        betas = np.linspace(scheduler["beta_start"], scheduler["beta_end"], T, dtype=np.float32)
-    else:
-        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-        betas = np.array([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=np.float32)
-    return np.cumprod(1.0 - betas.astype(np.float64))
 
 
 def diffusion_loss(model, x0, labels, abar, generator, p_uncond, null_class):

@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 
-from ddengine.batch import doubles, null_labels, own_labels
+from ddengine.batch import doubles, forward_rows, null_labels, own_labels
 from ddengine.gpu import driver
 from ddengine.gpu.driver import check, use_device
 from ddengine.gpu.memory import DeviceArray, Stream, copy_device
@@ -102,7 +102,7 @@ class _State:
     def __init__(self, loop, plan, batch, guided):
         spec = loop.spec
         self.batch, self.guided = batch, guided
-        rows = batch * (2 if guided else 1)
+        rows = forward_rows(batch, guided)
         self.runner = loop.backend.open_runner(loop.stream)
         self.use_graph = _use_graph(loop.graphs, self.runner)
         self.model_x = DeviceArray((rows, *spec.image_shape), np.float32)  # x is its first `batch` rows

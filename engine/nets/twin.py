@@ -65,16 +65,17 @@ def load_twin(path):
     path = Path(path)
     try:
         header, tensors = read_tagged(path, TWIN_KEY, "torch twin", " (`ddengine export` writes it next to the ONNX file)")
-        if not isinstance(header, dict) or header.get("format") != TWIN_FORMAT:
-            raise TwinError(f"{path} is not a ddengine U-Net twin (no '{TWIN_KEY}' metadata of format {TWIN_FORMAT})")
-        if header.get("architecture") not in ARCHITECTURES:
-            raise TwinError(f"{path}: twin architecture {header.get('architecture')!r} is not one of {', '.join(ARCHITECTURES)}")
+    except ValueError as err:
+        raise TwinError(str(err)) from None
+    if not isinstance(header, dict) or header.get("format") != TWIN_FORMAT:
+        raise TwinError(f"{path} is not a ddengine U-Net twin (no '{TWIN_KEY}' metadata of format {TWIN_FORMAT})")
+    if header.get("architecture") not in ARCHITECTURES:
+        raise TwinError(f"{path}: twin architecture {header.get('architecture')!r} is not one of {', '.join(ARCHITECTURES)}")
+    try:
         module = _build(header["architecture"], header["config"])
         target = module.unet if header["architecture"] != "ddengine-unet" else module
         target.load_state_dict(tensors)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        if isinstance(err, TwinError):
-            raise
         raise TwinError(f"{path}: not a usable ddengine U-Net twin: {err}") from None
     return module.eval()
 

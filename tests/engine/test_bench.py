@@ -139,7 +139,7 @@ def test_a_foreign_or_missing_twin_is_a_reason_not_a_crash(tmp_path, twins):
     (tmp_path / "garbage.safetensors").write_bytes(b"not safetensors")
     for weights, message in ((tmp_path / "foreign.safetensors", "is not a ddengine U-Net twin"),
                              (tmp_path / "garbage.safetensors", "not a usable ddengine U-Net twin"),
-                             (tmp_path / "missing.safetensors", "not found")):
+                             (tmp_path / "missing.safetensors", "does not exist")):
         net, why = torch_twin(Sampler(path, backend="ort-cpu"), weights)
         assert net is None and why.startswith(TORCH_UNAVAILABLE) and message in why, why
 
