@@ -138,7 +138,7 @@ def test_a_foreign_or_missing_twin_is_a_reason_not_a_crash(tmp_path, twins):
     save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "foreign.safetensors"))
     (tmp_path / "garbage.safetensors").write_bytes(b"not safetensors")
     for weights, message in ((tmp_path / "foreign.safetensors", "is not a ddengine U-Net twin"),
-                             (tmp_path / "garbage.safetensors", "not a usable ddengine U-Net twin"),
+                             (tmp_path / "garbage.safetensors", "is not a readable safetensors file"),
                              (tmp_path / "missing.safetensors", "does not exist")):
         net, why = torch_twin(Sampler(path, backend="ort-cpu"), weights)
         assert net is None and why.startswith(TORCH_UNAVAILABLE) and message in why, why
