@@ -128,3 +128,14 @@ def test_closed_backend_refuses_to_run(shipped):
     x = np.zeros((1, 1, 32, 32), np.float32)
     with pytest.raises(BackendError, match="closed"):
         backend.run({"sample": x, "timestep": np.ones(1, np.int64), "class_labels": np.zeros(1, np.int64)}, np.empty_like(x))
+
+
+def test_row_counts_share_compiled_buckets_and_padding_changes_no_row(shipped):
+    backend = create_backend("openvino", shipped)
+    assert [ovb.bucket(r) for r in (1, 8, 9, 16, 17, 64)] == [1, 8, 16, 16, 24, 64]
+    assert probe_batch_invariance(backend, shipped.spec, rows=11)  # 11 rows run as 16, each row as alone (1 row)
+    for rows in (9, 12, 15):
+        x = np.zeros((rows, 1, 32, 32), np.float32)
+        backend.run({"sample": x, "timestep": np.ones(rows, np.int64), "class_labels": np.zeros(rows, np.int64)}, np.empty_like(x))
+    compiled_rows = sorted({dict(k[1])["sample"][0] for k in backend.graph._compiled})
+    assert 16 in compiled_rows and not set(compiled_rows) & {9, 11, 12, 15}
