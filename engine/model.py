@@ -1,11 +1,14 @@
 """Load an ONNX model: its ModelSpec (the `ddengine` metadata entry), bound to the graph's tensors and checked.
 
-The file is never held in memory twice: the ONNX checker reads it from disk first, then it is parsed once,
-and its content hash streams it (external-data files included), so a multi-GB model costs one copy at a time.
+The file is never held in memory twice, nor are its weights: the protobuf is read field by field and large
+initializers are parsed without their bytes (their size checked against their shape), the ONNX checker runs on
+that weightless graph, and the content hash streams the file (external-data files included).
 """
 import hashlib
 import importlib.resources
 import json
+import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,6 +20,9 @@ from ddengine.spec import DYNAMIC, INPUT_ROLES, METADATA_KEY, OUTPUT_ROLE, Model
 
 DEFAULT_MODEL = "models/default.onnx"
 CHUNK = 1 << 20
+WEIGHTLESS_BYTES = 1 << 16  # initializers with more raw bytes than this are parsed without them
+MERGE_BYTES = 1 << 26  # the graph's other fields are parsed this many bytes at a time
+GRAPH_FIELD, INITIALIZER_FIELD, RAW_DATA_FIELD = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
 
 
 class ModelError(ValueError):
@@ -43,8 +49,8 @@ def load_model(path=None, scheduler_config=None):
     path = Path(path) if path is not None else default_model_path()
     _check_file(path)
     override = read_scheduler_config(scheduler_config) if scheduler_config is not None else None
-    _check_graph(path)
     proto = _parse(path)
+    _check_graph(path, proto)
     spec = _spec(path, proto, override)
     try:
         spec = spec.bind(graph_io(proto, spec))
@@ -92,24 +98,140 @@ def _check_file(path):
         raise ModelError(f"model file {path} is a Git LFS pointer, not an ONNX model (run `git lfs pull`)")
 
 
-def _check_graph(path):
-    """onnx.checker on the file (it reads the file itself, so no second copy is held here)."""
+def _check_graph(path, proto):
+    """onnx.checker on the weightless graph: initializers parsed without their data (or kept in external files)
+    become graph inputs of their type and shape; external files must be inside the model's folder and exist."""
+    detached = {t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL or _weightless(t)}
+    check = proto
+    if detached:
+        check = onnx.ModelProto()
+        check.CopyFrom(proto)
+        kept = [t for t in check.graph.initializer if t.name not in detached]
+        check.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                                 for t in check.graph.initializer if t.name in detached)
+        del check.graph.initializer[:]
+        check.graph.initializer.extend(kept)
     try:
-        onnx.checker.check_model(str(path))
+        onnx.checker.check_model(check)
     except onnx.checker.ValidationError as err:
         raise ModelError(f"model file {path} fails the ONNX checker: {str(err).splitlines()[0]}") from None
     except Exception as err:  # protobuf's DecodeError and friends
         raise ModelError(f"model file {path} is not a valid ONNX protobuf: {str(err).splitlines()[0]}") from None
+    for file in external_files(proto, path):
+        if not file.is_file():
+            raise ModelError(f"model file {path}: its external data file {file.name} is missing from {file.parent}")
+
+
+def read_weightless(path):
+    """The ModelProto of an ONNX file without the data of its large initializers (shapes, names, metadata, nodes)."""
+    return _parse(Path(path))
 
 
 def _parse(path):
+    """The ModelProto of `path`, read field by field: initializers over WEIGHTLESS_BYTES come without their raw
+    data, so the file's bytes and its parsed weights are never in memory together."""
+    proto = onnx.ModelProto()
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # protobuf's DecodeError and friends
-        raise ModelError(f"model file {path} is not a valid ONNX protobuf: {err}") from None
+        with open(path, "rb") as f:
+            for number, kind, start, body, end in _fields(f, 0, os.fstat(f.fileno()).st_size):
+                if number == GRAPH_FIELD and kind == 2:
+                    _read_graph(f, body, end, proto.graph)
+                else:
+                    proto.MergeFromString(_read(f, start, end))
+    except ModelError:
+        raise
+    except Exception as err:  # protobuf's DecodeError, a malformed wire format
+        raise ModelError(f"model file {path} is not a valid ONNX protobuf: {str(err).splitlines()[0] if str(err) else err!r}") from None
     if not proto.graph.input or not proto.graph.output:
         raise ModelError(f"model file {path} is not a valid ONNX model: its graph has no inputs or outputs")
     return proto
+
+
+def _read_graph(f, start, end, graph):
+    """Merge the GraphProto in bytes [start, end) into `graph`, MERGE_BYTES of fields at a time, large initializers weightless."""
+    run = start
+    for number, _, field, body, stop in _fields(f, start, end):
+        if number == INITIALIZER_FIELD and stop - body > WEIGHTLESS_BYTES:
+            graph.MergeFromString(_read(f, run, field))
+            graph.initializer.add().CopyFrom(_weightless_tensor(f, body, stop))
+            run = stop
+        elif stop - run > MERGE_BYTES:
+            graph.MergeFromString(_read(f, run, stop))
+            run = stop
+    graph.MergeFromString(_read(f, run, end))
+
+
+def _weightless_tensor(f, start, end):
+    """The TensorProto in bytes [start, end) without its raw_data, whose length must be what its shape declares."""
+    parts, raw = [], None
+    for number, _, field, body, stop in _fields(f, start, end):
+        if number == RAW_DATA_FIELD:
+            raw = stop - body
+        else:
+            parts.append(_read(f, field, stop))
+    tensor = onnx.TensorProto()
+    tensor.ParseFromString(b"".join(parts))
+    if raw is not None and raw != _declared_bytes(tensor):
+        raise ModelError(f"tensor {tensor.name!r} has {raw} bytes of raw data; its shape {list(tensor.dims)} and type "
+                         f"{onnx.TensorProto.DataType.Name(tensor.data_type)} need {_declared_bytes(tensor)}")
+    return tensor
+
+
+def _weightless(tensor):
+    """A tensor parsed without its raw data: a shape that needs bytes, and no value field at all."""
+    values = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+    return not tensor.HasField("raw_data") and not any(len(getattr(tensor, v)) for v in values) and _declared_bytes(tensor) > 0
+
+
+def _declared_bytes(tensor):
+    """Bytes of raw data a tensor's dims and data type call for (0 for types without a fixed size)."""
+    try:
+        size = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+    return math.prod(tensor.dims) * size
+
+
+def _read(f, start, end):
+    f.seek(start)
+    return f.read(end - start)
+
+
+def _fields(f, start, end):
+    """(number, wire type, field start, value start, field end) of each protobuf field in bytes [start, end) of `f`."""
+    pos = start
+    while pos < end:
+        f.seek(pos)
+        head = f.read(20)
+        tag, n = _varint(head, 0)
+        kind, number = tag & 7, tag >> 3
+        if kind == 2:
+            size, n = _varint(head, n)
+        elif kind == 0:
+            _, n = _varint(head, n)
+            size = 0
+        elif kind in (1, 5):
+            size = 8 if kind == 1 else 4
+        else:
+            raise ValueError(f"wire type {kind} at byte {pos}")
+        stop = pos + n + size
+        if number == 0 or stop > end:
+            raise ValueError(f"field {number} at byte {pos} " + ("is not a field" if number == 0 else "runs past the end: truncated"))
+        yield number, kind, pos, pos + n, stop
+        pos = stop
+
+
+def _varint(data, pos):
+    """Protobuf's base-128 varint at data[pos] -> (value, position after it)."""
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("malformed varint")
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
 
 
 def _spec(path, proto, override):

@@ -1,17 +1,36 @@
 """The parts of a text-to-image pipeline around the U-Net (text encoder, VAE decoder): one ONNX function each,
-on ONNX Runtime (exact fp32) or OpenVINO (bf16 where native), called with named numpy inputs."""
+on ONNX Runtime (exact fp32) or OpenVINO (bf16 where native), called with named numpy inputs.
+
+Parts run on the CPU: a GPU backend (or `auto` on a GPU machine) puts them on this CPU's best backend, the one
+`auto` picks without a GPU (`ddengine info MODEL_DIR` prints where each part runs).
+"""
 import numpy as np
 
-from ddengine.backends import BackendError, resolve_backend
+from ddengine.backends import BACKENDS, BackendError, available_backends, resolve_backend
+
+PART_BACKENDS = ("ort-cpu", "openvino")
+
+
+def part_backend(backend="auto", precision="auto"):
+    """(backend, precision) a part runs on: a CPU backend as asked; auto or a GPU backend -> the CPU's best."""
+    name, precision = resolve_backend(backend, precision)
+    if BACKENDS[name].device == "cpu":
+        if name not in PART_BACKENDS:
+            raise BackendError(f"pipeline parts run on {', '.join(map(repr, PART_BACKENDS))}; got backend {name!r}")
+        return name, precision
+    if "openvino" in available_backends():
+        from ddengine.backends.openvino import native_bf16
+
+        if native_bf16():
+            return "openvino", "bf16"
+    return "ort-cpu", "fp32"
 
 
 class OnnxPart:
     """`part(**inputs) -> first output` of one ONNX file on a CPU backend ("ort-cpu" or "openvino")."""
 
     def __init__(self, path, backend="auto", precision="auto", threads=None):
-        name, precision = resolve_backend(backend, precision)
-        if name not in ("ort-cpu", "openvino"):
-            raise BackendError(f"pipeline parts run on 'ort-cpu' or 'openvino'; got backend {name!r}")
+        name, precision = part_backend(backend, precision)
         self.path, self.name = path, name
         if name == "openvino":
             from ddengine.backends.openvino import OpenVinoGraph

@@ -13,6 +13,8 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ddengine.model import ModelError
+
 PIPELINE_FILE = "pipeline.json"
 FORMAT = "ddengine-pipeline"
 FORMAT_VERSION = 1
@@ -21,8 +23,8 @@ DEFAULT_FILES = {"text_encoder": "text_encoder.onnx", "unet": "unet.onnx", "vae_
                  "tokenizer": "tokenizer.json"}
 
 
-class PipelineSpecError(ValueError):
-    """pipeline.json is missing, malformed, or names parts that are not there."""
+class PipelineSpecError(ModelError):
+    """pipeline.json is missing, malformed, or names parts that are not there (a ModelError: the model is unusable)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ class PipelineSpec:
 
     def path(self, folder, part):
         return Path(folder) / self.files[part]
+
+    def image_shape(self, unet_spec):
+        """(channels, height, width) of the decoded images of a U-Net whose latents are unet_spec's."""
+        return self.image_channels, unet_spec.height * self.vae_scale, unet_spec.width * self.vae_scale
 
     def to_json(self):
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"

@@ -2,8 +2,10 @@
 tokenizer.json, padded and truncated to the text encoder's length as diffusers' pipelines ask for it."""
 import numpy as np
 
+from ddengine.model import ModelError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(ModelError):
     """The tokenizer file is missing or unreadable, or the `tokenizers` package is not installed."""
 
 

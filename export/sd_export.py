@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ REFUSED = {"text_encoder_2": "SDXL's second text encoder", "tokenizer_2": "SDXL'
 PIPELINES = ("StableDiffusionPipeline",)
 ATOL = 1e-4
 TEXT_LENGTH = 77
+GUIDANCE = 7.5  # diffusers' StableDiffusionPipeline default guidance_scale: the U-Net's recommended_guidance
 
 
 class PipelineExportError(ValueError):
@@ -44,13 +46,16 @@ def read_index(folder):
         index = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise PipelineExportError(f"{path}: {err}") from None
+    if not isinstance(index, dict):
+        raise PipelineExportError(f"{path}: expected a JSON object, got {type(index).__name__}")
+    parts = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None}
+    refused = sorted(parts & set(REFUSED))
+    if refused:  # named before the class: an SDXL or ControlNet folder is told which part ddengine lacks
+        raise PipelineExportError(f"{folder}: ddengine does not run {', '.join(f'{p} ({REFUSED[p]})' for p in refused)}; "
+                                  f"it exports {', '.join(PIPELINES)} folders with the parts {', '.join(RUN)}")
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise PipelineExportError(f"{path}: pipeline class {name!r} is not supported (expected {', '.join(PIPELINES)})")
-    parts = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None}
-    refused = sorted(parts & set(REFUSED))
-    if refused:
-        raise PipelineExportError(f"{folder}: ddengine does not run {', '.join(f'{p} ({REFUSED[p]})' for p in refused)}")
     unknown = sorted(parts - set(RUN) - set(IGNORED) - set(REFUSED))
     missing = sorted(set(RUN) - parts)
     if unknown or missing:
@@ -58,8 +63,22 @@ def read_index(folder):
     return index
 
 
+def read_config(folder, part):
+    """PART/config.json of a pipeline folder, read before any weights are."""
+    path = Path(folder) / part / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise PipelineExportError(f"{path}: {err}") from None
+    if not isinstance(config, dict):
+        raise PipelineExportError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
 def check_unet(config):
     """Refuse U-Net features beyond text conditioning, naming them."""
+    if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise PipelineExportError(f"the U-Net is a {config['_class_name']!r}; expected a UNet2DConditionModel")
     extra = {k: config.get(k) for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")}
     used = {k: v for k, v in extra.items() if v is not None}
     if used:
@@ -83,19 +102,13 @@ def export_pipeline(folder, out_dir, fp16=False, height=None, width=None, log=pr
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise PipelineExportError(f"output folder {out_dir} exists and is not empty; choose a new -o")
     scheduler = scheduler_from(folder / "scheduler" / "scheduler_config.json")
+    unet_config = read_config(folder, "unet")
+    check_unet(unet_config)
+    latent, scale = latent_size(unet_config, read_config(folder, "vae"), height, width)
     unet = UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval()
-    check_unet(dict(unet.config))
     vae = AutoencoderKL.from_pretrained(str(folder / "vae")).eval()
     text = CLIPTextModel.from_pretrained(str(folder / "text_encoder")).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    size = unet.config.sample_size
-    latent = (size, size) if isinstance(size, int) else tuple(size)
-    if height is not None or width is not None:
-        h, w = height or latent[0] * scale, width or latent[1] * scale
-        if h % scale or w % scale:
-            raise PipelineExportError(f"--height/--width must be multiples of {scale} (the VAE's factor), got {h}x{w}")
-        latent = (h // scale, w // scale)
     text_length = min(int(tokenizer.model_max_length), int(text.config.max_position_embeddings), TEXT_LENGTH * 16)
     hidden = text.config.hidden_size
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -120,6 +133,23 @@ def export_pipeline(folder, out_dir, fp16=False, height=None, width=None, log=pr
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return errors
+
+
+def latent_size(unet_config, vae_config, height=None, width=None):
+    """((h, w) latents, VAE scale) for images of height x width (default: the U-Net's sample_size times the scale);
+    each side a multiple of the VAE's scale times the U-Net's downsampling."""
+    scale = 2 ** (len(vae_config.get("block_out_channels", (64,))) - 1)
+    size = unet_config.get("sample_size", 64)
+    latent = (size, size) if isinstance(size, int) else tuple(size)
+    if height is None and width is None:
+        return latent, scale
+    step = scale * 2 ** (len(unet_config.get("block_out_channels", (1,))) - 1)
+    h = latent[0] * scale if height is None else height
+    w = latent[1] * scale if width is None else width
+    if h < step or w < step or h % step or w % step:
+        raise PipelineExportError(f"--height/--width must be positive multiples of {step} (the VAE's factor {scale} times the "
+                                  f"U-Net's downsampling {step // scale}), got {h}x{w}")
+    return (h // scale, w // scale), scale
 
 
 def _text_encoder(text, folder, length, fp16, log):
@@ -154,7 +184,7 @@ def _unet(unet, folder, scheduler, latent, length, hidden, fp16, log):
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
 
     channels = unet.config.in_channels
-    spec = spec_for(scheduler, channels, latent[0], latent[1], 0, text=True)
+    spec = replace(spec_for(scheduler, channels, latent[0], latent[1], 0, text=True), recommended_guidance=GUIDANCE)
     T = scheduler["num_train_timesteps"]
 
     def feeds(n, seed):

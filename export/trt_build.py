@@ -1,11 +1,16 @@
 """ONNX -> TensorRT engine + manifest (`ddengine build`): strongly typed, one batch profile, a timing cache.
 
+A U-Net (its `ddengine` metadata) gets a profile of model rows, doubled for guidance; the other parts of a
+text-to-image MODEL_DIR (text encoder, VAE decoder) get one from their graph's inputs, axis 0 = prompts or
+images. `build_pipeline` builds all three, each engine PART.plan with its manifest PART.plan.json.
+
 TensorRT 11 removed the FP16 builder flag and weak typing ("Migrating from TensorRT 10.x to 11.x"), so
 precision comes from the ONNX graph itself: fp16 needs the mixed-precision ONNX of `ddengine export --fp16`
 and no BuilderFlag is ever set for it. Every None/False return raises with the parser's errors and the
 logger's text; the engine and then its manifest are written atomically, and an engine whose manifest
 matches the cache key is reused instead of rebuilt.
 """
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +22,7 @@ from ddengine.backends.trt import checked, engine_io, import_tensorrt, make_logg
 
 log = logging.getLogger(__name__)
 ENGINE_SUFFIX = ".plan"
+PIPELINE_PARTS = ("text_encoder", "unet", "vae_decoder")  # the ONNX parts of a MODEL_DIR (the tokenizer is not one)
 
 
 class BuildError(RuntimeError):
@@ -120,30 +126,98 @@ def network_flags(trt):
 
 
 def build_engine(config, *, gpu=None):
-    """Build (or reuse) the engine for `config`; `gpu` = (name, 'major.minor') overrides the CUDA device query."""
-    from ddengine import __version__
+    """Build (or reuse) the engine of a U-Net ONNX for `config`; `gpu` = (name, 'major.minor') overrides the CUDA device query."""
     from ddengine.model import load_model
 
     trt = import_tensorrt()
     model = load_model(config.onnx_path)
-    check_precision(onnx.load(str(config.onnx_path), load_external_data=False), config.precision, config.onnx_path)
     profile = model.spec.batch_profile(config.batch)
-    if gpu is None:
-        from ddengine.gpu.driver import gpu_properties, use_device
+    return _build(trt, config, model.sha256, profile, lambda: input_shapes(model.spec, profile["engine_batch"], config.onnx_path),
+                  model.spec.to_json(), gpu)
 
-        use_device(config.device)
-        gpu = gpu_properties(config.device)
-    key = mf.make_key(onnx_sha256=model.sha256, precision=config.precision, profile=profile,
+
+def build_part_engine(config, part, *, gpu=None):
+    """Build (or reuse) the engine of a pipeline part without ddengine metadata (text encoder, VAE decoder): the
+    profile's rows are prompts or images, as the runtime batches them (no doubling for guidance)."""
+    from ddengine.model import onnx_sha256, read_weightless
+
+    trt = import_tensorrt()
+    proto = read_weightless(config.onnx_path)
+    inputs = graph_inputs(proto)
+    batch = [int(b) for b in config.batch]
+    profile = {"batch": batch, "engine_batch": batch}
+    spec_json = json.dumps({"part": part, "inputs": {k: {"dtype": d, "shape": list(s)} for k, (d, s) in inputs.items()}})
+    return _build(trt, config, onnx_sha256(config.onnx_path, proto), profile,
+                  lambda: part_shapes(inputs, batch, config.onnx_path), spec_json, gpu)
+
+
+def build_pipeline(folder, engine_dir=None, *, gpu=None, **options):
+    """Engines for the text encoder, U-Net and VAE decoder of a MODEL_DIR, as ENGINE_DIR/PART.plan (default: in
+    MODEL_DIR, where the tensorrt backend looks for unet.plan). `options`: BuildConfig fields. Returns {part: BuildResult}."""
+    from ddengine.pipeline_spec import PipelineSpec
+
+    spec = PipelineSpec.read(folder)
+    engine_dir = Path(engine_dir) if engine_dir is not None else Path(folder)
+    configs = {part: BuildConfig(onnx_path=spec.path(folder, part), engine_path=engine_dir / f"{part}{ENGINE_SUFFIX}", **options)
+               for part in PIPELINE_PARTS}
+    import_tensorrt()
+    if gpu is None:
+        gpu = device_identity(configs["unet"].device)
+    return {part: build_engine(config, gpu=gpu) if part == "unet" else build_part_engine(config, part, gpu=gpu)
+            for part, config in configs.items()}
+
+
+def graph_inputs(proto):
+    """{input name: (ONNX element type name, shape)} of a graph's inputs that are not initializers; -1 = dynamic."""
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = {}
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        t = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+        inputs[value.name] = (onnx.TensorProto.DataType.Name(t.elem_type), dims)
+    return inputs
+
+
+def part_shapes(inputs, batch, path):
+    """{input name: (min, opt, max) shapes}: axis 0 of every input takes the batch, the other axes must be static."""
+    shapes = {}
+    for name, (_, dims) in inputs.items():
+        if not dims or dims[0] != -1 or any(d < 1 for d in dims[1:]):
+            raise BuildError(f"{path}: input {name!r} has shape {list(dims)}; expected a dynamic batch axis first and "
+                             "static others (export it with `ddengine export --diffusers`)")
+        shapes[name] = tuple((rows, *dims[1:]) for rows in batch)
+    return shapes
+
+
+def device_identity(device):
+    """(GPU name, 'major.minor') of CUDA device `device`, made current."""
+    from ddengine.gpu.driver import gpu_properties, use_device
+
+    use_device(device)
+    return gpu_properties(device)
+
+
+def _build(trt, config, onnx_sha, profile, shapes, spec_json, gpu):
+    """The engine for `config` from the ONNX hashed `onnx_sha`: reused when its manifest matches the key, else built
+    with the profile `shapes()` gives, then written (engine, then manifest) atomically."""
+    from ddengine import __version__
+    from ddengine.model import read_weightless
+
+    check_precision(read_weightless(config.onnx_path), config.precision, config.onnx_path)
+    if gpu is None:
+        gpu = device_identity(config.device)
+    key = mf.make_key(onnx_sha256=onnx_sha, precision=config.precision, profile=profile,
                       hardware_compat=config.hardware_compat, tensorrt_version=trt.__version__, gpu_name=gpu[0],
                       compute_capability=gpu[1], ddengine_version=__version__)
     engine_path = config.engine
     if not config.force and mf.cached_engine_ok(engine_path, key):
         log.info("reusing %s: its manifest matches the cache key", engine_path)
         return BuildResult(engine_path, mf.manifest_path(engine_path), True, mf.read_manifest(engine_path))
-    shapes = input_shapes(model.spec, profile["engine_batch"], config.onnx_path)
-    engine_bytes, io = serialize_engine(trt, shapes, config)
+    engine_bytes, io = serialize_engine(trt, shapes(), config)
     mf.write_atomic(engine_path, engine_bytes)
-    manifest = mf.write_manifest(engine_path, key, mf.sha256_bytes(engine_bytes), spec_json=model.spec.to_json(), io=io)
+    manifest = mf.write_manifest(engine_path, key, mf.sha256_bytes(engine_bytes), spec_json=spec_json, io=io)
     return BuildResult(engine_path, mf.manifest_path(engine_path), False, manifest)
 
 

@@ -96,6 +96,8 @@ def probe_batch_invariance(backend, spec, rows=7, seed=0):
              "timestep": rng.integers(0, T, rows)}
     if spec.conditional:
         feeds["class_labels"] = rng.integers(0, spec.num_classes + (spec.null_class is not None), rows)
+    if spec.text_conditional:
+        feeds["encoder_hidden_states"] = rng.standard_normal(spec.io["encoder_hidden_states"].at(rows)).astype(np.float32)
     if spec.io["timestep"].scalar:
         feeds["timestep"][:] = feeds["timestep"][0]
     together = backend.run(feeds, np.empty((rows, *spec.image_shape), dtype=np.float32))

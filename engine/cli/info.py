@@ -4,10 +4,11 @@ from pathlib import Path
 import click
 
 from ddengine.cli.common import schedule_options, usage_errors
+from ddengine.pipeline_spec import PipelineSpec
 
 
 @click.command()
-@click.argument("model", type=click.Path(path_type=Path), required=False)
+@click.argument("model", type=click.Path(path_type=Path), required=False)  # an ONNX file or a text-to-image MODEL_DIR
 @click.option("--scheduler-config", type=click.Path(path_type=Path), default=None,
               help="diffusers scheduler_config.json overriding the model's schedule.")
 @schedule_options
@@ -22,15 +23,24 @@ def info(model, scheduler_config, steps, method, eta, spacing):
     from ddengine.sampler import step_plan
     from ddengine.schedule import SchedulerConfig
 
-    loaded = usage_errors(load_model, model, scheduler_config)
+    console = Console(soft_wrap=True, width=max(Console().width, 140))
+    pipeline = usage_errors(PipelineSpec.read, model) if model is not None and model.is_dir() else None
+    unet = pipeline.path(model, "unet") if pipeline is not None else model
+    loaded = usage_errors(load_model, unet, scheduler_config)
     spec = loaded.spec
     classes = 0 if spec.conditional and spec.null_class is None else None
-    request = usage_errors(make_request, spec, 1, steps, method, eta, classes=classes, spacing=spacing)
+    prompt = "" if spec.text_conditional else None
+    request = usage_errors(make_request, spec, 1, steps, method, eta, classes=classes, spacing=spacing, prompt=prompt)
     plan = usage_errors(step_plan, spec, request)
-    console = Console(soft_wrap=True, width=max(Console().width, 140))
+    if pipeline is not None:
+        print_pipeline(console, model, pipeline, spec)
     console.print(f"[bold]model[/bold]   {loaded.path}  sha256 {loaded.sha256}")
-    console.print(f"[bold]image[/bold]   {spec.channels}x{spec.height}x{spec.width}, value range {list(spec.value_range)}")
-    kind = f"conditional, {spec.num_classes} classes, null class {spec.null_class}" if spec.conditional else "unconditional"
+    what = "latents" if pipeline is not None else "image"
+    console.print(f"[bold]{what}[/bold]  {spec.channels}x{spec.height}x{spec.width}, value range {list(spec.value_range)}")
+    if spec.text_conditional:
+        kind = "text-conditioned (prompt embeddings through encoder_hidden_states; the negative prompt is the unconditional branch)"
+    else:
+        kind = f"conditional, {spec.num_classes} classes, null class {spec.null_class}" if spec.conditional else "unconditional"
     console.print(f"[bold]classes[/bold] {kind}; recommended guidance {spec.recommended_guidance}")
     for role, tensor in spec.io.items():
         console.print(f"[bold]io[/bold]      {role:<22} {tensor.name!r} {tensor.dtype} {list(tensor.shape)}")
@@ -48,6 +58,46 @@ def info(model, scheduler_config, steps, method, eta, spacing):
         table.add_row(str(i), str(plan.timesteps[i]), *(f"{v:.6g}" for v in plan.coeffs[i]))
     console.print(table)
     print_backends(console, loaded)
+
+
+def print_pipeline(console, folder, pipeline, spec):
+    """A text-to-image folder: each part, its file and the backend `auto` runs it on; text, latent and image shapes."""
+    from rich.markup import escape
+
+    from ddengine.backends import auto_choice
+    from ddengine.model import read_weightless
+    from ddengine.tokenizer import PromptTokenizer
+    from ddengine.parts import part_backend
+
+    source = pipeline.source
+    console.print(f"[bold]pipeline[/bold] {folder}  ({source.get('pipeline')}, diffusers {source.get('diffusers')}, "
+                  f"fp16 {bool(source.get('fp16'))})")
+    unet = auto_choice()
+    runs = {"text_encoder": ("ort-cpu", "fp32", "always: once per distinct prompt, exact"),
+            "unet": (unet.name, unet.precision, "--backend"), "vae_decoder": (*part_backend("auto"), "--backend, on the CPU"),
+            "tokenizer": ("tokenizers", "-", "")}
+    for part, (backend, precision, note) in runs.items():
+        path = pipeline.path(folder, part)
+        size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))  # with its external data
+        if part == "tokenizer":
+            tokenizer = usage_errors(PromptTokenizer, path, pipeline.text_length, pipeline.pad_token_id).tokenizer
+            io = f"  {tokenizer.get_vocab_size()} tokens in its vocabulary"
+        else:
+            graph = usage_errors(read_weightless, path).graph
+            io = "  " + ", ".join(f"{v.name} {_shape(v)}" for v in graph.input) + " -> " + ", ".join(f"{v.name} {_shape(v)}" for v in graph.output)
+        where = f"  runs on {backend} ({precision}; {note})" if part != "tokenizer" else ""
+        console.print(escape(f"  {part:<13} {pipeline.files[part]} ({size / 2**20:.1f} MiB){io}{where}"))
+    channels, height, width = pipeline.image_shape(spec)
+    console.print(f"[bold]text[/bold]     {pipeline.text_length} tokens per prompt (padded and truncated; pad id {pipeline.pad_token_id})")
+    console.print(f"[bold]shapes[/bold]   latents {spec.channels}x{spec.height}x{spec.width} -> images {channels}x{height}x{width} "
+                  f"(VAE scale {pipeline.vae_scale}, scaling factor {pipeline.vae_scaling_factor:g}); "
+                  f"`ddengine sample --height {height} --width {width}`")
+
+
+def _shape(value):
+    """[N, 77] style shape of a graph input or output (symbolic dims by name)."""
+    dims = value.type.tensor_type.shape.dim
+    return "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims) + "]"
 
 
 def print_backends(console, model):

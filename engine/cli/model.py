@@ -73,11 +73,21 @@ def train(out_dir, data_path, epochs, batch_size, lr, p_uncond, ema_decay, lr_sc
 
 @click.command()
 @click.argument("checkpoint", required=False, type=click.Path(dir_okay=False))
-@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
-@click.option("--diffusers", "diffusers_dir", type=click.Path(file_okay=False), default=None, help="Export a saved diffusers UNet2DModel folder instead.")
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(),
+              help="ONNX file to write; for a StableDiffusionPipeline, the MODEL_DIR folder to create.")
+@click.option("--diffusers", "diffusers_dir", type=click.Path(file_okay=False), default=None,
+              help="Export a saved diffusers folder instead: a StableDiffusionPipeline (-> a text-to-image MODEL_DIR) or a UNet2DModel.")
 @click.option("--fp16", is_flag=True, help="Mixed precision: fp16 weights/convs, fp32 I/O, norms, softmax and timestep embedding.")
-def export(checkpoint, out_path, diffusers_dir, fp16):
-    """Export a training checkpoint (EMA weights) or a diffusers UNet2DModel to self-describing ONNX."""
+@click.option("--height", type=int, default=None, help="StableDiffusionPipeline: image height (default: the U-Net's sample_size x the VAE's scale).")
+@click.option("--width", type=int, default=None, help="StableDiffusionPipeline: image width (default: the U-Net's sample_size x the VAE's scale).")
+def export(checkpoint, out_path, diffusers_dir, fp16, height, width):
+    """Export a training checkpoint (EMA weights), a diffusers UNet2DModel or a StableDiffusionPipeline to self-describing ONNX."""
+    from ddengine.export.sd_export import is_pipeline_folder
+
+    if diffusers_dir and checkpoint is None and is_pipeline_folder(diffusers_dir):
+        return _export_pipeline(diffusers_dir, Path(out_path), fp16, height, width)
+    if height is not None or width is not None:
+        _fail("--height/--width apply to StableDiffusionPipeline folders only (--diffusers PIPELINE_DIR with a model_index.json)")
     _require("torch", "safetensors", "onnxscript", *(["diffusers"] if diffusers_dir else []), *(["onnxconverter_common"] if fp16 else []))
     from ddengine.export.checkpoint import CheckpointError
     from ddengine.export.diffusers_export import DiffusersExportError, export_diffusers
@@ -96,6 +106,37 @@ def export(checkpoint, out_path, diffusers_dir, fp16):
         _fail(f"cannot write {out_path}: {err}")
     checks = ", ".join(f"{k} max |ORT - torch| = {v:.2e}" for k, v in errors.items())
     click.echo(f"wrote {out_path} ({checks})")
+
+
+def _export_pipeline(folder, out_dir, fp16, height, width):
+    """`export --diffusers PIPELINE_DIR -o MODEL_DIR`: every part exported and verified, then MODEL_DIR appears whole."""
+    _require("torch", "onnxscript", "diffusers", "transformers", "tokenizers", *(["onnxconverter_common"] if fp16 else []))
+    from ddengine.export.diffusers_export import DiffusersExportError
+    from ddengine.export.onnx_export import ExportError
+    from ddengine.export.sd_export import PipelineExportError, export_pipeline
+
+    for value, name in ((height, "--height"), (width, "--width")):
+        if value is not None and value < 1:
+            _fail(f"{name} must be a positive number of pixels, got {value}")
+    import os
+
+    if out_dir.exists() and not out_dir.is_dir():
+        _fail(f"-o {out_dir} is a file; a pipeline exports to a folder (MODEL_DIR)")
+    parent = out_dir.absolute().parent  # the parts are written next to MODEL_DIR, then renamed into place
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        _fail(f"output folder {parent} {'is not writable' if parent.is_dir() else 'does not exist'}")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        _fail(f"output folder {out_dir} exists and is not empty; choose a new -o (nothing is overwritten)")
+    try:
+        errors = export_pipeline(folder, out_dir, fp16=fp16, height=height, width=width, log=lambda m: click.echo(m, err=True))
+    except (PipelineExportError, DiffusersExportError) as err:
+        _fail(str(err))
+    except ExportError as err:
+        raise click.ClickException(f"export failed verification, nothing written: {err}") from None
+    except OSError as err:
+        _fail(f"cannot write {out_dir}: {err}")
+    checks = ", ".join(f"{k} max |ORT - torch| = {v:.2e}" for k, v in errors.items())
+    click.echo(f"wrote {out_dir} ({checks})")
 
 
 def _check_writable(path):

@@ -44,8 +44,14 @@ def check_png_channels(channels, fmt, grid, trajectory):
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed + i.")
 @click.option("--class", "classes", multiple=True, help="Class label (repeatable; cycled over the images) or 'all'.")
+@click.option("--prompt", "prompts", multiple=True,
+              help="Text-to-image models (a MODEL_DIR): the prompt (repeatable; cycled over the images).")
+@click.option("--negative-prompt", "negative_prompts", multiple=True,
+              help="The prompt guidance steers away from (repeatable; cycled over the images; default: none, \"\").")
 @click.option("--guidance", type=float, default=None,
-              help="Classifier-free guidance scale (needs --class; default: the model's recommended one; 1 = none).")
+              help="Classifier-free guidance scale (needs --class or --prompt; default: the model's recommended one; 1 = none).")
+@click.option("--height", type=int, default=None, help="Image height in pixels: must be the size the model was exported for.")
+@click.option("--width", type=int, default=None, help="Image width in pixels: must be the size the model was exported for.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True,
               help="Output folder: NNNNN.png per image + manifest.jsonl.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run in --out (removes the files its manifest lists).")
@@ -54,16 +60,22 @@ def check_png_channels(channels, fmt, grid, trajectory):
 @click.option("--format", "fmt", type=click.Choice(["png", "npy"]), default="png", show_default=True)
 @click.option("--trajectory", type=int, default=0, help="Every K steps snapshot x_t and predicted x0; one strip PNG per image.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
-def sample(model, scheduler_config, backend, precision, threads, steps, method, eta, spacing, n, batch_size, seed, classes, guidance,
-           out, overwrite, grid, fmt, trajectory, quiet):
-    """Generate images with a model (default: the shipped one)."""
+def sample(model, scheduler_config, backend, precision, threads, steps, method, eta, spacing, n, batch_size, seed, classes,
+           prompts, negative_prompts, guidance, height, width, out, overwrite, grid, fmt, trajectory, quiet):
+    """Generate images with a model: an ONNX file (default: the shipped one) or a text-to-image MODEL_DIR."""
     from ddengine.outdir import OutputFolder, check_space
+    from ddengine.pipeline_spec import PipelineSpec
     from ddengine.resources import available_memory, human_bytes
 
+    if model is not None and model.is_dir():
+        usage_errors(PipelineSpec.read, model)  # a folder must be a text-to-image model: say so before loading anything
     sampler = open_sampler(model, scheduler_config, backend, threads, precision)
+    check_size(sampler, height, width)
+    check_conditioning(sampler, classes, prompts, negative_prompts)
     request = usage_errors(sampler.request, n, steps, method, eta, seed, None, parse_classes(classes), guidance,
-                           batch_size, spacing, trajectory or False)
-    check_png_channels(sampler.spec.channels, fmt, grid, trajectory)
+                           batch_size, spacing, trajectory or False, prompt=list(prompts) or None,
+                           negative_prompt=list(negative_prompts) or None)
+    check_png_channels(sampler.image_shape[2], fmt, grid, trajectory)
     kept = request.n * int(np.prod(sampler.image_shape)) if grid is not None else 0
     free = available_memory()
     if free is not None and kept > free:
@@ -92,6 +104,39 @@ def sample(model, scheduler_config, backend, precision, threads, steps, method, 
         sys.exit(EXIT_FAILED)
     if not quiet:
         click.echo(f"wrote {request.n} images to {out}" + (f" and grid {grid}" if grid else ""), err=True)
+
+
+def check_size(sampler, height, width):
+    """--height/--width, when given, must be the image size the model was exported for (its graphs are static)."""
+    for value, name in ((height, "--height"), (width, "--width")):
+        if value is not None and value < 1:
+            raise click.BadParameter(f"expected a positive number of pixels, got {value}", param_hint=name)
+    h, w, _ = sampler.image_shape
+    if (height is None or height == h) and (width is None or width == w):
+        return
+    given = f"{height or h}x{width or w}"
+    if sampler.pipeline is None:
+        raise click.UsageError(f"--height/--width ask for {given} images; this model makes {h}x{w} images only")
+    scale, spec = sampler.pipeline.spec.vae_scale, sampler.spec
+    raise click.UsageError(f"--height/--width ask for {given} images; this model was exported for {h}x{w} "
+                           f"(latents {spec.height}x{spec.width} times the VAE's scale {scale}); export another size with "
+                           "`ddengine export --diffusers PIPELINE_DIR -o MODEL_DIR --height H --width W`")
+
+
+def check_conditioning(sampler, classes, prompts, negative_prompts):
+    """--prompt/--negative-prompt go with a text-to-image model, --class with a class-conditional one."""
+    if sampler.pipeline is None:
+        for given, name in ((prompts, "--prompt"), (negative_prompts, "--negative-prompt")):
+            if given:
+                kind = f"{sampler.spec.num_classes} classes: use --class" if sampler.spec.conditional else "no conditioning"
+                raise click.BadParameter(f"needs a text-to-image MODEL_DIR (`ddengine export --diffusers`); this model "
+                                         f"takes {kind}", param_hint=name)
+        return
+    if classes:
+        raise click.BadParameter(f"got {list(classes)}, but this text-to-image model takes --prompt, not classes",
+                                 param_hint="--class")
+    if not prompts:
+        raise click.UsageError("this text-to-image model needs --prompt TEXT (repeatable: the prompts are cycled over the images)")
 
 
 def write_run(sampler, request, folder, grid_path, fmt, quiet, stop):
