@@ -147,11 +147,11 @@ class Sampler:
                 observe = None if trajectory is None else _snapshots(trajectory, plan, request)
                 x, bad = self.host_loop.denoise(plan, seeds, classes, request.guidance, on_step=step_hook,
                                                 observe=observe, timers=timers, conditions=conditions)
-            x, bad, value_range = self._finish(x, bad, len(plan), b)
+            x, bad, value_range = self.finish(x, bad, len(plan), b)
             images = to_uint8(x, value_range)
-            yield Chunk(start, images, self._records(request, part, bad, trajectory))
+            yield Chunk(start, images, self.records(request, part, bad, trajectory))
 
-    def _finish(self, x, bad, steps, batch_size):
+    def finish(self, x, bad, steps, batch_size):
         """(images as floats, bad, their value range): latents decoded by the VAE for a text-to-image model;
         an image whose values are non-finite gets its step in `bad` (`steps` when only the decoder made it so)."""
         value_range = self.spec.value_range
@@ -163,7 +163,7 @@ class Sampler:
             x = np.where((bad >= 0).reshape(-1, *[1] * (x.ndim - 1)), np.float32(value_range[0]), x)
         return x, bad, value_range
 
-    def _records(self, request, part, bad, trajectory):
+    def records(self, request, part, bad, trajectory):
         common = {**request.params(), "model_sha256": self.model.sha256, "backend": self.backend.name,
                   "precision": getattr(self.backend, "precision", "fp32"), "ddengine_version": ddengine.__version__}
         records = []

@@ -44,8 +44,8 @@ class Result:
 class _Job:
     """One submitted request while its images are queued, active or done."""
 
-    def __init__(self, request, plan, labels, guided, deadline, submitted):
-        self.request, self.plan, self.labels, self.guided = request, plan, labels, guided
+    def __init__(self, request, plan, labels, guided, deadline, submitted, conditions=None):
+        self.request, self.plan, self.labels, self.guided, self.conditions = request, plan, labels, guided, conditions
         self.deadline, self.submitted = deadline, submitted
         self.future = Future()
         self.admitted = 0  # images handed to the batch so far (in index order)
@@ -77,10 +77,14 @@ class StepScheduler:
         """Queue a validated Request (Sampler.request); returns a Future of Result. QueueFull when over max_queue."""
         if request.trajectory:
             raise InvalidParameterError("trajectory snapshots are not served by the scheduler; use Sampler.sample")
-        plan = self.sampler.plan(request)
-        labels, guided = own_labels(self.spec, request.classes, request.guidance, request.n)
+        plan, conditions = self.sampler.plan(request), None
+        if self.sampler.pipeline is not None:  # prompt embeddings (each distinct prompt encoded once)
+            labels = None
+            conditions, guided = self.sampler.pipeline.conditions(request.prompts, request.negative_prompts, request.guidance)
+        else:
+            labels, guided = own_labels(self.spec, request.classes, request.guidance, request.n)
         now = time.monotonic()
-        job = _Job(request, plan, labels, guided, None if timeout is None else now + timeout, now)
+        job = _Job(request, plan, labels, guided, None if timeout is None else now + timeout, now, conditions)
         with self._cv:
             if self._closing:
                 raise SchedulerClosed("the scheduler is shutting down and takes no new requests")
@@ -138,21 +142,26 @@ class StepScheduler:
 
     def _admit(self):
         """Images of queued jobs, first in first out, into the free slots (called with the lock held)."""
-        while self._queue:
-            job = self._queue[0]
-            batch = self._batch_for(job.plan)
-            free = batch.capacity - batch.n
-            if not free:
-                return
-            k = min(free, job.request.n - job.admitted)
-            part = slice(job.admitted, job.admitted + k)
-            labels = None if job.labels is None else job.labels[part]
-            batch.admit(job.plan, job.request.seeds[part], labels, job.request.guidance if job.guided else None,
-                        [(job, i) for i in range(part.start, part.stop)])
-            job.admitted += k
-            self._queued_images -= k
-            if job.admitted == job.request.n:
-                self._queue.popleft()
+        while self._queue and self._admit_head():
+            pass
+
+    def _admit_head(self):
+        """As many images of the first queued job as fit; returns how many (called with the lock held)."""
+        job = self._queue[0]
+        batch = self._batch_for(job.plan)
+        k = min(batch.capacity - batch.n, job.request.n - job.admitted)
+        if not k:
+            return 0
+        part = slice(job.admitted, job.admitted + k)
+        labels = None if job.labels is None else job.labels[part]
+        conditions = None if job.conditions is None else {r: (own[part], u[part]) for r, (own, u) in job.conditions.items()}
+        batch.admit(job.plan, job.request.seeds[part], labels, job.request.guidance if job.guided else None,
+                    [(job, i) for i in range(part.start, part.stop)], conditions)
+        job.admitted += k
+        self._queued_images -= k
+        if job.admitted == job.request.n:
+            self._queue.popleft()
+        return k
 
     def _batch_for(self, plan):
         if self._batch is None:
@@ -188,10 +197,9 @@ class StepScheduler:
         job.bad[index] = bad
         if len(job.finished) == job.request.n:
             x = np.stack([job.finished[i] for i in range(job.request.n)])
-            if (job.bad >= 0).any():
-                x[job.bad >= 0] = 0.0
-            images = to_uint8(x, self.spec.value_range)
-            records = self.sampler._records(job.request, slice(0, job.request.n), job.bad, None)
+            x, bad, value_range = self.sampler.finish(x, job.bad, len(job.plan), self.max_batch)
+            images = to_uint8(x, value_range)
+            records = self.sampler.records(job.request, slice(0, job.request.n), bad, None)
             self._jobs.discard(job)
             self.stats["completed"] += 1
             self.stats["images"] += job.request.n

@@ -14,6 +14,7 @@ COMMANDS = {
     "export": ("ddengine.cli.model:export", "Export a checkpoint or diffusers UNet2DModel to ONNX (needs torch)."),
     "train-classifier": ("ddengine.cli.model:train_classifier", "Train the quality-metric classifier (needs torch)."),
     "eval": ("ddengine.cli.eval:eval_cmd", "FID and conditional accuracy of generated images."),
+    "serve": ("ddengine.cli.serve:serve", "Serve images over HTTP with exact step-level batching (needs the serve extra)."),
 }
 
 

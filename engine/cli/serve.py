@@ -1,0 +1,105 @@
+"""`ddengine serve`: the HTTP API of engine/server.py on uvicorn, exact step-level batching of every request.
+
+SIGTERM or Ctrl-C drains: no new connections, /healthz and new requests answer 503, every accepted request still
+gets its images (or, past --drain-timeout, an error response); then the counts are printed on stderr and the
+process ends by that signal (exit 128 + N: 143 for SIGTERM, 130 for Ctrl-C), as uvicorn does.
+Needs the `serve` extra (pip install 'ddengine[serve]'); Ray Serve: see docs/serving.md (engine/ray_serve.py).
+"""
+import importlib.util
+import sys
+import threading
+
+import click
+
+from ddengine.cli.common import EXIT_FAILED, model_options, open_sampler
+
+SERVE_EXTRA = "pip install 'ddengine[serve]'"
+SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
+
+
+def check_serve_extra():
+    """A usage error (exit 2) naming the install command when a package of the serve extra is missing."""
+    missing = [name for name in SERVE_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise click.UsageError(f"`ddengine serve` needs {', '.join(missing)} (the serve extra): {SERVE_EXTRA}")
+
+
+@click.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images denoised together per forward (the batch's slots).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Images waiting for a slot; past it requests get 503 + Retry-After (also the largest n).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds a request may take from acceptance to its last image (504 past it; default: none).")
+@click.option("--max-body-bytes", type=click.IntRange(min=64), default=64 * 1024, show_default=True,
+              help="Largest request body (413 past it).")
+@click.option("--limit-concurrency", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Connections and requests at once; past it uvicorn answers 503.")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=None,
+              help="On SIGTERM, fail what still runs after this many seconds with an error response (default: "
+                   "finish everything accepted).")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+def serve(model, scheduler_config, backend, precision, threads, host, port, max_batch, max_queue, timeout,
+          max_body_bytes, limit_concurrency, drain_timeout, log_level):
+    """Serve POST /v1/images, GET /healthz and GET /metrics over HTTP (needs the serve extra)."""
+    check_serve_extra()
+    import uvicorn
+
+    from ddengine.server import Settings, create_app
+
+    sampler = open_sampler(model, scheduler_config, backend, threads, precision)
+    app = create_app(sampler, Settings(max_batch=max_batch, max_queue=max_queue, timeout=timeout,
+                                       max_body_bytes=max_body_bytes))
+    config = uvicorn.Config(app, host=host, port=port, limit_concurrency=limit_concurrency, log_level=log_level,
+                            timeout_graceful_shutdown=None, access_log=log_level == "debug")
+    server = draining_server()(config, app.state.engine, drain_timeout)
+    try:
+        server.run()
+    except SystemExit as err:  # uvicorn exits 3 when it cannot start (it logged why, e.g. the port is in use)
+        if err.code not in (0, None):
+            click.echo(f"Error: the server could not start on {host}:{port} (see the message above)", err=True)
+            sys.exit(EXIT_FAILED)
+        raise
+    finally:
+        sampler.close()
+
+
+def report(engine):
+    """The scheduler's final counts on stderr: how every accepted request ended."""
+    if engine.scheduler is None:
+        return
+    s = engine.scheduler.stats
+    click.echo(f"ddengine serve: stopped; requests accepted {s['submitted']}, completed {s['completed']}, failed "
+               f"{s['failed']} (timed out {s['timed_out']}), cancelled {s['cancelled']}, refused (queue full) "
+               f"{s['rejected']}; images {s['images']}", err=True)
+
+
+def draining_server():
+    """uvicorn.Server that drains the app on SIGTERM (a factory: uvicorn is imported only when serving)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's graceful shutdown, told to the app first (503 for new work) and bounded by drain_timeout."""
+
+        def __init__(self, config, engine, drain_timeout):
+            super().__init__(config)
+            self.engine, self.drain_timeout, self.timer = engine, drain_timeout, None
+
+        def handle_exit(self, sig, frame):
+            self.engine.begin_drain()
+            if self.drain_timeout is not None and self.timer is None:
+                self.timer = threading.Timer(self.drain_timeout, self.engine.stop, kwargs={"drain": False})
+                self.timer.daemon = True
+                self.timer.start()
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None):
+            await super().shutdown(sockets)  # waits for the open requests, then the lifespan closes the scheduler
+            report(self.engine)  # before uvicorn re-raises the signal (exit 128 + N)
+
+    return DrainingServer
+
