@@ -1,4 +1,5 @@
 """`ddengine train`, `ddengine export`, `ddengine train-classifier`: build-time commands (torch imported inside)."""
+import math
 from pathlib import Path
 
 import click
@@ -78,12 +79,17 @@ def train(out_dir, data_path, epochs, batch_size, lr, p_uncond, ema_decay, lr_sc
 @click.option("--diffusers", "diffusers_dir", type=click.Path(file_okay=False), default=None,
               help="Export a saved diffusers folder instead: a StableDiffusionPipeline (-> a text-to-image MODEL_DIR) or a UNet2DModel.")
 @click.option("--fp16", is_flag=True, help="Mixed precision: fp16 weights/convs, fp32 I/O, norms, softmax and timestep embedding.")
+@click.option("--recommended-guidance", type=float, default=None,
+              help="Guidance a class-conditional model samples with when a request gives classes but no guidance (1 = no CFG); stored in the metadata.")
 @click.option("--height", type=int, default=None, help="StableDiffusionPipeline: image height (default: the U-Net's sample_size x the VAE's scale).")
 @click.option("--width", type=int, default=None, help="StableDiffusionPipeline: image width (default: the U-Net's sample_size x the VAE's scale).")
-def export(checkpoint, out_path, diffusers_dir, fp16, height, width):
+def export(checkpoint, out_path, diffusers_dir, fp16, recommended_guidance, height, width):
     """Export a training checkpoint (EMA weights), a diffusers UNet2DModel or a StableDiffusionPipeline to self-describing ONNX."""
     from ddengine.export.sd_export import is_pipeline_folder
 
+    if recommended_guidance is not None and (diffusers_dir or not math.isfinite(recommended_guidance) or recommended_guidance < 0):
+        _fail("--recommended-guidance applies to a training CHECKPOINT and must be a finite number >= 0, "
+              f"got {recommended_guidance}{' with --diffusers' if diffusers_dir else ''}")
     if diffusers_dir and checkpoint is None and is_pipeline_folder(diffusers_dir):
         return _export_pipeline(diffusers_dir, Path(out_path), fp16, height, width)
     if height is not None or width is not None:
@@ -92,13 +98,14 @@ def export(checkpoint, out_path, diffusers_dir, fp16, height, width):
     from ddengine.export.checkpoint import CheckpointError
     from ddengine.export.diffusers_export import DiffusersExportError, export_diffusers
     from ddengine.export.onnx_export import ExportError, export_checkpoint
+    from ddengine.spec import ModelSpecError
 
     if (checkpoint is None) == (diffusers_dir is None):
         _fail("give exactly one of CHECKPOINT or --diffusers DIR")
     _check_writable(out_path)
     try:
-        errors = export_diffusers(diffusers_dir, out_path, fp16) if diffusers_dir else export_checkpoint(checkpoint, out_path, fp16)
-    except (CheckpointError, DiffusersExportError) as err:
+        errors = export_diffusers(diffusers_dir, out_path, fp16) if diffusers_dir else export_checkpoint(checkpoint, out_path, fp16, recommended_guidance)
+    except (CheckpointError, DiffusersExportError, ModelSpecError) as err:
         _fail(str(err))
     except ExportError as err:
         raise click.ClickException(f"export failed verification, nothing written: {err}") from None

@@ -140,3 +140,41 @@ def test_build_commands_without_torch_name_the_extra(command, monkeypatch, tmp_p
     result = CliRunner().invoke(main, command)
     assert result.exit_code == 2 and "needs torch" in result.output and "pip install 'ddengine[export]'" in result.output
     assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
+
+
+def test_recommended_guidance_goes_into_the_metadata_and_is_what_sampling_uses(tmp_path, tiny_checkpoint):
+    from ddengine.sampler import Sampler
+
+    out = tmp_path / "g.onnx"
+    result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--recommended-guidance", "2.5"])
+    assert result.exit_code == 0, result.output
+    assert read_spec(out).recommended_guidance == 2.5
+    sampler = Sampler(str(out), backend="ort-cpu")
+    implicit, records = sampler.sample(2, steps=3, seed=4, classes=[1, 2])
+    explicit, _ = sampler.sample(2, steps=3, seed=4, classes=[1, 2], guidance=2.5)
+    unguided, _ = sampler.sample(2, steps=3, seed=4, classes=[1, 2], guidance=1.0)
+    assert records[0]["guidance"] == 2.5
+    assert np.array_equal(implicit, explicit) and not np.array_equal(implicit, unguided)
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_a_bad_recommended_guidance_is_refused_before_any_work(tmp_path, tiny_checkpoint, value):
+    out = tmp_path / "g.onnx"
+    result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--recommended-guidance", value])
+    assert result.exit_code == 2 and "--recommended-guidance" in result.output
+    assert not out.exists()
+
+
+def test_recommended_guidance_on_a_model_without_a_null_class_is_a_clear_error(tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config(), num_classes=0)
+    model = randomized(UNet(cfg), seed=0)
+    meta = {"model_config": cfg.__dict__, "train_config": train.TrainConfig().__dict__, "step": 1,
+            "scheduler": train.scheduler_dict()}
+    checkpoint.save(tmp_path / "u.safetensors", model=model, ema=model, optimizer=torch.optim.AdamW(model.parameters()),
+                    meta=meta)
+    out = tmp_path / "u.onnx"
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "u.safetensors"), "-o", str(out), "--recommended-guidance", "2"])
+    assert result.exit_code == 2 and "null class" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u.safetensors"]
