@@ -164,6 +164,7 @@ def sd_unet(args, work, config):
     from diffusers import UNet2DConditionModel
 
     from ddengine.export.onnx_export import export_graph, spec_for
+    from ddengine.export.sd_export import text_unet
     from ddengine.model import load_model
     from ddengine.spec import METADATA_KEY
 
@@ -175,16 +176,7 @@ def sd_unet(args, work, config):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**config).eval()
     record["parameters"] = sum(p.numel() for p in unet.parameters())
-
-    class TextUNet(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
-
-    feeds, module, path = sd_feeds(config), TextUNet().eval(), work / "unet.onnx"
+    feeds, module, path = sd_feeds(config), text_unet(unet), work / "unet.onnx"
     spec = spec_for({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
                     4, config["sample_size"], config["sample_size"], 0, text=True)
     with Stage(stages, "export_onnx"), torch.inference_mode():

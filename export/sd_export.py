@@ -169,11 +169,9 @@ def _text_encoder(text, folder, length, fp16, log):
     return _part(TextEncoder().eval(), feeds, ["hidden_states"], folder / DEFAULT_FILES["text_encoder"], fp16, log, "text encoder")
 
 
-def _unet(unet, folder, scheduler, latent, length, hidden, fp16, log):
-    """UNet2DConditionModel as a ddengine U-Net: sample, timestep, encoder_hidden_states -> out, with its metadata."""
+def text_unet(unet):
+    """UNet2DConditionModel -> a Module with ddengine's U-Net signature: (sample, timestep, encoder_hidden_states) -> out."""
     import torch
-
-    from ddengine.spec import METADATA_KEY
 
     class TextUNet(torch.nn.Module):
         def __init__(self):
@@ -182,6 +180,13 @@ def _unet(unet, folder, scheduler, latent, length, hidden, fp16, log):
 
         def forward(self, sample, timestep, encoder_hidden_states):
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+
+    return TextUNet().eval()
+
+
+def _unet(unet, folder, scheduler, latent, length, hidden, fp16, log):
+    """UNet2DConditionModel as a ddengine U-Net: sample, timestep, encoder_hidden_states -> out, with its metadata."""
+    from ddengine.spec import METADATA_KEY
 
     channels = unet.config.in_channels
     spec = replace(spec_for(scheduler, channels, latent[0], latent[1], 0, text=True), recommended_guidance=GUIDANCE)
@@ -192,7 +197,7 @@ def _unet(unet, folder, scheduler, latent, length, hidden, fp16, log):
         return {"sample": rng.standard_normal((n, channels, *latent)).astype(np.float32),
                 "timestep": rng.integers(0, T, n).astype(np.int64),
                 "encoder_hidden_states": rng.standard_normal((n, length, hidden)).astype(np.float32)}
-    return _part(TextUNet().eval(), feeds, ["out"], folder / DEFAULT_FILES["unet"], fp16, log, "U-Net",
+    return _part(text_unet(unet), feeds, ["out"], folder / DEFAULT_FILES["unet"], fp16, log, "U-Net",
                  metadata={METADATA_KEY: spec.to_json()})
 
 

@@ -97,29 +97,21 @@ def export(checkpoint, out_path, diffusers_dir, fp16, recommended_guidance, heig
     _require("torch", "safetensors", "onnxscript", *(["diffusers"] if diffusers_dir else []), *(["onnxconverter_common"] if fp16 else []))
     from ddengine.export.checkpoint import CheckpointError
     from ddengine.export.diffusers_export import DiffusersExportError, export_diffusers
-    from ddengine.export.onnx_export import ExportError, export_checkpoint
+    from ddengine.export.onnx_export import export_checkpoint
     from ddengine.spec import ModelSpecError
 
     if (checkpoint is None) == (diffusers_dir is None):
         _fail("give exactly one of CHECKPOINT or --diffusers DIR")
     _check_writable(out_path)
-    try:
-        errors = export_diffusers(diffusers_dir, out_path, fp16) if diffusers_dir else export_checkpoint(checkpoint, out_path, fp16, recommended_guidance)
-    except (CheckpointError, DiffusersExportError, ModelSpecError) as err:
-        _fail(str(err))
-    except ExportError as err:
-        raise click.ClickException(f"export failed verification, nothing written: {err}") from None
-    except OSError as err:
-        _fail(f"cannot write {out_path}: {err}")
-    checks = ", ".join(f"{k} max |ORT - torch| = {v:.2e}" for k, v in errors.items())
-    click.echo(f"wrote {out_path} ({checks})")
+    _report_export(lambda: export_diffusers(diffusers_dir, out_path, fp16) if diffusers_dir
+                   else export_checkpoint(checkpoint, out_path, fp16, recommended_guidance),
+                   out_path, (CheckpointError, DiffusersExportError, ModelSpecError))
 
 
 def _export_pipeline(folder, out_dir, fp16, height, width):
     """`export --diffusers PIPELINE_DIR -o MODEL_DIR`: every part exported and verified, then MODEL_DIR appears whole."""
     _require("torch", "onnxscript", "diffusers", "transformers", "tokenizers", *(["onnxconverter_common"] if fp16 else []))
     from ddengine.export.diffusers_export import DiffusersExportError
-    from ddengine.export.onnx_export import ExportError
     from ddengine.export.sd_export import PipelineExportError, export_pipeline
 
     for value, name in ((height, "--height"), (width, "--width")):
@@ -134,16 +126,25 @@ def _export_pipeline(folder, out_dir, fp16, height, width):
         _fail(f"output folder {parent} {'is not writable' if parent.is_dir() else 'does not exist'}")
     if out_dir.exists() and any(out_dir.iterdir()):
         _fail(f"output folder {out_dir} exists and is not empty; choose a new -o (nothing is overwritten)")
+    _report_export(lambda: export_pipeline(folder, out_dir, fp16=fp16, height=height, width=width,
+                                           log=lambda m: click.echo(m, err=True)),
+                   out_dir, (PipelineExportError, DiffusersExportError))
+
+
+def _report_export(write, out, user_errors):
+    """Run an export; its verification errors are echoed, a user's mistake or a failed check exits with a message."""
+    from ddengine.export.onnx_export import ExportError
+
     try:
-        errors = export_pipeline(folder, out_dir, fp16=fp16, height=height, width=width, log=lambda m: click.echo(m, err=True))
-    except (PipelineExportError, DiffusersExportError) as err:
+        errors = write()
+    except user_errors as err:
         _fail(str(err))
     except ExportError as err:
         raise click.ClickException(f"export failed verification, nothing written: {err}") from None
     except OSError as err:
-        _fail(f"cannot write {out_dir}: {err}")
+        _fail(f"cannot write {out}: {err}")
     checks = ", ".join(f"{k} max |ORT - torch| = {v:.2e}" for k, v in errors.items())
-    click.echo(f"wrote {out_dir} ({checks})")
+    click.echo(f"wrote {out} ({checks})")
 
 
 def _check_writable(path):

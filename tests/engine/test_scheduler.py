@@ -72,6 +72,11 @@ class Gate:
     def open(self):
         self.event.set()
 
+    def wait_first_step(self):
+        """Block until the worker has run one step and is held."""
+        while self.steps == 0:
+            time.sleep(0.001)
+
 
 def test_concurrent_mixed_requests_are_bit_identical_to_solo_sampling(cond, exact_floats):
     rows = []
@@ -105,8 +110,7 @@ def test_cancelling_frees_queue_and_batch_capacity(cond_ort):
     gate = Gate()
     scheduler = StepScheduler(cond_ort, max_batch=2, max_queue=4, on_step=gate)
     running = scheduler.submit(cond_ort.request(2, steps=50, seed=1))
-    while gate.steps == 0:
-        time.sleep(0.001)
+    gate.wait_first_step()
     queued = scheduler.submit(cond_ort.request(4, steps=50, seed=2))
     assert (scheduler.active_images, scheduler.queued_images) == (2, 4)
     with pytest.raises(QueueFull):
@@ -145,8 +149,7 @@ def test_a_full_queue_refuses_at_once_with_a_retry_hint(cond_ort):
     gate = Gate()
     scheduler = StepScheduler(cond_ort, max_batch=1, max_queue=3, on_step=gate)
     first = scheduler.submit(cond_ort.request(1, steps=20, seed=0))
-    while gate.steps == 0:
-        time.sleep(0.001)
+    gate.wait_first_step()
     accepted = scheduler.submit(cond_ort.request(3, steps=20, seed=1))
     start = time.monotonic()
     with pytest.raises(QueueFull, match=r"holds 3 images \(limit 3\); 1 more do not fit") as refused:
@@ -188,8 +191,7 @@ def test_close_without_drain_fails_what_was_accepted(cond_ort):
     gate = Gate()
     scheduler = StepScheduler(cond_ort, max_batch=2, on_step=gate)
     futures = [scheduler.submit(cond_ort.request(2, steps=50, seed=k)) for k in range(3)]
-    while gate.steps == 0:
-        time.sleep(0.001)
+    gate.wait_first_step()
     closer = threading.Thread(target=scheduler.close, kwargs={"drain": False})
     closer.start()
     gate.open()
