@@ -16,7 +16,8 @@ EXIT_SIGNAL_BASE = 128  # a run stopped by signal N exits 128 + N (130 for Ctrl-
 def model_options(command):
     """--model, --scheduler-config, --backend, --precision, --threads."""
     for option in reversed([
-        click.option("--model", type=click.Path(path_type=Path), default=None, help="ONNX model (default: the shipped one)."),
+        click.option("--model", type=click.Path(path_type=Path), default=None,
+                     help="An ONNX model or a text-to-image MODEL_DIR (default: the shipped model)."),
         click.option("--scheduler-config", type=click.Path(path_type=Path), default=None,
                      help="diffusers scheduler_config.json overriding the model's schedule."),
         click.option("--backend", default="auto", show_default=True, help="auto, or a backend `ddengine info` lists."),
