@@ -66,7 +66,17 @@ def real_floor(net, test_features, test_accuracy, data_path, n, seed):
             "accuracy": test_accuracy, "failed": 0, "seconds": 0.0}
 
 
-def evaluate(sampler, net, test_features, n, steps, guidance, seed, batch_size):
+ACCURACY_TARGET = 0.95  # of the classifier's accuracy on real test images
+
+
+def best_guidance(rows, classifier_accuracy):
+    """The sweep's best guidance: the lowest FID among rows with accuracy >= ACCURACY_TARGET x the classifier's,
+    else the most accurate row."""
+    good = [r for r in rows if r["accuracy"] >= ACCURACY_TARGET * classifier_accuracy]
+    return (min(good, key=lambda r: r["fid"]) if good else max(rows, key=lambda r: r["accuracy"]))["guidance"]
+
+
+def evaluate(sampler, net, test_features, n, steps, guidance, seed, batch_size, progress=None):
     """n class-balanced images (image i has class i % 10) at one guidance; FID vs the test features and accuracy.
 
     guidance 0 samples the null class alone and 1 the conditional model alone (one forward each, ddengine.batch).
@@ -74,7 +84,7 @@ def evaluate(sampler, net, test_features, n, steps, guidance, seed, batch_size):
     classes = np.arange(n, dtype=np.int64) % 10
     start = time.perf_counter()
     images, records = sampler.sample(n, steps=steps, method="ddim", eta=0.0, seed=seed, classes=classes,
-                                     guidance=float(guidance), batch_size=batch_size)
+                                     guidance=float(guidance), batch_size=batch_size, progress=progress)
     seconds = time.perf_counter() - start
     failed = sum(r["status"] != "ok" for r in records)
     logits, features = net(images)

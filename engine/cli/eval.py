@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ddengine.cli.common import PRECISIONS, open_sampler, usage_errors
+from ddengine.cli.common import PRECISIONS, open_sampler, progress_bar, usage_errors
 
 
 @click.command()
@@ -27,7 +27,8 @@ from ddengine.cli.common import PRECISIONS, open_sampler, usage_errors
 def eval_cmd(model_path, backend, precision, classifier_path, data_path, n, steps, guidances, seed, batch_size, threads, grid_path, json_path):
     """FID (classifier features, vs the 10,000 test images) and conditional accuracy at 50 DDIM steps."""
     from ddengine.data import DataError
-    from ddengine.evaluation import IMAGE_SHAPE, EvaluationError, FeatureNet, evaluate, real_floor, real_images
+    from ddengine.evaluation import (IMAGE_SHAPE, EvaluationError, FeatureNet, best_guidance, evaluate, real_floor,
+                                     real_images)
     from ddengine.output import atomic_write, class_grid, save_image
 
     for path in (grid_path, json_path):
@@ -46,19 +47,24 @@ def eval_cmd(model_path, backend, precision, classifier_path, data_path, n, step
     except (DataError, EvaluationError) as err:
         raise click.UsageError(str(err)) from None
     images = None
-    with sampler:
+    with sampler, progress_bar(False, "eval") as bar:
         for g in guidances:
-            row, images = usage_errors(evaluate, sampler, net, test_features, n, steps, g, seed, batch_size)
+            task = bar.add_task(f"guidance {g:g}", total=n * steps)
+            row, images = usage_errors(evaluate, sampler, net, test_features, n, steps, g, seed, batch_size,
+                                       lambda done, total, task=task: bar.update(task, completed=done))
             rows.append(row)
-            click.echo(_line(row))
+            bar.console.print(_line(row))
     _table(rows)
+    best = best_guidance(rows[1:], rows[0]["accuracy"])
+    click.echo(f"best guidance {best:g} (lowest FID with accuracy >= 0.95x the classifier's, else the most accurate); "
+               f"store it with `ddengine export CHECKPOINT --recommended-guidance {best:g}`")
     if grid_path and images is not None:
         keep = min(len(images), 100)  # 10 per class: image i has class i % 10
         save_image(grid_path, class_grid(images[:keep], list(np.arange(keep) % 10)))
         click.echo(f"wrote {grid_path}")
     if json_path:
         text = json.dumps({"model": str(model_path or "default"), "backend": sampler.backend.name,
-                           "precision": sampler.backend.precision, "steps": steps, "rows": rows}, indent=2)
+                           "precision": sampler.backend.precision, "steps": steps, "best_guidance": best, "rows": rows}, indent=2)
         atomic_write(json_path, text.encode())
 
 

@@ -95,3 +95,12 @@ def test_the_shipped_classifier_is_the_default(net):
     path = default_classifier_path()
     assert path.is_file() and path.parts[-2:] == ("models", "classifier.onnx")
     assert [o.name for o in onnx.load(str(path)).graph.output] == ["logits", "features"]
+
+
+def test_best_guidance_is_the_lowest_fid_among_the_accurate_enough_else_the_most_accurate():
+    from ddengine.evaluation import best_guidance
+
+    rows = [{"guidance": 1.0, "fid": 5.0, "accuracy": 0.80}, {"guidance": 2.0, "fid": 7.0, "accuracy": 0.90},
+            {"guidance": 3.0, "fid": 6.0, "accuracy": 0.92}, {"guidance": 4.0, "fid": 9.0, "accuracy": 0.93}]
+    assert best_guidance(rows, classifier_accuracy=0.93) == 3.0  # 0.95 x 0.93 = 0.8835: guidance 2, 3, 4 qualify
+    assert best_guidance(rows, classifier_accuracy=0.99) == 4.0  # none reaches 0.9405: the most accurate
