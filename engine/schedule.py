@@ -55,6 +55,13 @@ def _real(name, value, low, high):
         raise SchedulerConfigError(f"{name} must be a number in [{low}, {high}], got {value!r}")
 
 
+# What a model was trained with (fixed by its weights) vs. how it is sampled (free to change after training).
+TRAINING_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                 "rescale_betas_zero_snr")
+SAMPLING_KEYS = ("clip_sample", "clip_sample_range", "timestep_spacing", "steps_offset", "set_alpha_to_one",
+                 "variance_type", "thresholding")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """diffusers' DDPMScheduler/DDIMScheduler configuration (same keys and defaults), validated on construction."""
@@ -207,3 +214,19 @@ def rescale_zero_terminal_snr(betas):
     abar = s ** 2
     alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
     return (1.0 - alphas).astype(np.float32)
+
+
+def with_sampling_overrides(trained, overrides):
+    """`trained` (a scheduler dict) with the sampling keys of `overrides` replaced; a training key must agree."""
+    if not isinstance(overrides, dict):
+        raise SchedulerConfigError(f"a scheduler override must be a JSON object, got {type(overrides).__name__}")
+    given = {k: v for k, v in overrides.items() if not k.startswith("_") and k not in IGNORED_KEYS}
+    unknown = sorted(k for k in given if k not in TRAINING_KEYS + SAMPLING_KEYS)
+    if unknown:
+        raise SchedulerConfigError(f"unknown scheduler keys {', '.join(unknown)}; the sampling keys are {', '.join(SAMPLING_KEYS)}")
+    base = SchedulerConfig.from_dict(trained).to_dict()
+    changed = sorted(k for k in TRAINING_KEYS if k in given and SchedulerConfig.from_dict({**base, k: given[k]}).to_dict()[k] != base[k])
+    if changed:
+        raise SchedulerConfigError("the model was trained with " + ", ".join(f"{k}={base[k]!r}" for k in changed)
+                                   + f"; an override may change only how it is sampled ({', '.join(SAMPLING_KEYS)})")
+    return SchedulerConfig.from_dict({**base, **given}).to_dict()

@@ -202,15 +202,18 @@ def load_checkpoint_module(path):
     return module.eval(), spec
 
 
-def export_checkpoint(path, out_path, fp16=False, recommended_guidance=None):
+def export_checkpoint(path, out_path, fp16=False, recommended_guidance=None, scheduler_overrides=None):
     """`ddengine export CHECKPOINT -o OUT [--fp16]`: OUT and its torch twin OUT.safetensors; returns the max errors."""
     from dataclasses import replace
 
     from ddengine.nets.twin import save_twin, twin_path
+    from ddengine.schedule import with_sampling_overrides
 
     module, spec = load_checkpoint_module(path)
     if recommended_guidance is not None:
         spec = replace(spec, recommended_guidance=float(recommended_guidance))
+    if scheduler_overrides is not None:
+        spec = replace(spec, scheduler=with_sampling_overrides(spec.scheduler, scheduler_overrides))
     errors = export_module(module, spec, out_path, fp16=fp16)
     save_twin(twin_path(out_path), module)
     return errors

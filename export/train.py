@@ -39,13 +39,17 @@ class TrainConfig:
 
 
 def scheduler_dict(beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000):
-    """The diffusers-style scheduler_config the model is trained with (goes into the ONNX metadata)."""
+    """The diffusers-style scheduler_config the model is trained with (goes into the ONNX metadata); x0 unclipped.
+
+    clip_sample=True (diffusers' default) clips x0 to [-1, 1] at every step; with guidance > 1 the combined eps
+    makes x0 overshoot at high t, and clipping it there changes the class (README, "Training the default model").
+    """
     if beta_schedule not in ("linear", "squaredcos_cap_v2"):
         raise ValueError(f"beta_schedule must be 'linear' or 'squaredcos_cap_v2', got {beta_schedule!r}")
     return {
         "num_train_timesteps": int(num_train_timesteps), "beta_schedule": beta_schedule,
         "beta_start": 0.0001, "beta_end": 0.02, "trained_betas": None,
-        "prediction_type": "epsilon", "clip_sample": True, "clip_sample_range": 1.0,
+        "prediction_type": "epsilon", "clip_sample": False, "clip_sample_range": 1.0,
         "timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True,
         "variance_type": "fixed_small", "rescale_betas_zero_snr": False,
     }

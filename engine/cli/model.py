@@ -81,15 +81,20 @@ def train(out_dir, data_path, epochs, batch_size, lr, p_uncond, ema_decay, lr_sc
 @click.option("--fp16", is_flag=True, help="Mixed precision: fp16 weights/convs, fp32 I/O, norms, softmax and timestep embedding.")
 @click.option("--recommended-guidance", type=float, default=None,
               help="Guidance a class-conditional model samples with when a request gives classes but no guidance (1 = no CFG); stored in the metadata.")
+@click.option("--scheduler-config", "scheduler_file", type=click.Path(dir_okay=False), default=None,
+              help="A diffusers scheduler_config.json for a CHECKPOINT: its sampling keys (clip_sample, timestep_spacing, ...) replace the trained defaults; training keys must match.")
 @click.option("--height", type=int, default=None, help="StableDiffusionPipeline: image height (default: the U-Net's sample_size x the VAE's scale).")
 @click.option("--width", type=int, default=None, help="StableDiffusionPipeline: image width (default: the U-Net's sample_size x the VAE's scale).")
-def export(checkpoint, out_path, diffusers_dir, fp16, recommended_guidance, height, width):
+def export(checkpoint, out_path, diffusers_dir, fp16, recommended_guidance, scheduler_file, height, width):
     """Export a training checkpoint (EMA weights), a diffusers UNet2DModel or a StableDiffusionPipeline to self-describing ONNX."""
     from ddengine.export.sd_export import is_pipeline_folder
 
     if recommended_guidance is not None and (diffusers_dir or not math.isfinite(recommended_guidance) or recommended_guidance < 0):
         _fail("--recommended-guidance applies to a training CHECKPOINT and must be a finite number >= 0, "
               f"got {recommended_guidance}{' with --diffusers' if diffusers_dir else ''}")
+    if scheduler_file is not None and diffusers_dir:
+        _fail("--scheduler-config applies to a training CHECKPOINT; a diffusers folder brings its own scheduler/ config")
+    overrides = None if scheduler_file is None else _scheduler_overrides(scheduler_file)
     if diffusers_dir and checkpoint is None and is_pipeline_folder(diffusers_dir):
         return _export_pipeline(diffusers_dir, Path(out_path), fp16, height, width)
     if height is not None or width is not None:
@@ -98,14 +103,25 @@ def export(checkpoint, out_path, diffusers_dir, fp16, recommended_guidance, heig
     from ddengine.export.checkpoint import CheckpointError
     from ddengine.export.diffusers_export import DiffusersExportError, export_diffusers
     from ddengine.export.onnx_export import export_checkpoint
+    from ddengine.schedule import SchedulerConfigError
     from ddengine.spec import ModelSpecError
 
     if (checkpoint is None) == (diffusers_dir is None):
         _fail("give exactly one of CHECKPOINT or --diffusers DIR")
     _check_writable(out_path)
     _report_export(lambda: export_diffusers(diffusers_dir, out_path, fp16) if diffusers_dir
-                   else export_checkpoint(checkpoint, out_path, fp16, recommended_guidance),
-                   out_path, (CheckpointError, DiffusersExportError, ModelSpecError))
+                   else export_checkpoint(checkpoint, out_path, fp16, recommended_guidance, overrides),
+                   out_path, (CheckpointError, DiffusersExportError, ModelSpecError, SchedulerConfigError))
+
+
+def _scheduler_overrides(path):
+    """The keys of a scheduler_config.json, or exit 2 saying why the file cannot be one."""
+    from ddengine.model import ModelError, read_scheduler_config
+
+    try:
+        return read_scheduler_config(path)
+    except ModelError as err:
+        _fail(f"--scheduler-config: {err}")
 
 
 def _export_pipeline(folder, out_dir, fp16, height, width):

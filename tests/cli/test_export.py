@@ -1,5 +1,7 @@
 """`ddengine export / train / train-classifier`: the model and its torch twin written, bad input exits 2 with a clear
 message and writes nothing."""
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -178,3 +180,53 @@ def test_recommended_guidance_on_a_model_without_a_null_class_is_a_clear_error(t
     result = CliRunner().invoke(main, ["export", str(tmp_path / "u.safetensors"), "-o", str(out), "--recommended-guidance", "2"])
     assert result.exit_code == 2 and "null class" in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u.safetensors"]
+
+
+def _scheduler_file(tmp_path, keys):
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps(keys))
+    return path
+
+
+def test_scheduler_config_changes_how_the_export_samples_and_keeps_what_it_was_trained_with(tmp_path, tiny_checkpoint):
+    from diffusers import DDIMScheduler
+
+    from ddengine.plan import make_plan
+
+    keys = {"_class_name": "DDIMScheduler", "clip_sample": True, "clip_sample_range": 2.0, "timestep_spacing": "trailing",
+            "num_train_timesteps": 1000}
+    out = tmp_path / "s.onnx"
+    result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--scheduler-config",
+                                       str(_scheduler_file(tmp_path, keys))])
+    assert result.exit_code == 0, result.output
+    sched = read_spec(out).scheduler
+    trained = train.scheduler_dict()
+    assert {k: sched[k] for k in ("beta_schedule", "num_train_timesteps", "prediction_type")} == \
+        {k: trained[k] for k in ("beta_schedule", "num_train_timesteps", "prediction_type")}
+    oracle = DDIMScheduler.from_config(sched)
+    oracle.set_timesteps(10)
+    plan = make_plan(sched, 10)
+    assert plan.clip == 2.0 and list(plan.timesteps) == oracle.timesteps.tolist()
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"beta_schedule": "linear"}, "trained with beta_schedule='squaredcos_cap_v2'"),
+    ({"prediction_type": "v_prediction"}, "trained with prediction_type='epsilon'"),
+    ({"clip_samples": False}, "unknown scheduler keys clip_samples"),
+    ({"clip_sample": "no"}, "clip_sample must be true or false, got 'no'"),
+    ([1, 2], "must be a JSON object, got list"),
+])
+def test_a_scheduler_config_that_cannot_apply_is_refused_and_writes_nothing(tmp_path, tiny_checkpoint, keys, message):
+    out = tmp_path / "s.onnx"
+    config = _scheduler_file(tmp_path, keys)
+    result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--scheduler-config", str(config)])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [config.name]
+
+
+def test_a_scheduler_config_that_is_not_json_is_named(tmp_path, tiny_checkpoint):
+    config = tmp_path / "scheduler_config.json"
+    config.write_text("{clip_sample: false")
+    result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(tmp_path / "s.onnx"), "--scheduler-config", str(config)])
+    assert result.exit_code == 2 and "--scheduler-config" in result.output and "not valid JSON" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [config.name]

@@ -43,7 +43,7 @@ def test_metadata_round_trips_through_model_spec(tiny_onnx, tiny_spec):
     spec = ModelSpec.from_json(props[METADATA_KEY])
     assert spec == tiny_spec
     sched = json.loads(props[METADATA_KEY])["scheduler"]
-    assert sched["prediction_type"] == "epsilon" and sched["clip_sample"] is True and sched["clip_sample_range"] == 1.0
+    assert sched["prediction_type"] == "epsilon" and sched["clip_sample"] is False and sched["clip_sample_range"] == 1.0
     for key in ("timestep_spacing", "set_alpha_to_one", "steps_offset", "num_train_timesteps", "beta_schedule"):
         assert key in sched
     assert (spec.num_classes, spec.null_class, spec.channels, spec.height, spec.width) == (3, 3, 1, 16, 16)
