@@ -76,17 +76,17 @@ def best_guidance(rows, classifier_accuracy):
     return (min(good, key=lambda r: r["fid"]) if good else max(rows, key=lambda r: r["accuracy"]))["guidance"]
 
 
-def evaluate(sampler, net, test_features, n, steps, guidance, seed, batch_size, progress=None):
-    """n class-balanced images (image i has class i % 10) at one guidance; FID vs the test features and accuracy.
+def evaluate(sampler, net, test_features, n, steps, guidance, seed, batch_size, method="ddim", progress=None):
+    """n class-balanced images (image i has class i % 10) at one guidance (DDIM eta 0 or DDPM); FID and accuracy.
 
     guidance 0 samples the null class alone and 1 the conditional model alone (one forward each, ddengine.batch).
     """
     classes = np.arange(n, dtype=np.int64) % 10
     start = time.perf_counter()
-    images, records = sampler.sample(n, steps=steps, method="ddim", eta=0.0, seed=seed, classes=classes,
+    images, records = sampler.sample(n, steps=steps, method=method, eta=0.0, seed=seed, classes=classes,
                                      guidance=float(guidance), batch_size=batch_size, progress=progress)
     seconds = time.perf_counter() - start
     failed = sum(r["status"] != "ok" for r in records)
     logits, features = net(images)
-    return {"guidance": guidance, "n": n, "steps": steps, "fid": fid(features, test_features),
+    return {"guidance": guidance, "n": n, "steps": steps, "method": method, "fid": fid(features, test_features),
             "accuracy": accuracy(logits.argmax(1), classes), "failed": failed, "seconds": seconds}, images

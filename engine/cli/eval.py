@@ -6,16 +6,20 @@ import click
 import numpy as np
 
 from ddengine.cli.common import PRECISIONS, open_sampler, progress_bar, usage_errors
+from ddengine.plan import METHODS
 
 
 @click.command()
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None, help="ONNX model (default: the shipped one).")
+@click.option("--scheduler-config", type=click.Path(path_type=Path), default=None,
+              help="diffusers scheduler_config.json overriding the model's schedule (e.g. clip_sample).")
 @click.option("--backend", default="auto", show_default=True, help="auto, or a backend `ddengine info` lists.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="The forward's precision.")
 @click.option("--classifier", "classifier_path", type=click.Path(dir_okay=False), default=None, help="Classifier ONNX (default: the shipped one).")
 @click.option("--data", "data_path", type=click.Path(), default=None, help="Fashion-MNIST IDX folder.")
 @click.option("--n", type=click.IntRange(10), default=1000, show_default=True, help="Generated (and real floor) images per guidance.")
 @click.option("--steps", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--method", type=click.Choice(METHODS), default="ddim", show_default=True, help="DDIM (eta 0) or DDPM.")
 @click.option("--guidance", "guidances", type=click.FloatRange(0), multiple=True, default=(0.0, 1.0, 1.5), show_default=True,
               help="Repeatable; 0 = unconditional (null class), 1 = conditional.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -24,8 +28,8 @@ from ddengine.cli.common import PRECISIONS, open_sampler, progress_bar, usage_er
 @click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None,
               help="Also save a PNG grid (a row per class, 10 columns) from the last --guidance.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
-def eval_cmd(model_path, backend, precision, classifier_path, data_path, n, steps, guidances, seed, batch_size, threads, grid_path, json_path):
-    """FID (classifier features, vs the 10,000 test images) and conditional accuracy at 50 DDIM steps."""
+def eval_cmd(model_path, scheduler_config, backend, precision, classifier_path, data_path, n, steps, method, guidances, seed, batch_size, threads, grid_path, json_path):
+    """FID (classifier features, vs the 10,000 test images) and conditional accuracy, per guidance."""
     from ddengine.data import DataError
     from ddengine.evaluation import (IMAGE_SHAPE, EvaluationError, FeatureNet, best_guidance, evaluate, real_floor,
                                      real_images)
@@ -34,7 +38,7 @@ def eval_cmd(model_path, backend, precision, classifier_path, data_path, n, step
     for path in (grid_path, json_path):
         if path is not None and not Path(path).resolve().parent.is_dir():
             raise click.UsageError(f"output folder {Path(path).parent} does not exist")
-    sampler = open_sampler(model_path, None, backend, threads, precision)
+    sampler = open_sampler(model_path, scheduler_config, backend, threads, precision)
     spec = sampler.spec
     if (spec.height, spec.width, spec.channels) != IMAGE_SHAPE or spec.num_classes < 10:
         raise click.UsageError(f"eval scores Fashion-MNIST models (1x32x32 images, 10 classes); {sampler.model.path.name} "
@@ -51,7 +55,7 @@ def eval_cmd(model_path, backend, precision, classifier_path, data_path, n, step
         for g in guidances:
             task = bar.add_task(f"guidance {g:g}", total=n * steps)
             row, images = usage_errors(evaluate, sampler, net, test_features, n, steps, g, seed, batch_size,
-                                       lambda done, total, task=task: bar.update(task, completed=done))
+                                       method, lambda done, total, task=task: bar.update(task, completed=done))
             rows.append(row)
             bar.console.print(_line(row))
     _table(rows)
@@ -64,7 +68,9 @@ def eval_cmd(model_path, backend, precision, classifier_path, data_path, n, step
         click.echo(f"wrote {grid_path}")
     if json_path:
         text = json.dumps({"model": str(model_path or "default"), "backend": sampler.backend.name,
-                           "precision": sampler.backend.precision, "steps": steps, "best_guidance": best, "rows": rows}, indent=2)
+                           "precision": sampler.backend.precision, "steps": steps, "method": method,
+                           "scheduler_config": None if scheduler_config is None else str(scheduler_config),
+                           "scheduler": sampler.spec.scheduler, "best_guidance": best, "rows": rows}, indent=2)
         atomic_write(json_path, text.encode())
 
 

@@ -41,6 +41,23 @@ def test_eval_reports_fid_accuracy_grid_and_json(eval_setup, tmp_path):
     assert "| generated, guidance 2 | 20 |" in result.output and "| real (train vs test) | 20 |" in result.output
 
 
+def test_eval_runs_ddpm_and_a_scheduler_override_as_the_sampler_would(eval_setup, tmp_path):
+    config = tmp_path / "scheduler_config.json"
+    config.write_text(json.dumps({**Sampler(eval_setup.model, backend="ort-cpu").spec.scheduler, "clip_sample": True,
+                                  "clip_sample_range": 0.5}))
+    result = CliRunner().invoke(main, eval_args(eval_setup, "--n", 20, "--steps", 3, "--method", "ddpm", "--guidance", 2,
+                                                "--scheduler-config", config, "--json", tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["method"] == "ddpm" and data["scheduler"]["clip_sample_range"] == 0.5
+    net = FeatureNet(eval_setup.classifier)
+    _, test_features = net(real_images("test", eval_setup.data)[0])
+    overridden = Sampler(eval_setup.model, backend="ort-cpu", scheduler_config=config)
+    want, _ = evaluate(overridden, net, test_features, 20, 3, 2.0, 0, 100, method="ddpm")
+    plain, _ = evaluate(Sampler(eval_setup.model, backend="ort-cpu"), net, test_features, 20, 3, 2.0, 0, 100)
+    assert data["rows"][1]["fid"] == pytest.approx(want["fid"]) and want["fid"] != pytest.approx(plain["fid"])
+
+
 def test_missing_classifier_and_data_exit_2(eval_setup, tmp_path):
     base = ["eval", "--model", str(eval_setup.model), "--n", "10", "--steps", "1"]
     result = CliRunner().invoke(main, base + ["--classifier", str(tmp_path / "none.onnx"), "--data", str(eval_setup.data)])
