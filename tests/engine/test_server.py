@@ -64,6 +64,20 @@ def test_images_are_the_solo_samplers_and_the_body_carries_the_records(client, c
     assert np.array_equal(np.stack([decode(i["png"]) for i in body["images"]]), images)
 
 
+def test_a_request_with_classes_and_no_guidance_gets_the_models_recommended_guidance(tmp_path):
+    from tests.support.tiny_models import build_tiny_model
+
+    build_tiny_model(tmp_path / "g.onnx", channels=3, num_classes=4, recommended_guidance=3.0)
+    sampler = Sampler(tmp_path / "g.onnx", backend="ort-cpu", threads=1)
+    with TestClient(create_app(sampler, Settings(max_batch=4, max_queue=16))) as http:
+        implicit = http.post("/v1/images", json={"n": 2, "steps": 4, "seed": 3, "classes": [1, 2]}).json()
+        unguided = http.post("/v1/images", json={"n": 2, "steps": 4, "seed": 3, "classes": [1, 2], "guidance": 1}).json()
+    explicit, _ = sampler.sample(2, steps=4, seed=3, classes=[1, 2], guidance=3.0)
+    assert implicit["guidance"] == 3.0 and unguided["guidance"] == 1.0
+    assert np.array_equal(np.stack([decode(i["png"]) for i in implicit["images"]]), explicit)
+    assert not np.array_equal(np.stack([decode(i["png"]) for i in unguided["images"]]), explicit)
+
+
 def test_concurrent_http_requests_share_batches_and_stay_exact(cond):
     requests = [{"n": 3, "steps": 10, "seed": 1, "classes": 1, "guidance": 2.0},
                 {"n": 2, "steps": 20, "method": "ddpm", "seeds": [7, 2**64 - 1], "classes": "all"},
