@@ -42,6 +42,8 @@ class Sampler:
             model = self.pipeline.unet_path
         self.model = model if isinstance(model, Model) else load_model(model, scheduler_config)
         self.spec = self.model.spec
+        # a manifest must say which schedule an override put in place of the model's own
+        self.scheduler_override = None if scheduler_config is None else dict(self.spec.scheduler)
         self.backend = create_backend(backend, self.model, threads=threads, precision=precision)
         self.threads = threads or 0
         self._plans = {}  # Request.plan_key -> StepPlan (read-only)
@@ -166,6 +168,8 @@ class Sampler:
     def records(self, request, part, bad, trajectory):
         common = {**request.params(), "model_sha256": self.model.sha256, "backend": self.backend.name,
                   "precision": getattr(self.backend, "precision", "fp32"), "ddengine_version": ddengine.__version__}
+        if self.scheduler_override is not None:
+            common["scheduler"] = self.scheduler_override
         records = []
         for j, index in enumerate(range(part.start, part.stop)):
             seed = int(request.seeds[index])

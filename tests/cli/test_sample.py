@@ -152,6 +152,18 @@ def test_model_without_metadata_needs_scheduler_config(tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_the_manifest_names_the_schedule_an_override_put_in_place(tmp_path, uncond_model):
+    config = tmp_path / "s.json"
+    config.write_text(json.dumps({**SCHEDULER, "timestep_spacing": "trailing", "clip_sample": False}))
+    assert run("sample", "--model", uncond_model, *CPU, "--n", 2, "--steps", 2, "--out", tmp_path / "plain", "--quiet").exit_code == 0
+    result = run("sample", "--model", uncond_model, *CPU, "--scheduler-config", config, "--n", 2, "--steps", 2,
+                 "--out", tmp_path / "over", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert all("scheduler" not in r for r in records(tmp_path / "plain"))
+    for r in records(tmp_path / "over"):
+        assert r["scheduler"]["timestep_spacing"] == "trailing" and r["scheduler"]["clip_sample"] is False
+
+
 def test_conditional_request_on_unconditional_model_exits_2(tmp_path, uncond_model):
     for args, message in ((["--class", 1], "unconditional"), (["--class", "all"], "unconditional"),
                           (["--guidance", 3], "needs a class-conditional model with a null class")):
