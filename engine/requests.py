@@ -176,8 +176,11 @@ def parse_threads(threads):
     return None if threads is None else integer("threads", threads, 1, usable_cpus())
 
 
-def check_memory(model, request, backend_rows=None, keep_images=False):
-    """Refuse a request whose forward (or, kept in memory, whose images) would not fit; names the estimate."""
+def check_memory(model, request, backend_rows=None, keep_images=False, image_elements=None):
+    """Refuse a request whose forward (or, kept in memory, whose images) would not fit; names the estimate.
+
+    image_elements: uint8 values per returned image (default the model's sample size; larger once a VAE decodes it).
+    """
     from ddengine.batch import doubles, forward_rows
 
     spec = model.spec
@@ -186,7 +189,7 @@ def check_memory(model, request, backend_rows=None, keep_images=False):
         raise InvalidParameterError(f"batch_size {request.batch_size} needs {rows} forward rows; this backend takes at most "
                                     f"{backend_rows} (its engine profile)")
     forward = rows * (ARENA_SLACK * model.activation_bytes_per_row + 3 * 4 * spec.per_image)
-    kept = request.n * (spec.per_image + RECORD_BYTES) if keep_images else 0
+    kept = request.n * ((image_elements or spec.per_image) + RECORD_BYTES) if keep_images else 0
     free = available_memory()
     if free is not None and forward + kept > free:
         parts = [f"batch_size {request.batch_size} needs about {human_bytes(forward)} for its forward"]

@@ -4,6 +4,7 @@
 Each image's record carries everything its manifest line needs: seed, class, status, the request's
 parameters, the model's hash, the backend and its precision.
 """
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,7 +121,7 @@ class Sampler:
 
     def run(self, request, *, progress=None, callback=None, timers=None):
         """Sample a validated request; all images at once (see `chunks` for a stream)."""
-        check_memory(self.model, request, keep_images=True)
+        check_memory(self.model, request, keep_images=True, image_elements=math.prod(self.image_shape))
         chunks = list(self.chunks(request, progress=progress, callback=callback, timers=timers))
         images = np.concatenate([c.images for c in chunks])
         return images, [r for c in chunks for r in c.records]

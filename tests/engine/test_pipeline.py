@@ -129,6 +129,18 @@ def test_an_image_depends_only_on_its_seed_prompt_and_parameters(tiny_sd):
     assert np.array_equal(together, pairs) and np.array_equal(together, np.stack(alone))
 
 
+def test_the_memory_check_counts_decoded_images_not_latents(tiny_sd, sampler, monkeypatch):
+    from ddengine import requests
+
+    image, _ = sampler.sample(1, steps=1, prompt=PROMPTS[0])
+    free = iter([2**60, 1])  # the forward fits (the request's check); the images kept by sample() do not
+    monkeypatch.setattr(requests, "available_memory", lambda: next(free))
+    with pytest.raises(requests.InvalidParameterError) as err:
+        sampler.sample(1000, steps=1, prompt=PROMPTS[0])
+    kept = 1000 * (image[0].nbytes + requests.RECORD_BYTES)  # the uint8 images sample() returns, and their records
+    assert f"n = 1000 images kept in memory need {requests.human_bytes(kept)}" in str(err.value)
+
+
 def test_the_text_encoder_runs_once_per_distinct_prompt(tiny_sd):
     with Sampler(tiny_sd.model, backend="ort-cpu") as s:
         encoder, rows = s.pipeline.text_encoder, []
