@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ddengine.bench import machine
+from ddengine.metrics import psnr
 from ddengine.output import atomic_write
 from ddengine.sampler import Sampler
 
@@ -22,10 +23,25 @@ GATE_DB = 35.0
 SETTINGS = [("ddim", 50, False), ("ddim", 50, True), ("ddpm", 100, False), ("ddpm", 100, True)]
 
 
-def psnr(a, b):
-    """Per-image PSNR in dB of uint8 images a against b (peak 255)."""
-    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean(axis=tuple(range(1, a.ndim)))
-    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12))
+def gate_rows(reference, sampler, n, seed, label):
+    """Every SETTINGS run of `sampler` against the ORT fp32 `reference` from the same seeds: per-image PSNR, gate."""
+    spec = reference.spec
+    g = spec.recommended_guidance or 1.5
+    rows = []
+    for method, steps, guided in SETTINGS:
+        kwargs = dict(steps=steps, method=method, seed=seed, classes="all" if spec.conditional else None,
+                      guidance=g if guided else (1.0 if spec.conditional else None), batch_size=20)
+        want, _ = reference.sample(n, **kwargs)
+        got, records = sampler.sample(n, **kwargs)
+        db = psnr(got, want, per_image=True)
+        row = {"backend": sampler.backend.name, "precision": label.partition(":")[2] or sampler.backend.precision,
+               "method": method, "steps": steps, "guidance": kwargs["guidance"], "min_db": float(db.min()),
+               "median_db": float(np.median(db)), "failed": sum(r["status"] != "ok" for r in records),
+               "passes": bool(db.min() >= GATE_DB), "psnr_db": [round(float(v), 2) for v in db]}
+        rows.append(row)
+        print(f"{label:16} {method} {steps:3d} guidance {kwargs['guidance']}: min {row['min_db']:.1f} dB, "
+              f"median {row['median_db']:.1f} dB -> {'pass' if row['passes'] else 'FAIL'}", flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -37,25 +53,11 @@ def main(argv=None):
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
     reference = Sampler(args.model, backend="ort-cpu")
-    spec = reference.spec
-    g = spec.recommended_guidance or 1.5
     result = {"machine": machine(), "model_sha256": reference.model.sha256, "gate_db": GATE_DB, "n": args.n, "rows": []}
     for label in args.backend or ["openvino:bf16"]:
         name, _, precision = label.partition(":")
         sampler = Sampler(reference.model, backend=name, precision=precision or "auto")
-        for method, steps, guided in SETTINGS:
-            kwargs = dict(steps=steps, method=method, seed=args.seed, classes="all" if spec.conditional else None,
-                          guidance=g if guided else (1.0 if spec.conditional else None), batch_size=20)
-            want, _ = reference.sample(args.n, **kwargs)
-            got, records = sampler.sample(args.n, **kwargs)
-            db = psnr(got, want)
-            row = {"backend": sampler.backend.name, "precision": sampler.backend.precision, "method": method, "steps": steps,
-                   "guidance": kwargs["guidance"], "min_db": float(db.min()), "median_db": float(np.median(db)),
-                   "failed": sum(r["status"] != "ok" for r in records), "passes": bool(db.min() >= GATE_DB),
-                   "psnr_db": [round(float(v), 2) for v in db]}
-            result["rows"].append(row)
-            print(f"{label:16} {method} {steps:3d} guidance {kwargs['guidance']}: min {row['min_db']:.1f} dB, "
-                  f"median {row['median_db']:.1f} dB -> {'pass' if row['passes'] else 'FAIL'}", flush=True)
+        result["rows"] += gate_rows(reference, sampler, args.n, args.seed, label)
     cpu = re.sub(r"[^a-z0-9]+", "-", result["machine"]["cpu"].lower()).strip("-")
     path = Path(args.out) / f"quality_{cpu}.json"
     atomic_write(path, (json.dumps(result, indent=2) + "\n").encode())

@@ -1,4 +1,4 @@
-"""Quality metrics in numpy: Frechet distance between feature sets (FID, Heusel et al. 2017) and accuracy."""
+"""Quality metrics in numpy: Frechet distance between feature sets (FID, Heusel et al. 2017), accuracy, PSNR."""
 import numpy as np
 
 
@@ -40,3 +40,11 @@ def accuracy(predicted, wanted):
     if predicted.shape != wanted.shape or predicted.size == 0:
         raise ValueError(f"predicted {predicted.shape} and wanted {wanted.shape} must be equal, non-empty shapes")
     return float(np.mean(predicted == wanted))
+
+
+def psnr(a, b, peak=255.0, per_image=False):
+    """Peak signal-to-noise ratio in dB, 10 log10(peak^2 / MSE) (inf when equal): over everything, or per image."""
+    d = (np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2
+    mse = d.reshape(len(d), -1).mean(axis=1) if per_image else d.mean()
+    with np.errstate(divide="ignore"):
+        return 10.0 * np.log10(peak**2 / mse)

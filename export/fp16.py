@@ -8,6 +8,8 @@ import warnings
 
 import numpy as np
 
+from ddengine.metrics import psnr  # noqa: F401  (also what the fp16 tests compare with)
+
 # Ops whose statistics overflow or lose too much in fp16 (variance, exp); they run in fp32 between Casts.
 FP32_OPS = ("GroupNormalization", "InstanceNormalization", "LayerNormalization", "BatchNormalization", "Softmax", "Sin", "Cos")
 
@@ -63,12 +65,6 @@ def fp32_ops(model, op_types=FP32_OPS):
     return out
 
 
-def psnr(a, b, peak=2.0):
-    """Peak signal-to-noise ratio in dB for images in a range of width `peak` ([-1, 1] -> 2)."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(peak ** 2 / mse)
-
-
 def final_latents(model_path, n, steps=50, seed=0, guidance=None, classes=None):
     """float32 x_0 of a DDIM (eta 0) run through the engine's Sampler, before the uint8 conversion."""
     from ddengine.sampler import Sampler
@@ -88,4 +84,4 @@ def sampling_psnr(fp32_path, fp16_path, n=16, steps=50, seed=0, guidance=None, c
     """PSNR (dB, range [-1, 1]) of a full DDIM run of the fp16 model against the fp32 one from the same noise."""
     a = final_latents(fp32_path, n, steps, seed, guidance, classes)
     b = final_latents(fp16_path, n, steps, seed, guidance, classes)
-    return psnr(np.clip(a, -1, 1), np.clip(b, -1, 1))
+    return psnr(np.clip(a, -1, 1), np.clip(b, -1, 1), peak=2.0)

@@ -10,6 +10,7 @@ pytest.importorskip("openvino")
 from ddengine.backends import BackendError, auto_choice, create_backend  # noqa: E402
 from ddengine.backends import openvino as ovb  # noqa: E402
 from ddengine.backends.base import probe_batch_invariance  # noqa: E402
+from ddengine.metrics import psnr  # noqa: E402
 from ddengine.model import load_model  # noqa: E402
 from ddengine.sampler import Sampler  # noqa: E402
 
@@ -29,11 +30,6 @@ def fp32(shipped):
 @pytest.fixture(scope="module")
 def reduced(shipped):
     return Sampler(shipped, backend="openvino")  # auto: bf16 where native
-
-
-def psnr(a, b):
-    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
-    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12))
 
 
 def test_precision_is_chosen_explicitly_and_recorded(reduced, monkeypatch):
@@ -75,7 +71,7 @@ def test_quality_gate_every_image_within_35_db_of_fp32(fp32, reduced, method, st
     want, _ = fp32.sample(10, **kwargs)
     got, records = reduced.sample(10, **kwargs)
     assert all(r["status"] == "ok" for r in records)
-    assert psnr(got, want).min() >= 35.0
+    assert psnr(got, want, per_image=True).min() >= 35.0
 
 
 def test_fp32_precision_is_close_to_onnx_runtime(shipped):

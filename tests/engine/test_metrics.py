@@ -48,3 +48,13 @@ def test_accuracy():
     assert metrics.accuracy([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
     with pytest.raises(ValueError, match="equal, non-empty"):
         metrics.accuracy([1, 2], [1, 2, 3])
+
+
+def test_psnr_per_image_and_of_identical_images():
+    a = np.zeros((3, 4, 4, 1), np.uint8)
+    b = a.copy()
+    b[1] += 16      # every value off by 16: MSE 256
+    b[2, 0, 0] = 255  # one value in 16 off by 255: MSE 255^2 / 16
+    db = metrics.psnr(a, b, per_image=True)
+    assert db[0] == np.inf and db[1] == pytest.approx(20 * np.log10(255 / 16)) and db[2] == pytest.approx(10 * np.log10(16))
+    assert metrics.psnr(a[:1], a[:1]) == np.inf

@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 
 from ddengine import Sampler, _kernels  # noqa: E402
 from ddengine.fused import image_records  # noqa: E402
+from ddengine.metrics import psnr  # noqa: E402
 from tests.support.tiny_pipeline import IMAGE, LATENT, PROMPTS, TEXT_LENGTH, load_pipeline, tiny_sd  # noqa: E402,F401
 
 LONG = "a photo of " + "a red shoe and " * 30 + "a cat"  # over 77 tokens: both truncate it
@@ -79,11 +80,6 @@ def level_difference(a, b):
     """(max |a - b| in uint8 levels, fraction of values that differ)."""
     d = np.abs(a.astype(np.int16) - b.astype(np.int16))
     return int(d.max()), float((d > 0).mean())
-
-
-def psnr(a, b):
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return np.inf if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 SETTINGS = {  # method, eta, guidance, negative prompts (None: diffusers' and the engine's default "")
