@@ -67,7 +67,10 @@ def eval_cmd(model_path, scheduler_config, backend, precision, classifier_path, 
         save_image(grid_path, class_grid(images[:keep], list(np.arange(keep) % 10)))
         click.echo(f"wrote {grid_path}")
     if json_path:
-        text = json.dumps({"model": str(model_path or "default"), "backend": sampler.backend.name,
+        from ddengine.bench import machine
+
+        text = json.dumps({"model": str(model_path or "default"), "model_sha256": sampler.model.sha256,
+                           "machine": machine(), "backend": sampler.backend.name,
                            "precision": sampler.backend.precision, "steps": steps, "method": method,
                            "scheduler_config": None if scheduler_config is None else str(scheduler_config),
                            "scheduler": sampler.spec.scheduler, "best_guidance": best, "rows": rows}, indent=2)

@@ -25,6 +25,7 @@ def test_eval_reports_fid_accuracy_grid_and_json(eval_setup, tmp_path):
     rows = data["rows"]
     assert [r["guidance"] for r in rows] == ["real (train vs test)", 0.0, 2.0]
     assert data["backend"] == "ort-cpu" and data["steps"] == 2
+    assert data["model_sha256"] == Sampler(eval_setup.model, backend="ort-cpu").model.sha256 and data["machine"]["cpu"]
     assert data["best_guidance"] in (0.0, 2.0) and f"--recommended-guidance {data['best_guidance']:g}" in result.output
     # the CLI's rows are the library's numbers for the same request
     net = FeatureNet(eval_setup.classifier)
