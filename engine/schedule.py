@@ -225,8 +225,9 @@ def with_sampling_overrides(trained, overrides):
     if unknown:
         raise SchedulerConfigError(f"unknown scheduler keys {', '.join(unknown)}; the sampling keys are {', '.join(SAMPLING_KEYS)}")
     base = SchedulerConfig.from_dict(trained).to_dict()
-    changed = sorted(k for k in TRAINING_KEYS if k in given and SchedulerConfig.from_dict({**base, k: given[k]}).to_dict()[k] != base[k])
+    merged = SchedulerConfig.from_dict({**base, **given}).to_dict()  # normalised: 1000 == 1000.0, lists as lists
+    changed = [k for k in TRAINING_KEYS if merged[k] != base[k]]
     if changed:
         raise SchedulerConfigError("the model was trained with " + ", ".join(f"{k}={base[k]!r}" for k in changed)
                                    + f"; an override may change only how it is sampled ({', '.join(SAMPLING_KEYS)})")
-    return SchedulerConfig.from_dict({**base, **given}).to_dict()
+    return merged
