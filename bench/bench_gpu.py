@@ -1,4 +1,4 @@
-"""GPU benchmark of the product's own device loop (engine/gpu/loop.py) with the torch-CUDA backend, against the
+"""GPU benchmark of the product's own device loop (engine/runtime/device_loop.py) with the torch-CUDA backend, against the
 diffusers way (the torch fp16 twin in eager mode + diffusers' DDIMScheduler, all on the GPU) and the floor (the
 bare U-Net forward, graph-captured, times the steps).
 
@@ -79,35 +79,37 @@ class Case:
     """One batch size, guided or not: the request's plan, seeds, classes and the runners that time it."""
 
     def __init__(self, backend, batch, steps, guidance, device_loops):
-        from ddengine.requests import make_request
-        from ddengine.sampler import step_plan
+        from ddengine.runtime.conditioning import class_conditioning
+        from ddengine.runtime.params import SamplingParams
+        from ddengine.runtime.parts import step_plan
 
         spec = backend.spec
         self.backend, self.batch, self.guidance = backend, batch, guidance
         classes = "all" if spec.conditional else None
-        self.request = make_request(spec, batch, steps, classes=classes, guidance=guidance, batch_size=batch)
+        params = SamplingParams.build(n=batch, steps=steps, classes=classes, guidance=guidance)
+        self.request = params.bind(spec, batch_size=batch)
         self.plan = step_plan(spec, self.request)
         self.seeds, self.classes = self.request.seeds, self.request.classes
+        self.conditioning = class_conditioning(spec, self.classes, self.request.guidance, batch)
         self.loops = device_loops
 
     def engine(self, graphs):
         loop = self.loops[graphs]
-        return lambda: loop.denoise(self.plan, self.seeds, self.classes, self.guidance)
+        return lambda: loop.denoise(self.plan, self.seeds, self.conditioning)
 
 
 def diffusers_runner(torch, backend, case):
     """The diffusers way on the GPU: the fp16 twin eager, DDIMScheduler.step on torch tensors, CFG by torch ops."""
     from diffusers import DDIMScheduler
 
-    from ddengine.batch import own_labels
-
     spec = backend.spec
     scheduler = DDIMScheduler.from_config(dict(spec.scheduler))
-    labels, guided = own_labels(spec, case.classes, case.guidance, case.batch)
+    guided = case.conditioning.guided
     device = f"cuda:{backend.device}"
-    if labels is not None:
-        null = np.full(case.batch, spec.null_class, dtype=np.int64)
-        labels = torch.from_numpy(np.concatenate([labels, null]) if guided else labels).to(device)
+    labels = None
+    if "class_labels" in case.conditioning.inputs:
+        own, null = case.conditioning.inputs["class_labels"]
+        labels = torch.from_numpy(np.concatenate([own, null]) if guided else own).to(device)
     shape = (case.batch, *spec.image_shape)
 
     def run():
@@ -128,11 +130,10 @@ def diffusers_runner(torch, backend, case):
 
 def floor_runner(torch, backend, case):
     """The floor: the bare forward of the engine's rows, captured in one CUDA graph, replayed `steps` times."""
-    from ddengine.batch import forward_rows, own_labels
+    from ddengine.core.guidance import forward_rows
 
     spec, device = backend.spec, f"cuda:{backend.device}"
-    labels, guided = own_labels(spec, case.classes, case.guidance, case.batch)
-    rows = forward_rows(case.batch, guided)
+    rows = forward_rows(case.batch, case.conditioning.guided)
     x = torch.randn((rows, *spec.image_shape), device=device)
     t = torch.full((rows,), 500, dtype=torch.int64, device=device)
     c = torch.zeros(rows, dtype=torch.int64, device=device) if spec.conditional else None
@@ -178,9 +179,9 @@ def main(argv=None):
         return dry_run(args)
     torch = require_gpu()
     from ddengine.backends.torch_cuda import TorchCudaBackend
-    from ddengine.gpu.loop import DeviceLoop
-    from ddengine.model import load_model
-    from ddengine.output import atomic_write
+    from ddengine.runtime.device_loop import DeviceLoop
+    from ddengine.model.load import load_model
+    from ddengine.files.atomic import atomic_write
 
     model = load_model(args.model)
     backend = TorchCudaBackend(model, precision=args.precision)
@@ -211,10 +212,10 @@ def dry_run(args):
     """Every configuration built without a GPU: the model and its twin load, the plans and the scheduler are made."""
     from diffusers import DDIMScheduler
 
-    from ddengine.model import load_model
+    from ddengine.model.load import load_model
     from ddengine.nets.twin import load_twin, twin_path
-    from ddengine.requests import make_request
-    from ddengine.sampler import step_plan
+    from ddengine.runtime.params import SamplingParams
+    from ddengine.runtime.parts import step_plan
 
     model = load_model(args.model)
     net = load_twin(twin_path(model.path))
@@ -222,7 +223,8 @@ def dry_run(args):
     for batch in args.batches:
         for guidance in (None, args.guidance):
             classes = "all" if model.spec.conditional else None
-            step_plan(model.spec, make_request(model.spec, batch, args.steps, classes=classes, guidance=guidance, batch_size=batch))
+            params = SamplingParams.build(n=batch, steps=args.steps, classes=classes, guidance=guidance)
+            step_plan(model.spec, params.bind(model.spec, batch_size=batch))
     print(f"dry run: {model.path.name} and its torch twin ({sum(p.numel() for p in net.parameters())} parameters) load; "
           f"{len(args.batches) * 2} configurations of {args.steps} steps are valid; nothing timed")
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ddengine.bench import machine
-from ddengine.output import atomic_write
-from ddengine.sampler import Sampler
+from ddengine.benchmark.harness import machine
+from ddengine.files.atomic import atomic_write
+from ddengine.runtime.sampler import Sampler
 
 from bench_quality import gate_rows  # bench/ is on sys.path when this script runs
 
@@ -30,8 +30,8 @@ P_NULL = 0.15
 
 def calibration_items(spec, n, seed, batch=8):
     """Model inputs {name: array} for NNCF: noised training images at DDIM-50 timesteps, their classes or null."""
-    from ddengine.data import load
-    from ddengine.plan import make_plan
+    from ddengine.quality.fashion_mnist import load
+    from ddengine.core.plan import make_plan
 
     rng = np.random.default_rng(seed)
     x0, labels = load("train")
@@ -83,7 +83,7 @@ def forward_ms(samplers, batches, repeats, seed=0):
 
 def fid_rows(samplers, n, seed):
     """{label: the project's eval row at the recommended guidance} (FID vs the test set, conditional accuracy)."""
-    from ddengine.evaluation import FeatureNet, evaluate, real_images
+    from ddengine.quality.evaluate import FeatureNet, evaluate, real_images
 
     net = FeatureNet()
     _, test_features = net(real_images("test")[0])

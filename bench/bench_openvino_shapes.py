@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from ddengine.backends.ort import session_options
-from ddengine.bench import machine
-from ddengine.model import load_model
-from ddengine.output import atomic_write
+from ddengine.benchmark.harness import machine
+from ddengine.model.load import load_model
+from ddengine.files.atomic import atomic_write
 
 
 def compiled(core, path, spec, precision, rows, threads):

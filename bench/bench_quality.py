@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ddengine.bench import machine
-from ddengine.metrics import psnr
-from ddengine.output import atomic_write
-from ddengine.sampler import Sampler
+from ddengine.benchmark.harness import machine
+from ddengine.quality.metrics import psnr
+from ddengine.files.atomic import atomic_write
+from ddengine.runtime.sampler import Sampler
 
 GATE_DB = 35.0
 SETTINGS = [("ddim", 50, False), ("ddim", 50, True), ("ddpm", 100, False), ("ddpm", 100, True)]

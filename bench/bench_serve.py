@@ -1,12 +1,12 @@
-"""Serving benchmark on loopback: Poisson arrivals at 30%, 70% and 120% of measured capacity, three schedulers.
+"""Serving benchmark on loopback: Poisson arrivals at 30%, 70% and 120% of measured capacity, three batchers.
 
     python bench/bench_serve.py [--window 60] [--loads 0.3,0.7,1.2] [--modes step,request,solo] [--backend auto]
-    python bench/bench_serve.py --soak-minutes 10        # RSS of the step scheduler under ~70% load
+    python bench/bench_serve.py --soak-minutes 10        # RSS of the step batcher under ~70% load
 
-Each mode runs the same HTTP server (engine/server.py, a uvicorn subprocess) with a different scheduler, all on the
-same kernels (ddengine.batch.ImageBatch): (a) "solo", one request at a time; (b) "request", request-level dynamic
+Each mode runs the same HTTP server (engine/serving/app.py, a uvicorn subprocess) with a different batcher, all on the
+same kernels (ddengine.runtime.batch.ImageBatch): (a) "solo", one request at a time; (b) "request", request-level dynamic
 batching as @serve.batch does it (collect whole requests up to max_batch images for <= 10 ms, run that batch to
-completion, admit nothing meanwhile); (c) "step", the StepScheduler (images join and leave at every step). The
+completion, admit nothing meanwhile); (c) "step", the StepBatcher (images join and leave at every step). The
 mixed workload (n 1..8, steps 10/20/50, ddim/ddpm, guidance on/off) is the same seeded list for every mode.
 Writes bench/results/serve_<cpu>-<cores>c_<backend>[_soak].json: images/s, p50/p99 latency, 503s, server RSS,
 the CPU, its ISA flags, the load average and thread counts. Loopback only; bounded in requests and time.
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ddengine.model import load_model
-from ddengine.scheduler import StepScheduler
+from ddengine.model.load import load_model
+from ddengine.serving.batcher import StepBatcher
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_REQUESTS = 2000  # per run, whatever the rate and window
@@ -35,8 +35,8 @@ STEPS, N_RANGE, GUIDANCE = (10, 20, 50), (1, 8), 3.0
 MEAN_N = sum(range(N_RANGE[0], N_RANGE[1] + 1)) / (N_RANGE[1] - N_RANGE[0] + 1)
 
 
-# --- the baselines: the StepScheduler with another admission policy (same queue, kernels, results) --------------
-class RequestBatcher(StepScheduler):
+# --- the baselines: the StepBatcher with another admission policy (same queue, kernels, results) --------------
+class RequestBatcher(StepBatcher):
     """(b) @serve.batch-style batching: only into an empty batch, whole requests up to max_batch images (waiting up
     to `window` s for more), then that batch is stepped until its last image is done; nothing joins meanwhile."""
 
@@ -65,22 +65,22 @@ class OneAtATime(RequestBatcher):
     one_at_a_time = True
 
 
-MODES = {"solo": OneAtATime, "request": RequestBatcher, "step": StepScheduler}
+MODES = {"solo": OneAtATime, "request": RequestBatcher, "step": StepBatcher}
 LABELS = {"solo": "(a) one request at a time", "request": "(b) request-level dynamic batching (10 ms window)",
-          "step": "(c) StepScheduler (step-level)"}
+          "step": "(c) StepBatcher (step-level)"}
 
 
 # --- the server side (a subprocess per mode) --------------------------------------------------------------------
 def serve(args):
-    """Run engine/server.py's app with MODES[args.serve] as its scheduler on 127.0.0.1:args.port."""
+    """Run engine/serving/app.py's app with MODES[args.serve] as its batcher on 127.0.0.1:args.port."""
     import uvicorn
 
-    from ddengine.sampler import Sampler
-    from ddengine.server import Settings, create_app
+    from ddengine.runtime.sampler import Sampler
+    from ddengine.serving.app import Settings, create_app
 
     sampler = Sampler(args.model, backend=args.backend, threads=args.threads)
     app = create_app(sampler, Settings(max_batch=args.max_batch, max_queue=args.max_queue),
-                     scheduler_class=MODES[args.serve])
+                     batcher_class=MODES[args.serve])
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", limit_concurrency=4096,
                 timeout_graceful_shutdown=5)
 
@@ -307,7 +307,7 @@ def run_rate(server, load, capacity, args, num_classes):
 
 
 def machine(server, args):
-    from ddengine.bench import machine as bench_machine
+    from ddengine.benchmark.harness import machine as bench_machine
 
     info = bench_machine()
     info.update(backend=server.health["backend"], precision=server.health["precision"],
@@ -323,7 +323,7 @@ def cpu_slug(cpu):
 
 def benchmark(args):
     loads = [float(x) for x in args.loads.split(",")]
-    out = {"benchmark": "serving: Poisson arrivals at fractions of the step scheduler's capacity", "modes": {},
+    out = {"benchmark": "serving: Poisson arrivals at fractions of the step batcher's capacity", "modes": {},
            "config": config(args), "runs": []}
     capacity = None
     for mode in args.modes.split(","):
@@ -374,7 +374,7 @@ def targets(runs):
 
 
 def soak(args):
-    """The step scheduler at ~70% of its capacity for args.soak_minutes: RSS sampled every 5 s."""
+    """The step batcher at ~70% of its capacity for args.soak_minutes: RSS sampled every 5 s."""
     server = Server("step", args)
     try:
         info = machine(server, args)
@@ -390,7 +390,7 @@ def soak(args):
     finally:
         server.stop()
     summary = summarize(results, unfinished, t0, window, rss.samples)
-    return {"benchmark": f"soak: step scheduler at 70% of capacity for {args.soak_minutes} min", "machine": info,
+    return {"benchmark": f"soak: step batcher at 70% of capacity for {args.soak_minutes} min", "machine": info,
             "config": config(args) | {"window_s": window}, "capacity_images_per_s": round(capacity, 3),
             "rate_rps": round(rate, 3), **summary, "rss_trend": rss_trend(rss.samples), "rss_samples": rss.samples}
 

@@ -1,4 +1,4 @@
-"""Benchmark of the fused step (ddengine._kernels.step, noise included) against numpy, diffusers and a copy floor.
+"""Benchmark of the fused step (ddengine.kernels._step.step, noise included) against numpy, diffusers and a copy floor.
 
     python bench/bench_step.py [--threads N] [--sizes 10000,100000,1000000,10000000] [--seconds 0.3]
 
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ddengine import _kernels
-from ddengine.reference import reference_step
+from ddengine.kernels import _step
+from ddengine.core.reference import reference_step
 
-# A contractive DDPM-like row (engine/coeffs.py order) with sigma != 0, so repeated in-place steps stay bounded.
+# A contractive DDPM-like row (engine/core/rows.py order) with sigma != 0, so repeated in-place steps stay bounded.
 ROW = np.array([1.02, -0.2, 0.0, 1.0, 0.0, 0.1, 0.85, 0.05, 0.1], np.float32)
 CLIP = 1.0  # all three clip x0 to [-1, 1], as DDPMScheduler's default clip_sample=True
 STEP_BYTES = 12  # per element: read x, read model_out, write x (float32)
@@ -42,7 +42,7 @@ def median_seconds(fn, budget):
 
 def fused(n, threads):
     x, m, seeds = np.zeros((1, n), np.float32), np.ones((1, n), np.float32), np.array([1], np.uint64)
-    return lambda: _kernels.step(x, m, ROW, seeds, 7, clip=CLIP, threads=threads)
+    return lambda: _step.step(x, m, ROW, seeds, 7, clip=CLIP, threads=threads)
 
 
 def numpy_unfused(n):

@@ -27,8 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.support.tiny_pipeline: the tiny pipeline of the tests
 
-from ddengine.bench import machine  # noqa: E402
-from ddengine.output import atomic_write  # noqa: E402
+from ddengine.benchmark.harness import machine  # noqa: E402
+from ddengine.files.atomic import atomic_write  # noqa: E402
 
 SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -116,17 +116,18 @@ def tiny_stages(args, work):
     samplers = {f"{b} {p}": Sampler(model, backend=b, precision=p, threads=args.threads) for b, p in TINY_BACKENDS}
     parts = {}
     for name, s in samplers.items():
-        parts[name] = (s.pipeline.text_encoder, s.pipeline.vae_decoder)
-        s.pipeline.text_encoder = Timed(s.pipeline.text_encoder, "text_encoder")
-        s.pipeline.vae_decoder = Timed(s.pipeline.vae_decoder, "vae_decode")
+        conditioner, decoder = s.parts.conditioner, s.parts.decoder
+        parts[name] = (conditioner.text_encoder, decoder.part)
+        conditioner.text_encoder = Timed(conditioner.text_encoder, "text_encoder")
+        decoder.part = Timed(decoder.part, "vae_decode")
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.images)]
     runs = {name: [] for name in samplers}
     for k in range(args.tiny_repeats + 1):  # the first round warms up (OpenVINO compiles per shape) and is dropped
         names = list(samplers)
         for name in names[k % len(names):] + names[:k % len(names)]:
             s, totals = samplers[name], {}
-            s.pipeline._cache.clear()  # the text encoder runs in every repeat
-            s.pipeline.text_encoder.totals = s.pipeline.vae_decoder.totals = totals
+            s.parts.conditioner.forget_prompts()  # the text encoder runs in every repeat
+            s.parts.conditioner.text_encoder.totals = s.parts.decoder.part.totals = totals
             request = s.request(args.images, steps=args.steps, prompt=prompts, negative_prompt="blurry", guidance=7.5,
                                 batch_size=args.images)
             start = time.perf_counter()
@@ -165,8 +166,8 @@ def sd_unet(args, work, config):
 
     from ddengine.export.onnx_export import export_graph, spec_for
     from ddengine.export.sd_export import text_unet
-    from ddengine.model import load_model
-    from ddengine.spec import METADATA_KEY
+    from ddengine.model.load import load_model
+    from ddengine.model.spec import METADATA_KEY
 
     torch.set_num_threads(args.threads)
     record = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}, "batch": 2,

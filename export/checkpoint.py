@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from ddengine.output import atomic_write_via
+from ddengine.files.atomic import atomic_write_via
 
 FORMAT = "ddengine-checkpoint"
 FORMAT_VERSION = 1

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ddengine.data import CLASS_NAMES
-from ddengine.data import load as load_data
+from ddengine.quality.fashion_mnist import CLASS_NAMES
+from ddengine.quality.fashion_mnist import load as load_data
 
 METADATA_KEY = "ddengine.classifier"
 FEATURES = 128

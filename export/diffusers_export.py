@@ -47,8 +47,8 @@ def check_config(cfg):
 
 
 def scheduler_from(path, num_train_timesteps=None):
-    """The scheduler_config.json as a validated diffusers-keys dict (ddengine.schedule)."""
-    from ddengine.schedule import SchedulerConfig, SchedulerConfigError
+    """The scheduler_config.json as a validated diffusers-keys dict (ddengine.core.schedule)."""
+    from ddengine.core.schedule import SchedulerConfig, SchedulerConfigError
 
     try:
         raw = json.loads(Path(path).read_text())

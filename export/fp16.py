@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 
-from ddengine.metrics import psnr  # noqa: F401  (also what the fp16 tests compare with)
+from ddengine.quality.metrics import psnr  # noqa: F401  (also what the fp16 tests compare with)
 
 # Ops whose statistics overflow or lose too much in fp16 (variance, exp); they run in fp32 between Casts.
 FP32_OPS = ("GroupNormalization", "InstanceNormalization", "LayerNormalization", "BatchNormalization", "Softmax", "Sin", "Cos")
@@ -67,7 +67,7 @@ def fp32_ops(model, op_types=FP32_OPS):
 
 def final_latents(model_path, n, steps=50, seed=0, guidance=None, classes=None):
     """float32 x_0 of a DDIM (eta 0) run through the engine's Sampler, before the uint8 conversion."""
-    from ddengine.sampler import Sampler
+    from ddengine.runtime.sampler import Sampler
 
     finals = {}
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ddengine.output import atomic_write
-from ddengine.spec import METADATA_KEY, ModelSpec
+from ddengine.files.atomic import atomic_write
+from ddengine.model.spec import METADATA_KEY, ModelSpec
 
 from .checkpoint import CheckpointError
 
@@ -207,7 +207,7 @@ def export_checkpoint(path, out_path, fp16=False, recommended_guidance=None, sch
     from dataclasses import replace
 
     from ddengine.nets.twin import save_twin, twin_path
-    from ddengine.schedule import with_sampling_overrides
+    from ddengine.core.schedule import with_sampling_overrides
 
     module, spec = load_checkpoint_module(path)
     if recommended_guidance is not None:

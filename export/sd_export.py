@@ -1,4 +1,4 @@
-"""A diffusers StableDiffusionPipeline folder -> a ddengine text-to-image model folder (engine/pipeline_spec.py).
+"""A diffusers StableDiffusionPipeline folder -> a ddengine text-to-image model folder (engine/model/pipeline_spec.py).
 
 `ddengine export --diffusers PIPELINE_DIR -o MODEL_DIR [--fp16]` writes text_encoder.onnx, unet.onnx (with an
 encoder_hidden_states input), vae_decoder.onnx, tokenizer.json and pipeline.json into a temporary folder next to
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ddengine.output import DIR_MODE
-from ddengine.pipeline_spec import DEFAULT_FILES, PipelineSpec
+from ddengine.files.atomic import DIR_MODE
+from ddengine.model.pipeline_spec import DEFAULT_FILES, PipelineSpec
 
 from .onnx_export import ExportError, export_graph, spec_for, verify_file
 
@@ -186,7 +186,7 @@ def text_unet(unet):
 
 def _unet(unet, folder, scheduler, latent, length, hidden, fp16, log):
     """UNet2DConditionModel as a ddengine U-Net: sample, timestep, encoder_hidden_states -> out, with its metadata."""
-    from ddengine.spec import METADATA_KEY
+    from ddengine.model.spec import METADATA_KEY
 
     channels = unet.config.in_channels
     spec = replace(spec_for(scheduler, channels, latent[0], latent[1], 0, text=True), recommended_guidance=GUIDANCE)

@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from . import checkpoint
-from ddengine.data import load as load_data
+from ddengine.quality.fashion_mnist import load as load_data
 from ddengine.nets.unet import UNet, UNetConfig
 
 LAST = "last.safetensors"
@@ -56,8 +56,8 @@ def scheduler_dict(beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000):
 
 
 def alphas_cumprod(scheduler):
-    """abar_t for the training schedule, as the engine samples it (ddengine.schedule)."""
-    from ddengine.schedule import SchedulerConfig
+    """abar_t for the training schedule, as the engine samples it (ddengine.core.schedule)."""
+    from ddengine.core.schedule import SchedulerConfig
 
     return SchedulerConfig.from_dict(scheduler).alphas_cumprod()
 

@@ -127,7 +127,7 @@ def network_flags(trt):
 
 def build_engine(config, *, gpu=None):
     """Build (or reuse) the engine of a U-Net ONNX for `config`; `gpu` = (name, 'major.minor') overrides the CUDA device query."""
-    from ddengine.model import load_model
+    from ddengine.model.load import load_model
 
     trt = import_tensorrt()
     model = load_model(config.onnx_path)
@@ -139,7 +139,7 @@ def build_engine(config, *, gpu=None):
 def build_part_engine(config, part, *, gpu=None):
     """Build (or reuse) the engine of a pipeline part without ddengine metadata (text encoder, VAE decoder): the
     profile's rows are prompts or images, as the runtime batches them (no doubling for guidance)."""
-    from ddengine.model import onnx_sha256, read_weightless
+    from ddengine.model.load import onnx_sha256, read_weightless
 
     trt = import_tensorrt()
     proto = read_weightless(config.onnx_path)
@@ -154,7 +154,7 @@ def build_part_engine(config, part, *, gpu=None):
 def build_pipeline(folder, engine_dir=None, *, gpu=None, **options):
     """Engines for the text encoder, U-Net and VAE decoder of a MODEL_DIR, as ENGINE_DIR/PART.plan (default: in
     MODEL_DIR, where the tensorrt backend looks for unet.plan). `options`: BuildConfig fields. Returns {part: BuildResult}."""
-    from ddengine.pipeline_spec import PipelineSpec
+    from ddengine.model.pipeline_spec import PipelineSpec
 
     spec = PipelineSpec.read(folder)
     engine_dir = Path(engine_dir) if engine_dir is not None else Path(folder)
@@ -203,7 +203,7 @@ def _build(trt, config, onnx_sha, profile, shapes, spec_json, gpu):
     """The engine for `config` from the ONNX hashed `onnx_sha`: reused when its manifest matches the key, else built
     with the profile `shapes()` gives, then written (engine, then manifest) atomically."""
     from ddengine import __version__
-    from ddengine.model import read_weightless
+    from ddengine.model.load import read_weightless
 
     check_precision(read_weightless(config.onnx_path), config.precision, config.onnx_path)
     if gpu is None:

@@ -1,10 +1,10 @@
-/* CUDA twin of kernels/step_ext.c, compiled at run time with NVRTC (engine/gpu/nvrtc.py; options
+/* CUDA twin of kernels/step_host.c, compiled at run time with NVRTC (engine/gpu/nvrtc.py; options
  * --fmad=false -I<this folder>), so self-contained: no system headers. Every kernel takes the one params
- * struct of kernels/ddstep.h. One thread per quad of 4 elements of one image, grid-stride; rows, noise
+ * struct of kernels/step.h. One thread per quad of 4 elements of one image, grid-stride; rows, noise
  * counters and guidance are per image and live on the device, so one CUDA graph replays every step.
- * Per element the same expressions as the C kernel (kernels/ddstep.h, kernels/philox.h).
+ * Per element the same expressions as the C kernel (kernels/step.h, kernels/philox.h).
  */
-#include "ddstep.h"
+#include "step.h"
 
 /* The quad (img, q) of each thread, grid-stride: FILL writes x_T (Philox domain 1, step 0), else one fused step
  * for image img with its own row, noise counter, guidance and unconditional row. */
@@ -40,14 +40,14 @@ template <int FILL> __device__ void dd_quads(dd_step_args a)
             xi[e] = y;
         }
         if (bad)
-            atomicCAS(&im->bad, -1, (dd_i32)im->step); /* the first failing step wins */
+            atomicCAS(&im->nonfinite_step, -1, (dd_i32)im->step); /* the first failing step wins */
     }
 }
 
 /* x <- step(x, model_out) for every image j with its own row, noise counter, guidance and uncond row. */
 extern "C" __global__ void ddstep_step(dd_step_args a) { dd_quads<0>(a); }
 
-/* x <- the initial noise x_T of each image's seed, as ddengine._kernels.fill_noise. */
+/* x <- the initial noise x_T of each image's seed, as ddengine.kernels._step.fill_noise. */
 extern "C" __global__ void ddstep_fill_noise(dd_step_args a) { dd_quads<1>(a); }
 
 /* The model's timestep input for the current step: t_out[j] and t_out[uncond] <- t_table[images[j].row]. */

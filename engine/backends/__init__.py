@@ -1,8 +1,10 @@
-"""Backends that run the U-Net forward: one module each, imported only when chosen.
+"""Layer `backends`: what runs the U-Net forward, one module each behind one contract, imported only when chosen.
 
 `--backend auto` resolves, on this machine, to the fastest backend that is installed: a GPU provider when there
 is one, else OpenVINO in bf16 where the CPU runs bf16 natively, else ONNX Runtime fp32 (measured faster than
 OpenVINO fp32 on the shipped model at every batch; bench/results).
+
+May import `nets`, `model`, `gpu`, `core` and `files`.
 """
 import importlib
 import importlib.util
@@ -23,18 +25,21 @@ class Entry:
     needs: str  # an ONNX Runtime provider, a Python package, or "torch+gpu"
     precisions: tuple  # the first is what "auto" means for it
     device: str = "cpu"
-    takes_precision: bool = False  # whether the factory chooses its precision (else it has only one)
+    takes: tuple = ()  # what the factory takes besides (model, name=): "provider" (= needs), "threads", "precision"
 
 
 BACKENDS = {
-    "ort-cpu": Entry("ddengine.backends.ort", "OrtBackend", "CPUExecutionProvider", ("fp32",)),
+    "ort-cpu": Entry("ddengine.backends.ort", "OrtBackend", "CPUExecutionProvider", ("fp32",),
+                     takes=("provider", "threads")),
     "openvino": Entry("ddengine.backends.openvino", "OpenVinoBackend", "openvino", ("auto", "bf16", "fp32"),
-                      takes_precision=True),
-    "ort-cuda": Entry("ddengine.backends.ort_cuda", "OrtCudaBackend", "CUDAExecutionProvider", ("fp32",), "gpu"),
-    "ort-tensorrt": Entry("ddengine.backends.ort", "OrtBackend", "TensorrtExecutionProvider", ("fp32",), "gpu"),
+                      takes=("threads", "precision")),
+    "ort-cuda": Entry("ddengine.backends.ort_cuda", "OrtCudaBackend", "CUDAExecutionProvider", ("fp32",), "gpu",
+                      takes=("threads",)),
+    "ort-tensorrt": Entry("ddengine.backends.ort", "OrtBackend", "TensorrtExecutionProvider", ("fp32",), "gpu",
+                          takes=("provider", "threads")),
     "tensorrt": Entry("ddengine.backends.trt", "create", "tensorrt", ("fp16", "fp32"), "gpu"),  # an engine from `ddengine build`
     "torch-cuda": Entry("ddengine.backends.torch_cuda", "TorchCudaBackend", "torch+gpu", ("fp16", "bf16"), "gpu",
-                        takes_precision=True),  # needs the model's torch twin
+                        takes=("precision",)),  # needs the model's torch twin
 }
 CPU_BACKENDS = tuple(name for name, entry in BACKENDS.items() if entry.device == "cpu")
 INSTALL_HINT = {"CUDAExecutionProvider": "pip install 'ddengine[gpu]'", "TensorrtExecutionProvider": "pip install 'ddengine[gpu]'",
@@ -106,10 +111,10 @@ def resolve_backend(name, precision="auto"):
 
 
 def create_backend(name, model, *, threads=None, precision="auto"):
-    """Load `model` (a ddengine.model.Model) on backend `name` ("auto" or a key of BACKENDS) at `precision`."""
+    """Load `model` (a ddengine.model.load.Model) on backend `name` ("auto" or a key of BACKENDS) at `precision`."""
     name, precision = resolve_backend(name, precision)
     entry = BACKENDS[name]
-    provider = entry.needs if entry.needs.endswith("ExecutionProvider") else None
-    kwargs = {"precision": entry.precisions[0] if precision == "auto" else precision} if entry.takes_precision else {}
-    return getattr(importlib.import_module(entry.module), entry.factory)(model, provider=provider, threads=threads, name=name,
-                                                                         **kwargs)
+    given = {"provider": entry.needs, "threads": threads,
+             "precision": entry.precisions[0] if precision == "auto" else precision}
+    factory = getattr(importlib.import_module(entry.module), entry.factory)
+    return factory(model, name=name, **{option: given[option] for option in entry.takes})

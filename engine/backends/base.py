@@ -1,37 +1,48 @@
 """The backend contract: load a model once, run one U-Net forward into a preallocated buffer, close.
 
-Every backend binds the model's tensors by the one I/O contract (`spec.io`, engine/spec.py): role -> name,
+Every backend binds the model's tensors by the one I/O contract (`spec.io`, engine/model/spec.py): role -> name,
 dtype and shape. Device backends (TensorRT, ONNX Runtime CUDA) also open DeviceRunners for the GPU loop.
 """
-from typing import Protocol, runtime_checkable
+import os
+from pathlib import Path
 
 import numpy as np
 
-from ddengine.spec import OUTPUT_ROLE
+from ddengine.model.spec import OUTPUT_ROLE
 
 
 class BackendError(RuntimeError):
     """A backend could not be created or failed to run the model."""
 
 
-@runtime_checkable
-class Backend(Protocol):
+class Backend:
     """One loaded model on one device; `run` must be safe to call from several threads at once.
 
-    name: the registry name; precision: what the forward computes in ("fp32", "bf16", "fp16"). Whether a row's
+    Each backend declares what it can do: `name` (its registry name), `precision` (what the forward computes in:
+    "fp32", "bf16", "fp16"), `max_rows` (the most rows one forward takes, e.g. a TensorRT profile; None: no limit)
+    and `opens_device_runners` (whether `open_runner` binds device buffers for the GPU loop). Whether a row's
     output is bit-identical whatever else shares its batch is measured, not declared (probe_batch_invariance).
     """
 
-    name: str
-    precision: str
+    name = "backend"
+    precision = "fp32"
+    max_rows = None
+    opens_device_runners = False
 
     def run(self, feeds: dict, out: np.ndarray) -> np.ndarray:
         """Write the model's output for feeds (role -> array: sample, timestep per row, class_labels, ...) into `out`."""
-        ...
+        raise NotImplementedError
+
+    def open_runner(self, stream):
+        """A DeviceRunner on `stream` (only where opens_device_runners)."""
+        raise BackendError(f"backend {self.name!r} runs on host arrays; it opens no device runners")
+
+    def stream(self):
+        """The stream a device loop must launch on (a backend that owns its streams), or None for a new one."""
+        return None
 
     def close(self) -> None:
         """Release the session and its memory; the backend is unusable afterwards."""
-        ...
 
 
 def host_inputs(spec, feeds):
@@ -53,6 +64,7 @@ class DeviceRunner:
     """
 
     supports_capture = False  # whether enqueue() may sit inside a captured CUDA graph
+    owns_capture = False  # whether capture(body) must capture the step (its framework's allocator), not the loop
 
     def __init__(self, backend, stream):
         self.backend, self.stream, self.spec = backend, stream, backend.spec
@@ -106,3 +118,17 @@ def probe_batch_invariance(backend, spec, rows=7, seed=0):
         if not np.array_equal(alone[0].view(np.uint32), together[i].view(np.uint32)):
             return False
     return True
+
+
+def physical_cores():
+    """Physical cores this process may use (hyper-thread siblings counted once)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        try:
+            core = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id").read_text().strip()
+            package = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id").read_text().strip()
+        except OSError:
+            core, package = str(cpu), "0"
+        cores.add((package, core))
+    return max(1, len(cores))

@@ -21,8 +21,7 @@ import threading
 
 import numpy as np
 
-from ddengine.backends.base import BackendError, host_inputs
-from ddengine.resources import physical_cores
+from ddengine.backends.base import Backend, BackendError, host_inputs, physical_cores
 
 PRECISIONS = ("auto", "bf16", "fp32")
 HINTS = {"bf16": "bf16", "fp32": "f32"}  # our name -> INFERENCE_PRECISION_HINT
@@ -120,6 +119,11 @@ class OpenVinoGraph:
         finally:
             idle.put(request)
 
+    def compiled_shapes(self):
+        """(precision, ((input name, shape), ...)) of each compiled model in the cache, oldest first."""
+        with self._lock:
+            return list(self._compiled)
+
     def close(self):
         """Drop the compiled models (OpenVINO frees them with their last reference)."""
         with self._lock:
@@ -127,10 +131,10 @@ class OpenVinoGraph:
         self.graph = None
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(Backend):
     """A ddengine ONNX model on OpenVINO's CPU plugin (Backend protocol: run host arrays into `out`)."""
 
-    def __init__(self, model, *, provider=None, threads=None, name="openvino", precision="auto"):
+    def __init__(self, model, *, threads=None, name="openvino", precision="auto"):
         self.name, self.spec = name, model.spec
         self.graph = OpenVinoGraph(model.path, precision, threads)
         self.precision = self.graph.precision
@@ -171,6 +175,11 @@ class OpenVinoBackend:
             return self.graph.infer(host_inputs(self.spec, feeds), out, precision)
         except BackendError as err:
             raise BackendError(f"{self.name}: {err} ({len(out)} rows)") from None
+
+    def compiled_shapes(self):
+        """(precision, ((input name, shape), ...)) of each compiled model in the cache, oldest first."""
+        with self._lock:
+            return list(self._compiled)
 
     def close(self):
         self.graph.close()

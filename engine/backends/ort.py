@@ -2,9 +2,8 @@
 import numpy as np
 import onnxruntime as ort
 
-from ddengine.backends.base import BackendError, host_inputs
-from ddengine.resources import physical_cores
-from ddengine.spec import OUTPUT_ROLE
+from ddengine.backends.base import Backend, BackendError, host_inputs, physical_cores
+from ddengine.model.spec import OUTPUT_ROLE
 
 
 def session_options(threads=None):
@@ -20,7 +19,7 @@ def session_options(threads=None):
     return opts
 
 
-class OrtBackend:
+class OrtBackend(Backend):
     """Runs a ddengine ONNX model with one ONNX Runtime execution provider (CPU, CUDA or TensorRT)."""
 
     precision = "fp32"

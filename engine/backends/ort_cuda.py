@@ -7,7 +7,7 @@ correct ordering, but no capture into our CUDA graph (ORT has its own, per sessi
 """
 from ddengine.backends.base import BackendError, DeviceRunner
 from ddengine.backends.ort import OrtBackend
-from ddengine.spec import OUTPUT_ROLE
+from ddengine.model.spec import OUTPUT_ROLE
 
 PROVIDER = "CUDAExecutionProvider"
 
@@ -16,9 +16,9 @@ class OrtCudaBackend(OrtBackend):
     """An OrtBackend pinned to the CUDA provider on one device; fails instead of falling back to the CPU."""
 
 
-    def __init__(self, model, *, provider=PROVIDER, threads=None, name="ort-cuda", device=0):
-        if provider != PROVIDER:
-            raise BackendError(f"OrtCudaBackend runs {PROVIDER} only, got provider {provider!r}")
+    opens_device_runners = True
+
+    def __init__(self, model, *, threads=None, name="ort-cuda", device=0):
         super().__init__(model, provider=(PROVIDER, {"device_id": str(device)}), threads=threads, name=name)
         self.device = device
         active = self.session.get_providers()

@@ -1,22 +1,24 @@
 """torch-CUDA backend: the model's torch twin (engine/nets/twin.py) on the GPU in fp16 or bf16, for users without
-TensorRT (the ground stable-fast and OneDiff serve). The device loop (engine/gpu/loop.py) launches our NVRTC step
+TensorRT (the ground stable-fast and OneDiff serve). The device loop (engine/runtime/device_loop.py) launches our NVRTC step
 kernel on the backend's torch stream and captures the whole step (forward, fused step, advance) in one
 torch.cuda.CUDAGraph per (plan, batch), replayed for every step; `graphs=False` is the eager fallback.
 """
 import numpy as np
 
-from ddengine.backends.base import BackendError, DeviceRunner
-from ddengine.spec import OUTPUT_ROLE
+from ddengine.backends.base import Backend, BackendError, DeviceRunner
+from ddengine.model.spec import OUTPUT_ROLE
 
 PRECISIONS = ("fp16", "bf16")
 _TYPESTR = {"float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4"}
 
 
-class TorchCudaBackend:
+class TorchCudaBackend(Backend):
     """The torch twin of a model on one CUDA device; `run` takes host arrays, `open_runner` device buffers."""
 
+    opens_device_runners = True
 
-    def __init__(self, model, *, provider=None, threads=None, name="torch-cuda", precision="fp16", channels_last=True,
+
+    def __init__(self, model, *, name="torch-cuda", precision="fp16", channels_last=True,
                  device=0, twin=None):
         torch = import_torch()
         from ddengine.nets.twin import TwinError, load_twin, twin_path
@@ -33,7 +35,6 @@ class TorchCudaBackend:
         self.dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net = net.to(device=f"cuda:{device}", dtype=self.dtype, memory_format=self.memory_format).eval()
-        self.max_rows = None
 
     def forward(self, sample, timestep, class_labels):
         """The twin's output (float) for torch tensors on the device; the caller picks the stream."""
@@ -83,6 +84,7 @@ class TorchRunner(DeviceRunner):
     """The twin's forward on device buffers (wrapped as torch tensors without a copy), capturable by torch."""
 
     supports_capture = True
+    owns_capture = True
 
     def __init__(self, backend, stream):
         super().__init__(backend, stream)

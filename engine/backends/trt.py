@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ddengine.backends import trt_manifest as mf
-from ddengine.backends.base import BackendError, DeviceRunner, host_inputs
-from ddengine.spec import OUTPUT_ROLE
+from ddengine.backends.base import Backend, BackendError, DeviceRunner, host_inputs
+from ddengine.model.spec import OUTPUT_ROLE
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install ddengine[gpu]"
@@ -100,10 +100,11 @@ def wanted_on_load(manifest_key, here):
     return {k: v for k, v in here.items() if k not in ("gpu_name", "compute_capability")}
 
 
-class TensorRTBackend:
-    """A TensorRT engine on one GPU: `run` for host arrays, `open_runner` for the device loop (engine/gpu/loop.py)."""
+class TensorRTBackend(Backend):
+    """A TensorRT engine on one GPU: `run` for host arrays, `open_runner` for the device loop (engine/runtime/device_loop.py)."""
 
     precision = "fp16"
+    opens_device_runners = True
 
     def __init__(self, engine_path, spec, *, onnx_sha256=None, device=0, name="tensorrt"):
         from ddengine.gpu.driver import use_device
@@ -154,8 +155,8 @@ class TensorRTBackend:
         self.close()
 
 
-def create(model, *, provider=None, threads=None, name="tensorrt", engine=None, device=0):
-    """create_backend-style factory: the engine built from `model` (a ddengine.model.Model), default MODEL.plan.
+def create(model, *, name="tensorrt", engine=None, device=0):
+    """create_backend-style factory: the engine built from `model` (a ddengine.model.load.Model), default MODEL.plan.
 
     The engine must have been built from exactly this ONNX file (its content hash is checked against the manifest).
     """

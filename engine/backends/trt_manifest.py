@@ -9,7 +9,7 @@ import json
 import platform
 from pathlib import Path
 
-from ddengine.output import atomic_write
+from ddengine.files.atomic import atomic_write
 
 MANIFEST_VERSION = 1
 MANIFEST_SUFFIX = ".json"
@@ -72,7 +72,7 @@ def first_mismatch(built, wanted):
 
 
 def write_atomic(path, data):
-    """Write bytes to `path` atomically (engine/output.py atomic_write), creating its folder first."""
+    """Write bytes to `path` atomically (engine/runtime/output.py atomic_write), creating its folder first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, data)

@@ -1,4 +1,6 @@
-"""The `ddengine` command: a Click group whose subcommands are imported only when run."""
+"""Layer `cli` (top): the `ddengine` command, a Click group whose subcommands are imported only when run.
+
+May import every layer, `ddengine.export` too (only in the build-time commands: train, export, build)."""
 import importlib
 import importlib.util
 

@@ -29,8 +29,8 @@ def bench(model, scheduler_config, backends, batches, steps, method, eta, spacin
     """Per-step latency and images/s against baselines."""
     import ddengine
     from ddengine.backends import CPU_BACKENDS, auto_choice, available_backends
-    from ddengine.bench import load_average, machine, run_benchmarks, summary
-    from ddengine.output import atomic_write
+    from ddengine.benchmark.harness import load_average, machine, run_benchmarks, summary
+    from ddengine.files.atomic import atomic_write
 
     if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
         raise click.UsageError("--plot needs matplotlib, which is not installed (pip install 'ddengine[bench]' or pip install matplotlib)")
@@ -47,17 +47,19 @@ def bench(model, scheduler_config, backends, batches, steps, method, eta, spacin
     for sampler in samplers.values():
         for batch in batches:
             classes = "all" if sampler.spec.conditional else None
-            usage_errors(sampler.request, batch, steps, method, eta, classes=classes, guidance=guidance, batch_size=batch, spacing=spacing)
+            usage_errors(sampler.request, batch, steps=steps, method=method, eta=eta, classes=classes, guidance=guidance,
+                         spacing=spacing, batch_size=batch)
     before = machine()
     table = _Table(samplers, steps, method, eta, guidance)
     rows = run_benchmarks(samplers, batches, steps, method, eta, guidance, repeats, not no_baselines, log=table.add,
-                          torch_weights=torch_weights)
+                          torch_weights=torch_weights, spacing=spacing)
     table.close()
     first = next(iter(samplers.values()))
     result = {"ddengine_version": ddengine.__version__, "model": first.model.path.name, "model_sha256": first.model.sha256,
               "backends": {k: {"name": s.backend.name, "precision": s.backend.precision} for k, s in samplers.items()},
               "auto": {"name": auto.name, "precision": auto.precision, "reason": auto.reason},
-              "steps": steps, "method": method, "eta": eta, "guidance": guidance, "threads": threads, "repeats": repeats,
+              "steps": steps, "method": method, "eta": eta, "guidance": guidance, "spacing": spacing, "threads": threads,
+              "repeats": repeats,
               "machine": before, "load_average_after": load_average(), "rows": [r.to_dict() for r in rows],
               "summary": summary(rows, samplers)}
     if json_path is not None:
@@ -129,7 +131,7 @@ def _plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ddengine.output import atomic_write
+    from ddengine.files.atomic import atomic_write
 
     names = list(dict.fromkeys(r.name for r in rows))
     batches = sorted({r.batch for r in rows})

@@ -60,7 +60,7 @@ def build(model, engine, precision, batch, workspace_gb, timing_cache, hardware_
 
 def check_model_dir(model, engine_dir):
     """A folder must be a text-to-image MODEL_DIR with every part (exit 2 naming what is missing); -o a folder."""
-    from ddengine.pipeline_spec import PipelineSpec, PipelineSpecError
+    from ddengine.model.pipeline_spec import PipelineSpec, PipelineSpecError
 
     try:
         PipelineSpec.read(model)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from ddengine.plan import METHODS
-from ddengine.timesteps import SPACINGS
+from ddengine.core.plan import METHODS
+from ddengine.core.timesteps import SPACINGS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -29,13 +29,24 @@ def model_options(command):
     return command
 
 
+def param_option(field, *decls, **options):
+    """A click option for a SamplingParams field (engine/runtime/params.py): default and help from its schema."""
+    from ddengine.runtime.params import SamplingParams
+
+    spec = SamplingParams.model_fields[field]
+    options.setdefault("default", spec.default)
+    options.setdefault("help", spec.description)
+    options.setdefault("show_default", options["default"] is not None)
+    return click.option(*decls, field, **options)
+
+
 def schedule_options(command):
     """--steps, --method, --eta, --spacing."""
     for option in reversed([
-        click.option("--steps", type=int, default=50, show_default=True, help="Sampling steps (1..num_train_timesteps)."),
-        click.option("--method", type=click.Choice(METHODS), default="ddim", show_default=True),
-        click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM eta (0 = deterministic)."),
-        click.option("--spacing", type=click.Choice(SPACINGS), default=None, help="Timestep spacing (default: the model's)."),
+        param_option("steps", "--steps", type=int),
+        param_option("method", "--method", type=click.Choice(METHODS)),
+        param_option("eta", "--eta", type=float),
+        param_option("spacing", "--spacing", type=click.Choice(SPACINGS)),
     ]):
         command = option(command)
     return command
@@ -43,7 +54,7 @@ def schedule_options(command):
 
 def open_sampler(model, scheduler_config, backend, threads=None, precision="auto"):
     """A Sampler for the CLI; model, backend and parameter problems become usage errors (exit 2)."""
-    from ddengine.sampler import Sampler
+    from ddengine.runtime.sampler import Sampler
 
     return usage_errors(Sampler, model, backend=backend, scheduler_config=scheduler_config, threads=threads,
                         precision=precision)
@@ -52,9 +63,9 @@ def open_sampler(model, scheduler_config, backend, threads=None, precision="auto
 def usage_errors(fn, *args, **kwargs):
     """fn(*args, **kwargs), with the engine's input errors raised as click.UsageError (exit 2, no traceback)."""
     from ddengine.backends import BackendError
-    from ddengine.model import ModelError
-    from ddengine.output import OutputError
-    from ddengine.requests import InvalidParameterError
+    from ddengine.model.load import ModelError
+    from ddengine.files.atomic import OutputError
+    from ddengine.runtime.params import InvalidParameterError
 
     try:
         return fn(*args, **kwargs)

@@ -1,4 +1,4 @@
-"""`ddengine eval`: FID on classifier features and conditional accuracy of generated images (engine/evaluation.py)."""
+"""`ddengine eval`: FID on classifier features and conditional accuracy of generated images (engine/quality/evaluate.py)."""
 import json
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import click
 import numpy as np
 
 from ddengine.cli.common import PRECISIONS, open_sampler, progress_bar, usage_errors
-from ddengine.plan import METHODS
+from ddengine.core.plan import METHODS
 
 
 @click.command()
@@ -30,10 +30,11 @@ from ddengine.plan import METHODS
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON.")
 def eval_cmd(model_path, scheduler_config, backend, precision, classifier_path, data_path, n, steps, method, guidances, seed, batch_size, threads, grid_path, json_path):
     """FID (classifier features, vs the 10,000 test images) and conditional accuracy, per guidance."""
-    from ddengine.data import DataError
-    from ddengine.evaluation import (IMAGE_SHAPE, EvaluationError, FeatureNet, best_guidance, evaluate, real_floor,
+    from ddengine.quality.fashion_mnist import DataError
+    from ddengine.quality.evaluate import (IMAGE_SHAPE, EvaluationError, FeatureNet, best_guidance, evaluate, real_floor,
                                      real_images)
-    from ddengine.output import atomic_write, class_grid, save_image
+    from ddengine.files.atomic import atomic_write
+    from ddengine.runtime.output import class_grid, save_image
 
     for path in (grid_path, json_path):
         if path is not None and not Path(path).resolve().parent.is_dir():
@@ -67,7 +68,7 @@ def eval_cmd(model_path, scheduler_config, backend, precision, classifier_path, 
         save_image(grid_path, class_grid(images[:keep], list(np.arange(keep) % 10)))
         click.echo(f"wrote {grid_path}")
     if json_path:
-        from ddengine.bench import machine
+        from ddengine.benchmark.harness import machine
 
         text = json.dumps({"model": str(model_path or "default"), "model_sha256": sampler.model.sha256,
                            "machine": machine(), "backend": sampler.backend.name,

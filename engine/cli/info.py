@@ -4,7 +4,7 @@ from pathlib import Path
 import click
 
 from ddengine.cli.common import schedule_options, usage_errors
-from ddengine.pipeline_spec import PipelineSpec
+from ddengine.model.pipeline_spec import PipelineSpec
 
 
 @click.command()
@@ -17,26 +17,24 @@ def info(model, scheduler_config, steps, method, eta, spacing):
     from rich.console import Console
     from rich.table import Table
 
-    from ddengine.coeffs import COLUMNS
-    from ddengine.model import load_model
-    from ddengine.requests import make_request
-    from ddengine.sampler import step_plan
-    from ddengine.schedule import SchedulerConfig
+    from ddengine.core.rows import COLUMNS
+    from ddengine.core.schedule import SchedulerConfig
+    from ddengine.model.load import load_model
+    from ddengine.runtime.params import SamplingParams
+    from ddengine.runtime.parts import step_plan
 
     console = Console(soft_wrap=True, width=max(Console().width, 140))
-    pipeline = usage_errors(PipelineSpec.read, model) if model is not None and model.is_dir() else None
-    unet = pipeline.path(model, "unet") if pipeline is not None else model
-    loaded = usage_errors(load_model, unet, scheduler_config)
+    described = usage_errors(TextModelFolder if model is not None and model.is_dir() else ModelFile, model)
+    loaded = usage_errors(load_model, described.unet_path, scheduler_config)
     spec = loaded.spec
     classes = 0 if spec.conditional and spec.null_class is None else None
     prompt = "" if spec.text_conditional else None
-    request = usage_errors(make_request, spec, 1, steps, method, eta, classes=classes, spacing=spacing, prompt=prompt)
-    plan = usage_errors(step_plan, spec, request)
-    if pipeline is not None:
-        print_pipeline(console, model, pipeline, spec)
+    params = usage_errors(SamplingParams.build, n=1, steps=steps, method=method, eta=eta, classes=classes,
+                          spacing=spacing, prompt=prompt)
+    plan = usage_errors(step_plan, spec, usage_errors(params.bind, spec))
+    described.print_parts(console, spec)
     console.print(f"[bold]model[/bold]   {loaded.path}  sha256 {loaded.sha256}")
-    what = "latents" if pipeline is not None else "image"
-    console.print(f"[bold]{what}[/bold]  {spec.channels}x{spec.height}x{spec.width}, value range {list(spec.value_range)}")
+    console.print(f"[bold]{described.x}[/bold]  {spec.channels}x{spec.height}x{spec.width}, value range {list(spec.value_range)}")
     if spec.text_conditional:
         kind = "text-conditioned (prompt embeddings through encoder_hidden_states; the negative prompt is the unconditional branch)"
     else:
@@ -60,14 +58,39 @@ def info(model, scheduler_config, steps, method, eta, spacing):
     print_backends(console, loaded)
 
 
+class ModelFile:
+    """An ONNX model file (None: the shipped one): the U-Net is all there is, and x is an image."""
+
+    x = "image"
+
+    def __init__(self, path):
+        self.unet_path = path
+
+    def print_parts(self, console, spec):
+        pass
+
+
+class TextModelFolder:
+    """A text-to-image MODEL_DIR (engine/model/pipeline_spec.py): x is a latent the VAE decodes."""
+
+    x = "latents"
+
+    def __init__(self, folder):
+        self.folder, self.pipeline = folder, PipelineSpec.read(folder)
+        self.unet_path = self.pipeline.path(folder, "unet")
+
+    def print_parts(self, console, spec):
+        print_pipeline(console, self.folder, self.pipeline, spec)
+
+
 def print_pipeline(console, folder, pipeline, spec):
     """A text-to-image folder: each part, its file and the backend `auto` runs it on; text, latent and image shapes."""
     from rich.markup import escape
 
     from ddengine.backends import auto_choice
-    from ddengine.model import read_weightless
-    from ddengine.tokenizer import PromptTokenizer
-    from ddengine.parts import part_backend
+    from ddengine.model.load import read_weightless
+    from ddengine.text.tokenizer import PromptTokenizer
+    from ddengine.text.parts import part_backend
 
     source = pipeline.source
     console.print(f"[bold]pipeline[/bold] {folder}  ({source.get('pipeline')}, diffusers {source.get('diffusers')}, "

@@ -48,7 +48,7 @@ def train(out_dir, data_path, epochs, batch_size, lr, p_uncond, ema_decay, lr_sc
 
     from ddengine.export import train as trainer
     from ddengine.export.checkpoint import CheckpointError
-    from ddengine.data import DataError
+    from ddengine.quality.fashion_mnist import DataError
     from ddengine.nets.unet import UNetConfig
 
     try:
@@ -103,8 +103,8 @@ def export(checkpoint, out_path, diffusers_dir, fp16, recommended_guidance, sche
     from ddengine.export.checkpoint import CheckpointError
     from ddengine.export.diffusers_export import DiffusersExportError, export_diffusers
     from ddengine.export.onnx_export import export_checkpoint
-    from ddengine.schedule import SchedulerConfigError
-    from ddengine.spec import ModelSpecError
+    from ddengine.core.schedule import SchedulerConfigError
+    from ddengine.model.spec import ModelSpecError
 
     if (checkpoint is None) == (diffusers_dir is None):
         _fail("give exactly one of CHECKPOINT or --diffusers DIR")
@@ -116,7 +116,7 @@ def export(checkpoint, out_path, diffusers_dir, fp16, recommended_guidance, sche
 
 def _scheduler_overrides(path):
     """The keys of a scheduler_config.json, or exit 2 saying why the file cannot be one."""
-    from ddengine.model import ModelError, read_scheduler_config
+    from ddengine.model.load import ModelError, read_scheduler_config
 
     try:
         return read_scheduler_config(path)
@@ -187,7 +187,7 @@ def train_classifier(out_path, data_path, epochs, seed, threads):
     _require("torch", "onnxscript")
     import torch
 
-    from ddengine.data import DataError
+    from ddengine.quality.fashion_mnist import DataError
     from ddengine.export import classifier
 
     _check_writable(out_path)

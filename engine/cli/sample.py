@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from ddengine.cli.common import (EXIT_FAILED, Interrupted, StopOnSignal, exit_interrupted, model_options,
-                                 open_sampler, progress_bar, schedule_options, usage_errors)
+                                 open_sampler, param_option, progress_bar, schedule_options, usage_errors)
 
 
 def parse_classes(values):
@@ -40,16 +40,15 @@ def check_png_channels(channels, fmt, grid, trajectory):
 @click.command()
 @model_options
 @schedule_options
-@click.option("--n", "n", type=int, default=16, show_default=True, help="Number of images.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed + i.")
-@click.option("--class", "classes", multiple=True, help="Class label (repeatable; cycled over the images) or 'all'.")
-@click.option("--prompt", "prompts", multiple=True,
+@param_option("n", "--n", type=int, default=16)  # the CLI writes a folder: 16 by default, the API and HTTP 1
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Images per forward (results do not depend on it).")
+@param_option("seed", "--seed", type=int)
+@param_option("classes", "--class", multiple=True, default=(), show_default=False,
+              help="Class label (repeatable; cycled over the images) or 'all'.")
+@param_option("prompt", "--prompt", multiple=True, default=(), show_default=False,
               help="Text-to-image models (a MODEL_DIR): the prompt (repeatable; cycled over the images).")
-@click.option("--negative-prompt", "negative_prompts", multiple=True,
-              help="The prompt guidance steers away from (repeatable; cycled over the images; default: none, \"\").")
-@click.option("--guidance", type=float, default=None,
-              help="Classifier-free guidance scale (needs --class or --prompt; default: the model's recommended one; 1 = none).")
+@param_option("negative_prompt", "--negative-prompt", multiple=True, default=(), show_default=False)
+@param_option("guidance", "--guidance", type=float)
 @click.option("--height", type=int, default=None, help="Image height in pixels: must be the size the model was exported for.")
 @click.option("--width", type=int, default=None, help="Image width in pixels: must be the size the model was exported for.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True,
@@ -61,20 +60,18 @@ def check_png_channels(channels, fmt, grid, trajectory):
 @click.option("--trajectory", type=int, default=0, help="Every K steps snapshot x_t and predicted x0; one strip PNG per image.")
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
 def sample(model, scheduler_config, backend, precision, threads, steps, method, eta, spacing, n, batch_size, seed, classes,
-           prompts, negative_prompts, guidance, height, width, out, overwrite, grid, fmt, trajectory, quiet):
+           prompt, negative_prompt, guidance, height, width, out, overwrite, grid, fmt, trajectory, quiet):
     """Generate images with a model: an ONNX file (default: the shipped one) or a text-to-image MODEL_DIR."""
-    from ddengine.outdir import OutputFolder, check_space
-    from ddengine.pipeline_spec import PipelineSpec
-    from ddengine.resources import available_memory, human_bytes
+    from ddengine.runtime.capacity import available_memory, human_bytes
+    from ddengine.runtime.outdir import OutputFolder, check_space
+    from ddengine.runtime.params import SamplingParams
 
-    if model is not None and model.is_dir():
-        usage_errors(PipelineSpec.read, model)  # a folder must be a text-to-image model: say so before loading anything
+    params = usage_errors(SamplingParams.build, n=n, steps=steps, method=method, eta=eta, seed=seed,
+                          classes=parse_classes(classes), guidance=guidance, spacing=spacing,
+                          prompt=list(prompt) or None, negative_prompt=list(negative_prompt) or None)
     sampler = open_sampler(model, scheduler_config, backend, threads, precision)
     check_size(sampler, height, width)
-    check_conditioning(sampler, classes, prompts, negative_prompts)
-    request = usage_errors(sampler.request, n, steps, method, eta, seed, None, parse_classes(classes), guidance,
-                           batch_size, spacing, trajectory or False, prompt=list(prompts) or None,
-                           negative_prompt=list(negative_prompts) or None)
+    request = usage_errors(sampler.request, params, batch_size=batch_size, trajectory=trajectory or False)
     check_png_channels(sampler.image_shape[2], fmt, grid, trajectory)
     kept = request.n * int(np.prod(sampler.image_shape)) if grid is not None else 0
     free = available_memory()
@@ -114,34 +111,17 @@ def check_size(sampler, height, width):
     h, w, _ = sampler.image_shape
     if (height is None or height == h) and (width is None or width == w):
         return
-    given = f"{height or h}x{width or w}"
-    if sampler.pipeline is None:
+    given, scale, spec = f"{height or h}x{width or w}", sampler.parts.decoder.latent_scale, sampler.spec
+    if scale == 1:
         raise click.UsageError(f"--height/--width ask for {given} images; this model makes {h}x{w} images only")
-    scale, spec = sampler.pipeline.spec.vae_scale, sampler.spec
     raise click.UsageError(f"--height/--width ask for {given} images; this model was exported for {h}x{w} "
                            f"(latents {spec.height}x{spec.width} times the VAE's scale {scale}); export another size with "
                            "`ddengine export --diffusers PIPELINE_DIR -o MODEL_DIR --height H --width W`")
 
 
-def check_conditioning(sampler, classes, prompts, negative_prompts):
-    """--prompt/--negative-prompt go with a text-to-image model, --class with a class-conditional one."""
-    if sampler.pipeline is None:
-        for given, name in ((prompts, "--prompt"), (negative_prompts, "--negative-prompt")):
-            if given:
-                kind = f"{sampler.spec.num_classes} classes: use --class" if sampler.spec.conditional else "no conditioning"
-                raise click.BadParameter(f"needs a text-to-image MODEL_DIR (`ddengine export --diffusers`); this model "
-                                         f"takes {kind}", param_hint=name)
-        return
-    if classes:
-        raise click.BadParameter(f"got {list(classes)}, but this text-to-image model takes --prompt, not classes",
-                                 param_hint="--class")
-    if not prompts:
-        raise click.UsageError("this text-to-image model needs --prompt TEXT (repeatable: the prompts are cycled over the images)")
-
-
 def write_run(sampler, request, folder, grid_path, fmt, quiet, stop):
     """Sample chunk by chunk; each image file lands, then its manifest line. Returns the number of failed images."""
-    from ddengine.output import class_grid, encode, save_image, trajectory_strip
+    from ddengine.runtime.output import class_grid, encode, save_image, trajectory_strip
 
     kept, kept_classes, failed = [], [], 0
     with progress_bar(quiet, "sampling") as bar:

@@ -1,9 +1,9 @@
-"""`ddengine serve`: the HTTP API of engine/server.py on uvicorn, exact step-level batching of every request.
+"""`ddengine serve`: the HTTP API of engine/serving/app.py on uvicorn, exact step-level batching of every request.
 
 SIGTERM or Ctrl-C drains: no new connections, /healthz and new requests answer 503, every accepted request still
 gets its images (or, past --drain-timeout, an error response); then the counts are printed on stderr and the
 process ends by that signal (exit 128 + N: 143 for SIGTERM, 130 for Ctrl-C), as uvicorn does.
-Needs the `serve` extra (pip install 'ddengine[serve]'); Ray Serve: see docs/serving.md (engine/ray_serve.py).
+Needs the `serve` extra (pip install 'ddengine[serve]'); Ray Serve: see docs/serving.md (engine/serving/ray_serve.py).
 """
 import importlib.util
 import sys
@@ -49,14 +49,14 @@ def serve(model, scheduler_config, backend, precision, threads, host, port, max_
     check_serve_extra()
     import uvicorn
 
-    from ddengine.server import Settings, create_app
+    from ddengine.serving.app import Settings, create_app
 
     sampler = open_sampler(model, scheduler_config, backend, threads, precision)
     app = create_app(sampler, Settings(max_batch=max_batch, max_queue=max_queue, timeout=timeout,
                                        max_body_bytes=max_body_bytes))
     config = uvicorn.Config(app, host=host, port=port, limit_concurrency=limit_concurrency, log_level=log_level,
                             timeout_graceful_shutdown=None, access_log=log_level == "debug")
-    server = draining_server()(config, app.state.engine, drain_timeout)
+    server = draining_server()(config, app.state.app_state, drain_timeout)
     try:
         server.run()
     except SystemExit as err:  # uvicorn exits 3 when it cannot start (it logged why, e.g. the port is in use)
@@ -68,11 +68,11 @@ def serve(model, scheduler_config, backend, precision, threads, host, port, max_
         sampler.close()
 
 
-def report(engine):
-    """The scheduler's final counts on stderr: how every accepted request ended."""
-    if engine.scheduler is None:
+def report(state):
+    """The batcher's final counts on stderr: how every accepted request ended."""
+    if state.batcher is None:
         return
-    s = engine.scheduler.stats
+    s = state.batcher.stats
     click.echo(f"ddengine serve: stopped; requests accepted {s['submitted']}, completed {s['completed']}, failed "
                f"{s['failed']} (timed out {s['timed_out']}), cancelled {s['cancelled']}, refused (queue full) "
                f"{s['rejected']}; images {s['images']}", err=True)
@@ -85,21 +85,21 @@ def draining_server():
     class DrainingServer(uvicorn.Server):
         """uvicorn's graceful shutdown, told to the app first (503 for new work) and bounded by drain_timeout."""
 
-        def __init__(self, config, engine, drain_timeout):
+        def __init__(self, config, state, drain_timeout):
             super().__init__(config)
-            self.engine, self.drain_timeout, self.timer = engine, drain_timeout, None
+            self.app_state, self.drain_timeout, self.timer = state, drain_timeout, None
 
         def handle_exit(self, sig, frame):
-            self.engine.begin_drain()
+            self.app_state.begin_drain()
             if self.drain_timeout is not None and self.timer is None:
-                self.timer = threading.Timer(self.drain_timeout, self.engine.stop, kwargs={"drain": False})
+                self.timer = threading.Timer(self.drain_timeout, self.app_state.stop, kwargs={"drain": False})
                 self.timer.daemon = True
                 self.timer.start()
             super().handle_exit(sig, frame)
 
         async def shutdown(self, sockets=None):
-            await super().shutdown(sockets)  # waits for the open requests, then the lifespan closes the scheduler
-            report(self.engine)  # before uvicorn re-raises the signal (exit 128 + N)
+            await super().shutdown(sockets)  # waits for the open requests, then the lifespan closes the batcher
+            report(self.app_state)  # before uvicorn re-raises the signal (exit 128 + N)
 
     return DrainingServer
 

@@ -1,4 +1,5 @@
-"""The GPU side of the runtime: cuda-python helpers, device memory, the NVRTC-compiled step kernels, the device loop.
+"""Layer `gpu`: CUDA plumbing — cuda-python calls and their errors, streams and device memory, NVRTC compilation
+with a per-architecture cache. Nothing here knows about sampling.
 
 cuda-python is imported lazily: importing these modules costs nothing on a machine without a GPU.
-"""
+May import `files`."""

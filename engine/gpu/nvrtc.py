@@ -1,10 +1,9 @@
-"""kernels/step.cu compiled at run time with NVRTC, cached per GPU architecture in memory and on disk.
+"""CUDA sources compiled at run time with NVRTC, cached per GPU architecture in memory and on disk.
 
-The cache key holds the kernel sources' sha256, the architecture, the NVRTC version and the options. No FMA
-contraction (--fmad=false), so the CUDA twin evaluates the same float32 expressions as the C kernel.
+The cache key holds the sources' sha256, the architecture, the NVRTC version and the options. No FMA
+contraction (--fmad=false), so a CUDA kernel evaluates the same float32 expressions as its C twin.
 """
 import hashlib
-import importlib.resources
 import os
 import threading
 from pathlib import Path
@@ -12,23 +11,17 @@ from pathlib import Path
 from ddengine.gpu import driver
 from ddengine.gpu.driver import CudaError, check
 
-KERNEL_FILES = ("step.cu", "ddstep.h", "philox.h")
 BASE_OPTIONS = ("--fmad=false", "--std=c++17")
 
 _images = {}  # cache_key(...) -> compiled image, in this process
 _lock = threading.Lock()
 
 
-def kernel_dir():
-    """The folder holding step.cu, ddstep.h and philox.h (package data of ddengine.kernels)."""
-    return Path(str(importlib.resources.files("ddengine.kernels")))
-
-
-def source_hash(folder=None):
-    """sha256 over the kernel sources' names and bytes: a new header means a new cache entry."""
-    folder = Path(folder) if folder is not None else kernel_dir()
+def source_hash(folder, files):
+    """sha256 over the sources' names and bytes: a new header means a new cache entry."""
+    folder = Path(folder)
     digest = hashlib.sha256()
-    for name in KERNEL_FILES:
+    for name in files:
         digest.update(name.encode() + b"\0" + (folder / name).read_bytes() + b"\0")
     return digest.hexdigest()
 
@@ -47,17 +40,17 @@ def nvrtc_options(arch, target, folder):
     return [*BASE_OPTIONS, arch_flag, f"--include-path={folder}"]
 
 
-def compile_step(arch, target="cubin", folder=None):
-    """Compile step.cu with NVRTC for one architecture (e.g. 80, 90) into PTX text or a cubin."""
+def compile_source(folder, main, arch, target="cubin"):
+    """Compile folder/main with NVRTC for one architecture (e.g. 80, 90) into PTX text or a cubin."""
     _, _, nvrtc = driver.import_cuda()
-    folder = Path(folder) if folder is not None else kernel_dir()
-    source = (folder / "step.cu").read_bytes()
-    prog = check(nvrtc.nvrtcCreateProgram(source, b"step.cu", 0, [], []))
+    folder = Path(folder)
+    source = (folder / main).read_bytes()
+    prog = check(nvrtc.nvrtcCreateProgram(source, main.encode(), 0, [], []))
     try:
         options = [o.encode() for o in nvrtc_options(arch, target, folder)]
         status = nvrtc.nvrtcCompileProgram(prog, len(options), options)[0]
         if int(status) != 0:
-            raise CudaError(f"NVRTC could not compile step.cu for {target} {arch} ({status.name}):\n{_nvrtc_log(prog)}")
+            raise CudaError(f"NVRTC could not compile {main} for {target} {arch} ({status.name}):\n{_nvrtc_log(prog)}")
         get_size, get = ((nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX) if target == "ptx"
                          else (nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN))
         image = b" " * check(get_size(prog))
@@ -83,26 +76,27 @@ def cache_dir():
     return Path(base) / "ddengine" / "cuda"
 
 
-def cache_key(arch, target, folder=None):
-    """File name of a compiled image: source hash, target+arch, NVRTC version and an options digest."""
-    folder = Path(folder) if folder is not None else kernel_dir()
+def cache_key(folder, files, arch, target):
+    """File name of a compiled image: main source's stem, source hash, target+arch, NVRTC version, options digest."""
     major, minor = nvrtc_version()
     options = hashlib.sha256(" ".join(BASE_OPTIONS).encode()).hexdigest()[:8]
-    return f"step-{source_hash(folder)[:20]}-{target}_{arch}-nvrtc{major}.{minor}-{options}.{target}"
+    stem = Path(files[0]).stem
+    return f"{stem}-{source_hash(folder, files)[:20]}-{target}_{arch}-nvrtc{major}.{minor}-{options}.{target}"
 
 
-def compiled_step(arch, target="cubin", folder=None):
-    """The compiled image for `arch`, from memory, else the disk cache, else NVRTC (then stored in both)."""
-    from ddengine.output import atomic_write
+def compiled(folder, files, arch, target="cubin"):
+    """The image of files[0] (which includes the rest) for `arch`: from memory, else the disk cache, else NVRTC
+    (then stored in both)."""
+    from ddengine.files.atomic import atomic_write
 
-    key = cache_key(arch, target, folder)
+    key = cache_key(folder, files, arch, target)
     with _lock:
         if key in _images:
             return _images[key]
         path = cache_dir() / key
         image = path.read_bytes() if path.is_file() else None
         if not image:
-            image = compile_step(arch, target, folder)
+            image = compile_source(folder, files[0], arch, target)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(path, image)

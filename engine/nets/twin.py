@@ -27,7 +27,7 @@ def save_twin(path, module):
     """Write `module` (a ddengine UNet, or a DiffusersUNet wrapper) as a twin file, atomically."""
     from safetensors.torch import save_file
 
-    from ddengine.output import atomic_write_via
+    from ddengine.files.atomic import atomic_write_via
 
     from ddengine.nets.diffusers_unet import DiffusersUNet
 

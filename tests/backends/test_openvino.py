@@ -10,9 +10,9 @@ pytest.importorskip("openvino")
 from ddengine.backends import BackendError, auto_choice, create_backend  # noqa: E402
 from ddengine.backends import openvino as ovb  # noqa: E402
 from ddengine.backends.base import probe_batch_invariance  # noqa: E402
-from ddengine.metrics import psnr  # noqa: E402
-from ddengine.model import load_model  # noqa: E402
-from ddengine.sampler import Sampler  # noqa: E402
+from ddengine.quality.metrics import psnr  # noqa: E402
+from ddengine.model.load import load_model  # noqa: E402
+from ddengine.runtime.sampler import Sampler  # noqa: E402
 
 NATIVE_BF16 = ovb.native_bf16()
 
@@ -34,7 +34,7 @@ def reduced(shipped):
 
 def test_precision_is_chosen_explicitly_and_recorded(reduced, monkeypatch):
     assert reduced.backend.precision == ("bf16" if NATIVE_BF16 else "fp32")
-    assert {k[0] for k in reduced.backend.graph._compiled} >= {reduced.backend.precision}
+    assert {k[0] for k in reduced.backend.graph.compiled_shapes()} >= {reduced.backend.precision}
     _, records = reduced.sample(2, steps=2, classes=1)
     assert {(r["backend"], r["precision"]) for r in records} == {("openvino", reduced.backend.precision)}
     monkeypatch.setattr(ovb, "native_bf16", lambda core=None: False)
@@ -89,7 +89,7 @@ def test_compiled_models_are_cached_per_row_count_and_bounded(shipped, monkeypat
     for rows in (1, 2, 3, 2):
         x = np.zeros((rows, 1, 32, 32), np.float32)
         backend.run({"sample": x, "timestep": np.ones(rows, np.int64), "class_labels": np.zeros(rows, np.int64)}, np.empty_like(x))
-    assert [dict(k[1])["sample"][0] for k in backend.graph._compiled] == [3, 2]
+    assert [dict(k[1])["sample"][0] for k in backend.graph.compiled_shapes()] == [3, 2]
 
 
 def test_missing_openvino_names_the_package(shipped, monkeypatch):
@@ -133,5 +133,5 @@ def test_row_counts_share_compiled_buckets_and_padding_changes_no_row(shipped):
     for rows in (9, 12, 15):
         x = np.zeros((rows, 1, 32, 32), np.float32)
         backend.run({"sample": x, "timestep": np.ones(rows, np.int64), "class_labels": np.zeros(rows, np.int64)}, np.empty_like(x))
-    compiled_rows = sorted({dict(k[1])["sample"][0] for k in backend.graph._compiled})
+    compiled_rows = sorted({dict(k[1])["sample"][0] for k in backend.graph.compiled_shapes()})
     assert 16 in compiled_rows and not set(compiled_rows) & {9, 11, 12, 15}

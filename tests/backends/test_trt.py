@@ -9,7 +9,7 @@ from ddengine.backends.base import BackendError
 from ddengine.backends.trt import TensorRTBackend, TensorRTError, create
 from ddengine.export.trt_build import BuildConfig, build_engine
 from ddengine.gpu import driver
-from ddengine.model import load_model
+from ddengine.model.load import load_model
 from tests.support import fake_tensorrt
 from tests.support.gpu import FAKE_GPU
 

@@ -85,7 +85,7 @@ def test_the_key_s_model_hash_is_the_file_s_sha256_extended_by_its_external_data
     import onnx
     from onnx import TensorProto, helper
 
-    from ddengine.model import onnx_sha256
+    from ddengine.model.load import onnx_sha256
 
     path = tmp_path / "abc"
     path.write_bytes(b"abc")  # FIPS 180-2, appendix B.1 (the hash streams the file; `proto` stands for its parse)

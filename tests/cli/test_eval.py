@@ -1,5 +1,5 @@
 """`ddengine eval` end to end on tiny data, a tiny model and an untrained classifier (tests/conftest.py eval_setup);
-the numbers themselves are checked against torch + scipy in tests/engine/test_evaluation.py."""
+the numbers themselves are checked against torch + scipy in tests/quality/test_evaluate.py."""
 import json
 
 import numpy as np
@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ddengine.cli import main
-from ddengine.evaluation import FeatureNet, evaluate, real_images
-from ddengine.sampler import Sampler
+from ddengine.quality.evaluate import FeatureNet, evaluate, real_images
+from ddengine.runtime.sampler import Sampler
 
 
 def eval_args(setup, *extra):

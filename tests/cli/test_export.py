@@ -51,7 +51,7 @@ def test_export_writes_a_self_describing_model(exported):
 
 def test_the_export_and_its_twin_compute_the_checkpoints_ema_weights(exported, weights):
     from ddengine.nets.twin import load_twin, twin_path
-    from ddengine.sampler import Sampler
+    from ddengine.runtime.sampler import Sampler
 
     out, _ = exported
     model, ema = weights
@@ -145,7 +145,7 @@ def test_build_commands_without_torch_name_the_extra(command, monkeypatch, tmp_p
 
 
 def test_recommended_guidance_goes_into_the_metadata_and_is_what_sampling_uses(tmp_path, tiny_checkpoint):
-    from ddengine.sampler import Sampler
+    from ddengine.runtime.sampler import Sampler
 
     out = tmp_path / "g.onnx"
     result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--recommended-guidance", "2.5"])
@@ -191,7 +191,7 @@ def _scheduler_file(tmp_path, keys):
 def test_scheduler_config_changes_how_the_export_samples_and_keeps_what_it_was_trained_with(tmp_path, tiny_checkpoint):
     from diffusers import DDIMScheduler
 
-    from ddengine.plan import make_plan
+    from ddengine.core.plan import make_plan
 
     keys = {"_class_name": "DDIMScheduler", "clip_sample": True, "clip_sample_range": 2.0, "timestep_spacing": "trailing",
             "num_train_timesteps": 1000}

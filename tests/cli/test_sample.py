@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ddengine.cli import main
-from ddengine.loop import HostLoop
-from ddengine.sampler import Sampler
+from ddengine.runtime.loop import HostLoop
+from ddengine.runtime.sampler import Sampler
 from tests.support.tiny_models import SCHEDULER, build_tiny_model
 
 CPU = ("--backend", "ort-cpu")  # the exact fp32 path: the images are compared bit for bit with the API's
@@ -91,7 +91,7 @@ def test_nan_images_exit_1_and_the_others_are_written(tmp_path, nan_model):
 
 
 BAD_INPUTS = [
-    (["--steps", 0], "steps must be in [1, 1000], got 0"),
+    (["--steps", 0], "steps must be >= 1, got 0"),
     (["--steps", 1001], "steps must be in [1, 1000], got 1001"),
     (["--steps", "abc"], "'abc' is not a valid integer"),
     (["--n", 0], "n must be >= 1, got 0"),
@@ -109,7 +109,7 @@ BAD_INPUTS = [
     (["--spacing", "karras"], "'karras' is not one of 'leading', 'trailing', 'linspace'"),
     (["--threads", 0], "threads must be in [1, "),
     (["--backend", "tpu"], "unknown backend 'tpu'; expected one of auto, ort-cpu"),
-    (["--seed", -1], "seed must be in [0, 18446744073709551600], got -1"),
+    (["--seed", -1], "seed must be in [0, 18446744073709551615], got -1"),
     (["--trajectory", -1], "trajectory must be >= 1, got -1"),
 ]
 
@@ -173,9 +173,9 @@ def test_conditional_request_on_unconditional_model_exits_2(tmp_path, uncond_mod
 
 
 def test_a_request_too_big_for_memory_exits_2_naming_the_estimate(tmp_path, cond_model, monkeypatch):
-    from ddengine import requests
+    from ddengine.runtime import capacity
 
-    monkeypatch.setattr(requests, "available_memory", lambda: 10_000)
+    monkeypatch.setattr(capacity, "available_memory", lambda: 10_000)
     result = run("sample", "--model", cond_model, "--n", 64, "--batch-size", 64, "--class", 1, "--guidance", 2,
                  "--out", tmp_path / "out", "--quiet")
     assert result.exit_code == 2

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from ddengine.cli import main
-from tests.engine.test_server import decode
+from tests.serving.test_app import decode
 
 SERVE = [sys.executable, "-c", "from ddengine.cli import main; main()", "serve"]
 STATS = re.compile(r"requests accepted (\d+), completed (\d+), failed (\d+) \(timed out (\d+)\), cancelled (\d+)")
@@ -178,13 +178,13 @@ def test_sigterm_with_a_drain_timeout_answers_the_unfinished_with_an_error():
     for t in threads:
         t.join(60)
     assert time.monotonic() - start < 20
-    assert sorted(results) == [(503, "the scheduler was closed before this request finished")] * 3, results
+    assert sorted(results) == [(503, "the batcher was closed before this request finished")] * 3, results
     assert server_counts(stderr) | {"timed_out": 0} == {"accepted": 3, "completed": 0, "failed": 3, "timed_out": 0,
                                                         "cancelled": 0}
 
 
 def test_serve_answers_a_request_like_the_api(cond_model):
-    from ddengine.sampler import Sampler
+    from ddengine.runtime.sampler import Sampler
 
     process, url = start_server("--model", cond_model, "--max-batch", "2")
     try:

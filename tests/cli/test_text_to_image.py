@@ -65,9 +65,9 @@ def test_sample_defaults_to_the_exported_guidance_and_no_negative_prompt(tiny_sd
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--class", "1", "--prompt", "a cat"], "got ['1'], but this text-to-image model takes --prompt, not classes"),
-    ([], "this text-to-image model needs --prompt TEXT"),
-    (["--negative-prompt", "blurry"], "this text-to-image model needs --prompt TEXT"),
+    (["--class", "1", "--prompt", "a cat"], "classes=[1] given, but this text-to-image model takes prompt, not classes"),
+    ([], "this text-to-image model needs prompt (a string, or a list of strings cycled over the images)"),
+    (["--negative-prompt", "blurry"], "this text-to-image model needs prompt"),
     (["--prompt", "a cat", "--height", 64], f"ask for 64x{IMAGE} images; this model was exported for {IMAGE}x{IMAGE} "
                                              f"(latents {LATENT}x{LATENT} times the VAE's scale 2)"),
     (["--prompt", "a cat", "--width", 16], f"ask for {IMAGE}x16 images"),
@@ -87,7 +87,7 @@ def test_bad_text_to_image_input_exits_2_and_writes_nothing(tiny_sd, tmp_path, a
 def test_prompts_given_to_a_class_model_exit_2(cond_model, tmp_path, flag):
     result = run(*sample_args(cond_model, tmp_path / "out", flag, "a cat"))
     assert result.exit_code == 2
-    assert "needs a text-to-image MODEL_DIR (`ddengine export --diffusers`); this model takes 4 classes: use --class" in result.output
+    assert "need a text-to-image MODEL_DIR (`ddengine export --diffusers`); this model takes 4 classes: give classes" in result.output
     assert not (tmp_path / "out").exists()
 
 
@@ -115,7 +115,7 @@ def test_a_damaged_model_dir_exits_2_naming_the_problem(model_copy, tmp_path, da
 
 def test_info_prints_the_pipeline_then_the_unet(tiny_sd):
     from ddengine.backends import auto_choice
-    from ddengine.parts import part_backend
+    from ddengine.text.parts import part_backend
 
     result = run("info", tiny_sd.model, "--steps", 4)
     assert result.exit_code == 0, result.output

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ddengine.export.diffusers_export import DiffusersExportError, export_diffusers
-from ddengine.spec import METADATA_KEY, ModelSpec
+from ddengine.model.spec import METADATA_KEY, ModelSpec
 
 from tests.support.export_helpers import randomized
 

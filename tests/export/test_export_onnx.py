@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ddengine.export import onnx_export
-from ddengine.spec import METADATA_KEY, ModelSpec
+from ddengine.model.spec import METADATA_KEY, ModelSpec
 
 
 def _session(proto):
@@ -50,7 +50,7 @@ def test_metadata_round_trips_through_model_spec(tiny_onnx, tiny_spec):
 
 
 def test_written_file_loads_in_the_engine(tmp_path, tiny_onnx, tiny_spec):
-    from ddengine.model import load_model
+    from ddengine.model.load import load_model
 
     path = tmp_path / "m.onnx"
     onnx_export.write_model(tiny_onnx, path)

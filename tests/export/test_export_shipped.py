@@ -4,8 +4,8 @@ import json
 import numpy as np
 import onnx
 
-from ddengine.evaluation import FeatureNet, default_classifier_path, real_images
-from ddengine.model import default_model_path
+from ddengine.quality.evaluate import FeatureNet, default_classifier_path, real_images
+from ddengine.model.load import default_model_path
 
 
 def test_shipped_classifier_accuracy_on_real_test_images():
@@ -18,19 +18,19 @@ def test_shipped_classifier_accuracy_on_real_test_images():
 
 
 def test_fp16_default_model_keeps_35_db_over_a_full_ddim_run(tmp_path, monkeypatch):
-    import ddengine.sampler
+    import ddengine.runtime.parts
     from ddengine.export import fp16
 
     # both runs must compute in the graphs' own precision: on a bf16 backend (OpenVINO bf16, `auto` on AMX machines)
     # the fp32 and fp16 files would both run in bf16 and the PSNR would not measure the fp16 file against fp32
     used = []
-    real = ddengine.sampler.create_backend
+    real = ddengine.runtime.parts.create_backend
 
     def spy(name, model, **kwargs):
         backend = real(name, model, **kwargs)
         used.append((backend.name, backend.precision))
         return backend
-    monkeypatch.setattr(ddengine.sampler, "create_backend", spy)
+    monkeypatch.setattr(ddengine.runtime.parts, "create_backend", spy)
 
     half = tmp_path / "fp16.onnx"
     onnx.save(fp16.convert(onnx.load(str(default_model_path()))), str(half))

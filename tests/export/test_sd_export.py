@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 
 from ddengine.export.onnx_export import ExportError, read_spec  # noqa: E402
 from ddengine.export.sd_export import PipelineExportError, export_pipeline, latent_size  # noqa: E402
-from ddengine.pipeline_spec import PipelineSpec  # noqa: E402
+from ddengine.model.pipeline_spec import PipelineSpec  # noqa: E402
 from tests.support.tiny_pipeline import (HIDDEN, IMAGE, LATENT, PROMPTS, SCALE, TEXT_LENGTH, load_pipeline,  # noqa: E402,F401
                                          refusing_folder, tiny_sd, tiny_sd16)
 

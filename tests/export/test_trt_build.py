@@ -160,7 +160,7 @@ def test_changed_external_weights_rebuild_the_engine(fake_trt, onnx16, tmp_path)
 
 
 def test_external_data_outside_the_model_folder_is_refused(onnx16, tmp_path):
-    from ddengine.model import ModelError, load_model
+    from ddengine.model.load import ModelError, load_model
 
     sub = tmp_path / "models"
     sub.mkdir()

@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 MODULES = ["ddengine.backends.trt", "ddengine.backends.trt_manifest", "ddengine.backends.ort_cuda", "ddengine.gpu.driver",
-           "ddengine.gpu.memory", "ddengine.gpu.nvrtc", "ddengine.gpu.step_kernels", "ddengine.gpu.loop",
+           "ddengine.gpu.memory", "ddengine.gpu.nvrtc", "ddengine.kernels.device", "ddengine.runtime.device_loop",
            "ddengine.cli.build", "ddengine.export.trt_build"]
 
 

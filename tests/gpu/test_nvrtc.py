@@ -10,7 +10,8 @@ nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="needs cuda-python: pi
 
 from ddengine.gpu import nvrtc as cuda_nvrtc  # noqa: E402
 from ddengine.gpu.driver import CudaError, check  # noqa: E402
-from ddengine.gpu.step_kernels import ENTRY_POINTS  # noqa: E402
+from ddengine.kernels import device as step_device  # noqa: E402
+from ddengine.kernels.device import ENTRY_POINTS  # noqa: E402
 
 try:
     cuda_nvrtc.nvrtc_version()
@@ -29,14 +30,14 @@ def cache(tmp_path, monkeypatch):
 def kernels_copy(tmp_path):
     folder = tmp_path / "kernels"
     folder.mkdir()
-    for name in cuda_nvrtc.KERNEL_FILES:
-        shutil.copy(cuda_nvrtc.kernel_dir() / name, folder / name)
+    for name in step_device.KERNEL_FILES:
+        shutil.copy(step_device.kernel_dir() / name, folder / name)
     return folder
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_ptx_for_each_architecture(arch):
-    ptx = cuda_nvrtc.compile_step(arch, "ptx").decode()
+    ptx = step_device.compile_step(arch, "ptx").decode()
     assert re.search(rf"^\.target sm_{arch}\b", ptx, re.M)
     entries = re.findall(r"\.entry (\w+)\(", ptx)
     assert sorted(entries) == sorted(ENTRY_POINTS)
@@ -45,11 +46,11 @@ def test_ptx_for_each_architecture(arch):
 
 
 def test_cubin_for_sm90_is_an_elf_image():
-    assert cuda_nvrtc.compile_step(90, "cubin")[:4] == b"\x7fELF"
+    assert step_device.compile_step(90, "cubin")[:4] == b"\x7fELF"
 
 
 def test_compiled_once_then_served_from_disk(cache, monkeypatch):
-    image = cuda_nvrtc.compiled_step(86)
+    image = step_device.compiled_step(86)
     files = list(cache.iterdir())
     assert len(files) == 1 and files[0].read_bytes() == image
     assert re.fullmatch(r"step-[0-9a-f]{20}-cubin_86-nvrtc\d+\.\d+-[0-9a-f]{8}\.cubin", files[0].name)
@@ -57,25 +58,25 @@ def test_compiled_once_then_served_from_disk(cache, monkeypatch):
     def no_compile(*args, **kw):
         raise AssertionError("NVRTC ran although the image was cached")
 
-    monkeypatch.setattr(cuda_nvrtc, "compile_step", no_compile)
+    monkeypatch.setattr(cuda_nvrtc, "compile_source", no_compile)
     monkeypatch.setattr(cuda_nvrtc, "_images", {})  # a new process: memory cache empty, disk cache kept
-    assert cuda_nvrtc.compiled_step(86) == image
+    assert step_device.compiled_step(86) == image
 
 
 def test_cache_key_follows_source_arch_and_nvrtc(kernels_copy, monkeypatch):
-    key = cuda_nvrtc.cache_key(90, "cubin", kernels_copy)
-    assert cuda_nvrtc.cache_key(80, "cubin", kernels_copy) != key
+    key = step_device.cache_key(90, "cubin", kernels_copy)
+    assert step_device.cache_key(80, "cubin", kernels_copy) != key
     (kernels_copy / "philox.h").write_text((kernels_copy / "philox.h").read_text() + "\n/* changed */\n")
-    assert cuda_nvrtc.cache_key(90, "cubin", kernels_copy) != key
-    changed = cuda_nvrtc.cache_key(90, "cubin", kernels_copy)
+    assert step_device.cache_key(90, "cubin", kernels_copy) != key
+    changed = step_device.cache_key(90, "cubin", kernels_copy)
     monkeypatch.setattr(cuda_nvrtc, "nvrtc_version", lambda: (99, 1))
-    assert cuda_nvrtc.cache_key(90, "cubin", kernels_copy) != changed
+    assert step_device.cache_key(90, "cubin", kernels_copy) != changed
 
 
 def test_compile_error_carries_the_nvrtc_log(kernels_copy):
-    (kernels_copy / "step.cu").write_text('#include "ddstep.h"\nextern "C" __global__ void k(float *x) { x[0] = undefined_name; }\n')
+    (kernels_copy / "step.cu").write_text('#include "step.h"\nextern "C" __global__ void k(float *x) { x[0] = undefined_name; }\n')
     with pytest.raises(CudaError, match="(?s)could not compile step.cu.*undefined_name"):
-        cuda_nvrtc.compile_step(90, "ptx", kernels_copy)
+        step_device.compile_step(90, "ptx", kernels_copy)
 
 
 def test_unknown_target_is_refused():

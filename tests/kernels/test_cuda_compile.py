@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 import ddengine.kernels
-from ddengine import _kernels
-from ddengine.gpu.step_kernels import ENTRY_POINTS
-from ddengine.fused import image_records
+from ddengine.kernels import _step
+from ddengine.kernels.device import ENTRY_POINTS
+from ddengine.kernels.host import image_records
 from tests.support.gpu import needs_gpu
 from tests.support.kernel_oracle import random_step_case, rel_err
 
-KERNELS = Path(ddengine.kernels.__file__).resolve().parent
+KERNELS = Path(ddengine.kernels.__file__).resolve().parent / "source"  # kernels/, as installed
 SOURCE = KERNELS / "step.cu"
 
 
@@ -59,7 +59,7 @@ def test_nvrtc_compiles_without_system_headers():
 @pytest.fixture(scope="module")
 def device():
     """StepKernels on the first GPU (tests/support/gpu.py needs_gpu skips without one)."""
-    from ddengine.gpu.step_kernels import step_kernels
+    from ddengine.kernels.device import step_kernels
 
     return step_kernels(0)
 
@@ -68,7 +68,7 @@ def device():
 @needs_gpu
 def test_cuda_step_matches_c_kernel_and_noise_bits(device, clip):
     from ddengine.gpu.memory import DeviceArray, Stream
-    from ddengine.gpu.step_kernels import step_args
+    from ddengine.kernels.device import step_args
 
     rng = np.random.default_rng(11)
     x, model_out, table, images = random_step_case(rng, 6, (3, 17, 19))  # 969 elements per image: a partial quad
@@ -76,7 +76,7 @@ def test_cuda_step_matches_c_kernel_and_noise_bits(device, clip):
     buffers = [DeviceArray.from_host(a, stream) for a in (x, model_out, table, images)]
     device.step(stream, step_args(*(b.ptr for b in buffers), len(x), x[0].size, clip))
     got = buffers[0].download(stream)
-    _kernels.step(x, model_out, table, images, clip=clip or 0.0)
+    _step.step(x, model_out, table, images, clip=clip or 0.0)
     assert rel_err(got, x) < 1e-6
     # the noise alone (a sigma-only row) is bit-identical: the same integer Philox and float32 Box-Muller
     noise_row = np.zeros((1, 9), np.float32)
@@ -86,7 +86,7 @@ def test_cuda_step_matches_c_kernel_and_noise_bits(device, clip):
         b.upload(a, stream)
     device.step(stream, step_args(*(b.ptr for b in buffers), len(x), x[0].size, None))
     host = zeros.copy()
-    _kernels.step(host, zeros.copy(), noise_row, images.copy())
+    _step.step(host, zeros.copy(), noise_row, images.copy())
     assert np.array_equal(buffers[0].download(stream).view(np.uint32), host.view(np.uint32))
     for b in buffers:
         b.free()
@@ -96,11 +96,11 @@ def test_cuda_step_matches_c_kernel_and_noise_bits(device, clip):
 @needs_gpu
 def test_cuda_fill_noise_is_bit_identical(device):
     from ddengine.gpu.memory import DeviceArray, Stream
-    from ddengine.gpu.step_kernels import step_args
+    from ddengine.kernels.device import step_args
 
     seeds = np.array([0, 3, 2**63 + 1], np.uint64)
     want = np.empty((3, 1001), np.float32)
-    _kernels.fill_noise(want, seeds)
+    _step.fill_noise(want, seeds)
     stream = Stream()
     out, images = DeviceArray(want.shape, np.float32), DeviceArray.from_host(image_records(seeds), stream)
     device.fill_noise(stream, step_args(out.ptr, None, None, images.ptr, 3, 1001))

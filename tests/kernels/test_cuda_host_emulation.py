@@ -8,8 +8,8 @@ import ctypes
 import numpy as np
 import pytest
 
-from ddengine import _kernels
-from ddengine.fused import StepArgs, image_records
+from ddengine.kernels import _step
+from ddengine.kernels.host import StepArgs, image_records
 from tests.support.host_cuda import build_host_cuda, launch
 from tests.support.kernel_oracle import random_step_case
 
@@ -33,15 +33,15 @@ def test_step_kernel_equals_c_kernel(host_cuda, clip, sigma, grid, block):
     model_out[2, 1, 5, 6] = np.nan  # image 2 is recorded as bad by both
     y, cuda_images = x.copy(), images.copy()
     launch(host_cuda, "ddstep_step", grid, block, args_for(y, model_out, table, cuda_images, clip))
-    _kernels.step(x, model_out, table, images, clip=clip or 0.0)
+    _step.step(x, model_out, table, images, clip=clip or 0.0)
     assert np.array_equal(y.view(np.uint32), x.view(np.uint32))
-    assert np.array_equal(cuda_images, images) and images["bad"][2] == images["step"][2].astype(np.int32)
+    assert np.array_equal(cuda_images, images) and images["nonfinite_step"][2] == images["step"][2].astype(np.int32)
 
 
 def test_fill_noise_and_counter_kernels(host_cuda):
     seeds = np.array([0, 5, 2**64 - 1], np.uint64)
     want, got = np.empty((3, 1003), np.float32), np.zeros((3, 1003), np.float32)
-    _kernels.fill_noise(want, seeds)
+    _step.fill_noise(want, seeds)
     images = image_records(seeds, uncond=[3, -1, 4], guidance=2.0)
     launch(host_cuda, "ddstep_fill_noise", 2, 5, StepArgs(got.ctypes.data, 0, 0, images.ctypes.data, 3, 1003, 0.0, 0))
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))

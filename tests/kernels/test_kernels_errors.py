@@ -1,12 +1,12 @@
-"""ddengine._kernels refuses what would make it read or write outside its buffers, with a clear error, changing nothing.
+"""ddengine.kernels._step refuses what would make it read or write outside its buffers, with a clear error, changing nothing.
 
 Everything else a launch assumes (finite rows, guidance, clip) is validated once where plans and requests are made.
 """
 import numpy as np
 import pytest
 
-from ddengine import _kernels
-from ddengine.fused import image_records
+from ddengine.kernels import _step
+from ddengine.kernels.host import image_records
 
 B = 8
 
@@ -61,7 +61,7 @@ CASES = [
 def assert_unchanged_after(args, kwargs, exc, match):
     before = args["x"].copy() if isinstance(args["x"], np.ndarray) else None
     with pytest.raises(exc, match=match):
-        _kernels.step(*args.values(), **kwargs)
+        _step.step(*args.values(), **kwargs)
     if before is not None:
         np.testing.assert_array_equal(args["x"], before)
 
@@ -84,7 +84,7 @@ def test_bad_keyword_argument(kwargs, exc, match):
 
 def test_keywords_are_keyword_only():
     with pytest.raises(TypeError):
-        _kernels.step(*good().values(), 1.0)
+        _step.step(*good().values(), 1.0)
 
 
 def test_model_out_sharing_memory_with_x_is_rejected():
@@ -97,13 +97,13 @@ def test_zero_dim_x_is_rejected():
     args = good()
     args["x"] = np.zeros((), np.float32)
     with pytest.raises(TypeError, match=r"\(ndim >= 1\), got .*ndim 0"):
-        _kernels.step(*args.values())
+        _step.step(*args.values())
 
 
 def test_huge_thread_counts_run_on_the_cores_there_are():
     args, ref = good(), good()
-    _kernels.step(*ref.values(), threads=1)
-    _kernels.step(*args.values(), threads=100000)
+    _step.step(*ref.values(), threads=1)
+    _step.step(*args.values(), threads=100000)
     assert np.array_equal(args["x"], ref["x"])
 
 
@@ -116,5 +116,5 @@ def test_huge_thread_counts_run_on_the_cores_there_are():
 def test_fill_noise_bad_input(out, seeds, exc, match):
     before = out.copy()
     with pytest.raises(exc, match=match):
-        _kernels.fill_noise(out, seeds)
+        _step.fill_noise(out, seeds)
     np.testing.assert_array_equal(out, before)

@@ -1,4 +1,4 @@
-"""The SIMD variants of ddengine._kernels agree bit for bit with its portable build (no ISA clones, scalar Philox)."""
+"""The SIMD variants of ddengine.kernels._step agree bit for bit with its portable build (no ISA clones, scalar Philox)."""
 import importlib.util
 import platform
 import shutil
@@ -9,25 +9,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddengine import _kernels
-from ddengine.fused import image_records
+from ddengine.kernels import _step
+from ddengine.kernels.host import image_records
 
-# step_ext.c is not package data: build from the checkout these tests live in (the installed module was too)
+# step_host.c is not package data: build from the checkout these tests live in (the installed module was too)
 KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 VARIANTS = {"portable": ["-DDD_NO_CLONES"], "avx2_philox": ["-DDD_NO_AVX512"]}
 
 
 def build(tmp_path, defines):
-    """Compiles kernels/step_ext.c with setup.py's flags plus `defines` into tmp_path; returns a Popen."""
-    out = tmp_path / ("_kernels" + sysconfig.get_config_var("EXT_SUFFIX"))
+    """Compiles kernels/step_host.c with setup.py's flags plus `defines` into tmp_path; returns a Popen."""
+    out = tmp_path / ("_step" + sysconfig.get_config_var("EXT_SUFFIX"))
     cmd = ["gcc", "-shared", "-fPIC", "-O3", "-std=c11", "-fno-wrapv", "-ffp-contract=off", "-fno-math-errno",
            "-pthread", *defines, f"-I{sysconfig.get_paths()['include']}", f"-I{KERNELS}",
-           str(KERNELS / "step_ext.c"), "-o", str(out)]
+           str(KERNELS / "step_host.c"), "-o", str(out)]
     return out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def load(path):
-    spec = importlib.util.spec_from_file_location("ddengine._kernels", path)
+    spec = importlib.util.spec_from_file_location("ddengine.kernels._step", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -53,7 +53,7 @@ def test_simd_variants_are_bit_identical(tmp_path):
     for name, defines in VARIANTS.items():
         (tmp_path / name).mkdir()
         jobs[name] = build(tmp_path / name, defines)
-    want = outputs(_kernels)
+    want = outputs(_step)
     for name, (path, proc) in jobs.items():
         log = proc.communicate(timeout=300)[0].decode(errors="replace")
         assert proc.returncode == 0, log

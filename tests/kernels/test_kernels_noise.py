@@ -1,13 +1,13 @@
-"""Philox + Box-Muller noise of ddengine._kernels: value, distribution and determinism across batch and threads."""
+"""Philox + Box-Muller noise of ddengine.kernels._step: value, distribution and determinism across batch and threads."""
 import numpy as np
 import pytest
 from scipy import stats
 
-from ddengine import _kernels
-from ddengine.fused import image_records
+from ddengine.kernels import _step
+from ddengine.kernels.host import image_records
 from tests.support.kernel_oracle import batch_noise, noise, rel_err
 
-NOISE_ONLY = np.array([[0, 0, 0, 0, 0, 0, 0, 0, 1]], np.float32)  # x' = 1 * z (engine/coeffs.py column order)
+NOISE_ONLY = np.array([[0, 0, 0, 0, 0, 0, 0, 0, 1]], np.float32)  # x' = 1 * z (engine/core/rows.py column order)
 SEEDS = np.array([0, 1, 2**32 - 1, 2**32, 2**63 + 12345, 2**64 - 1, 7, 99], dtype=np.uint64)
 
 
@@ -16,13 +16,13 @@ def step_noise(seeds, shape, step, threads=0):
     x = np.zeros(shape, np.float32)
     images = image_records(seeds)
     images["step"] = step
-    _kernels.step(x, np.zeros(shape, np.float32), NOISE_ONLY, images, threads=threads)
+    _step.step(x, np.zeros(shape, np.float32), NOISE_ONLY, images, threads=threads)
     return x
 
 
 def filled(seeds, shape, threads=0):
     out = np.empty(shape, np.float32)
-    _kernels.fill_noise(out, seeds, threads=threads)
+    _step.fill_noise(out, seeds, threads=threads)
     return out
 
 

@@ -1,11 +1,11 @@
-"""The fused step on real DDPM/DDIM coefficient rows (engine/plan.py), every step, against the float64 reference."""
+"""The fused step on real DDPM/DDIM coefficient rows (engine/core/plan.py), every step, against the float64 reference."""
 import numpy as np
 import pytest
 
-from ddengine import _kernels
-from ddengine.fused import image_records
-from ddengine.plan import make_plan
-from ddengine.reference import reference_step
+from ddengine.kernels import _step
+from ddengine.kernels.host import image_records
+from ddengine.core.plan import make_plan
+from ddengine.core.reference import reference_step
 from tests.support.kernel_oracle import batch_noise, rel_err
 
 
@@ -25,7 +25,7 @@ def test_every_step_of_a_plan_matches_reference(prediction_type, method, eta, st
     for i, row in enumerate(table):
         m = rng.standard_normal(x.shape).astype(np.float32)
         ref = reference_step(x, m, row.astype(np.float64), batch_noise(seeds, x.shape, i, 0), clip=plan.clip)
-        _kernels.step(x, m, table, images, clip=plan.clip or 0.0)
+        _step.step(x, m, table, images, clip=plan.clip or 0.0)
         images["row"] += 1
         images["step"] += 1
         assert rel_err(x, ref) < 1e-6, (i, int(plan.timesteps[i]))

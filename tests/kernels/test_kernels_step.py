@@ -1,9 +1,9 @@
-"""The fused step of ddengine._kernels against the float64 numpy reference (engine/reference.py), image by image."""
+"""The fused step of ddengine.kernels._step against the float64 numpy reference (engine/core/reference.py), image by image."""
 import numpy as np
 import pytest
 
-from ddengine import _kernels
-from ddengine.fused import IMAGE_DTYPE, NOT_BAD, image_records
+from ddengine.kernels import _step
+from ddengine.kernels.host import IMAGE_DTYPE, STAYED_FINITE, image_records
 from tests.support.kernel_oracle import oracle_step, random_step_case, rel_err
 
 PER_IMAGE_SHAPES = [(1,), (3,), (37,), (5, 7, 3), (2053,)]  # 2053 = one 2048-element block + a partial quad
@@ -17,9 +17,9 @@ def test_step_matches_float64_reference_per_image(threads, clip):
         for shape in PER_IMAGE_SHAPES:
             x, model_out, table, images = random_step_case(rng, batch, shape)
             ref = oracle_step(x, model_out, table, images, clip)
-            _kernels.step(x, model_out, table, images, clip=clip or 0.0, threads=threads)
+            _step.step(x, model_out, table, images, clip=clip or 0.0, threads=threads)
             assert rel_err(x, ref) < 1e-6, (batch, shape)
-            assert (images["bad"] == NOT_BAD).all()
+            assert (images["nonfinite_step"] == STAYED_FINITE).all()
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.5])
@@ -28,10 +28,10 @@ def test_multithreaded_large_batch_matches_reference_and_one_thread(clip):
     x, model_out, table, images = random_step_case(rng, 5, (3, 61, 67))  # > the parallel threshold
     ref = oracle_step(x, model_out, table, images, clip or None)
     one = x.copy()
-    _kernels.step(one, model_out, table, images.copy(), clip=clip, threads=1)
+    _step.step(one, model_out, table, images.copy(), clip=clip, threads=1)
     for _ in range(3):  # the persistent pool serves call after call
         y = x.copy()
-        _kernels.step(y, model_out, table, images.copy(), clip=clip, threads=2)
+        _step.step(y, model_out, table, images.copy(), clip=clip, threads=2)
         assert np.array_equal(y, one)
     assert rel_err(one, ref) < 1e-6
 
@@ -40,13 +40,13 @@ def test_each_image_is_independent_of_the_rest_of_its_batch():
     rng = np.random.default_rng(8)
     x, model_out, table, images = random_step_case(rng, 9, (3, 40, 40))
     together = x.copy()
-    _kernels.step(together, model_out, table, images.copy(), clip=1.0, threads=2)
+    _step.step(together, model_out, table, images.copy(), clip=1.0, threads=2)
     for j in range(9):
         alone_out = [model_out[j]] + ([model_out[images["uncond"][j]]] if images["uncond"][j] >= 0 else [])
         alone_images = images[j:j + 1].copy()
         alone_images["uncond"] = 1 if images["uncond"][j] >= 0 else -1
         alone = x[j:j + 1].copy()
-        _kernels.step(alone, np.stack(alone_out), table, alone_images, clip=1.0, threads=1)
+        _step.step(alone, np.stack(alone_out), table, alone_images, clip=1.0, threads=1)
         assert np.array_equal(alone[0], together[j])
 
 
@@ -58,11 +58,11 @@ def test_first_non_finite_step_is_recorded_per_image():
     model_out[4 + 2, 0] = np.inf  # image 2's unconditional output
     x[3, 5] = 3e38  # image 3 overflows inside the update
     table[:, 5] = 2.0
-    _kernels.step(x, model_out, table, images, clip=0.0)
-    assert images["bad"].tolist() == [-1, 7, 7, 7]
+    _step.step(x, model_out, table, images, clip=0.0)
+    assert images["nonfinite_step"].tolist() == [-1, 7, 7, 7]
     images["step"] = 8
-    _kernels.step(x, model_out, table, images, clip=0.0)
-    assert images["bad"].tolist()[1:] == [7, 7, 7]  # the first failing step is kept
+    _step.step(x, model_out, table, images, clip=0.0)
+    assert images["nonfinite_step"].tolist()[1:] == [7, 7, 7]  # the first failing step is kept
 
 
 def test_sigma_zero_adds_no_noise():
@@ -70,16 +70,16 @@ def test_sigma_zero_adds_no_noise():
     x, model_out, table, images = random_step_case(rng, 4, (9, 9), guided_share=0.0, sigma=0.0)
     ref = oracle_step(x, model_out, table, images)
     images["step"] = 0
-    _kernels.step(x, model_out, table, images)
+    _step.step(x, model_out, table, images)
     assert rel_err(x, ref) < 1e-6
 
 
 def test_records_match_the_compiled_layout():
-    layout = _kernels.layout()
+    layout = _step.layout()
     assert layout["dd_image"]["size"] == IMAGE_DTYPE.itemsize
-    for field in ("seed", "row", "step", "uncond", "guidance", "bad"):
+    for field in ("seed", "row", "step", "uncond", "guidance", "nonfinite_step"):
         assert IMAGE_DTYPE.fields[field][1] == layout["dd_image"][field], field
-    from ddengine.fused import StepArgs
+    from ddengine.kernels.host import StepArgs
 
     assert layout["dd_step_args"]["size"] == __import__("ctypes").sizeof(StepArgs)
     for field in ("x", "model_out", "table", "images", "batch", "per_image", "clip"):
@@ -89,4 +89,4 @@ def test_records_match_the_compiled_layout():
 def test_image_records_start_clean():
     images = image_records(np.array([5, 6], np.uint64), row=3, uncond=[2, -1], guidance=[1.5, 0.0])
     assert images["row"].tolist() == [3, 3] and images["step"].tolist() == [0, 0]
-    assert images["uncond"].tolist() == [2, -1] and images["bad"].tolist() == [-1, -1]
+    assert images["uncond"].tolist() == [2, -1] and images["nonfinite_step"].tolist() == [-1, -1]

@@ -102,7 +102,7 @@ def test_garbage_and_missing_files_are_clear_twin_errors(tmp_path, content):
 def test_the_twin_computes_what_its_onnx_export_computes(tmp_path):
     """export_with_twin (the tests' exporter) writes m.onnx and m.safetensors; both are the same function."""
     from ddengine.backends import create_backend
-    from ddengine.model import load_model
+    from ddengine.model.load import load_model
     from tests.support.export_helpers import export_with_twin
 
     path, _ = export_with_twin(tmp_path)

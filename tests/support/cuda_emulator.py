@@ -10,7 +10,7 @@ import types
 
 import numpy as np
 
-from ddengine.fused import IMAGE_DTYPE, StepArgs
+from ddengine.kernels.host import IMAGE_DTYPE, StepArgs
 
 # Bytes of each argument of each entry point (step.cu): the one params struct, or pointers and ints.
 PARAM_SIZES = {"ddstep_step": [ctypes.sizeof(StepArgs)], "ddstep_fill_noise": [ctypes.sizeof(StepArgs)],

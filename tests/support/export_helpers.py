@@ -76,7 +76,7 @@ def export_with_twin(folder, name="m", seed=0, **config):
     from ddengine.export.train import scheduler_dict
     from ddengine.nets.twin import save_twin, twin_path
     from ddengine.nets.unet import UNet
-    from ddengine.spec import METADATA_KEY
+    from ddengine.model.spec import METADATA_KEY
 
     cfg = tiny_config(**({"image_size": 8} | config))
     torch.manual_seed(seed)

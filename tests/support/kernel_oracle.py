@@ -70,7 +70,7 @@ def random_step_case(rng, batch, shape, guided_share=0.5, tables=3, sigma=0.7):
 
     Images 0..B-1 own model_out rows 0..B-1; guided images get unconditional rows B.. in order.
     """
-    from ddengine.fused import NO_UNCOND, image_records
+    from ddengine.kernels.host import NO_UNCOND, image_records
 
     x = rng.standard_normal((batch,) + shape).astype(np.float32)
     guided = rng.random(batch) < guided_share
@@ -87,8 +87,8 @@ def random_step_case(rng, batch, shape, guided_share=0.5, tables=3, sigma=0.7):
 
 
 def oracle_step(x, model_out, table, images, clip=None):
-    """Each image stepped alone in float64 (engine/reference.py) with its own row, noise step and guidance."""
-    from ddengine.reference import reference_step
+    """Each image stepped alone in float64 (engine/core/reference.py) with its own row, noise step and guidance."""
+    from ddengine.core.reference import reference_step
 
     out = np.empty(x.shape, dtype=np.float64)
     for j, im in enumerate(images):

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ddengine.spec import METADATA_KEY, ModelSpec
+from ddengine.model.spec import METADATA_KEY, ModelSpec
 
 SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
              "prediction_type": "epsilon", "clip_sample": True, "clip_sample_range": 1.0,

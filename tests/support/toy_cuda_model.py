@@ -4,7 +4,7 @@ import ctypes
 
 import numpy as np
 
-from ddengine.backends.base import DeviceRunner
+from ddengine.backends.base import Backend, DeviceRunner
 from tests.support.tiny_models import GAIN, T_SCALE, class_table
 from tests.support.toy_model import bound_spec
 
@@ -26,8 +26,8 @@ extern "C" __global__ void toy(const float *x, const long long *t, const long lo
 """
 
 
-class ToyBackend:
-    name, precision = "toy-cuda", "fp32"
+class ToyBackend(Backend):
+    name, opens_device_runners = "toy-cuda", True
 
     def __init__(self, num_classes=0, channels=1):
         from ddengine.gpu.driver import check, device_arch, import_cuda

@@ -2,7 +2,8 @@
 behind a host backend and with a bound I/O contract, for loop tests that need no ONNX file."""
 import numpy as np
 
-from ddengine.spec import TensorSpec
+from ddengine.backends.base import Backend
+from ddengine.model.spec import TensorSpec
 from tests.support.tiny_models import GAIN, T_SCALE, class_table, tiny_spec
 
 
@@ -27,10 +28,10 @@ def forward32(x, t, labels, spec, nan_class=None):
     return m.astype(np.float32)
 
 
-class ToyHostBackend:
-    """The Backend protocol on host arrays (the oracle side of device-loop tests)."""
+class ToyHostBackend(Backend):
+    """A Backend on host arrays (the oracle side of device-loop tests)."""
 
-    name, precision = "toy", "fp32"
+    name = "toy"
 
     def __init__(self, spec, nan_class=None):
         self.spec, self.nan_class = spec, nan_class

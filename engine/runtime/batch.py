@@ -1,0 +1,145 @@
+"""ImageBatch: images at any step of any plan, denoised together by one forward and one fused step per step.
+
+The forward's rows are engine/core/guidance.py's layout: the images' own rows, then the unconditional rows of the
+guided ones. Each image carries its own coefficient row, noise counter and guidance (engine/kernels/host.py), and
+its own conditioning inputs (class label, text embedding), so an image's result is a pure function of its seed
+and parameters whatever else shares its forward (exact step-level batching). The host loop admits one chunk and
+steps it to the end; the step batcher (engine/serving/batcher.py) admits and retires images between steps.
+"""
+import numpy as np
+
+from ddengine.core.guidance import NO_UNCOND, layout_rows, uncond_rows
+from ddengine.kernels import host as fused
+from ddengine.kernels.host import IMAGE_DTYPE
+
+class ImageBatch:
+    """Up to `capacity` images and the buffers of their forward (capacity x spec.cfg_factor rows)."""
+
+    def __init__(self, backend, spec, capacity, *, clip=None, threads=0):
+        self.backend, self.spec, self.capacity, self.clip, self.threads = backend, spec, capacity, clip, threads
+        rows = capacity * spec.cfg_factor
+        self.x_in = np.empty((rows, *spec.image_shape), dtype=np.float32)
+        self.out = np.empty_like(self.x_in)
+        self.t_in = np.empty(rows, dtype=np.int64)
+        roles = [r for r in spec.roles() if r not in ("sample", "timestep")]  # class_labels, encoder_hidden_states
+        self.inputs = {r: np.empty(spec.io[r].at(rows), dtype=spec.io[r].dtype) for r in roles}
+        self.own = {r: np.empty(spec.io[r].at(capacity), dtype=spec.io[r].dtype) for r in roles}
+        self.uncond = {r: np.empty(spec.io[r].at(capacity), dtype=spec.io[r].dtype) for r in roles}
+        self.images = np.empty(capacity, dtype=IMAGE_DTYPE)
+        self.remaining = np.zeros(capacity, dtype=np.int64)
+        self.tags = [None] * capacity
+        self.n = 0
+        self.guided = np.empty(0, dtype=np.int64)
+        self._plans = {}  # id(plan) -> (plan, first table row)
+        self.table = np.empty((0, 9), dtype=np.float32)
+        self.t_table = np.empty(0, dtype=np.int64)
+
+    @property
+    def rows(self):
+        """Rows of the current forward: one per image plus one per guided image."""
+        return self.n + len(self.guided)
+
+    @property
+    def x(self):
+        """The images' latents x_t (a view: the first rows of the forward input)."""
+        return self.x_in[:self.n]
+
+    def admit(self, plan, seeds, conditioning, tags):
+        """Add images at step 0 of `plan` (x_T from their seeds) with their Conditioning (engine/core/guidance.py)."""
+        k = len(seeds)
+        if self.n + k > self.capacity:
+            raise ValueError(f"cannot admit {k} images into a batch of {self.n} with capacity {self.capacity}")
+        if plan.clip != self.clip:
+            raise ValueError(f"plan clips x0 at {plan.clip}, this batch at {self.clip}: one model, one clip")
+        missing = sorted(set(self.own) - set(conditioning.inputs))
+        if missing:
+            raise ValueError(f"the model's inputs {missing} need values for the admitted images")
+        first = self._plan_offset(plan)
+        new = slice(self.n, self.n + k)
+        fused.fill_noise(self.x_in[new], np.ascontiguousarray(seeds, dtype=np.uint64), self.threads)
+        guidance = conditioning.guidance
+        self.images[new] = fused.image_records(seeds, row=first, guidance=0.0 if guidance is None else guidance)
+        self.images["uncond"][new] = 0 if conditioning.guided else NO_UNCOND  # placed by _layout
+        for role, (own, uncond) in conditioning.inputs.items():
+            self.own[role][new] = own
+            self.uncond[role][new] = uncond
+        self.remaining[new] = len(plan)
+        self.tags[new] = tags
+        self.n += k
+        self._layout()
+        return new
+
+    def forward(self):
+        """The U-Net forward of every row: per-row timesteps and conditioning, guided rows copied from their images."""
+        n, g = self.n, len(self.guided)
+        if g:
+            np.take(self.x_in[:n], self.guided, axis=0, out=self.x_in[n:n + g])
+        np.take(self.t_table, self.images["row"][:n], out=self.t_in[:n])
+        self.t_in[n:n + g] = self.t_in[self.guided]
+        feeds = {"sample": self.x_in[:n + g], "timestep": self.t_in[:n + g]}
+        feeds.update({role: values[:n + g] for role, values in self.inputs.items()})
+        run_rows(self.backend, self.spec, feeds, self.out[:n + g])
+        return self.out[:n + g]
+
+    def update(self):
+        """The fused step of every image (kernels/step.h), then each moves to its next step; returns the finished."""
+        n = self.n
+        fused.step(self.x_in[:n], self.out[:self.rows], self.table, self.images[:n], self.clip, self.threads)
+        fused.advance(self.images[:n])
+        self.remaining[:n] -= 1
+        return np.flatnonzero(self.remaining[:n] == 0)
+
+    def step(self):
+        """forward() then update(): one denoising step of every image."""
+        self.forward()
+        return self.update()
+
+    def retire(self, slots):
+        """Remove images: their (x_0 copies, first non-finite step or -1, tags); the rest keep their order."""
+        slots = np.asarray(slots, dtype=np.int64)
+        x, bad = self.x_in[slots].copy(), self.images["nonfinite_step"][slots].astype(np.int64)
+        tags = [self.tags[s] for s in slots]
+        keep = np.setdiff1d(np.arange(self.n), slots)
+        m = len(keep)
+        self.x_in[:m], self.images[:m], self.remaining[:m] = self.x_in[keep], self.images[keep], self.remaining[keep]
+        for store in (self.own, self.uncond):
+            for values in store.values():
+                values[:m] = values[keep]
+        self.tags[:m] = [self.tags[s] for s in keep]
+        self.n = m
+        self._layout()
+        return x, bad, tags
+
+    def _layout(self):
+        """The forward's rows after an admit or a retire: unconditional rows n.. for the guided images, in order."""
+        n = self.n
+        guided = self.images["uncond"][:n] != NO_UNCOND
+        self.guided = np.flatnonzero(guided)
+        self.images["uncond"][:n] = uncond_rows(guided)
+        for role, values in self.inputs.items():
+            layout_rows(self.own[role][:n], self.uncond[role][:n], self.guided, values)
+        if not n:
+            self._plans.clear()
+
+    def _plan_offset(self, plan):
+        """The first row of `plan` in the batch's coefficient and timestep tables (appended once per plan)."""
+        key = id(plan)
+        if key not in self._plans:
+            self._plans[key] = (plan, len(self.table))
+            self.table = np.concatenate([self.table, plan.rows_float32()])
+            self.t_table = np.concatenate([self.t_table, plan.timesteps])
+        return self._plans[key][1]
+
+
+def run_rows(backend, spec, feeds, out):
+    """backend.run with per-row timesteps; a model whose timestep input is a scalar runs once per distinct timestep."""
+    t = feeds["timestep"]
+    if not spec.io["timestep"].scalar or len(t) == 0 or (t == t[0]).all():
+        return backend.run(feeds, out)
+    for value in np.unique(t):
+        rows = np.flatnonzero(t == value)
+        part = {role: np.ascontiguousarray(array[rows]) for role, array in feeds.items()}
+        sub = np.empty((len(rows), *out.shape[1:]), dtype=out.dtype)
+        backend.run(part, sub)
+        out[rows] = sub
+    return out

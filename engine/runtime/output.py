@@ -1,0 +1,70 @@
+"""Image outputs: PNG/npy encoding and grids (written atomically through ddengine.files.atomic)."""
+import io
+import math
+
+import numpy as np
+
+from ddengine.files.atomic import atomic_write
+
+
+def encode_png(image):
+    """PNG bytes of a uint8 (H, W, C) image with C in {1, 3, 4}."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected a uint8 (H, W, 1|3|4) image, got {image.dtype} {image.shape}")
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[image.shape[2]]
+    buffer = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if mode == "L" else image, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_npy(array):
+    """.npy bytes of an array."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode(image, fmt="png"):
+    """The bytes of one uint8 (H, W, C) image as PNG or .npy."""
+    return encode_png(image) if fmt == "png" else encode_npy(image)
+
+
+def save_image(path, image, fmt="png"):
+    """Atomically write one uint8 (H, W, C) image as PNG or .npy."""
+    atomic_write(path, encode(image, fmt))
+
+
+def grid(images, cols=None, pad=2):
+    """Tile uint8 (N, H, W, C) images into one (rows*H, cols*W, C) image, `pad` pixels apart (row-major)."""
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    out = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        out[y:y + h, x:x + w] = image
+    return out
+
+
+def class_grid(images, classes, pad=2):
+    """One row per class (in order of first appearance), its images left to right; one class or none: a square grid."""
+    images = np.asarray(images)
+    if classes is None or len(set(classes)) < 2:
+        return grid(images, pad=pad)
+    order = list(dict.fromkeys(int(c) for c in classes))
+    rows = [[i for i, c in enumerate(classes) if c == k] for k in order]
+    cols = max(len(r) for r in rows)
+    blank = np.zeros_like(images[0])
+    tiles = [images[r[j]] if j < len(r) else blank for r in rows for j in range(cols)]
+    return grid(np.stack(tiles), cols=cols, pad=pad)
+
+
+def trajectory_strip(x_t, x0, pad=2):
+    """Two rows: the snapshots of x_t on top and of predicted x_0 below, uint8 (K, H, W, C) each."""
+    x_t, x0 = np.asarray(x_t), np.asarray(x0)
+    return grid(np.concatenate([x_t, x0]), cols=len(x_t), pad=pad)

@@ -1,0 +1,125 @@
+"""The Python API: `Sampler(model).sample(n, steps=50, ...)` -> uint8 images and one record per image.
+
+`Sampler.stream` yields finished chunks as they are done (bounded memory for any n); `sample` collects them.
+The fields of a request are SamplingParams' (engine/runtime/params.py); each image's record carries everything
+its manifest line needs: seed, class, status, the request's parameters, the model's hash, the backend and its
+precision. A Sampler runs its model's Parts (engine/runtime/parts.py) one chunk at a time, on the device loop
+when the backend opens device runners and no step needs the host, else on the host loop.
+"""
+import numpy as np
+
+from ddengine.core.reference import guided_output, predicted_x0
+from ddengine.runtime.capacity import check_memory, parse_threads
+from ddengine.runtime.loop import HostLoop
+from ddengine.runtime.params import InvalidParameterError, SamplingParams
+from ddengine.runtime.parts import Chunk, open_parts, to_uint8
+
+__all__ = ["Sampler", "SamplingParams", "Chunk", "InvalidParameterError", "to_uint8"]
+
+
+class Sampler:
+    """Samples a ddengine ONNX model or text-to-image folder; one backend session shared by every call (thread-safe)."""
+
+    def __init__(self, model=None, backend="auto", scheduler_config=None, *, threads=None, precision="auto"):
+        self.parts = open_parts(model, backend, scheduler_config, threads=parse_threads(threads), precision=precision)
+        self.model, self.spec, self.backend = self.parts.model, self.parts.spec, self.parts.backend
+        self.host_loop = HostLoop(self.backend, self.spec, self.parts.threads)
+        self.device_loop = None  # GPU backends run the whole loop on the device (engine/runtime/device_loop.py)
+        if self.backend.opens_device_runners:
+            from ddengine.runtime.device_loop import DeviceLoops
+
+            self.device_loop = DeviceLoops(self.backend)
+
+    @property
+    def image_shape(self):
+        """(H, W, C) of the uint8 images this sampler returns (decoded from latents for a text-to-image model)."""
+        return self.parts.image_shape
+
+    def close(self):
+        if self.device_loop is not None:
+            self.device_loop.close()
+        self.parts.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def sample(self, params=None, /, *, batch_size=16, trajectory=False, progress=None, callback=None, **fields):
+        """Generate images: uint8 (n, H, W, C) and one record per image (index, seed, class, status, error, ...).
+
+        `params`: a SamplingParams, or n with the other SamplingParams fields as keywords (steps, method, eta, seed,
+        seeds, classes, guidance, spacing, prompt, negative_prompt). Image i uses seeds[i] (default seed + i) and is
+        bit-identical whatever `batch_size`. `progress(done, total)` is called after every step; `callback(step,
+        timestep, x, first_index)` sees each chunk's latents after each step; `trajectory=k` adds x_t and
+        predicted-x0 snapshots every k steps.
+        """
+        request = self.request(params, batch_size=batch_size, trajectory=trajectory, **fields)
+        return self.run(request, progress=progress, callback=callback)
+
+    def stream(self, params=None, /, *, batch_size=16, trajectory=False, progress=None, callback=None, **fields):
+        """Like `sample`, but yields each finished Chunk (start, images, records) instead of keeping them all."""
+        request = self.request(params, batch_size=batch_size, trajectory=trajectory, **fields)
+        return self.chunks(request, progress=progress, callback=callback)
+
+    def request(self, params=None, /, *, batch_size=16, trajectory=False, **fields):
+        """A SamplingParams (or n and its fields) checked against this model and machine (InvalidParameterError)."""
+        params = SamplingParams.given(params, **fields)
+        if trajectory and not self.parts.decoder.pixel_space:
+            raise InvalidParameterError("trajectory snapshots are of pixel-space models; this is a latent text-to-image model")
+        request = params.bind(self.spec, batch_size, trajectory)
+        check_memory(self.model, request, self.backend.max_rows)
+        self.parts.plan(request)
+        return request
+
+    def plan(self, request):
+        """The StepPlan of a validated request (made once per steps, method, eta and spacing)."""
+        return self.parts.plan(request)
+
+    def run(self, request, *, progress=None, callback=None, timers=None):
+        """Sample a validated request; all images at once (see `chunks` for a stream)."""
+        check_memory(self.model, request, keep_images=True, image_elements=int(np.prod(self.image_shape)))
+        chunks = list(self.chunks(request, progress=progress, callback=callback, timers=timers))
+        images = np.concatenate([c.images for c in chunks])
+        return images, [r for c in chunks for r in c.records]
+
+    def chunks(self, request, *, progress=None, callback=None, timers=None):
+        """Yield each Chunk of `request.batch_size` images as soon as it is sampled."""
+        plan, b = self.parts.plan(request), request.batch_size
+        conditioning = self.parts.conditioner.condition(request)
+        total = request.n * request.steps
+        for start in range(0, request.n, b):
+            part = slice(start, min(start + b, request.n))
+            seeds = np.ascontiguousarray(request.seeds[part])
+
+            def on_step(i, *_, start=start, k=part.stop - part.start):
+                if progress is not None:
+                    progress(start * request.steps + (i + 1) * k, total)
+
+            trajectory = [] if request.trajectory else None
+            if self.device_loop is not None and trajectory is None and callback is None:
+                x, bad = self.device_loop.denoise(plan, seeds, conditioning.part(part), on_step=on_step, timers=timers)
+            else:  # per-step host access (trajectory, callback) or a CPU backend
+                step_hook = on_step if callback is None else _with_callback(on_step, callback, start)
+                observe = None if trajectory is None else _snapshots(trajectory, plan, request)
+                x, bad = self.host_loop.denoise(plan, seeds, conditioning.part(part), on_step=step_hook,
+                                                observe=observe, timers=timers)
+            yield self.parts.finish(request, part, x, bad, trajectory)
+
+
+def _with_callback(on_step, callback, first_index):
+    def hook(i, t, x):
+        on_step(i)
+        callback(i, t, x, first_index)
+    return hook
+
+
+def _snapshots(into, plan, request):
+    """An observe hook appending (step, t, x_t, predicted x0) every `request.trajectory` steps and at the last."""
+    def observe(i, t, x, out, n):
+        if i % request.trajectory == 0 or i == len(plan) - 1:
+            uncond = out[n:2 * n] if len(out) == 2 * n else None
+            m = guided_output(out[:n], uncond, request.guidance)
+            into.append((i, t, x.copy(), predicted_x0(x, m, plan.coeffs[i], plan.clip).astype(np.float32)))
+    return observe

@@ -1,0 +1,344 @@
+"""HTTP serving: `create_app(sampler_or_loader, Settings())` -> a FastAPI app around one StepBatcher.
+
+    POST /v1/images  a SamplingParams (engine/runtime/params.py): {"n", "steps", "method", "eta", "seed" | "seeds",
+                      "classes", "guidance", "spacing", "prompt", "negative_prompt" (text-to-image models)}
+      200 {"model", "backend", "precision", parameters..., "images": [{"index", "seed", "class", "status", "error",
+          "png"}]} (a non-finite image has status "error" and png null), 413 body too large, 422 invalid parameters,
+      503 queue full (Retry-After) / loading / draining, 504 past the request timeout, 500 the backend failed.
+      Every error body is {"error": "<one message>"}.
+    GET /healthz (200 once loaded, 503 while loading or draining), GET /metrics (Prometheus text),
+    GET /openapi.json (the schema, the request body's derived from SamplingParams).
+
+No global state: each app owns its Sampler, batcher and metrics registry (so a Ray replica owns one of each).
+"""
+import asyncio
+import base64
+import json
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from ddengine.runtime.output import encode_png
+from ddengine.runtime.params import InvalidParameterError, SamplingParams, integer
+from ddengine.serving.batcher import QueueFull, BatcherClosed, StepBatcher
+
+DISCONNECT_POLL_S = 0.2  # how often a waiting request checks whether its client is gone
+CLIENT_GONE = 499  # nginx's code for "client closed the request": recorded in metrics, never sent
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a server instance is configured with (the CLI's and the Ray deployment's options)."""
+
+    max_batch: int = 64
+    max_queue: int = 1024  # images waiting for a batch slot; also the largest n one request may ask for
+    timeout: float | None = None  # seconds from acceptance to the last image (504 past it)
+    max_body_bytes: int = 64 * 1024
+
+
+class HTTPError(Exception):
+    """An error response: {"error": message} with a status code (and headers, e.g. Retry-After)."""
+
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+class AppState:
+    """The per-app state: loading status, the Sampler, its StepBatcher and the metrics."""
+
+    def __init__(self, settings, batcher_class=StepBatcher):
+        self.settings, self.status, self.error = settings, "loading", None
+        self.batcher_class = batcher_class
+        self.sampler = self.batcher = None
+        self.batch_invariant = None
+        self.owns_sampler = False
+        self.metrics = Metrics(self)
+
+    def start(self, sampler):
+        """Serve with `sampler` (blocking: probes batch invariance, starts the batcher's worker)."""
+        from ddengine.backends.base import probe_batch_invariance
+
+        self.sampler = sampler
+        self.batch_invariant = bool(probe_batch_invariance(sampler.backend, sampler.spec))
+        self.batcher = self.batcher_class(sampler.parts, self.settings.max_batch, self.settings.max_queue,
+                                              on_step=self.metrics.observe_step)
+        self.status = "ok"
+
+    def load(self, load):
+        """Open the Sampler with `load()` (a thread's work), then start; a failure is kept for /healthz."""
+        try:
+            self.owns_sampler = True
+            self.start(load())
+        except Exception as err:
+            self.status, self.error = "failed", f"the model could not be loaded: {err}"
+            raise
+
+    def begin_drain(self):
+        """Refuse new requests (503) and report draining; what was accepted still runs."""
+        if self.status == "ok":
+            self.status = "draining"
+
+    def stop(self, drain=True):
+        """Close the batcher (drain: finish the accepted work; else fail it with an error)."""
+        self.begin_drain()
+        if self.batcher is not None:
+            self.batcher.close(drain=drain)
+        if self.owns_sampler and self.sampler is not None and drain:
+            self.sampler.close()
+            self.owns_sampler = False
+
+
+class Metrics:
+    """The app's Prometheus metrics, in its own CollectorRegistry (several apps in one process never clash)."""
+
+    STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+    REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+    def __init__(self, state):
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram
+
+        self.content_type = CONTENT_TYPE_LATEST
+        self.registry = registry = CollectorRegistry()
+
+        def gauge(name, doc, read):
+            Gauge(name, doc, registry=registry).set_function(
+                lambda: 0.0 if state.batcher is None else read(state.batcher))
+
+        gauge("ddengine_queued_images", "Images waiting for a batch slot.", lambda s: s.queued_images)
+        gauge("ddengine_active_images", "Images in the running batch.", lambda s: s.active_images)
+        gauge("ddengine_batch_occupancy", "Forward rows in use / rows the batch holds.", lambda s: s.occupancy())
+        Gauge("ddengine_ready", "1 while the server takes requests.", registry=registry).set_function(
+            lambda: float(state.status == "ok"))
+        self.step = Histogram("ddengine_step_seconds", "Wall time of one batched denoising step.",
+                              buckets=self.STEP_BUCKETS, registry=registry)
+        self.request = Histogram("ddengine_request_seconds", "POST /v1/images latency by status code.", ["code"],
+                                 buckets=self.REQUEST_BUCKETS, registry=registry)
+        registry.register(BatcherCounters(state))
+
+    def observe_step(self, rows, seconds):
+        self.step.observe(seconds)
+
+    def observe_request(self, status, seconds):
+        self.request.labels(str(status)).observe(seconds)
+
+    def render(self):
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class BatcherCounters:
+    """The batcher's own counters (requests by outcome, images, steps) as Prometheus counters."""
+
+    OUTCOMES = ("submitted", "rejected", "completed", "failed", "cancelled", "timed_out")
+
+    def __init__(self, state):
+        self.state = state
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        stats = {} if self.state.batcher is None else dict(self.state.batcher.stats)
+        requests = CounterMetricFamily("ddengine_requests", "Requests by outcome at the batcher (rejected: queue "
+                                       "full).", labels=["outcome"])
+        for outcome in self.OUTCOMES:
+            requests.add_metric([outcome], stats.get(outcome, 0))
+        yield requests
+        yield CounterMetricFamily("ddengine_images_completed", "Images finished; rate() gives images/s.",
+                                  value=stats.get("images", 0))
+        yield CounterMetricFamily("ddengine_steps", "Batched denoising steps run.", value=stats.get("steps", 0))
+
+
+def create_app(sampler_or_loader, settings=None, *, background_load=False, batcher_class=StepBatcher):
+    """A FastAPI app serving a Sampler, or a zero-argument callable opening one at startup (in a thread).
+
+    background_load: start answering at once (/healthz 503 until the model is loaded) instead of after loading.
+    batcher_class: StepBatcher, or a stand-in with its interface (bench/bench_serve.py's baselines).
+    """
+    settings = settings or Settings()
+    state = AppState(settings, batcher_class)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        loading = None
+        if not hasattr(sampler_or_loader, "backend"):  # a loader, not a Sampler
+            loading = asyncio.ensure_future(asyncio.to_thread(state.load, sampler_or_loader))
+            if not background_load:
+                await loading
+        else:
+            await asyncio.to_thread(state.start, sampler_or_loader)
+        try:
+            yield
+        finally:
+            if loading is not None and not loading.done():
+                await asyncio.gather(loading, return_exceptions=True)
+            await asyncio.to_thread(state.stop, True)
+
+    app = FastAPI(title="ddengine", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.app_state = state
+    add_error_handlers(app)
+    add_routes(app, state)
+    return app
+
+
+def add_error_handlers(app):
+    """Every error as {"error": message}: ours, FastAPI's validation and Starlette's 404/405."""
+    @app.exception_handler(HTTPError)
+    async def http_error(request, err):
+        return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(HTTPException)
+    async def starlette_error(request, err):
+        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, err):
+        return JSONResponse({"error": "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())},
+                            status_code=422)
+
+
+def add_routes(app, state):
+    @app.post("/v1/images", openapi_extra=request_body_schema())
+    async def images(request: Request):
+        start, status = time.perf_counter(), 500
+        try:
+            response = await generate(state, request)
+            status = response.status_code
+            return response
+        except HTTPError as err:
+            status = err.status
+            raise
+        finally:
+            state.metrics.observe_request(status, time.perf_counter() - start)
+
+    @app.get("/healthz")
+    async def healthz():
+        if state.status != "ok":
+            body = {"status": state.status} | ({"error": state.error} if state.error else {})
+            return JSONResponse(body, status_code=503)
+        s = state.sampler
+        return {"status": "ok", "model": s.model.sha256, "backend": s.backend.name,
+                "precision": s.backend.precision, "batch_invariant": state.batch_invariant,
+                "max_batch": state.settings.max_batch, "max_queue": state.settings.max_queue}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+async def generate(state, request):
+    """POST /v1/images: parse, validate, queue, wait (cancelling if the client leaves), encode."""
+    body = parse_body(await read_body(request, state.settings.max_body_bytes))
+    if state.status != "ok":
+        raise not_serving(state)
+    sampling = validate(state, body)
+    try:
+        future = state.batcher.submit(sampling, timeout=state.settings.timeout)
+    except QueueFull as err:
+        raise HTTPError(503, str(err), {"Retry-After": str(err.retry_after)}) from None
+    except BatcherClosed as err:
+        raise HTTPError(503, str(err)) from None
+    result = await wait_for(future, request)
+    if result is None:
+        return Response(status_code=CLIENT_GONE)
+    return JSONResponse(await asyncio.to_thread(response_body, result))
+
+
+def not_serving(state):
+    if state.status == "loading":
+        return HTTPError(503, "the model is still loading", {"Retry-After": "1"})
+    if state.status == "failed":
+        return HTTPError(503, state.error)
+    return HTTPError(503, "the server is shutting down and takes no new requests")
+
+
+async def read_body(request, limit):
+    """The request body, refused with 413 past `limit` bytes (by Content-Length, then as it streams in)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, f"the body is {int(declared)} bytes; this server takes at most {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"the body is over {limit} bytes, the most this server takes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def request_body_schema():
+    """The OpenAPI requestBody of POST /v1/images: SamplingParams' JSON schema (the body is read by parse_body, which
+    bounds its size before parsing, so FastAPI does not parse it itself)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": SamplingParams.model_json_schema()}}}}
+
+
+def parse_body(raw):
+    """SamplingParams from JSON bytes; malformed JSON and wrong or unknown fields -> 422 with one message."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise HTTPError(422, f"the body must be a JSON object: {err}") from None
+    if not isinstance(data, dict):
+        raise HTTPError(422, f"the body must be a JSON object, got {type(data).__name__}")
+    try:
+        return SamplingParams.parse(data)
+    except InvalidParameterError as err:
+        raise HTTPError(422, str(err)) from None
+
+
+def validate(state, params):
+    """The validated Request (Sampler.request); n is also bounded by the queue (a larger one could never run)."""
+    try:
+        integer("n", params.n, 1, state.settings.max_queue)
+        return state.sampler.request(params, batch_size=min(params.n, state.settings.max_batch))
+    except InvalidParameterError as err:
+        raise HTTPError(422, str(err)) from None
+
+
+async def wait_for(future, request):
+    """The future's Result, or None if the client disconnected (then its images are cancelled)."""
+    waiter = asyncio.wrap_future(future)
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return outcome(waiter)
+            if await request.is_disconnected():
+                return None
+    finally:
+        future.cancel()  # a no-op once it is done; frees the images' slots if the handler is cancelled or left
+
+
+def outcome(waiter):
+    """A finished future's Result, or the HTTPError its failure maps to."""
+    try:
+        return waiter.result()
+    except TimeoutError as err:
+        raise HTTPError(504, str(err)) from None
+    except BatcherClosed as err:
+        raise HTTPError(503, str(err)) from None
+    except Exception as err:
+        raise HTTPError(500, f"sampling failed: {err}") from None
+
+
+def response_body(result):
+    """The JSON of a finished request: the records' shared fields once, then each image with its PNG."""
+    first = result.records[0]
+    shared = {k: first[k] for k in ("steps", "method", "eta", "guidance", "spacing", "backend", "precision",
+                                    "ddengine_version")}
+    images = [{"index": r["index"], "seed": r["seed"], "class": r["class"], "status": r["status"], "error": r["error"],
+               **{k: r[k] for k in ("prompt", "negative_prompt") if k in r},
+               "png": base64.b64encode(encode_png(image)).decode("ascii") if r["status"] == "ok" else None}
+              for image, r in zip(result.images, result.records)]
+    return {"model": first["model_sha256"], **shared, "n": len(images), "images": images}

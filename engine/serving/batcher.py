@@ -1,0 +1,238 @@
+"""Exact step-level batching of concurrent requests: `StepBatcher(parts).submit(request) -> Future`.
+
+One worker thread owns one ImageBatch (engine/runtime/batch.py) over a model's Parts (engine/runtime/parts.py).
+At every step boundary it retires finished, cancelled and timed-out images, admits queued images first in,
+first out, up to `max_batch`, and runs one forward (per-row timesteps and conditioning; unconditional rows only
+for guided images) and one fused step with each image's own coefficient row, noise counter and guidance. An
+image's result is a pure function of its seed and its own request whatever shares its forward, so with a
+batch-invariant backend (ddengine.backends.base.probe_batch_invariance) every image is bit-identical to
+`Sampler.sample` of its request alone, which runs the same ImageBatch one chunk at a time (engine/runtime/loop.py).
+No web framework here: engine/serving/app.py and engine/serving/ray_serve.py wrap it.
+"""
+import collections
+import threading
+import time
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from ddengine.runtime.batch import ImageBatch
+from ddengine.runtime.params import InvalidParameterError
+
+
+class QueueFull(RuntimeError):
+    """The queue holds `max_queue` images: refused at once (HTTP 503); retry_after is a hint in seconds."""
+
+    def __init__(self, message, retry_after):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher no longer takes requests (it is draining or closed)."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished request: uint8 (n, H, W, C) images and one record per image (Sampler's records)."""
+
+    images: np.ndarray
+    records: list
+
+
+class _Job:
+    """One submitted request while its images are queued, active or done."""
+
+    def __init__(self, request, plan, conditioning, deadline, submitted):
+        self.request, self.plan, self.conditioning = request, plan, conditioning
+        self.deadline, self.submitted = deadline, submitted
+        self.future = Future()
+        self.admitted = 0  # images handed to the batch so far (in index order)
+        self.nonfinite_step = np.full(request.n, -1, dtype=np.int64)
+        self.finished = {}  # index -> x_0
+
+
+class StepBatcher:
+    """Runs many requests' images through shared forwards; thread-safe `submit`, one worker thread."""
+
+    def __init__(self, parts, max_batch=64, max_queue=1024, on_step=None, clock=time.monotonic):
+        """clock: seconds for request timeouts (a test's clock can stand in for time.monotonic)."""
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+        self.parts, self.spec, self.max_batch, self.max_queue = parts, parts.spec, max_batch, max_queue
+        self.on_step = on_step  # on_step(rows, seconds) after every step (metrics)
+        self.clock = clock
+        self._batch = None
+        self._queue = collections.deque()  # jobs with images not yet admitted
+        self._jobs = set()  # jobs not yet finished
+        self._queued_images = 0
+        self._cv = threading.Condition()
+        self._closing = self._abort = False
+        self.stats = collections.Counter()  # submitted, rejected, completed, failed, cancelled, timed_out, images, steps
+        self._step_seconds = 0.0
+        self._worker = threading.Thread(target=self._run, name="ddengine-batcher", daemon=True)
+        self._worker.start()
+
+    # --- the caller's side -------------------------------------------------------------------------------
+    def submit(self, request, timeout=None):
+        """Queue a validated Request (Sampler.request); returns a Future of Result. QueueFull when over max_queue."""
+        if request.trajectory:
+            raise InvalidParameterError("trajectory snapshots are not served by the batcher; use Sampler.sample")
+        plan, conditioning = self.parts.plan(request), self.parts.conditioner.condition(request)
+        now = self.clock()
+        job = _Job(request, plan, conditioning, None if timeout is None else now + timeout, now)
+        with self._cv:
+            if self._closing:
+                raise BatcherClosed("the batcher is shutting down and takes no new requests")
+            if self._queued_images + request.n > self.max_queue:
+                self.stats["rejected"] += 1
+                raise QueueFull(f"the queue holds {self._queued_images} images (limit {self.max_queue}); "
+                                f"{request.n} more do not fit", self.retry_after())
+            self._queue.append(job)
+            self._jobs.add(job)
+            self._queued_images += request.n
+            self.stats["submitted"] += 1
+            self._cv.notify()
+        return job.future
+
+    def retry_after(self):
+        """Seconds until the queue has room, from the measured step time (at least 1)."""
+        steps = max(self.stats["steps"], 1)
+        per_step = self._step_seconds / steps if self.stats["steps"] else 0.05
+        return max(1, int(np.ceil(per_step * 50 * max(1, self._queued_images / self.max_batch))))
+
+    @property
+    def queued_images(self):
+        return self._queued_images
+
+    @property
+    def active_images(self):
+        return 0 if self._batch is None else self._batch.n
+
+    def occupancy(self):
+        """Forward rows in use / rows the batch can hold."""
+        return 0.0 if self._batch is None else self._batch.rows / (self.max_batch * self.spec.cfg_factor)
+
+    @contextmanager
+    def paused(self):
+        """Within the block the worker admits and steps nothing (requests submitted in it start together)."""
+        with self._cv:
+            yield self
+
+    def close(self, drain=True, timeout=None):
+        """Stop taking requests; with `drain`, finish what was accepted, else fail it. Waits for the worker."""
+        with self._cv:
+            self._closing, self._abort = True, not drain
+            self._cv.notify()
+        self._worker.join(timeout)
+
+    # --- the worker's side -------------------------------------------------------------------------------
+    def _run(self):
+        while True:
+            with self._cv:
+                while not self._queue and not self.active_images and not self._closing:
+                    self._cv.wait()
+                if self._abort:
+                    for job in list(self._jobs):
+                        self._fail(job, BatcherClosed("the batcher was closed before this request finished"))
+                if self._closing and not self._queue and not self.active_images:
+                    return
+                self._drop_abandoned()
+                self._admit()
+            if self.active_images:
+                self._step()
+
+    def _admit(self):
+        """Images of queued jobs, first in first out, into the free slots (called with the lock held)."""
+        while self._queue and self._admit_head():
+            pass
+
+    def _admit_head(self):
+        """As many images of the first queued job as fit; returns how many (called with the lock held)."""
+        job = self._queue[0]
+        batch = self._batch_for(job.plan)
+        k = min(batch.capacity - batch.n, job.request.n - job.admitted)
+        if not k:
+            return 0
+        part = slice(job.admitted, job.admitted + k)
+        batch.admit(job.plan, job.request.seeds[part], job.conditioning.part(part),
+                    [(job, i) for i in range(part.start, part.stop)])
+        job.admitted += k
+        self._queued_images -= k
+        if job.admitted == job.request.n:
+            self._queue.popleft()
+        return k
+
+    def _batch_for(self, plan):
+        if self._batch is None:
+            self._batch = ImageBatch(self.parts.backend, self.spec, self.max_batch, clip=plan.clip,
+                                     threads=self.parts.threads)
+        return self._batch
+
+    def _step(self):
+        batch, start = self._batch, time.perf_counter()
+        rows = batch.rows
+        try:
+            finished = batch.step()
+        except Exception as err:  # a backend failure fails the images in flight, not the server
+            with self._cv:
+                for job in {tag[0] for tag in batch.tags[:batch.n]}:
+                    self._fail(job, err)
+            return
+        seconds = time.perf_counter() - start
+        self.stats["steps"] += 1
+        self._step_seconds += seconds
+        if self.on_step is not None:
+            self.on_step(rows, seconds)
+        if len(finished):
+            x, nonfinite_step, tags = batch.retire(finished)
+            with self._cv:
+                for j, (job, index) in enumerate(tags):
+                    self._collect(job, index, x[j], nonfinite_step[j])
+
+    def _collect(self, job, index, x0, nonfinite_step):
+        if job not in self._jobs:  # failed or cancelled meanwhile
+            return
+        job.finished[index] = x0
+        job.nonfinite_step[index] = nonfinite_step
+        if len(job.finished) == job.request.n:
+            x = np.stack([job.finished[i] for i in range(job.request.n)])
+            chunk = self.parts.finish(job.request, slice(0, job.request.n), x, job.nonfinite_step)
+            images, records = chunk.images, chunk.records
+            self._jobs.discard(job)
+            self.stats["completed"] += 1
+            self.stats["images"] += job.request.n
+            if not job.future.cancelled():
+                job.future.set_result(Result(images, records))
+
+    def _drop_abandoned(self):
+        """Cancelled and timed-out jobs leave the queue and the batch (called with the lock held)."""
+        now = self.clock()
+        for job in list(self._jobs):
+            if job.future.cancelled():
+                self.stats["cancelled"] += 1
+                self._remove(job)
+            elif job.deadline is not None and now > job.deadline:
+                self.stats["timed_out"] += 1
+                self._fail(job, TimeoutError(f"the request did not finish within its timeout "
+                                             f"({job.deadline - job.submitted:.1f} s)"))
+
+    def _fail(self, job, err):
+        if job in self._jobs:
+            self.stats["failed"] += 1
+        self._remove(job)
+        if not job.future.done():
+            job.future.set_exception(err)
+
+    def _remove(self, job):
+        """Forget a job: its queued images and its slots in the batch."""
+        self._jobs.discard(job)
+        if job in self._queue:
+            self._queue.remove(job)
+            self._queued_images -= job.request.n - job.admitted
+        if self._batch is not None and self._batch.n:
+            slots = [s for s in range(self._batch.n) if self._batch.tags[s][0] is job]
+            if slots:
+                self._batch.retire(slots)

@@ -1,1 +1,0 @@
-"""Kernel sources shipped as package data: philox.h, ddstep.h (shared C/CUDA), step.cu (NVRTC); CPU build: ddengine._kernels."""

@@ -1,0 +1,114 @@
+"""Output files: atomic writes, PNG/npy round trips, grids (one row per class), trajectory strips, the writability probe."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddengine.files.atomic import OutputError, atomic_write, atomic_write_via, check_writable_dir
+from ddengine.runtime.output import class_grid, encode, grid, save_image, trajectory_strip
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"old")
+    atomic_write(path, b"new contents")
+    assert path.read_bytes() == b"new contents"
+    assert os.listdir(tmp_path) == ["a.bin"]
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic_write(tmp_path / "a.bin", b"x")
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0o600
+
+
+def test_failed_write_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"old")
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(path, b"new")
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["a.bin"]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_and_npy_round_trip(tmp_path, channels):
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, channels), dtype=np.uint8)
+    save_image(tmp_path / "i.png", image)
+    back = np.asarray(Image.open(tmp_path / "i.png"))
+    assert np.array_equal(back.reshape(image.shape), image)
+    save_image(tmp_path / "i.npy", image, "npy")
+    assert np.array_equal(np.load(tmp_path / "i.npy"), image)
+
+
+def test_grid_places_images_row_major():
+    images = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((5, 2, 3, 1), np.uint8) + 1
+    out = grid(images, cols=3, pad=1)
+    assert out.shape == (2 * 3 + 1, 3 * 4 + 1, 1)
+    assert out[1, 1, 0] == 1 and out[1, 5, 0] == 2 and out[1, 9, 0] == 3 and out[4, 1, 0] == 4 and out[4, 5, 0] == 5
+    assert out[4, 9, 0] == 0 and out[0].max() == 0  # empty cell and padding stay black
+
+
+def test_trajectory_strip_has_x_t_above_x0():
+    x_t, x0 = np.full((4, 2, 2, 1), 10, np.uint8), np.full((4, 2, 2, 1), 200, np.uint8)
+    strip = trajectory_strip(x_t, x0, pad=0)
+    assert strip.shape == (4, 8, 1) and (strip[:2] == 10).all() and (strip[2:] == 200).all()
+
+
+def test_writable_probe(tmp_path):
+    check_writable_dir(tmp_path / "new" / "deep")
+    assert (tmp_path / "new" / "deep").is_dir() and not list((tmp_path / "new" / "deep").iterdir())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="file/sub is not writable"):
+        check_writable_dir(tmp_path / "file" / "sub")
+
+
+def test_a_failing_writer_leaves_no_temp_file(tmp_path):
+    def half_then_fail(tmp):
+        open(tmp, "wb").write(b"half")
+        raise RuntimeError("encoder crashed")
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        atomic_write_via(tmp_path / "x.png", half_then_fail)
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_write_into_a_missing_folder_names_it(tmp_path):
+    with pytest.raises(OutputError, match=r"cannot write .*missing/a.bin"):
+        atomic_write(tmp_path / "missing" / "a.bin", b"x")
+
+
+@pytest.mark.parametrize("image, message", [
+    (np.zeros((4, 4, 2), np.uint8), r"expected a uint8 \(H, W, 1\|3\|4\) image, got uint8 \(4, 4, 2\)"),
+    (np.zeros((4, 4, 3), np.float32), "got float32"),
+    (np.zeros((4, 4), np.uint8), r"got uint8 \(4, 4\)"),
+])
+def test_png_needs_uint8_with_1_3_or_4_channels(image, message):
+    with pytest.raises(ValueError, match=message):
+        encode(image, "png")
+
+
+def _tiles(classes, h=3, w=2):
+    """uint8 (N, h, w, 1) images whose every pixel is their index + 1 (0 stays the padding and blank cells)."""
+    return (np.arange(len(classes), dtype=np.uint8) + 1)[:, None, None, None] * np.ones((len(classes), h, w, 1), np.uint8)
+
+
+def test_class_grid_puts_one_row_per_class_in_order_of_first_appearance():
+    classes = [2, 0, 2, 1, 0, 2, 2]
+    out = class_grid(_tiles(classes), classes, pad=1)
+    rows, cols = 3, 4  # classes 2, 0, 1; class 2 has the most images (4)
+    assert out.shape == (rows * (3 + 1) + 1, cols * (2 + 1) + 1, 1)
+    cell = [[int(out[1 + r * 4, 1 + c * 3, 0]) for c in range(cols)] for r in range(rows)]
+    # each row: the indices (+1) of that class's images left to right; blank cells stay black
+    assert cell == [[1, 3, 6, 7], [2, 5, 0, 0], [4, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("classes", [None, [3, 3, 3, 3, 3]])
+def test_class_grid_of_one_class_or_none_is_a_square_grid(classes):
+    images = _tiles([0] * 5)
+    assert np.array_equal(class_grid(images, classes), grid(images))
+    assert grid(images).shape == (2 * 5 + 2, 3 * 4 + 2, 1)  # ceil(sqrt(5)) = 3 columns, 2 rows, 2 px padding
