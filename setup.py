@@ -1,4 +1,5 @@
 """Builds the fused step C extension (ddengine.kernels._step, driven by engine/kernels/host.py) from kernels/."""
+
 from setuptools import Extension, setup
 
 kernels = Extension(

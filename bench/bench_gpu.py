@@ -9,6 +9,7 @@ download) through DeviceLoop with graphs=False and graphs=True, the diffusers lo
 --repeats after a warm-up, CUDA-synchronized. Writes DIR/gpu_<card>.json (card, versions, numbers; no host
 names or paths) and prints a table. `--dry-run` builds every configuration on the CPU and times nothing.
 """
+
 import argparse
 import json
 import platform
@@ -125,6 +126,7 @@ def diffusers_runner(torch, backend, case):
                     out = uncond + case.guidance * (cond - uncond)
                 x = scheduler.step(out, t, x).prev_sample
         return x
+
     return run
 
 
@@ -149,6 +151,7 @@ def floor_runner(torch, backend, case):
         with torch.cuda.stream(stream):
             for _ in range(case.request.steps):
                 graph.replay()
+
     return run
 
 
@@ -157,19 +160,30 @@ def environment(torch):
     from ddengine.gpu.nvrtc import nvrtc_version
 
     name, capability = gpu_properties(0)
-    return {"gpu": name, "compute_capability": capability, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "nvrtc": ".".join(map(str, nvrtc_version())), "python": platform.python_version()}
+    return {
+        "gpu": name,
+        "compute_capability": capability,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "nvrtc": ".".join(map(str, nvrtc_version())),
+        "python": platform.python_version(),
+    }
 
 
 def table(rows, steps):
     """The results as a Markdown table: ms/step, images/s and the ratios the targets name."""
-    lines = ["| batch | CFG | diffusers fp16 eager | ddengine eager | ddengine graphs | floor (graph forward) | "
-             "graphs vs diffusers | graphs / floor |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| batch | CFG | diffusers fp16 eager | ddengine eager | ddengine graphs | floor (graph forward) | "
+        "graphs vs diffusers | graphs / floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ms = {k: 1e3 * v / steps for k, v in r["seconds"].items()}
-        lines.append(f"| {r['batch']} | {'on' if r['guided'] else 'off'} | {ms['diffusers']:.3f} ms | {ms['eager']:.3f} ms | "
-                     f"{ms['graphs']:.3f} ms | {ms['floor']:.3f} ms | {r['seconds']['diffusers'] / r['seconds']['graphs']:.2f}x | "
-                     f"{r['seconds']['graphs'] / r['seconds']['floor']:.3f} |")
+        lines.append(
+            f"| {r['batch']} | {'on' if r['guided'] else 'off'} | {ms['diffusers']:.3f} ms | {ms['eager']:.3f} ms | "
+            f"{ms['graphs']:.3f} ms | {ms['floor']:.3f} ms | {r['seconds']['diffusers'] / r['seconds']['graphs']:.2f}x | "
+            f"{r['seconds']['graphs'] / r['seconds']['floor']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -179,9 +193,9 @@ def main(argv=None):
         return dry_run(args)
     torch = require_gpu()
     from ddengine.backends.torch_cuda import TorchCudaBackend
-    from ddengine.runtime.device_loop import DeviceLoop
-    from ddengine.model.load import load_model
     from ddengine.files.atomic import atomic_write
+    from ddengine.model.load import load_model
+    from ddengine.runtime.device_loop import DeviceLoop
 
     model = load_model(args.model)
     backend = TorchCudaBackend(model, precision=args.precision)
@@ -190,16 +204,35 @@ def main(argv=None):
     for batch in args.batches:
         for guidance in (None, args.guidance):
             case = Case(backend, batch, args.steps, guidance, loops)
-            runners = {"diffusers": diffusers_runner(torch, backend, case), "eager": case.engine(False),
-                       "graphs": case.engine(True), "floor": floor_runner(torch, backend, case)}
+            runners = {
+                "diffusers": diffusers_runner(torch, backend, case),
+                "eager": case.engine(False),
+                "graphs": case.engine(True),
+                "floor": floor_runner(torch, backend, case),
+            }
             times = {name: timed(torch, fn, args.repeats) for name, fn in runners.items()}
-            rows.append({"batch": batch, "guided": guidance is not None, "guidance": guidance,
-                         "seconds": {k: v[0] for k, v in times.items()}, "runs": {k: v[1] for k, v in times.items()}})
+            rows.append(
+                {
+                    "batch": batch,
+                    "guided": guidance is not None,
+                    "guidance": guidance,
+                    "seconds": {k: v[0] for k, v in times.items()},
+                    "runs": {k: v[1] for k, v in times.items()},
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     env = environment(torch)
-    record = {"benchmark": "bench_gpu", "environment": env, "model": model.path.name, "model_sha256": model.sha256,
-              "precision": args.precision, "steps": args.steps, "repeats": args.repeats, "results": rows,
-              "notes": "median wall time of one whole request, CUDA-synchronized; DDIM eta 0"}
+    record = {
+        "benchmark": "bench_gpu",
+        "environment": env,
+        "model": model.path.name,
+        "model_sha256": model.sha256,
+        "precision": args.precision,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "results": rows,
+        "notes": "median wall time of one whole request, CUDA-synchronized; DDIM eta 0",
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu_{re.sub(r'[^A-Za-z0-9]+', '-', env['gpu']).strip('-').lower()}.json"
@@ -225,8 +258,10 @@ def dry_run(args):
             classes = "all" if model.spec.conditional else None
             params = SamplingParams.build(n=batch, steps=args.steps, classes=classes, guidance=guidance)
             step_plan(model.spec, params.bind(model.spec, batch_size=batch))
-    print(f"dry run: {model.path.name} and its torch twin ({sum(p.numel() for p in net.parameters())} parameters) load; "
-          f"{len(args.batches) * 2} configurations of {args.steps} steps are valid; nothing timed")
+    print(
+        f"dry run: {model.path.name} and its torch twin ({sum(p.numel() for p in net.parameters())} parameters) load; "
+        f"{len(args.batches) * 2} configurations of {args.steps} steps are valid; nothing timed"
+    )
 
 
 if __name__ == "__main__":

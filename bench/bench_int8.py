@@ -10,6 +10,7 @@ bench_quality.py (PSNR >= 35 dB against ONNX Runtime fp32 on every image) and th
 Speed: the bare forward at batch 1, 16 and 64, every runner in turn, median of --repeats rounds.
 Writes bench/results/int8_<cpu>.json.
 """
+
 import argparse
 import json
 import re
@@ -18,20 +19,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_quality import gate_rows  # bench/ is on sys.path when this script runs
 
 from ddengine.benchmark.harness import machine
 from ddengine.files.atomic import atomic_write
 from ddengine.runtime.sampler import Sampler
-
-from bench_quality import gate_rows  # bench/ is on sys.path when this script runs
 
 P_NULL = 0.15
 
 
 def calibration_items(spec, n, seed, batch=8):
     """Model inputs {name: array} for NNCF: noised training images at DDIM-50 timesteps, their classes or null."""
-    from ddengine.quality.fashion_mnist import load
     from ddengine.core.plan import make_plan
+    from ddengine.quality.fashion_mnist import load
 
     rng = np.random.default_rng(seed)
     x0, labels = load("train")
@@ -42,8 +42,14 @@ def calibration_items(spec, n, seed, batch=8):
     x_t = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * rng.standard_normal(x0.shape, dtype=np.float32)
     labels = np.where(rng.random(n) < P_NULL, spec.null_class, labels)
     names = {role: spec.io[role].name for role in spec.roles()}
-    return [{names["sample"]: x_t[i:i + batch], names["timestep"]: t[i:i + batch].astype(np.int64),
-             names["class_labels"]: labels[i:i + batch].astype(np.int64)} for i in range(0, n, batch)]
+    return [
+        {
+            names["sample"]: x_t[i : i + batch],
+            names["timestep"]: t[i : i + batch].astype(np.int64),
+            names["class_labels"]: labels[i : i + batch].astype(np.int64),
+        }
+        for i in range(0, n, batch)
+    ]
 
 
 def quantized_sampler(model, items):
@@ -52,8 +58,13 @@ def quantized_sampler(model, items):
 
     sampler = Sampler(model, backend="openvino", precision="auto")
     graph = sampler.backend.graph
-    graph.graph = nncf.quantize(graph.graph, nncf.Dataset(items), subset_size=len(items),
-                                preset=nncf.QuantizationPreset.MIXED, fast_bias_correction=True)
+    graph.graph = nncf.quantize(
+        graph.graph,
+        nncf.Dataset(items),
+        subset_size=len(items),
+        preset=nncf.QuantizationPreset.MIXED,
+        fast_bias_correction=True,
+    )
     graph._compiled.clear()  # noqa: SLF001  (compiled lazily again, from the int8 graph)
     return sampler
 
@@ -64,8 +75,11 @@ def forward_ms(samplers, batches, repeats, seed=0):
     spec = next(iter(samplers.values())).spec
     out = {label: {} for label in samplers}
     for b in batches:
-        feeds = {"sample": rng.standard_normal((b, spec.channels, spec.height, spec.width), dtype=np.float32),
-                 "timestep": rng.integers(0, 900, b), "class_labels": rng.integers(0, 10, b)}
+        feeds = {
+            "sample": rng.standard_normal((b, spec.channels, spec.height, spec.width), dtype=np.float32),
+            "timestep": rng.integers(0, 900, b),
+            "class_labels": rng.integers(0, 10, b),
+        }
         result = np.empty((b, spec.channels, spec.height, spec.width), np.float32)
         times = {label: [] for label in samplers}
         for s in samplers.values():
@@ -111,11 +125,19 @@ def main(argv=None):
     int8 = quantized_sampler(reference.model, calibration_items(reference.spec, args.calibration, args.seed))
     seconds = time.perf_counter() - start
     native = Sampler(reference.model, backend="openvino", precision="auto")
-    samplers = {"ort-cpu fp32": reference, f"openvino {native.backend.precision}": native,
-                f"openvino int8+{int8.backend.precision}": int8}
-    result = {"machine": machine(), "model_sha256": reference.model.sha256, "calibration": args.calibration,
-              "quantize_seconds": seconds, "forward_ms": forward_ms(samplers, (1, 16, 64), args.repeats),
-              "quality": gate_rows(reference, int8, args.n, args.seed, f"openvino:int8+{int8.backend.precision}")}
+    samplers = {
+        "ort-cpu fp32": reference,
+        f"openvino {native.backend.precision}": native,
+        f"openvino int8+{int8.backend.precision}": int8,
+    }
+    result = {
+        "machine": machine(),
+        "model_sha256": reference.model.sha256,
+        "calibration": args.calibration,
+        "quantize_seconds": seconds,
+        "forward_ms": forward_ms(samplers, (1, 16, 64), args.repeats),
+        "quality": gate_rows(reference, int8, args.n, args.seed, f"openvino:int8+{int8.backend.precision}"),
+    }
     for label, by_batch in result["forward_ms"].items():
         print(f"{label:24} " + "  ".join(f"b{b} {ms:.2f} ms" for b, ms in by_batch.items()), flush=True)
     if args.fid_n:

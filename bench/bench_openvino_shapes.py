@@ -6,6 +6,7 @@ compiled model against one dynamic-batch model, bf16 and fp32, next to ONNX Runt
 Median and best milliseconds per forward, round-robin; compile seconds per variant. Writes
 bench/results/openvino_shapes_<cpu>.json.
 """
+
 import argparse
 import json
 import re
@@ -17,8 +18,8 @@ import numpy as np
 
 from ddengine.backends.ort import session_options
 from ddengine.benchmark.harness import machine
-from ddengine.model.load import load_model
 from ddengine.files.atomic import atomic_write
+from ddengine.model.load import load_model
 
 
 def compiled(core, path, spec, precision, rows, threads):
@@ -27,8 +28,16 @@ def compiled(core, path, spec, precision, rows, threads):
     if rows is not None:
         graph.reshape({spec.io[r].name: list(spec.io[r].at(rows)) for r in spec.roles()})
     start = time.perf_counter()
-    model = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
-                                              "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(threads)})
+    model = core.compile_model(
+        graph,
+        "CPU",
+        {
+            "INFERENCE_PRECISION_HINT": precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": "1",
+            "INFERENCE_NUM_THREADS": str(threads),
+        },
+    )
     return model.create_infer_request(), time.perf_counter() - start
 
 
@@ -50,31 +59,43 @@ def main(argv=None):
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         rng = np.random.default_rng(0)
-        feeds = {"sample": rng.standard_normal((batch, *spec.image_shape)).astype(np.float32),
-                 "timestep": np.full(batch, 500, dtype=np.int64)}
+        feeds = {
+            "sample": rng.standard_normal((batch, *spec.image_shape)).astype(np.float32),
+            "timestep": np.full(batch, 500, dtype=np.int64),
+        }
         if spec.conditional:
             feeds["class_labels"] = np.arange(batch, dtype=np.int64) % spec.num_classes
-        runners = {"ort_fp32": lambda: session.run(None, feeds)}
+        runners = {"ort_fp32": lambda feeds=feeds: session.run(None, feeds)}
         compile_s = {}
         for prec in ("bf16", "f32"):
             static, compile_s[f"static_{prec}"] = compiled(core, model.path, spec, prec, batch, args.threads)
-            runners[f"openvino_static_{prec}"] = lambda r=static: r.infer(feeds)
-            runners[f"openvino_dynamic_{prec}"] = lambda r=dynamic[prec][0]: r.infer(feeds)
+            runners[f"openvino_static_{prec}"] = lambda r=static, feeds=feeds: r.infer(feeds)
+            runners[f"openvino_dynamic_{prec}"] = lambda r=dynamic[prec][0], feeds=feeds: r.infer(feeds)
         times = {name: [] for name in runners}
         for fn in runners.values():
             fn()
         names = list(runners)
         for k in range(args.repeats):
-            for name in names[k % len(names):] + names[:k % len(names)]:
+            for name in names[k % len(names) :] + names[: k % len(names)]:
                 start = time.perf_counter()
                 runners[name]()
                 times[name].append(time.perf_counter() - start)
-        row = {"batch": batch, "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
-               "best_ms": {k: 1e3 * min(v) for k, v in times.items()}, "compile_s": compile_s}
+        row = {
+            "batch": batch,
+            "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+            "best_ms": {k: 1e3 * min(v) for k, v in times.items()},
+            "compile_s": compile_s,
+        }
         rows.append(row)
         print(batch, {k: round(v, 2) for k, v in row["median_ms"].items()}, flush=True)
-    result = {"machine": machine(), "model_sha256": model.sha256, "threads": args.threads, "repeats": args.repeats,
-              "dynamic_compile_s": {k: v[1] for k, v in dynamic.items()}, "rows": rows}
+    result = {
+        "machine": machine(),
+        "model_sha256": model.sha256,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "dynamic_compile_s": {k: v[1] for k, v in dynamic.items()},
+        "rows": rows,
+    }
     cpu = re.sub(r"[^a-z0-9]+", "-", result["machine"]["cpu"].lower()).strip("-")
     path = Path(args.out) / f"openvino_shapes_{cpu}.json"
     atomic_write(path, (json.dumps(result, indent=2) + "\n").encode())

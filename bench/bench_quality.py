@@ -6,6 +6,7 @@ Settings: DDIM 50 steps and DDPM 100 steps, each without and with guidance (the 
 1.5), one class per image in turn, the same seeds on every backend. Gate: PSNR >= 35 dB on every image. Writes
 bench/results/quality_<cpu>.json with the per-image PSNRs, their minimum and median, and the machine.
 """
+
 import argparse
 import json
 import re
@@ -15,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ddengine.benchmark.harness import machine
-from ddengine.quality.metrics import psnr
 from ddengine.files.atomic import atomic_write
+from ddengine.quality.metrics import psnr
 from ddengine.runtime.sampler import Sampler
 
 GATE_DB = 35.0
@@ -29,18 +30,35 @@ def gate_rows(reference, sampler, n, seed, label):
     g = spec.recommended_guidance or 1.5
     rows = []
     for method, steps, guided in SETTINGS:
-        kwargs = dict(steps=steps, method=method, seed=seed, classes="all" if spec.conditional else None,
-                      guidance=g if guided else (1.0 if spec.conditional else None), batch_size=20)
+        kwargs = dict(
+            steps=steps,
+            method=method,
+            seed=seed,
+            classes="all" if spec.conditional else None,
+            guidance=g if guided else (1.0 if spec.conditional else None),
+            batch_size=20,
+        )
         want, _ = reference.sample(n, **kwargs)
         got, records = sampler.sample(n, **kwargs)
         db = psnr(got, want, per_image=True)
-        row = {"backend": sampler.backend.name, "precision": label.partition(":")[2] or sampler.backend.precision,
-               "method": method, "steps": steps, "guidance": kwargs["guidance"], "min_db": float(db.min()),
-               "median_db": float(np.median(db)), "failed": sum(r["status"] != "ok" for r in records),
-               "passes": bool(db.min() >= GATE_DB), "psnr_db": [round(float(v), 2) for v in db]}
+        row = {
+            "backend": sampler.backend.name,
+            "precision": label.partition(":")[2] or sampler.backend.precision,
+            "method": method,
+            "steps": steps,
+            "guidance": kwargs["guidance"],
+            "min_db": float(db.min()),
+            "median_db": float(np.median(db)),
+            "failed": sum(r["status"] != "ok" for r in records),
+            "passes": bool(db.min() >= GATE_DB),
+            "psnr_db": [round(float(v), 2) for v in db],
+        }
         rows.append(row)
-        print(f"{label:16} {method} {steps:3d} guidance {kwargs['guidance']}: min {row['min_db']:.1f} dB, "
-              f"median {row['median_db']:.1f} dB -> {'pass' if row['passes'] else 'FAIL'}", flush=True)
+        print(
+            f"{label:16} {method} {steps:3d} guidance {kwargs['guidance']}: min {row['min_db']:.1f} dB, "
+            f"median {row['median_db']:.1f} dB -> {'pass' if row['passes'] else 'FAIL'}",
+            flush=True,
+        )
     return rows
 
 

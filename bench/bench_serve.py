@@ -11,6 +11,7 @@ mixed workload (n 1..8, steps 10/20/50, ddim/ddpm, guidance on/off) is the same 
 Writes bench/results/serve_<cpu>-<cores>c_<backend>[_soak].json: images/s, p50/p99 latency, 503s, server RSS,
 the CPU, its ISA flags, the load average and thread counts. Loopback only; bounded in requests and time.
 """
+
 import argparse
 import asyncio
 import collections
@@ -66,8 +67,11 @@ class OneAtATime(RequestBatcher):
 
 
 MODES = {"solo": OneAtATime, "request": RequestBatcher, "step": StepBatcher}
-LABELS = {"solo": "(a) one request at a time", "request": "(b) request-level dynamic batching (10 ms window)",
-          "step": "(c) StepBatcher (step-level)"}
+LABELS = {
+    "solo": "(a) one request at a time",
+    "request": "(b) request-level dynamic batching (10 ms window)",
+    "step": "(c) StepBatcher (step-level)",
+}
 
 
 # --- the server side (a subprocess per mode) --------------------------------------------------------------------
@@ -79,10 +83,12 @@ def serve(args):
     from ddengine.serving.app import Settings, create_app
 
     sampler = Sampler(args.model, backend=args.backend, threads=args.threads)
-    app = create_app(sampler, Settings(max_batch=args.max_batch, max_queue=args.max_queue),
-                     batcher_class=MODES[args.serve])
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", limit_concurrency=4096,
-                timeout_graceful_shutdown=5)
+    app = create_app(
+        sampler, Settings(max_batch=args.max_batch, max_queue=args.max_queue), batcher_class=MODES[args.serve]
+    )
+    uvicorn.run(
+        app, host="127.0.0.1", port=args.port, log_level="warning", limit_concurrency=4096, timeout_graceful_shutdown=5
+    )
 
 
 def free_port():
@@ -98,8 +104,20 @@ class Server:
         import httpx
 
         self.port, self.mode = free_port(), mode
-        command = [sys.executable, __file__, "--serve", mode, "--port", str(self.port), "--backend", args.backend,
-                   "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
+        command = [
+            sys.executable,
+            __file__,
+            "--serve",
+            mode,
+            "--port",
+            str(self.port),
+            "--backend",
+            args.backend,
+            "--max-batch",
+            str(args.max_batch),
+            "--max-queue",
+            str(args.max_queue),
+        ]
         command += ["--model", args.model] if args.model else []
         command += ["--threads", str(args.threads)] if args.threads else []
         self.process = subprocess.Popen(command)
@@ -165,9 +183,13 @@ def workload(count, seed, num_classes):
     """`count` mixed request bodies: n 1..8, steps 10/20/50, ddim/ddpm, guidance on/off, a class each."""
     rng = np.random.default_rng(seed)
     bodies = []
-    for i in range(count):
-        body = {"n": int(rng.integers(N_RANGE[0], N_RANGE[1] + 1)), "steps": int(rng.choice(STEPS)),
-                "method": str(rng.choice(["ddim", "ddpm"])), "seed": int(rng.integers(0, 2**32))}
+    for _ in range(count):
+        body = {
+            "n": int(rng.integers(N_RANGE[0], N_RANGE[1] + 1)),
+            "steps": int(rng.choice(STEPS)),
+            "method": str(rng.choice(["ddim", "ddpm"])),
+            "seed": int(rng.integers(0, 2**32)),
+        }
         if num_classes:
             body["classes"] = int(rng.integers(num_classes))
             if rng.random() < 0.5:
@@ -232,11 +254,19 @@ def summarize(results, unfinished, t0, window, rss):
     latencies = np.array([r[1] for r in ok]) if ok else np.array([np.nan])
     end = max((r[3] for r in ok), default=t0 + window)
     codes = collections.Counter(str(r[0]) for r in results)
-    return {"sent": len(results) + unfinished, "completed": len(ok), "rejected_503": codes.get("503", 0),
-            "other_errors": {k: v for k, v in codes.items() if k not in ("200", "503")}, "unfinished": unfinished,
-            "images": int(sum(r[2] for r in ok)), "images_per_s": round(sum(r[2] for r in ok) / max(end - t0, 1e-9), 3),
-            "p50_s": round(float(np.percentile(latencies, 50)), 3), "p99_s": round(float(np.percentile(latencies, 99)), 3),
-            "max_s": round(float(latencies.max()), 3), "rss_mb": rss_summary(rss)}
+    return {
+        "sent": len(results) + unfinished,
+        "completed": len(ok),
+        "rejected_503": codes.get("503", 0),
+        "other_errors": {k: v for k, v in codes.items() if k not in ("200", "503")},
+        "unfinished": unfinished,
+        "images": int(sum(r[2] for r in ok)),
+        "images_per_s": round(sum(r[2] for r in ok) / max(end - t0, 1e-9), 3),
+        "p50_s": round(float(np.percentile(latencies, 50)), 3),
+        "p99_s": round(float(np.percentile(latencies, 99)), 3),
+        "max_s": round(float(latencies.max()), 3),
+        "rss_mb": rss_summary(rss),
+    }
 
 
 def rss_summary(samples):
@@ -280,8 +310,9 @@ def measure_capacity(server, args, num_classes):
     """Saturated images/s of this mode (closed loop, enough requests in flight to fill two batches)."""
     concurrency = max(4, int(np.ceil(2 * args.max_batch / MEAN_N)))
     asyncio.run(closed_loop(server.url, workload(concurrency * 2, 999, num_classes), concurrency, args.warmup))
-    return asyncio.run(closed_loop(server.url, workload(MAX_REQUESTS, 1000, num_classes), concurrency,
-                                   args.capacity_seconds))
+    return asyncio.run(
+        closed_loop(server.url, workload(MAX_REQUESTS, 1000, num_classes), concurrency, args.capacity_seconds)
+    )
 
 
 def run_rate(server, load, capacity, args, num_classes):
@@ -294,15 +325,25 @@ def run_rate(server, load, capacity, args, num_classes):
         results, unfinished, t0 = asyncio.run(open_loop(server.url, bodies, arrivals, args.drain))
     after = server.counters()
     steps = after["ddengine_steps_total"] - before["ddengine_steps_total"]
-    row = {"mode": server.mode, "load": load, "rate_rps": round(rate, 3),
-           "offered_images_per_s": round(rate * MEAN_N, 3), **summarize(results, unfinished, t0, args.window, rss.samples),
-           "server_cpu_s": round(server.cpu_seconds() - cpu, 1), "steps": int(steps),
-           "mean_step_s": round((after["ddengine_step_seconds_sum"] - before["ddengine_step_seconds_sum"]) / max(steps, 1), 4),
-           "server_threads": server.proc_status("Threads")}
-    print(f"  {server.mode:8s} {int(load * 100):4d}%  {row['images_per_s']:7.2f} img/s  p50 {row['p50_s']:6.2f} s  "
-          f"p99 {row['p99_s']:6.2f} s  503s {row['rejected_503']:4d}  sent {row['sent']:4d}  "
-          f"RSS {row['rss_mb']['start'] if row['rss_mb'] else '?'}->{row['rss_mb']['end'] if row['rss_mb'] else '?'} MB",
-          flush=True)
+    row = {
+        "mode": server.mode,
+        "load": load,
+        "rate_rps": round(rate, 3),
+        "offered_images_per_s": round(rate * MEAN_N, 3),
+        **summarize(results, unfinished, t0, args.window, rss.samples),
+        "server_cpu_s": round(server.cpu_seconds() - cpu, 1),
+        "steps": int(steps),
+        "mean_step_s": round(
+            (after["ddengine_step_seconds_sum"] - before["ddengine_step_seconds_sum"]) / max(steps, 1), 4
+        ),
+        "server_threads": server.proc_status("Threads"),
+    }
+    print(
+        f"  {server.mode:8s} {int(load * 100):4d}%  {row['images_per_s']:7.2f} img/s  p50 {row['p50_s']:6.2f} s  "
+        f"p99 {row['p99_s']:6.2f} s  503s {row['rejected_503']:4d}  sent {row['sent']:4d}  "
+        f"RSS {row['rss_mb']['start'] if row['rss_mb'] else '?'}->{row['rss_mb']['end'] if row['rss_mb'] else '?'} MB",
+        flush=True,
+    )
     return row
 
 
@@ -310,10 +351,15 @@ def machine(server, args):
     from ddengine.benchmark.harness import machine as bench_machine
 
     info = bench_machine()
-    info.update(backend=server.health["backend"], precision=server.health["precision"],
-                batch_invariant=server.health["batch_invariant"], backend_threads=args.threads or "physical cores",
-                server_threads=server.proc_status("Threads"), client_threads=threading.active_count(),
-                other_processes_note=args.note)
+    info.update(
+        backend=server.health["backend"],
+        precision=server.health["precision"],
+        batch_invariant=server.health["batch_invariant"],
+        backend_threads=args.threads or "physical cores",
+        server_threads=server.proc_status("Threads"),
+        client_threads=threading.active_count(),
+        other_processes_note=args.note,
+    )
     return info
 
 
@@ -323,8 +369,12 @@ def cpu_slug(cpu):
 
 def benchmark(args):
     loads = [float(x) for x in args.loads.split(",")]
-    out = {"benchmark": "serving: Poisson arrivals at fractions of the step batcher's capacity", "modes": {},
-           "config": config(args), "runs": []}
+    out = {
+        "benchmark": "serving: Poisson arrivals at fractions of the step batcher's capacity",
+        "modes": {},
+        "config": config(args),
+        "runs": [],
+    }
     capacity = None
     for mode in args.modes.split(","):
         server = Server(mode, args)
@@ -349,10 +399,20 @@ def num_classes(server):
 
 
 def config(args):
-    return {"window_s": args.window, "drain_limit_s": args.drain, "max_batch": args.max_batch, "max_queue": args.max_queue,
-            "model": args.model or "shipped", "workload": {"n": list(N_RANGE), "steps": list(STEPS),
-                                                          "methods": ["ddim", "ddpm"], "guidance": [None, GUIDANCE]},
-            "request_batching_window_s": RequestBatcher.window}
+    return {
+        "window_s": args.window,
+        "drain_limit_s": args.drain,
+        "max_batch": args.max_batch,
+        "max_queue": args.max_queue,
+        "model": args.model or "shipped",
+        "workload": {
+            "n": list(N_RANGE),
+            "steps": list(STEPS),
+            "methods": ["ddim", "ddpm"],
+            "guidance": [None, GUIDANCE],
+        },
+        "request_batching_window_s": RequestBatcher.window,
+    }
 
 
 def targets(runs):
@@ -383,16 +443,25 @@ def soak(args):
         rate = 0.7 * capacity / MEAN_N
         arrivals = poisson(rate, window, seed=7)
         bodies = workload(len(arrivals), seed=8, num_classes=num_classes(server))
-        print(f"soak: {len(arrivals)} requests over {window:.0f} s at {rate:.2f}/s (capacity {capacity:.2f} img/s)",
-              flush=True)
+        print(
+            f"soak: {len(arrivals)} requests over {window:.0f} s at {rate:.2f}/s (capacity {capacity:.2f} img/s)",
+            flush=True,
+        )
         with RssSampler(server, period=5.0) as rss:
             results, unfinished, t0 = asyncio.run(open_loop(server.url, bodies, arrivals, args.drain))
     finally:
         server.stop()
     summary = summarize(results, unfinished, t0, window, rss.samples)
-    return {"benchmark": f"soak: step batcher at 70% of capacity for {args.soak_minutes} min", "machine": info,
-            "config": config(args) | {"window_s": window}, "capacity_images_per_s": round(capacity, 3),
-            "rate_rps": round(rate, 3), **summary, "rss_trend": rss_trend(rss.samples), "rss_samples": rss.samples}
+    return {
+        "benchmark": f"soak: step batcher at 70% of capacity for {args.soak_minutes} min",
+        "machine": info,
+        "config": config(args) | {"window_s": window},
+        "capacity_images_per_s": round(capacity, 3),
+        "rate_rps": round(rate, 3),
+        **summary,
+        "rss_trend": rss_trend(rss.samples),
+        "rss_samples": rss.samples,
+    }
 
 
 def rss_trend(samples):
@@ -403,15 +472,22 @@ def rss_trend(samples):
     t, v = np.array(late).T
     half = len(t) // 2
     slope = lambda a, b: round(float(np.polyfit(a / 60.0, b, 1)[0]), 3)
-    return {"after_1_min_mb": v[0], "last_mb": v[-1], "max_mb": v.max(), "slope_mb_per_min": slope(t, v),
-            "second_half_slope_mb_per_min": slope(t[half:], v[half:])}
+    return {
+        "after_1_min_mb": v[0],
+        "last_mb": v[-1],
+        "max_mb": v.max(),
+        "slope_mb_per_min": slope(t, v),
+        "second_half_slope_mb_per_min": slope(t[half:], v[half:]),
+    }
 
 
 def print_table(out):
     print("\nmode                                              load   images/s   p50 s   p99 s   503s")
     for r in out["runs"]:
-        print(f"{LABELS[r['mode']]:50s} {int(r['load'] * 100):3d}%  {r['images_per_s']:8.2f}  {r['p50_s']:6.2f}  "
-              f"{r['p99_s']:6.2f}  {r['rejected_503']:5d}")
+        print(
+            f"{LABELS[r['mode']]:50s} {int(r['load'] * 100):3d}%  {r['images_per_s']:8.2f}  {r['p50_s']:6.2f}  "
+            f"{r['p99_s']:6.2f}  {r['rejected_503']:5d}"
+        )
     print(json.dumps(out["targets"], indent=1))
 
 
@@ -455,7 +531,9 @@ def main():
     if not args.soak_minutes:
         print_table(out)
     else:
-        print(json.dumps({k: out[k] for k in ("images_per_s", "p50_s", "p99_s", "rejected_503", "rss_trend")}, indent=1))
+        print(
+            json.dumps({k: out[k] for k in ("images_per_s", "p50_s", "p99_s", "rejected_503", "rss_trend")}, indent=1)
+        )
     print(f"wrote {path}")
 
 

@@ -5,6 +5,7 @@
 Prints ns/element, GB/s (12 bytes per element: read x and model_out, write x) and ratios, and writes
 bench/results/step_<cpu>-<cores>c-t<threads>.json (no hostnames or paths). torch is imported here only.
 """
+
 import argparse
 import json
 import os
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ddengine.kernels import _step
 from ddengine.core.reference import reference_step
+from ddengine.kernels import _step
 
 # A contractive DDPM-like row (engine/core/rows.py order) with sigma != 0, so repeated in-place steps stay bounded.
 ROW = np.array([1.02, -0.2, 0.0, 1.0, 0.0, 0.1, 0.85, 0.05, 0.1], np.float32)
@@ -48,7 +49,9 @@ def fused(n, threads):
 def numpy_unfused(n):
     rng = np.random.default_rng(0)
     x, m = np.zeros((1, n), np.float32), np.ones((1, n), np.float32)
-    return lambda: reference_step(x, m, ROW, rng.standard_normal(x.shape, dtype=np.float32), clip=CLIP, dtype=np.float32)
+    return lambda: reference_step(
+        x, m, ROW, rng.standard_normal(x.shape, dtype=np.float32), clip=CLIP, dtype=np.float32
+    )
 
 
 def diffusers_step(n):
@@ -81,36 +84,54 @@ def machine(threads):
     import diffusers
     import torch
 
-    return {"cpu": cpu_model() or platform.machine(), "cores": os.cpu_count(), "threads": threads,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "numpy": np.__version__,
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "loadavg_before": os.getloadavg()}
+    return {
+        "cpu": cpu_model() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "loadavg_before": os.getloadavg(),
+    }
 
 
 def run(sizes, threads, budget):
     """One row per size: median seconds of each contender and the derived ratios."""
     rows = []
     for n in sizes:
-        t = {"fused": median_seconds(fused(n, threads), budget),
-             "numpy": median_seconds(numpy_unfused(n), budget),
-             "diffusers": median_seconds(diffusers_step(n), budget),
-             "copy": median_seconds(copy_floor(n), budget)}
-        rows.append({"elements": n, "seconds": t,
-                     "ns_per_element": {k: v / n * 1e9 for k, v in t.items()},
-                     "fused_gb_s": STEP_BYTES * n / t["fused"] / 1e9,
-                     "speedup_vs_numpy": t["numpy"] / t["fused"], "speedup_vs_diffusers": t["diffusers"] / t["fused"],
-                     "fused_over_copy": t["fused"] / t["copy"]})
+        t = {
+            "fused": median_seconds(fused(n, threads), budget),
+            "numpy": median_seconds(numpy_unfused(n), budget),
+            "diffusers": median_seconds(diffusers_step(n), budget),
+            "copy": median_seconds(copy_floor(n), budget),
+        }
+        rows.append(
+            {
+                "elements": n,
+                "seconds": t,
+                "ns_per_element": {k: v / n * 1e9 for k, v in t.items()},
+                "fused_gb_s": STEP_BYTES * n / t["fused"] / 1e9,
+                "speedup_vs_numpy": t["numpy"] / t["fused"],
+                "speedup_vs_diffusers": t["diffusers"] / t["fused"],
+                "fused_over_copy": t["fused"] / t["copy"],
+            }
+        )
         print(table_line(rows[-1]), flush=True)
     return rows
 
 
 def table_line(r):
     ns = r["ns_per_element"]
-    return (f"{r['elements']:>9} | {ns['fused']:7.3f} {r['fused_gb_s']:6.2f} | {ns['numpy']:7.3f} "
-            f"{ns['diffusers']:8.3f} {ns['copy']:6.3f} | {r['speedup_vs_numpy']:6.1f}x "
-            f"{r['speedup_vs_diffusers']:7.1f}x {r['fused_over_copy']:6.2f}")
+    return (
+        f"{r['elements']:>9} | {ns['fused']:7.3f} {r['fused_gb_s']:6.2f} | {ns['numpy']:7.3f} "
+        f"{ns['diffusers']:8.3f} {ns['copy']:6.3f} | {r['speedup_vs_numpy']:6.1f}x "
+        f"{r['speedup_vs_diffusers']:7.1f}x {r['fused_over_copy']:6.2f}"
+    )
 
 
-HEADER = ("elements  | fused ns/el  GB/s | numpy  diffusers  copy (ns/el) | vs numpy vs diffusers fused/copy")
+HEADER = "elements  | fused ns/el  GB/s | numpy  diffusers  copy (ns/el) | vs numpy vs diffusers fused/copy"
 
 
 def write_json(path, payload):
@@ -140,9 +161,16 @@ def main():
     info["loadavg_after"] = os.getloadavg()
     slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")
     out = args.out or Path(__file__).resolve().parent / "results" / f"step_{slug}-{info['cores']}c-t{args.threads}.json"
-    write_json(out, {"benchmark": "fused step vs numpy / diffusers DDPMScheduler.step / copy floor",
-                     "step": {"row": [round(float(v), 6) for v in ROW], "clip": CLIP, "noise": True},
-                     "bytes_per_element": STEP_BYTES, "machine": info, "results": rows})
+    write_json(
+        out,
+        {
+            "benchmark": "fused step vs numpy / diffusers DDPMScheduler.step / copy floor",
+            "step": {"row": [round(float(v), 6) for v in ROW], "clip": CLIP, "noise": True},
+            "bytes_per_element": STEP_BYTES,
+            "machine": info,
+            "results": rows,
+        },
+    )
     print(f"wrote {out.name}")
 
 

@@ -11,6 +11,7 @@ OpenVINO bf16 and fp32, torch bf16 autocast and torch fp32, all alive at once an
 compile times and peak resident memory per stage are recorded, and a stage that does not fit in memory is
 recorded as skipped. Writes bench/results/text2image_<cpu>.json. Needs the export extra (torch, diffusers).
 """
+
 import argparse
 import gc
 import json
@@ -30,10 +31,17 @@ sys.path.insert(0, str(ROOT))  # tests.support.tiny_pipeline: the tiny pipeline 
 from ddengine.benchmark.harness import machine  # noqa: E402
 from ddengine.files.atomic import atomic_write  # noqa: E402
 
-SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=768, attention_head_dim=8)
+SD15 = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
 SMALL = SD15 | dict(block_out_channels=(32, 64, 64, 64), cross_attention_dim=64, norm_num_groups=8)  # a dry run of (b)
 TINY_BACKENDS = (("ort-cpu", "fp32"), ("openvino", "bf16"), ("openvino", "fp32"))
 PROMPTS = ("a photo of a cat", "a red shoe", "the blue bag", "a dog")
@@ -64,6 +72,7 @@ def watchdog(floor_gib=1.0, every=0.5):
                 print(f"\nwatchdog: {available:.2f} GiB available (< {floor_gib}); stopping the benchmark", flush=True)
                 os._exit(3)
             time.sleep(every)
+
     threading.Thread(target=watch, daemon=True).start()
 
 
@@ -85,8 +94,12 @@ class Stage:
 
     def __exit__(self, *exc):
         mem = memory()
-        self.record[self.name] = {"seconds": round(time.perf_counter() - self.start, 3), "peak_rss_gib": gib(mem["peak"]),
-                                  "rss_after_gib": gib(mem["rss"]), "available_after_gib": gib(mem["available"])}
+        self.record[self.name] = {
+            "seconds": round(time.perf_counter() - self.start, 3),
+            "peak_rss_gib": gib(mem["peak"]),
+            "rss_after_gib": gib(mem["rss"]),
+            "available_after_gib": gib(mem["available"]),
+        }
         print(f"  {self.name}: {self.record[self.name]}", flush=True)
 
 
@@ -124,12 +137,18 @@ def tiny_stages(args, work):
     runs = {name: [] for name in samplers}
     for k in range(args.tiny_repeats + 1):  # the first round warms up (OpenVINO compiles per shape) and is dropped
         names = list(samplers)
-        for name in names[k % len(names):] + names[:k % len(names)]:
+        for name in names[k % len(names) :] + names[: k % len(names)]:
             s, totals = samplers[name], {}
             s.parts.conditioner.forget_prompts()  # the text encoder runs in every repeat
             s.parts.conditioner.text_encoder.totals = s.parts.decoder.part.totals = totals
-            request = s.request(args.images, steps=args.steps, prompt=prompts, negative_prompt="blurry", guidance=7.5,
-                                batch_size=args.images)
+            request = s.request(
+                args.images,
+                steps=args.steps,
+                prompt=prompts,
+                negative_prompt="blurry",
+                guidance=7.5,
+                batch_size=args.images,
+            )
             start = time.perf_counter()
             s.run(request, timers=totals)
             totals["total"] = time.perf_counter() - start
@@ -141,22 +160,38 @@ def tiny_stages(args, work):
         median = {key: statistics.median(r[key] for r in measured) for key in measured[0]}
         text, vae = parts[name]
         backend = samplers[name].backend
-        rows.append({"backend": name, "unet": f"{backend.name} {getattr(backend, 'precision', 'fp32')}",
-                     "text_encoder": f"{text.name} {text.precision}", "vae_decoder": f"{vae.name} {vae.precision}",
-                     "median_s": {k: round(v, 5) for k, v in median.items()}})
+        rows.append(
+            {
+                "backend": name,
+                "unet": f"{backend.name} {getattr(backend, 'precision', 'fp32')}",
+                "text_encoder": f"{text.name} {text.precision}",
+                "vae_decoder": f"{vae.name} {vae.precision}",
+                "median_s": {k: round(v, 5) for k, v in median.items()},
+            }
+        )
         print(f"  {name}: {rows[-1]['median_s']}", flush=True)
-    return {"images": args.images, "steps": args.steps, "guidance": 7.5, "distinct_prompts": len(set(prompts)),
-            "negative_prompt": "blurry", "repeats": args.tiny_repeats,
-            "note": "text encoder: the distinct prompts and the negative prompt once per run (the cache is cleared); "
-                    "U-Net loop: every forward (guided: 2 rows per image) plus the fused step", "rows": rows}
+    return {
+        "images": args.images,
+        "steps": args.steps,
+        "guidance": 7.5,
+        "distinct_prompts": len(set(prompts)),
+        "negative_prompt": "blurry",
+        "repeats": args.tiny_repeats,
+        "note": "text encoder: the distinct prompts and the negative prompt once per run (the cache is cleared); "
+        "U-Net loop: every forward (guided: 2 rows per image) plus the fused step",
+        "rows": rows,
+    }
 
 
 def sd_feeds(config):
     """One guided step's U-Net inputs: batch 2 (conditional and unconditional rows), 77 text tokens."""
     rng = np.random.default_rng(0)
     size, hidden = config["sample_size"], config["cross_attention_dim"]
-    return {"sample": rng.standard_normal((2, 4, size, size)).astype(np.float32), "timestep": np.array([500, 500], np.int64),
-            "encoder_hidden_states": rng.standard_normal((2, 77, hidden)).astype(np.float32)}
+    return {
+        "sample": rng.standard_normal((2, 4, size, size)).astype(np.float32),
+        "timestep": np.array([500, 500], np.int64),
+        "encoder_hidden_states": rng.standard_normal((2, 77, hidden)).astype(np.float32),
+    }
 
 
 def sd_unet(args, work, config):
@@ -170,16 +205,26 @@ def sd_unet(args, work, config):
     from ddengine.model.spec import METADATA_KEY
 
     torch.set_num_threads(args.threads)
-    record = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}, "batch": 2,
-              "memory_available_before_gib": gib(memory()["available"]), "stages": {}}
+    record = {
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+        "batch": 2,
+        "memory_available_before_gib": gib(memory()["available"]),
+        "stages": {},
+    }
     stages = record["stages"]
     with Stage(stages, "build_torch_fp32"):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**config).eval()
     record["parameters"] = sum(p.numel() for p in unet.parameters())
     feeds, module, path = sd_feeds(config), text_unet(unet), work / "unet.onnx"
-    spec = spec_for({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
-                    4, config["sample_size"], config["sample_size"], 0, text=True)
+    spec = spec_for(
+        {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+        4,
+        config["sample_size"],
+        config["sample_size"],
+        0,
+        text=True,
+    )
     with Stage(stages, "export_onnx"), torch.inference_mode():
         export_graph(module, feeds, ["out"], path, metadata={METADATA_KEY: spec.to_json()})
     record["onnx_bytes"] = {p.name: p.stat().st_size for p in sorted(work.glob("unet.onnx*"))}
@@ -194,6 +239,7 @@ def sd_unet(args, work, config):
     def torch_forward(bf16):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return module(**tensors).float().numpy()
+
     runners["torch bf16 autocast"] = lambda: torch_forward(True)
     runners["torch fp32"] = lambda: torch_forward(False)
     record["skipped"] = skipped
@@ -213,7 +259,9 @@ def add_ort(runners, skipped, stages, path, threads, onnx_gib, feeds):
         skipped["ort-cpu fp32"] = f"{gib(memory()['available'])} GiB available; the session needs about {need:.1f}"
         return
     opts = session_options(threads)
-    opts.enable_cpu_mem_arena = False  # else the forward's ~5 GB of attention buffers stay resident while the others run
+    opts.enable_cpu_mem_arena = (
+        False  # else the forward's ~5 GB of attention buffers stay resident while the others run
+    )
     with Stage(stages, "ort_session_fp32"):
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     runners["ort-cpu fp32"] = lambda: session.run(None, feeds)[0]
@@ -227,7 +275,9 @@ def add_openvino(runners, skipped, stages, path, threads, onnx_gib, feeds):
     for precision, share in (("bf16", 0.6), ("fp32", 1.1)):
         need = share * onnx_gib + (onnx_gib if graph is None else 0)
         if memory()["available"] / 2**30 < need:
-            skipped[f"openvino {precision}"] = f"{gib(memory()['available'])} GiB available; compiling needs about {need:.1f}"
+            skipped[f"openvino {precision}"] = (
+                f"{gib(memory()['available'])} GiB available; compiling needs about {need:.1f}"
+            )
             continue
         with Stage(stages, f"openvino_compile_{precision}"):
             graph = graph or OpenVinoGraph(path, precision, threads)
@@ -249,7 +299,7 @@ def round_robin(runners, rounds):
         print(f"  warm-up {name}: {first[name]:.2f} s, resident {resident[name]} GiB", flush=True)
     names = list(runners)
     for k in range(rounds):
-        for name in names[k % len(names):] + names[:k % len(names)]:
+        for name in names[k % len(names) :] + names[: k % len(names)]:
             start = time.perf_counter()
             runners[name]()
             times[name].append(time.perf_counter() - start)
@@ -257,10 +307,18 @@ def round_robin(runners, rounds):
     rows = []
     for name in names:
         err = float(np.max(np.abs(outputs[name] - want)))
-        rows.append({"runner": name, "median_s": round(statistics.median(times[name]), 3), "best_s": round(min(times[name]), 3),
-                     "first_s": round(first[name], 3), "runs_s": [round(t, 3) for t in times[name]],
-                     "resident_after_warm_up_gib": resident[name],
-                     "max_abs_vs_torch_fp32": err, "rel_vs_torch_fp32": err / float(np.max(np.abs(want)))})
+        rows.append(
+            {
+                "runner": name,
+                "median_s": round(statistics.median(times[name]), 3),
+                "best_s": round(min(times[name]), 3),
+                "first_s": round(first[name], 3),
+                "runs_s": [round(t, 3) for t in times[name]],
+                "resident_after_warm_up_gib": resident[name],
+                "max_abs_vs_torch_fp32": err,
+                "rel_vs_torch_fp32": err / float(np.max(np.abs(want))),
+            }
+        )
         print(f"  {name}: median {rows[-1]['median_s']} s, max |vs torch fp32| {err:.3g}", flush=True)
     return rows
 
@@ -276,11 +334,18 @@ def main(argv=None):
     p.add_argument("--skip-tiny", action="store_true")
     p.add_argument("--skip-sd", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--work", default=None, help="folder for the exported models (default: the system's temporary folder)")
+    p.add_argument(
+        "--work", default=None, help="folder for the exported models (default: the system's temporary folder)"
+    )
     args = p.parse_args(argv)
-    result = {"benchmark": "text-to-image: per-stage time (tiny pipeline) and one SD-1.5-size U-Net step", "machine": machine(),
-              "threads": args.threads}
-    print(f"{result['machine']['cpu']}, {result['machine']['isa_flags']}, load {result['machine']['load_average_1_5_15min']}")
+    result = {
+        "benchmark": "text-to-image: per-stage time (tiny pipeline) and one SD-1.5-size U-Net step",
+        "machine": machine(),
+        "threads": args.threads,
+    }
+    print(
+        f"{result['machine']['cpu']}, {result['machine']['isa_flags']}, load {result['machine']['load_average_1_5_15min']}"
+    )
     cpu = re.sub(r"[^a-z0-9]+", "-", result["machine"]["cpu"].lower()).strip("-")
     suffix = "" if args.unet == "sd15" or args.skip_sd else f"_{args.unet}"
     path = Path(args.out) / f"text2image_{cpu}{suffix}.json"

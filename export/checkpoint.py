@@ -1,4 +1,5 @@
 """Training checkpoints: one safetensors file (weights, EMA weights, AdamW state) + JSON metadata, written atomically."""
+
 import json
 from pathlib import Path
 
@@ -39,7 +40,9 @@ def load(path):
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} is a safetensors file but not a ddengine checkpoint (no '{META_KEY}' metadata)")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r} v{meta.get('format_version')!r}, expected {FORMAT!r} v{FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path}: format {meta.get('format')!r} v{meta.get('format_version')!r}, expected {FORMAT!r} v{FORMAT_VERSION}"
+        )
     parts = {"model": {}, "ema": {}, "optim": {}}
     for key, value in tensors.items():
         kind, _, rest = key.partition(".")

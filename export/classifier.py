@@ -1,4 +1,5 @@
 """Small Fashion-MNIST CNN for quality metrics: outputs `logits` and its penultimate `features` (FID space)."""
+
 import json
 import time
 
@@ -40,7 +41,9 @@ def accuracy(model, x, y, batch=1000):
     """Share of correct argmax predictions."""
     model.eval()
     with torch.no_grad():
-        hits = sum(int((model(x[i:i + batch])[0].argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+        hits = sum(
+            int((model(x[i : i + batch])[0].argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch)
+        )
     return hits / len(x)
 
 
@@ -59,13 +62,16 @@ def train(data_path=None, epochs=4, batch_size=128, lr=2e-3, seed=0, log=print):
         model.train()
         perm = torch.randperm(len(x), generator=gen)
         for i in range(len(x) // batch_size):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+            idx = perm[i * batch_size : (i + 1) * batch_size]
             loss = F.cross_entropy(model(x[idx])[0], y[idx], label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-        log(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, test accuracy {accuracy(model, xt, yt):.4f} ({time.monotonic() - start:.0f} s)")
+        log(
+            f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, test accuracy {accuracy(model, xt, yt):.4f} "
+            f"({time.monotonic() - start:.0f} s)"
+        )
     return model.eval(), accuracy(model, xt, yt)
 
 
@@ -77,11 +83,29 @@ def export(model, out_path, test_accuracy=None):
 
     batch = torch.export.Dim("batch", min=1, max=65536)
     with _quiet():
-        program = torch.onnx.export(model.eval(), (torch.zeros(2, 1, 32, 32),), None, input_names=["image"], output_names=["logits", "features"],
-                                    dynamic_shapes={"x": {0: batch}}, opset_version=17, dynamo=True, optimize=True, verbose=False)
+        program = torch.onnx.export(
+            model.eval(),
+            (torch.zeros(2, 1, 32, 32),),
+            None,
+            input_names=["image"],
+            output_names=["logits", "features"],
+            dynamic_shapes={"x": {0: batch}},
+            opset_version=17,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
     proto = program.model_proto
-    meta = {"input": "image", "layout": "NCHW", "size": 32, "value_range": [-1.0, 1.0], "pad_value": -1.0,
-            "classes": list(CLASS_NAMES), "features": FEATURES, "test_accuracy": test_accuracy}
+    meta = {
+        "input": "image",
+        "layout": "NCHW",
+        "size": 32,
+        "value_range": [-1.0, 1.0],
+        "pad_value": -1.0,
+        "classes": list(CLASS_NAMES),
+        "features": FEATURES,
+        "test_accuracy": test_accuracy,
+    }
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta, sort_keys=True)})
     check(proto)
     verify(proto, model)

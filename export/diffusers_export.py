@@ -1,4 +1,5 @@
 """A saved diffusers UNet2DModel (+ scheduler_config.json) -> the same self-describing ONNX as our own U-Net."""
+
 import json
 from pathlib import Path
 
@@ -20,11 +21,17 @@ def find_folders(folder):
     folder = Path(folder)
     for unet_dir in (folder, folder / "unet"):
         if (unet_dir / "config.json").is_file():
-            for sched in (unet_dir / "scheduler_config.json", folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json"):
+            for sched in (
+                unet_dir / "scheduler_config.json",
+                folder / "scheduler_config.json",
+                folder / "scheduler" / "scheduler_config.json",
+            ):
                 if sched.is_file():
                     return unet_dir, sched
             raise DiffusersExportError(f"{folder}: no scheduler_config.json next to the model or under scheduler/")
-    raise DiffusersExportError(f"{folder}: no config.json of a diffusers UNet2DModel (looked in {folder} and {folder / 'unet'})")
+    raise DiffusersExportError(
+        f"{folder}: no config.json of a diffusers UNet2DModel (looked in {folder} and {folder / 'unet'})"
+    )
 
 
 def check_config(cfg):
@@ -36,14 +43,22 @@ def check_config(cfg):
         if bad:
             raise DiffusersExportError(f"{key} {bad} not supported (supported: {', '.join(allowed)})")
     if cfg.get("mid_block_type", "UNetMidBlock2D") not in MID_BLOCKS:
-        raise DiffusersExportError(f"mid_block_type {cfg['mid_block_type']!r} not supported (supported: UNetMidBlock2D or none)")
+        raise DiffusersExportError(
+            f"mid_block_type {cfg['mid_block_type']!r} not supported (supported: UNetMidBlock2D or none)"
+        )
     if cfg.get("time_embedding_type", "positional") != "positional":
-        raise DiffusersExportError(f"time_embedding_type {cfg['time_embedding_type']!r} not supported (expected 'positional': integer timesteps)")
+        raise DiffusersExportError(
+            f"time_embedding_type {cfg['time_embedding_type']!r} not supported (expected 'positional': integer timesteps)"
+        )
     if cfg.get("class_embed_type") is not None:
-        raise DiffusersExportError(f"class_embed_type {cfg['class_embed_type']!r} not supported (expected null with num_class_embeds)")
+        raise DiffusersExportError(
+            f"class_embed_type {cfg['class_embed_type']!r} not supported (expected null with num_class_embeds)"
+        )
     cin, cout = cfg.get("in_channels", 3), cfg.get("out_channels", 3)
     if cout != cin:
-        raise DiffusersExportError(f"out_channels {cout} != in_channels {cin} (learned variance or a different output) is not supported")
+        raise DiffusersExportError(
+            f"out_channels {cout} != in_channels {cin} (learned variance or a different output) is not supported"
+        )
 
 
 def scheduler_from(path, num_train_timesteps=None):

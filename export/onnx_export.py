@@ -1,4 +1,5 @@
 """Export a U-Net to a self-describing ONNX file (opset 17, dynamic batch) that verifies itself against torch."""
+
 import logging
 import warnings
 from pathlib import Path
@@ -27,16 +28,25 @@ def spec_for(scheduler, channels, height, width, num_classes, text=False):
     names = {k: k for k in (INPUTS if num_classes else INPUTS[:2])}
     if text:
         names["encoder_hidden_states"] = "encoder_hidden_states"
-    return ModelSpec(scheduler=dict(scheduler), channels=channels, height=height, width=width, num_classes=num_classes,
-                     null_class=num_classes if num_classes else None, input_names=names)
+    return ModelSpec(
+        scheduler=dict(scheduler),
+        channels=channels,
+        height=height,
+        width=width,
+        num_classes=num_classes,
+        null_class=num_classes if num_classes else None,
+        input_names=names,
+    )
 
 
 def random_inputs(spec, n, seed, num_train_timesteps=None):
     """Random (sample, timestep, [class_labels]) numpy inputs for a model described by `spec`."""
     rng = np.random.default_rng(seed)
     T = num_train_timesteps or spec.scheduler.get("num_train_timesteps", 1000)
-    feeds = {"sample": rng.standard_normal((n, spec.channels, spec.height, spec.width)).astype(np.float32),
-             "timestep": rng.integers(0, T, n).astype(np.int64)}
+    feeds = {
+        "sample": rng.standard_normal((n, spec.channels, spec.height, spec.width)).astype(np.float32),
+        "timestep": rng.integers(0, T, n).astype(np.int64),
+    }
     if spec.num_classes:
         feeds["class_labels"] = rng.integers(0, spec.num_classes + 1, n).astype(np.int64)
     return feeds
@@ -58,9 +68,18 @@ def trace(module, feeds, output_names, metadata=None, opset=OPSET):
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module.eval(), args, None, input_names=list(feeds), output_names=list(output_names),
-                                    dynamic_shapes={k: {0: batch} for k in feeds}, opset_version=opset, dynamo=True,
-                                    optimize=True, verbose=False)
+        program = torch.onnx.export(
+            module.eval(),
+            args,
+            None,
+            input_names=list(feeds),
+            output_names=list(output_names),
+            dynamic_shapes={k: {0: batch} for k in feeds},
+            opset_version=opset,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
     model = program.model_proto
     for i, node in enumerate(model.graph.node):
         node.name = node.name or f"{node.op_type}_{i}"
@@ -82,8 +101,14 @@ def export_graph(module, feeds, output_names, path, metadata=None, fp16=False):
     path = Path(path)
     weights = sum(len(t.raw_data) for t in model.graph.initializer)
     if weights > EXTERNAL_DATA_BYTES:  # protobuf cannot serialize 2 GB: the weights go next to the graph
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(path))
     del model
@@ -132,7 +157,9 @@ class _quiet:
     """Silence torch.onnx's INFO/WARNING logging for the duration of an export."""
 
     def __enter__(self):
-        self.loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")]
+        self.loggers = [
+            logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")
+        ]
         self.levels = [lg.level for lg in self.loggers]
         for lg in self.loggers:
             lg.setLevel(logging.ERROR)
@@ -187,8 +214,9 @@ def write_model(model, out_path):
 
 def load_checkpoint_module(path):
     """(UNet with EMA weights in eval mode, ModelSpec) from a training checkpoint."""
-    from . import checkpoint
     from ddengine.nets.unet import UNet, UNetConfig
+
+    from . import checkpoint
 
     meta, parts = checkpoint.load(path)
     try:
@@ -206,8 +234,8 @@ def export_checkpoint(path, out_path, fp16=False, recommended_guidance=None, sch
     """`ddengine export CHECKPOINT -o OUT [--fp16]`: OUT and its torch twin OUT.safetensors; returns the max errors."""
     from dataclasses import replace
 
-    from ddengine.nets.twin import save_twin, twin_path
     from ddengine.core.schedule import with_sampling_overrides
+    from ddengine.nets.twin import save_twin, twin_path
 
     module, spec = load_checkpoint_module(path)
     if recommended_guidance is not None:
@@ -217,14 +245,3 @@ def export_checkpoint(path, out_path, fp16=False, recommended_guidance=None, sch
     errors = export_module(module, spec, out_path, fp16=fp16)
     save_twin(twin_path(out_path), module)
     return errors
-
-
-def read_spec(path):
-    """The ModelSpec stored in an ONNX file's metadata."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    props = {p.key: p.value for p in model.metadata_props}
-    if METADATA_KEY not in props:
-        raise ExportError(f"{path} has no '{METADATA_KEY}' metadata entry")
-    return ModelSpec.from_json(props[METADATA_KEY])

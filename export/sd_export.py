@@ -5,6 +5,7 @@ encoder_hidden_states input), vae_decoder.onnx, tokenizer.json and pipeline.json
 MODEL_DIR, verifies every part against torch on ONNX Runtime, and only then renames the folder into place.
 Parts too large for one protobuf (2 GB) keep their weights in ONNX external data (PART.onnx.data).
 """
+
 import json
 import os
 import shutil
@@ -21,9 +22,16 @@ from .onnx_export import ExportError, export_graph, spec_for, verify_file
 
 RUN = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 IGNORED = ("safety_checker", "feature_extractor")  # not run by ddengine: left out of the exported folder
-REFUSED = {"text_encoder_2": "SDXL's second text encoder", "tokenizer_2": "SDXL's second tokenizer",
-           "image_encoder": "IP-Adapter's image encoder", "controlnet": "ControlNet", "transformer": "a diffusion transformer",
-           "prior": "a prior model", "adapter": "a T2I-Adapter", "motion_adapter": "a motion adapter"}
+REFUSED = {
+    "text_encoder_2": "SDXL's second text encoder",
+    "tokenizer_2": "SDXL's second tokenizer",
+    "image_encoder": "IP-Adapter's image encoder",
+    "controlnet": "ControlNet",
+    "transformer": "a diffusion transformer",
+    "prior": "a prior model",
+    "adapter": "a T2I-Adapter",
+    "motion_adapter": "a motion adapter",
+}
 PIPELINES = ("StableDiffusionPipeline",)
 ATOL = 1e-4
 TEXT_LENGTH = 77
@@ -51,15 +59,19 @@ def read_index(folder):
     parts = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None}
     refused = sorted(parts & set(REFUSED))
     if refused:  # named before the class: an SDXL or ControlNet folder is told which part ddengine lacks
-        raise PipelineExportError(f"{folder}: ddengine does not run {', '.join(f'{p} ({REFUSED[p]})' for p in refused)}; "
-                                  f"it exports {', '.join(PIPELINES)} folders with the parts {', '.join(RUN)}")
+        raise PipelineExportError(
+            f"{folder}: ddengine does not run {', '.join(f'{p} ({REFUSED[p]})' for p in refused)}; "
+            f"it exports {', '.join(PIPELINES)} folders with the parts {', '.join(RUN)}"
+        )
     name = index.get("_class_name")
     if name not in PIPELINES:
         raise PipelineExportError(f"{path}: pipeline class {name!r} is not supported (expected {', '.join(PIPELINES)})")
     unknown = sorted(parts - set(RUN) - set(IGNORED) - set(REFUSED))
     missing = sorted(set(RUN) - parts)
     if unknown or missing:
-        raise PipelineExportError(f"{folder}: expected the parts {', '.join(RUN)}; missing {missing}, not supported {unknown}")
+        raise PipelineExportError(
+            f"{folder}: expected the parts {', '.join(RUN)}; missing {missing}, not supported {unknown}"
+        )
     return index
 
 
@@ -79,14 +91,21 @@ def check_unet(config):
     """Refuse U-Net features beyond text conditioning, naming them."""
     if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise PipelineExportError(f"the U-Net is a {config['_class_name']!r}; expected a UNet2DConditionModel")
-    extra = {k: config.get(k) for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")}
+    extra = {
+        k: config.get(k)
+        for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")
+    }
     used = {k: v for k, v in extra.items() if v is not None}
     if used:
-        raise PipelineExportError(f"the U-Net uses {', '.join(f'{k}={v!r}' for k, v in used.items())} (SDXL micro-conditioning, "
-                                  "class or image embeddings): only text-conditioned U-Nets are supported")
+        raise PipelineExportError(
+            f"the U-Net uses {', '.join(f'{k}={v!r}' for k, v in used.items())} (SDXL micro-conditioning, "
+            "class or image embeddings): only text-conditioned U-Nets are supported"
+        )
     if config.get("in_channels") != config.get("out_channels"):
-        raise PipelineExportError(f"U-Net in_channels {config.get('in_channels')} != out_channels {config.get('out_channels')} "
-                                  "(inpainting or learned variance) is not supported")
+        raise PipelineExportError(
+            f"U-Net in_channels {config.get('in_channels')} != out_channels {config.get('out_channels')} "
+            "(inpainting or learned variance) is not supported"
+        )
 
 
 def export_pipeline(folder, out_dir, fp16=False, height=None, width=None, log=print):
@@ -119,10 +138,18 @@ def export_pipeline(folder, out_dir, fp16=False, height=None, width=None, log=pr
             errors["unet"] = _unet(unet, tmp, scheduler, latent, text_length, hidden, fp16, log)
             errors["vae_decoder"] = _vae_decoder(vae, tmp, latent, fp16, log)
         tokenizer.backend_tokenizer.save(str(tmp / DEFAULT_FILES["tokenizer"]))
-        spec = PipelineSpec(text_length=text_length, pad_token_id=int(tokenizer.pad_token_id), image_channels=vae.config.out_channels,
-                            vae_scaling_factor=float(vae.config.scaling_factor), vae_scale=scale,
-                            source={"pipeline": index.get("_class_name"), "diffusers": index.get("_diffusers_version"),
-                                    "fp16": bool(fp16)})
+        spec = PipelineSpec(
+            text_length=text_length,
+            pad_token_id=int(tokenizer.pad_token_id),
+            image_channels=vae.config.out_channels,
+            vae_scaling_factor=float(vae.config.scaling_factor),
+            vae_scale=scale,
+            source={
+                "pipeline": index.get("_class_name"),
+                "diffusers": index.get("_diffusers_version"),
+                "fp16": bool(fp16),
+            },
+        )
         (tmp / "pipeline.json").write_text(spec.to_json())
         PipelineSpec.read(tmp)
         if out_dir.exists():
@@ -147,8 +174,10 @@ def latent_size(unet_config, vae_config, height=None, width=None):
     h = latent[0] * scale if height is None else height
     w = latent[1] * scale if width is None else width
     if h < step or w < step or h % step or w % step:
-        raise PipelineExportError(f"--height/--width must be positive multiples of {step} (the VAE's factor {scale} times the "
-                                  f"U-Net's downsampling {step // scale}), got {h}x{w}")
+        raise PipelineExportError(
+            f"--height/--width must be positive multiples of {step} (the VAE's factor {scale} times the "
+            f"U-Net's downsampling {step // scale}), got {h}x{w}"
+        )
     return (h // scale, w // scale), scale
 
 
@@ -166,7 +195,15 @@ def _text_encoder(text, folder, length, fp16, log):
 
     vocab = text.config.vocab_size
     feeds = lambda n, seed: {"input_ids": np.random.default_rng(seed).integers(0, vocab, (n, length)).astype(np.int64)}  # noqa: E731
-    return _part(TextEncoder().eval(), feeds, ["hidden_states"], folder / DEFAULT_FILES["text_encoder"], fp16, log, "text encoder")
+    return _part(
+        TextEncoder().eval(),
+        feeds,
+        ["hidden_states"],
+        folder / DEFAULT_FILES["text_encoder"],
+        fp16,
+        log,
+        "text encoder",
+    )
 
 
 def text_unet(unet):
@@ -194,11 +231,22 @@ def _unet(unet, folder, scheduler, latent, length, hidden, fp16, log):
 
     def feeds(n, seed):
         rng = np.random.default_rng(seed)
-        return {"sample": rng.standard_normal((n, channels, *latent)).astype(np.float32),
-                "timestep": rng.integers(0, T, n).astype(np.int64),
-                "encoder_hidden_states": rng.standard_normal((n, length, hidden)).astype(np.float32)}
-    return _part(text_unet(unet), feeds, ["out"], folder / DEFAULT_FILES["unet"], fp16, log, "U-Net",
-                 metadata={METADATA_KEY: spec.to_json()})
+        return {
+            "sample": rng.standard_normal((n, channels, *latent)).astype(np.float32),
+            "timestep": rng.integers(0, T, n).astype(np.int64),
+            "encoder_hidden_states": rng.standard_normal((n, length, hidden)).astype(np.float32),
+        }
+
+    return _part(
+        text_unet(unet),
+        feeds,
+        ["out"],
+        folder / DEFAULT_FILES["unet"],
+        fp16,
+        log,
+        "U-Net",
+        metadata={METADATA_KEY: spec.to_json()},
+    )
 
 
 def _vae_decoder(vae, folder, latent, fp16, log):

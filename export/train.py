@@ -1,4 +1,5 @@
 """Train the class-conditional epsilon-prediction U-Net (Ho et al. 2020, Algorithm 1) with label dropout for CFG."""
+
 import copy
 import math
 import sys
@@ -10,9 +11,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from . import checkpoint
-from ddengine.quality.fashion_mnist import load as load_data
 from ddengine.nets.unet import UNet, UNetConfig
+from ddengine.quality.fashion_mnist import load as load_data
+
+from . import checkpoint
 
 LAST = "last.safetensors"
 LOSS_LOG = "loss.tsv"
@@ -47,11 +49,19 @@ def scheduler_dict(beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000):
     if beta_schedule not in ("linear", "squaredcos_cap_v2"):
         raise ValueError(f"beta_schedule must be 'linear' or 'squaredcos_cap_v2', got {beta_schedule!r}")
     return {
-        "num_train_timesteps": int(num_train_timesteps), "beta_schedule": beta_schedule,
-        "beta_start": 0.0001, "beta_end": 0.02, "trained_betas": None,
-        "prediction_type": "epsilon", "clip_sample": False, "clip_sample_range": 1.0,
-        "timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True,
-        "variance_type": "fixed_small", "rescale_betas_zero_snr": False,
+        "num_train_timesteps": int(num_train_timesteps),
+        "beta_schedule": beta_schedule,
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "trained_betas": None,
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+        "clip_sample_range": 1.0,
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+        "set_alpha_to_one": True,
+        "variance_type": "fixed_small",
+        "rescale_betas_zero_snr": False,
     }
 
 
@@ -119,13 +129,28 @@ def resume(path):
 
 def save(path, model_cfg, train_cfg, model, ema, opt, step, loss):
     """Checkpoint with everything `resume` and `export` need."""
-    meta = {"model_config": asdict(model_cfg), "train_config": asdict(train_cfg), "step": step,
-            "scheduler": scheduler_dict(train_cfg.beta_schedule, train_cfg.num_train_timesteps),
-            "loss": loss, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {
+        "model_config": asdict(model_cfg),
+        "train_config": asdict(train_cfg),
+        "step": step,
+        "scheduler": scheduler_dict(train_cfg.beta_schedule, train_cfg.num_train_timesteps),
+        "loss": loss,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     checkpoint.save(path, model=model, ema=ema, optimizer=opt, meta=meta)
 
 
-def train(out_dir, model_cfg=None, train_cfg=None, data=None, data_path=None, resume_from=None, log=print, max_steps=None, max_seconds=None):
+def train(
+    out_dir,
+    model_cfg=None,
+    train_cfg=None,
+    data=None,
+    data_path=None,
+    resume_from=None,
+    log=print,
+    max_steps=None,
+    max_seconds=None,
+):
     """Run (or continue) training; checkpoints go to out_dir/last.safetensors. Returns the final mean loss."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,11 +162,16 @@ def train(out_dir, model_cfg=None, train_cfg=None, data=None, data_path=None, re
         step = 0
     x, y = data if data is not None else load_data("train", data_path, size=model_cfg.image_size)
     x, y = torch.as_tensor(x), torch.as_tensor(y)
-    abar = torch.as_tensor(alphas_cumprod(scheduler_dict(train_cfg.beta_schedule, train_cfg.num_train_timesteps)), dtype=torch.float32)
+    abar = torch.as_tensor(
+        alphas_cumprod(scheduler_dict(train_cfg.beta_schedule, train_cfg.num_train_timesteps)), dtype=torch.float32
+    )
     per_epoch = len(x) // train_cfg.batch_size
     planned = train_cfg.epochs * per_epoch
     total = planned if max_steps is None else min(max_steps, planned)
-    log(f"{sum(p.numel() for p in model.parameters())} parameters, {per_epoch} steps/epoch, {total} steps, precision {train_cfg.precision}")
+    log(
+        f"{sum(p.numel() for p in model.parameters())} parameters, {per_epoch} steps/epoch, {total} steps, "
+        f"precision {train_cfg.precision}"
+    )
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     return _loop(out_dir, model_cfg, train_cfg, model, ema, opt, step, total, planned, x, y, abar, per_epoch, deadline)
 
@@ -167,7 +197,7 @@ def _loop(out_dir, model_cfg, train_cfg, model, ema, opt, step, total, planned, 
         for i in range(offset, per_epoch):
             if step >= total:
                 break
-            idx = perm[i * bs:(i + 1) * bs]
+            idx = perm[i * bs : (i + 1) * bs]
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, train_cfg, planned)
             with autocast:

@@ -10,6 +10,7 @@ and no BuilderFlag is ever set for it. Every None/False return raises with the p
 logger's text; the engine and then its manifest are written atomically, and an engine whose manifest
 matches the cache key is reused instead of rebuilt.
 """
+
 import json
 import logging
 from dataclasses import dataclass
@@ -47,16 +48,24 @@ class BuildConfig:
         if self.precision not in mf.PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(mf.PRECISIONS)}, got {self.precision!r}")
         if self.hardware_compat not in mf.HARDWARE_COMPAT:
-            raise ValueError(f"hardware_compat must be one of {', '.join(mf.HARDWARE_COMPAT)}, got {self.hardware_compat!r}")
+            raise ValueError(
+                f"hardware_compat must be one of {', '.join(mf.HARDWARE_COMPAT)}, got {self.hardware_compat!r}"
+            )
         batch = tuple(self.batch)
-        if len(batch) != 3 or not all(isinstance(b, int) and b >= 1 for b in batch) or not batch[0] <= batch[1] <= batch[2]:
+        if (
+            len(batch) != 3
+            or not all(isinstance(b, int) and b >= 1 for b in batch)
+            or not batch[0] <= batch[1] <= batch[2]
+        ):
             raise ValueError(f"batch must be MIN:OPT:MAX integers with 1 <= MIN <= OPT <= MAX, got {self.batch!r}")
         if not self.workspace_gb > 0:
             raise ValueError(f"workspace_gb must be > 0, got {self.workspace_gb!r}")
 
     @property
     def engine(self):
-        return Path(self.engine_path) if self.engine_path is not None else Path(self.onnx_path).with_suffix(ENGINE_SUFFIX)
+        return (
+            Path(self.engine_path) if self.engine_path is not None else Path(self.onnx_path).with_suffix(ENGINE_SUFFIX)
+        )
 
 
 @dataclass(frozen=True)
@@ -89,7 +98,9 @@ def onnx_precision(proto):
         return "fp16"
     for node in graph.node:
         for attr in node.attribute:
-            if (attr.name == "to" and attr.i == fp16) or (attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == fp16):
+            if (attr.name == "to" and attr.i == fp16) or (
+                attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == fp16
+            ):
                 return "fp16"
     values = [*graph.input, *graph.output, *graph.value_info]
     return "fp16" if any(v.type.tensor_type.elem_type == fp16 for v in values) else "fp32"
@@ -101,9 +112,13 @@ def check_precision(proto, precision, path):
     if found == precision:
         return
     if precision == "fp16":
-        raise BuildError(f"--precision fp16 needs a float16 ONNX, but {path} is float32; make one with "
-                         f"`ddengine export --fp16` (TensorRT 11 has no FP16 builder flag)")
-    raise BuildError(f"--precision fp32 was asked for, but {path} contains float16 tensors; build it with --precision fp16")
+        raise BuildError(
+            f"--precision fp16 needs a float16 ONNX, but {path} is float32; make one with "
+            f"`ddengine export --fp16` (TensorRT 11 has no FP16 builder flag)"
+        )
+    raise BuildError(
+        f"--precision fp32 was asked for, but {path} contains float16 tensors; build it with --precision fp16"
+    )
 
 
 def input_shapes(spec, engine_batch, path):
@@ -112,7 +127,9 @@ def input_shapes(spec, engine_batch, path):
     for role in spec.roles():
         tensor = spec.io[role]
         if any(d < 1 for d in tensor.shape[1:]):
-            raise BuildError(f"{path}: input {tensor.name!r} has shape {list(tensor.shape)}; only axis 0 (batch) may be dynamic")
+            raise BuildError(
+                f"{path}: input {tensor.name!r} has shape {list(tensor.shape)}; only axis 0 (batch) may be dynamic"
+            )
         if tensor.scalar or tensor.shape[0] >= 1:
             continue  # scalar or static input: no profile entry needed
         shapes[tensor.name] = tuple(tensor.at(rows) for rows in engine_batch)
@@ -132,8 +149,15 @@ def build_engine(config, *, gpu=None):
     trt = import_tensorrt()
     model = load_model(config.onnx_path)
     profile = model.spec.batch_profile(config.batch)
-    return _build(trt, config, model.sha256, profile, lambda: input_shapes(model.spec, profile["engine_batch"], config.onnx_path),
-                  model.spec.to_json(), gpu)
+    return _build(
+        trt,
+        config,
+        model.sha256,
+        profile,
+        lambda: input_shapes(model.spec, profile["engine_batch"], config.onnx_path),
+        model.spec.to_json(),
+        gpu,
+    )
 
 
 def build_part_engine(config, part, *, gpu=None):
@@ -146,9 +170,18 @@ def build_part_engine(config, part, *, gpu=None):
     inputs = graph_inputs(proto)
     batch = [int(b) for b in config.batch]
     profile = {"batch": batch, "engine_batch": batch}
-    spec_json = json.dumps({"part": part, "inputs": {k: {"dtype": d, "shape": list(s)} for k, (d, s) in inputs.items()}})
-    return _build(trt, config, onnx_sha256(config.onnx_path, proto), profile,
-                  lambda: part_shapes(inputs, batch, config.onnx_path), spec_json, gpu)
+    spec_json = json.dumps(
+        {"part": part, "inputs": {k: {"dtype": d, "shape": list(s)} for k, (d, s) in inputs.items()}}
+    )
+    return _build(
+        trt,
+        config,
+        onnx_sha256(config.onnx_path, proto),
+        profile,
+        lambda: part_shapes(inputs, batch, config.onnx_path),
+        spec_json,
+        gpu,
+    )
 
 
 def build_pipeline(folder, engine_dir=None, *, gpu=None, **options):
@@ -158,13 +191,19 @@ def build_pipeline(folder, engine_dir=None, *, gpu=None, **options):
 
     spec = PipelineSpec.read(folder)
     engine_dir = Path(engine_dir) if engine_dir is not None else Path(folder)
-    configs = {part: BuildConfig(onnx_path=spec.path(folder, part), engine_path=engine_dir / f"{part}{ENGINE_SUFFIX}", **options)
-               for part in PIPELINE_PARTS}
+    configs = {
+        part: BuildConfig(
+            onnx_path=spec.path(folder, part), engine_path=engine_dir / f"{part}{ENGINE_SUFFIX}", **options
+        )
+        for part in PIPELINE_PARTS
+    }
     import_tensorrt()
     if gpu is None:
         gpu = device_identity(configs["unet"].device)
-    return {part: build_engine(config, gpu=gpu) if part == "unet" else build_part_engine(config, part, gpu=gpu)
-            for part, config in configs.items()}
+    return {
+        part: build_engine(config, gpu=gpu) if part == "unet" else build_part_engine(config, part, gpu=gpu)
+        for part, config in configs.items()
+    }
 
 
 def graph_inputs(proto):
@@ -185,8 +224,10 @@ def part_shapes(inputs, batch, path):
     shapes = {}
     for name, (_, dims) in inputs.items():
         if not dims or dims[0] != -1 or any(d < 1 for d in dims[1:]):
-            raise BuildError(f"{path}: input {name!r} has shape {list(dims)}; expected a dynamic batch axis first and "
-                             "static others (export it with `ddengine export --diffusers`)")
+            raise BuildError(
+                f"{path}: input {name!r} has shape {list(dims)}; expected a dynamic batch axis first and "
+                "static others (export it with `ddengine export --diffusers`)"
+            )
         shapes[name] = tuple((rows, *dims[1:]) for rows in batch)
     return shapes
 
@@ -208,9 +249,16 @@ def _build(trt, config, onnx_sha, profile, shapes, spec_json, gpu):
     check_precision(read_weightless(config.onnx_path), config.precision, config.onnx_path)
     if gpu is None:
         gpu = device_identity(config.device)
-    key = mf.make_key(onnx_sha256=onnx_sha, precision=config.precision, profile=profile,
-                      hardware_compat=config.hardware_compat, tensorrt_version=trt.__version__, gpu_name=gpu[0],
-                      compute_capability=gpu[1], ddengine_version=__version__)
+    key = mf.make_key(
+        onnx_sha256=onnx_sha,
+        precision=config.precision,
+        profile=profile,
+        hardware_compat=config.hardware_compat,
+        tensorrt_version=trt.__version__,
+        gpu_name=gpu[0],
+        compute_capability=gpu[1],
+        ddengine_version=__version__,
+    )
     engine_path = config.engine
     if not config.force and mf.cached_engine_ok(engine_path, key):
         log.info("reusing %s: its manifest matches the cache key", engine_path)
@@ -241,7 +289,9 @@ def serialize_engine(trt, shapes, config):
         raise BuildError(f"TensorRT could not build an engine from {config.onnx_path}:\n{logger.text()}")
     engine_bytes = bytes(memoryview(plan))
     if config.timing_cache is not None:
-        mf.write_atomic(config.timing_cache, bytes(memoryview(checked(cache.serialize(), "ITimingCache.serialize()", logger))))
+        mf.write_atomic(
+            config.timing_cache, bytes(memoryview(checked(cache.serialize(), "ITimingCache.serialize()", logger)))
+        )
     return engine_bytes, validate_plan(trt, engine_bytes, logger)
 
 

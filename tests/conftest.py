@@ -1,4 +1,5 @@
 """Fixtures shared by every test folder: tiny ONNX models written on demand (tests/support/tiny_models.py)."""
+
 import os
 from types import SimpleNamespace
 
@@ -15,8 +16,19 @@ from tests.support.trt_fixtures import cond16, fake_trt, no_trt, onnx16, onnx32 
 
 # What README's test install provides (the export and test extras, openvino): in CI a missing one is a broken install
 # step and fails the tests that need it instead of skipping them. GPU packages (tensorrt, cuda) still skip.
-ORACLES = ("torch", "diffusers", "transformers", "safetensors", "scipy", "ray", "openvino", "onnxconverter_common",
-           "fastapi", "httpx", "prometheus_client")
+ORACLES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "safetensors",
+    "scipy",
+    "ray",
+    "openvino",
+    "onnxconverter_common",
+    "fastapi",
+    "httpx",
+    "prometheus_client",
+)
 
 
 def importorskip_unless_ci(modname, *args, _skip=pytest.importorskip, **kwargs):
@@ -26,8 +38,9 @@ def importorskip_unless_ci(modname, *args, _skip=pytest.importorskip, **kwargs):
     try:
         return importlib.import_module(modname)
     except ImportError as err:
-        pytest.fail(f"CI=true: {modname} is installed by README's test command but cannot be imported ({err})",
-                    pytrace=False)
+        pytest.fail(
+            f"CI=true: {modname} is installed by README's test command but cannot be imported ({err})", pytrace=False
+        )
 
 
 pytest.importorskip = importorskip_unless_ci
@@ -81,5 +94,6 @@ def eval_setup(tmp_path_factory):
     sets = tiny_fashion_mnist(root / "data")
     net = tiny_classifier(root / "clf.onnx")
     build_tiny_model(root / "model.onnx", channels=1, height=32, width=32, num_classes=10)
-    return SimpleNamespace(root=root, data=root / "data", classifier=root / "clf.onnx", model=root / "model.onnx",
-                           net=net, sets=sets)
+    return SimpleNamespace(
+        root=root, data=root / "data", classifier=root / "clf.onnx", model=root / "model.onnx", net=net, sets=sets
+    )

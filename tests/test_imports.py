@@ -2,6 +2,7 @@
 never imports build-time code (ddengine.export) except in the CLI's build-time commands, and no runtime module
 imports torch, TensorRT, OpenVINO, cuda-python or Ray at import time (the torch twins in ddengine.nets and the Ray
 Serve adapter are imported only by code that needs them)."""
+
 import ast
 import re
 import subprocess
@@ -29,7 +30,7 @@ def imports(path):
     """(module name, line, at module level?) of every import in a file, relative imports resolved."""
     tree = ast.parse(path.read_text(), str(path))
     top = {id(node) for node in tree.body}
-    package = module_name(path).split(".")[:None if path.name == "__init__.py" else -1]
+    package = module_name(path).split(".")[: None if path.name == "__init__.py" else -1]
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -37,7 +38,7 @@ def imports(path):
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
             found.append((base, node.lineno, id(node) in top))
     return found
 
@@ -48,7 +49,7 @@ def layer_order():
     block = re.search(r"```layers\n(.*?)```", text, re.S)
     assert block, "docs/architecture.md has no ```layers block"
     ranks = {}
-    for rank, line in enumerate(l for l in block.group(1).splitlines() if l.strip()):
+    for rank, line in enumerate(text for text in block.group(1).splitlines() if text.strip()):
         for name in line.split("#")[0].replace(",", " ").split():
             ranks[name] = rank
     return ranks
@@ -92,7 +93,11 @@ def test_imports_run_down_the_layer_order(path):
 def test_runtime_modules_import_no_build_time_code(module):
     if module in BUILD_TIME_COMMANDS:
         return
-    bad = [(name, line) for name, line, _ in imports(ENGINE / module) if name == "ddengine.export" or name.startswith("ddengine.export.")]
+    bad = [
+        (name, line)
+        for name, line, _ in imports(ENGINE / module)
+        if name == "ddengine.export" or name.startswith("ddengine.export.")
+    ]
     assert not bad, f"engine/{module} imports build-time code: {bad}"
 
 
@@ -104,8 +109,10 @@ def test_runtime_modules_import_heavy_packages_only_where_used(module):
 
 def test_importing_every_runtime_module_loads_none_of_the_heavy_packages():
     modules = [module_name(ENGINE / m) for m in RUNTIME if m not in TORCH_MODULES and not m.startswith("cli/model")]
-    code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
-            f"print(sorted(k for k in sys.modules if k.split('.')[0] in {HEAVY!r}))")
+    code = (
+        f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+        f"print(sorted(k for k in sys.modules if k.split('.')[0] in {HEAVY!r}))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", proc.stdout

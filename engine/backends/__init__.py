@@ -6,14 +6,24 @@ OpenVINO fp32 on the shipped model at every batch; bench/results).
 
 May import `nets`, `model`, `gpu`, `core` and `files`.
 """
+
 import importlib
 import importlib.util
 from dataclasses import dataclass
 
 from ddengine.backends.base import Backend, BackendError
 
-__all__ = ["Backend", "BackendError", "BACKENDS", "CPU_BACKENDS", "AutoChoice", "auto_choice", "available_backends",
-           "resolve_backend", "create_backend"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BACKENDS",
+    "CPU_BACKENDS",
+    "AutoChoice",
+    "auto_choice",
+    "available_backends",
+    "resolve_backend",
+    "create_backend",
+]
 
 
 @dataclass(frozen=True)
@@ -29,22 +39,42 @@ class Entry:
 
 
 BACKENDS = {
-    "ort-cpu": Entry("ddengine.backends.ort", "OrtBackend", "CPUExecutionProvider", ("fp32",),
-                     takes=("provider", "threads")),
-    "openvino": Entry("ddengine.backends.openvino", "OpenVinoBackend", "openvino", ("auto", "bf16", "fp32"),
-                      takes=("threads", "precision")),
-    "ort-cuda": Entry("ddengine.backends.ort_cuda", "OrtCudaBackend", "CUDAExecutionProvider", ("fp32",), "gpu",
-                      takes=("threads",)),
-    "ort-tensorrt": Entry("ddengine.backends.ort", "OrtBackend", "TensorrtExecutionProvider", ("fp32",), "gpu",
-                          takes=("provider", "threads")),
-    "tensorrt": Entry("ddengine.backends.trt", "create", "tensorrt", ("fp16", "fp32"), "gpu"),  # an engine from `ddengine build`
-    "torch-cuda": Entry("ddengine.backends.torch_cuda", "TorchCudaBackend", "torch+gpu", ("fp16", "bf16"), "gpu",
-                        takes=("precision",)),  # needs the model's torch twin
+    "ort-cpu": Entry(
+        "ddengine.backends.ort", "OrtBackend", "CPUExecutionProvider", ("fp32",), takes=("provider", "threads")
+    ),
+    "openvino": Entry(
+        "ddengine.backends.openvino",
+        "OpenVinoBackend",
+        "openvino",
+        ("auto", "bf16", "fp32"),
+        takes=("threads", "precision"),
+    ),
+    "ort-cuda": Entry(
+        "ddengine.backends.ort_cuda", "OrtCudaBackend", "CUDAExecutionProvider", ("fp32",), "gpu", takes=("threads",)
+    ),
+    "ort-tensorrt": Entry(
+        "ddengine.backends.ort",
+        "OrtBackend",
+        "TensorrtExecutionProvider",
+        ("fp32",),
+        "gpu",
+        takes=("provider", "threads"),
+    ),
+    "tensorrt": Entry(
+        "ddengine.backends.trt", "create", "tensorrt", ("fp16", "fp32"), "gpu"
+    ),  # an engine from `ddengine build`
+    "torch-cuda": Entry(
+        "ddengine.backends.torch_cuda", "TorchCudaBackend", "torch+gpu", ("fp16", "bf16"), "gpu", takes=("precision",)
+    ),  # needs the model's torch twin
 }
 CPU_BACKENDS = tuple(name for name, entry in BACKENDS.items() if entry.device == "cpu")
-INSTALL_HINT = {"CUDAExecutionProvider": "pip install 'ddengine[gpu]'", "TensorrtExecutionProvider": "pip install 'ddengine[gpu]'",
-                "tensorrt": "pip install 'ddengine[gpu]'", "openvino": "pip install openvino",
-                "torch+gpu": "PyTorch with CUDA, cuda-python and an NVIDIA GPU"}
+INSTALL_HINT = {
+    "CUDAExecutionProvider": "pip install 'ddengine[gpu]'",
+    "TensorrtExecutionProvider": "pip install 'ddengine[gpu]'",
+    "tensorrt": "pip install 'ddengine[gpu]'",
+    "openvino": "pip install openvino",
+    "torch+gpu": "PyTorch with CUDA, cuda-python and an NVIDIA GPU",
+}
 
 
 @dataclass(frozen=True)
@@ -70,6 +100,7 @@ def available_backends():
 
             return importlib.util.find_spec("torch") is not None and device_count() > 0
         return importlib.util.find_spec(need) is not None
+
     return [name for name, entry in BACKENDS.items() if have(entry.needs)]
 
 
@@ -77,16 +108,28 @@ def auto_choice():
     """The fastest backend installed here, and why (`ddengine info` prints it)."""
     available = available_backends()
     if "ort-cuda" in available:
-        return AutoChoice("ort-cuda", "fp32", "ONNX Runtime's CUDA provider is installed (TensorRT and torch-cuda are "
-                                              "chosen explicitly: they need a built engine or the model's torch twin)")
+        return AutoChoice(
+            "ort-cuda",
+            "fp32",
+            "ONNX Runtime's CUDA provider is installed (TensorRT and torch-cuda are "
+            "chosen explicitly: they need a built engine or the model's torch twin)",
+        )
     if "openvino" in available:
         from ddengine.backends.openvino import native_bf16
 
         if native_bf16():
-            return AutoChoice("openvino", "bf16", "this CPU runs bf16 natively (OpenVINO lists BF16: AMX or AVX512-BF16); "
-                                                  "OpenVINO bf16 is the fastest CPU path measured (bench/results)")
-        return AutoChoice("ort-cpu", "fp32", "this CPU has no native bf16; ONNX Runtime fp32 was measured faster than "
-                                             "OpenVINO fp32 on the shipped model")
+            return AutoChoice(
+                "openvino",
+                "bf16",
+                "this CPU runs bf16 natively (OpenVINO lists BF16: AMX or AVX512-BF16); "
+                "OpenVINO bf16 is the fastest CPU path measured (bench/results)",
+            )
+        return AutoChoice(
+            "ort-cpu",
+            "fp32",
+            "this CPU has no native bf16; ONNX Runtime fp32 was measured faster than "
+            "OpenVINO fp32 on the shipped model",
+        )
     return AutoChoice("ort-cpu", "fp32", "OpenVINO is not installed: ONNX Runtime on the CPU, exact fp32")
 
 
@@ -101,12 +144,16 @@ def resolve_backend(name, precision="auto"):
         raise BackendError(f"unknown backend {name!r}; expected one of {', '.join(['auto', *BACKENDS])}")
     entry = BACKENDS[name]
     if precision != "auto" and precision not in entry.precisions:
-        raise BackendError(f"backend {name!r} runs precision {', '.join(p for p in entry.precisions if p != 'auto')}; "
-                           f"got precision {precision!r}")
+        raise BackendError(
+            f"backend {name!r} runs precision {', '.join(p for p in entry.precisions if p != 'auto')}; "
+            f"got precision {precision!r}"
+        )
     available = available_backends()
     if name not in available:
-        raise BackendError(f"backend {name!r} is not available here (it needs {entry.needs}: "
-                           f"{INSTALL_HINT.get(entry.needs, 'pip install ' + entry.needs)}); available: {', '.join(available)}")
+        raise BackendError(
+            f"backend {name!r} is not available here (it needs {entry.needs}: "
+            f"{INSTALL_HINT.get(entry.needs, 'pip install ' + entry.needs)}); available: {', '.join(available)}"
+        )
     return name, precision
 
 
@@ -114,7 +161,10 @@ def create_backend(name, model, *, threads=None, precision="auto"):
     """Load `model` (a ddengine.model.load.Model) on backend `name` ("auto" or a key of BACKENDS) at `precision`."""
     name, precision = resolve_backend(name, precision)
     entry = BACKENDS[name]
-    given = {"provider": entry.needs, "threads": threads,
-             "precision": entry.precisions[0] if precision == "auto" else precision}
+    given = {
+        "provider": entry.needs,
+        "threads": threads,
+        "precision": entry.precisions[0] if precision == "auto" else precision,
+    }
     factory = getattr(importlib.import_module(entry.module), entry.factory)
     return factory(model, name=name, **{option: given[option] for option in entry.takes})

@@ -3,6 +3,7 @@
 Every backend binds the model's tensors by the one I/O contract (`spec.io`, engine/model/spec.py): role -> name,
 dtype and shape. Device backends (TensorRT, ONNX Runtime CUDA) also open DeviceRunners for the GPU loop.
 """
+
 import os
 from pathlib import Path
 
@@ -104,17 +105,23 @@ def probe_batch_invariance(backend, spec, rows=7, seed=0):
     that row alone: the property exact step-level batching needs (no vendor promises it; it is measured here)."""
     rng = np.random.default_rng(seed)
     T = spec.schedule.num_train_timesteps
-    feeds = {"sample": rng.standard_normal((rows, *spec.image_shape)).astype(np.float32),
-             "timestep": rng.integers(0, T, rows)}
+    feeds = {
+        "sample": rng.standard_normal((rows, *spec.image_shape)).astype(np.float32),
+        "timestep": rng.integers(0, T, rows),
+    }
     if spec.conditional:
         feeds["class_labels"] = rng.integers(0, spec.num_classes + (spec.null_class is not None), rows)
     if spec.text_conditional:
-        feeds["encoder_hidden_states"] = rng.standard_normal(spec.io["encoder_hidden_states"].at(rows)).astype(np.float32)
+        feeds["encoder_hidden_states"] = rng.standard_normal(spec.io["encoder_hidden_states"].at(rows)).astype(
+            np.float32
+        )
     if spec.io["timestep"].scalar:
         feeds["timestep"][:] = feeds["timestep"][0]
     together = backend.run(feeds, np.empty((rows, *spec.image_shape), dtype=np.float32))
     for i in range(rows):
-        alone = backend.run({k: v[i:i + 1] for k, v in feeds.items()}, np.empty((1, *spec.image_shape), dtype=np.float32))
+        alone = backend.run(
+            {k: v[i : i + 1] for k, v in feeds.items()}, np.empty((1, *spec.image_shape), dtype=np.float32)
+        )
         if not np.array_equal(alone[0].view(np.uint32), together[i].view(np.uint32)):
             return False
     return True

@@ -15,6 +15,7 @@ backend pads a forward to a row bucket (up to 8 rows exact, then multiples of 8)
 changes at every step compiles a handful of shapes, not one per row count; padded rows change no other row
 (batch invariance, measured) and are dropped.
 """
+
 import collections
 import queue
 import threading
@@ -46,7 +47,7 @@ def native_bf16(core=None):
 
 
 def resolve_precision(precision, core=None):
-    """"auto" -> "bf16" where native, else "fp32"; other values are checked."""
+    """ "auto" -> "bf16" where native, else "fp32"; other values are checked."""
     if precision not in PRECISIONS:
         raise BackendError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
@@ -61,7 +62,11 @@ class OpenVinoGraph:
         ov = self.ov = import_openvino()
         self.path, self.core = path, ov.Core()
         self.precision = resolve_precision(precision, self.core)
-        self.config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(threads or physical_cores())}
+        self.config = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": "1",
+            "INFERENCE_NUM_THREADS": str(threads or physical_cores()),
+        }
         try:
             self.graph = self.core.read_model(str(path))
         except Exception as err:  # OpenVINO raises RuntimeError subclasses of its own
@@ -84,10 +89,13 @@ class OpenVinoGraph:
         graph = self.graph.clone()
         graph.reshape({name: list(shape) for name, shape in shapes.items()})
         try:
-            compiled = self.core.compile_model(graph, "CPU", {**self.config, "INFERENCE_PRECISION_HINT": HINTS[precision]})
+            compiled = self.core.compile_model(
+                graph, "CPU", {**self.config, "INFERENCE_PRECISION_HINT": HINTS[precision]}
+            )
         except Exception as err:
-            raise BackendError(f"OpenVINO could not compile {self.path} for inputs {dict(shapes)} ({precision}): "
-                               f"{_first_line(err)}") from None
+            raise BackendError(
+                f"OpenVINO could not compile {self.path} for inputs {dict(shapes)} ({precision}): {_first_line(err)}"
+            ) from None
         with self._lock:
             entry = self._compiled.setdefault(key, (compiled, queue.SimpleQueue()))
             while len(self._compiled) > CACHED_SHAPES:

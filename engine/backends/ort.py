@@ -1,4 +1,5 @@
 """ONNX Runtime backend: one InferenceSession reused for every call, outputs bound into the caller's buffer."""
+
 import numpy as np
 import onnxruntime as ort
 
@@ -28,7 +29,9 @@ class OrtBackend(Backend):
         self.name, self.spec = name, model.spec
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(model.path), sess_options=session_options(threads), providers=providers)
+            self.session = ort.InferenceSession(
+                str(model.path), sess_options=session_options(threads), providers=providers
+            )
         except Exception as err:  # ORT raises its own exception types (Fail, InvalidProtobuf, ...)
             raise BackendError(f"ONNX Runtime could not load {model.path}: {err}") from None
         self._out = self.spec.io[OUTPUT_ROLE]

@@ -5,6 +5,7 @@ ORT runs on its own stream and `Run` returns after its CUDA work is synchronized
 option `disable_synchronize_execution_providers` is set), so the runner drains our stream before each forward:
 correct ordering, but no capture into our CUDA graph (ORT has its own, per session).
 """
+
 from ddengine.backends.base import BackendError, DeviceRunner
 from ddengine.backends.ort import OrtBackend
 from ddengine.model.spec import OUTPUT_ROLE
@@ -15,7 +16,6 @@ PROVIDER = "CUDAExecutionProvider"
 class OrtCudaBackend(OrtBackend):
     """An OrtBackend pinned to the CUDA provider on one device; fails instead of falling back to the CPU."""
 
-
     opens_device_runners = True
 
     def __init__(self, model, *, threads=None, name="ort-cuda", device=0):
@@ -23,8 +23,10 @@ class OrtCudaBackend(OrtBackend):
         self.device = device
         active = self.session.get_providers()
         if not active or active[0] != PROVIDER:
-            raise BackendError(f"ONNX Runtime did not enable {PROVIDER} (active providers: {active}); "
-                               f"install onnxruntime-gpu matching this CUDA: pip install ddengine[gpu]")
+            raise BackendError(
+                f"ONNX Runtime did not enable {PROVIDER} (active providers: {active}); "
+                f"install onnxruntime-gpu matching this CUDA: pip install ddengine[gpu]"
+            )
 
     def open_runner(self, stream):
         """A runner that feeds device buffers to Run through IO binding."""

@@ -3,6 +3,7 @@ TensorRT (the ground stable-fast and OneDiff serve). The device loop (engine/run
 kernel on the backend's torch stream and captures the whole step (forward, fused step, advance) in one
 torch.cuda.CUDAGraph per (plan, batch), replayed for every step; `graphs=False` is the eager fallback.
 """
+
 import numpy as np
 
 from ddengine.backends.base import Backend, BackendError, DeviceRunner
@@ -17,14 +18,14 @@ class TorchCudaBackend(Backend):
 
     opens_device_runners = True
 
-
-    def __init__(self, model, *, name="torch-cuda", precision="fp16", channels_last=True,
-                 device=0, twin=None):
+    def __init__(self, model, *, name="torch-cuda", precision="fp16", channels_last=True, device=0, twin=None):
         torch = import_torch()
         from ddengine.nets.twin import TwinError, load_twin, twin_path
 
         if not torch.cuda.is_available():
-            raise BackendError("backend 'torch-cuda' needs a CUDA GPU visible to torch; torch.cuda.is_available() is False")
+            raise BackendError(
+                "backend 'torch-cuda' needs a CUDA GPU visible to torch; torch.cuda.is_available() is False"
+            )
         if precision not in PRECISIONS:
             raise BackendError(f"torch-cuda precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         try:
@@ -130,8 +131,14 @@ class _CudaArray:
     """A device buffer described by __cuda_array_interface__ (v3), so torch.as_tensor wraps it without copying."""
 
     def __init__(self, address, shape, dtype):
-        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": _TYPESTR[dtype], "data": (int(address), False),
-                                         "version": 3, "strides": None, "stream": None}
+        self.__cuda_array_interface__ = {
+            "shape": tuple(shape),
+            "typestr": _TYPESTR[dtype],
+            "data": (int(address), False),
+            "version": 3,
+            "strides": None,
+            "stream": None,
+        }
 
 
 def wrap_device(address, shape, dtype, device):

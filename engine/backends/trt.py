@@ -6,6 +6,7 @@ Every TensorRT call that reports failure by returning None/False raises with the
 One execution context per concurrent caller (TensorRT is thread-safe only across contexts).
 tensorrt and cuda-python are imported lazily, when a backend is created.
 """
+
 import collections
 import logging
 import queue
@@ -34,7 +35,9 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError as err:
-        raise TensorRTMissingError(f"TensorRT is not installed ({err}); install the GPU extra: {INSTALL_HINT}") from None
+        raise TensorRTMissingError(
+            f"TensorRT is not installed ({err}); install the GPU extra: {INSTALL_HINT}"
+        ) from None
     return tensorrt
 
 
@@ -82,8 +85,13 @@ def runtime_key(trt, device=0, onnx_sha256=None):
     from ddengine.gpu import driver
 
     name, capability = driver.gpu_properties(device)
-    key = {"tensorrt_version": trt.__version__, "gpu_name": name, "compute_capability": capability,
-           "os": mf.current_os(), "ddengine_version": ddengine.__version__}
+    key = {
+        "tensorrt_version": trt.__version__,
+        "gpu_name": name,
+        "compute_capability": capability,
+        "os": mf.current_os(),
+        "ddengine_version": ddengine.__version__,
+    }
     if onnx_sha256 is not None:
         key["onnx_sha256"] = onnx_sha256
     return key
@@ -95,8 +103,10 @@ def wanted_on_load(manifest_key, here):
         return here
     major = int(str(here["compute_capability"]).split(".")[0])
     if major < 8:
-        raise BackendError(f"engine was built Ampere+ compatible (compute capability >= 8.0), this GPU has "
-                           f"{here['compute_capability']}")
+        raise BackendError(
+            f"engine was built Ampere+ compatible (compute capability >= 8.0), this GPU has "
+            f"{here['compute_capability']}"
+        )
     return {k: v for k, v in here.items() if k not in ("gpu_name", "compute_capability")}
 
 
@@ -118,7 +128,9 @@ class TensorRTBackend(Backend):
         use_device(device)
         self.logger = make_logger(trt)
         self._runtime = checked(trt.Runtime(self.logger), "Runtime()", self.logger)
-        self.engine = checked(self._runtime.deserialize_cuda_engine(data), f"deserialize_cuda_engine({self.engine_path})", self.logger)
+        self.engine = checked(
+            self._runtime.deserialize_cuda_engine(data), f"deserialize_cuda_engine({self.engine_path})", self.logger
+        )
         check_engine_io(spec, engine_io(trt, self.engine))
         self.precision = self.manifest["key"]["precision"]
         self.min_rows, _, self.max_rows = (int(b) for b in self.manifest["key"]["profile"]["engine_batch"])
@@ -183,8 +195,10 @@ def check_engine_io(spec, io):
         if got is None or got["mode"] != want:
             raise BackendError(f"engine lacks {want} tensor {tensor.name!r} ({role}); its I/O tensors are {sorted(io)}")
         if got["dtype"] != tensor.dtype:
-            raise BackendError(f"engine tensor {tensor.name!r} ({role}) is {got['dtype']}, the ONNX model's is {tensor.dtype}; "
-                               f"rebuild the engine from this model with `ddengine build`")
+            raise BackendError(
+                f"engine tensor {tensor.name!r} ({role}) is {got['dtype']}, the ONNX model's is {tensor.dtype}; "
+                f"rebuild the engine from this model with `ddengine build`"
+            )
 
 
 class TrtRunner(DeviceRunner):
@@ -201,16 +215,25 @@ class TrtRunner(DeviceRunner):
         """Set input shapes for `rows` and every tensor's device address (all return values checked)."""
         lo, hi = self.backend.min_rows, self.backend.max_rows
         if not lo <= rows <= hi:
-            raise BackendError(f"{rows} forward rows are outside the engine's profile [{lo}, {hi}] (images, doubled "
-                               f"under guidance); rebuild with another `ddengine build --batch MIN:OPT:MAX`")
+            raise BackendError(
+                f"{rows} forward rows are outside the engine's profile [{lo}, {hi}] (images, doubled "
+                f"under guidance); rebuild with another `ddengine build --batch MIN:OPT:MAX`"
+            )
         self._since = self.logger.mark()
         super().bind(rows, addresses)
 
     def _bind_tensor(self, role, name, rows, address):
         if role != OUTPUT_ROLE:
             shape = self.shape(role, rows)
-            checked(self.context.set_input_shape(name, shape), f"set_input_shape({name!r}, {shape})", self.logger, self._since)
-        checked(self.context.set_tensor_address(name, address), f"set_tensor_address({name!r})", self.logger, self._since)
+            checked(
+                self.context.set_input_shape(name, shape),
+                f"set_input_shape({name!r}, {shape})",
+                self.logger,
+                self._since,
+            )
+        checked(
+            self.context.set_tensor_address(name, address), f"set_tensor_address({name!r})", self.logger, self._since
+        )
 
     def enqueue(self):
         """Queue one forward on the stream; False from execute_async_v3 raises (it never fails silently)."""
@@ -232,8 +255,11 @@ class HostSession:
         self.backend, self.stream = backend, Stream()
         self.runner = backend.open_runner(self.stream)
         rows = backend.max_rows
-        self.buffers = {role: DeviceArray(self.runner.shape(role, rows), self.runner.dtype(role))
-                        for role in backend.spec.io if not (role == "timestep" and backend.spec.io[role].scalar)}
+        self.buffers = {
+            role: DeviceArray(self.runner.shape(role, rows), self.runner.dtype(role))
+            for role in backend.spec.io
+            if not (role == "timestep" and backend.spec.io[role].scalar)
+        }
         if "timestep" not in self.buffers:
             self.buffers["timestep"] = DeviceArray(1, self.runner.dtype("timestep"))
 

@@ -4,6 +4,7 @@ An engine is an executable tied to one TensorRT version, GPU architecture and OS
 Compatibility"), so the key holds all of them plus the ONNX file's content hash; the manifest adds the
 engine's own sha256, checked before the engine is ever deserialized. Imports no torch and no tensorrt.
 """
+
 import hashlib
 import json
 import platform
@@ -15,8 +16,17 @@ MANIFEST_VERSION = 1
 MANIFEST_SUFFIX = ".json"
 
 # The cache key, in the order mismatches are reported.
-KEY_FIELDS = ("onnx_sha256", "precision", "profile", "hardware_compat", "tensorrt_version", "gpu_name",
-              "compute_capability", "os", "ddengine_version")
+KEY_FIELDS = (
+    "onnx_sha256",
+    "precision",
+    "profile",
+    "hardware_compat",
+    "tensorrt_version",
+    "gpu_name",
+    "compute_capability",
+    "os",
+    "ddengine_version",
+)
 PRECISIONS = ("fp16", "fp32")
 HARDWARE_COMPAT = ("none", "ampere+")
 
@@ -30,8 +40,10 @@ class EngineMismatchError(ManifestError):
 
     def __init__(self, engine_path, field, built, wanted):
         self.field, self.built, self.wanted = field, built, wanted
-        super().__init__(f"engine {engine_path} was built with {field}={built!r} but {wanted!r} is required here; "
-                         f"rebuild it with `ddengine build --force`")
+        super().__init__(
+            f"engine {engine_path} was built with {field}={built!r} but {wanted!r} is required here; "
+            f"rebuild it with `ddengine build --force`"
+        )
 
 
 def manifest_path(engine_path):
@@ -49,22 +61,39 @@ def current_os():
     return f"{platform.system()}-{platform.machine()}"
 
 
-def make_key(*, onnx_sha256, precision, profile, hardware_compat, tensorrt_version, gpu_name, compute_capability,
-             ddengine_version, os_name=None):
+def make_key(
+    *,
+    onnx_sha256,
+    precision,
+    profile,
+    hardware_compat,
+    tensorrt_version,
+    gpu_name,
+    compute_capability,
+    ddengine_version,
+    os_name=None,
+):
     """The engine cache key as a plain dict (JSON types only, so a key read back compares equal)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if hardware_compat not in HARDWARE_COMPAT:
         raise ValueError(f"hardware_compat must be one of {HARDWARE_COMPAT}, got {hardware_compat!r}")
-    key = {"onnx_sha256": onnx_sha256, "precision": precision, "profile": profile,
-           "hardware_compat": hardware_compat, "tensorrt_version": str(tensorrt_version), "gpu_name": gpu_name,
-           "compute_capability": str(compute_capability), "os": os_name or current_os(),
-           "ddengine_version": ddengine_version}
+    key = {
+        "onnx_sha256": onnx_sha256,
+        "precision": precision,
+        "profile": profile,
+        "hardware_compat": hardware_compat,
+        "tensorrt_version": str(tensorrt_version),
+        "gpu_name": gpu_name,
+        "compute_capability": str(compute_capability),
+        "os": os_name or current_os(),
+        "ddengine_version": ddengine_version,
+    }
     return json.loads(json.dumps(key))  # tuples -> lists, as they come back from disk
 
 
 def first_mismatch(built, wanted):
-    """The first KEY_FIELDS entry (name, built value, wanted value) where `wanted` differs; fields absent from `wanted` are not checked."""
+    """The first KEY_FIELDS entry (name, built, wanted) where `wanted` differs (fields absent from it are not checked)."""
     for name in KEY_FIELDS:
         if name in wanted and built.get(name) != wanted[name]:
             return name, built.get(name), wanted[name]
@@ -80,8 +109,13 @@ def write_atomic(path, data):
 
 def write_manifest(engine_path, key, engine_sha256, *, spec_json, io):
     """Write the manifest of an engine already on disk (written second, so it never names a partial engine)."""
-    manifest = {"manifest_version": MANIFEST_VERSION, "key": key, "engine_sha256": engine_sha256,
-                "spec": json.loads(spec_json), "io": io}
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "key": key,
+        "engine_sha256": engine_sha256,
+        "spec": json.loads(spec_json),
+        "io": io,
+    }
     write_atomic(manifest_path(engine_path), (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return manifest
 
@@ -92,8 +126,9 @@ def read_manifest(engine_path):
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ManifestError(f"engine {engine_path} has no manifest {path.name}; only engines built by "
-                            f"`ddengine build` are loaded") from None
+        raise ManifestError(
+            f"engine {engine_path} has no manifest {path.name}; only engines built by `ddengine build` are loaded"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ManifestError(f"engine manifest {path} is unreadable: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("manifest_version") != MANIFEST_VERSION:
@@ -121,8 +156,10 @@ def read_verified_engine(engine_path, manifest):
         raise ManifestError(f"cannot read engine {engine_path}: {err.strerror}") from None
     digest = sha256_bytes(data)
     if digest != manifest["engine_sha256"]:
-        raise ManifestError(f"engine {engine_path} has sha256 {digest} but its manifest records "
-                            f"{manifest['engine_sha256']}; the file was changed or replaced since `ddengine build`")
+        raise ManifestError(
+            f"engine {engine_path} has sha256 {digest} but its manifest records "
+            f"{manifest['engine_sha256']}; the file was changed or replaced since `ddengine build`"
+        )
     return data
 
 

@@ -2,6 +2,7 @@
 the baselines a user would run instead: ORT + a numpy step, the torch twin + diffusers' scheduler (fp32 and
 bf16 autocast), and OpenVINO + diffusers' scheduler in torch (the optimum-intel way). Timed round-robin.
 """
+
 import os
 import platform
 import statistics
@@ -10,10 +11,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ddengine.core.guidance import forward_rows, layout_rows
-from ddengine.core.rows import SIGMA
-from ddengine.core.reference import reference_step
 from ddengine.backends.base import physical_cores
+from ddengine.core.guidance import forward_rows, layout_rows
+from ddengine.core.reference import reference_step
+from ddengine.core.rows import SIGMA
 
 TORCH_UNAVAILABLE = "torch model unavailable"
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile", "avx_vnni")
@@ -86,16 +87,27 @@ def to_row(name, request, runs, **labels):
     best = min(runs, key=lambda r: abs(r["seconds"] - mid))
     forward, step = best.get("forward"), best.get("step")
     other = None if forward is None or step is None else best["seconds"] - forward - step
-    return Row(name, request.n, request.steps, seconds=best["seconds"], forward_s=forward, step_s=step, other_s=other,
-               runs=[r["seconds"] for r in runs], **labels)
+    return Row(
+        name,
+        request.n,
+        request.steps,
+        seconds=best["seconds"],
+        forward_s=forward,
+        step_s=step,
+        other_s=other,
+        runs=[r["seconds"] for r in runs],
+        **labels,
+    )
 
 
 def engine_runner(sampler, request):
     """The product: Sampler.run (noise, forwards, fused steps, uint8 images and records) with its timers."""
+
     def once():
         timers, start = {"forward": 0.0, "step": 0.0}, time.perf_counter()
         sampler.run(request, timers=timers)
         return {"seconds": time.perf_counter() - start, **timers}
+
     return once
 
 
@@ -123,6 +135,7 @@ def floor_runner(sampler, request):
         for t in timesteps:
             sampler.backend.run({**feeds, "timestep": np.full(len(out), t, dtype=np.int64)}, out)
         return {"seconds": time.perf_counter() - start}
+
     return once
 
 
@@ -143,10 +156,19 @@ def numpy_runner(sampler, request):
             sampler.backend.run({**feeds, "sample": x_in, "timestep": np.full(len(x_in), t, dtype=np.int64)}, out)
             t1 = time.perf_counter()
             noise = rng.standard_normal(x.shape, dtype=np.float32) if plan.coeffs[i, SIGMA] != 0 else None
-            x = reference_step(x, out[:b], plan.coeffs[i], noise, uncond=out[b:] if guided else None,
-                               guidance=request.guidance, clip=plan.clip, dtype=np.float32)
+            x = reference_step(
+                x,
+                out[:b],
+                plan.coeffs[i],
+                noise,
+                uncond=out[b:] if guided else None,
+                guidance=request.guidance,
+                clip=plan.clip,
+                dtype=np.float32,
+            )
             fwd, stp = fwd + t1 - t0, stp + time.perf_counter() - t1
         return {"seconds": time.perf_counter() - start, "forward": fwd, "step": stp}
+
     return once
 
 
@@ -168,7 +190,10 @@ def torch_twin(sampler, weights=None):
         return None, f"{TORCH_UNAVAILABLE} ({err})"
     error = twin_error(net, sampler)
     if not error < 1e-3:
-        return None, f"{TORCH_UNAVAILABLE} (the torch model differs from {sampler.model.path.name}: max abs error {error:.3g})"
+        return (
+            None,
+            f"{TORCH_UNAVAILABLE} (the torch model differs from {sampler.model.path.name}: max abs error {error:.3g})",
+        )
     return net, ""
 
 
@@ -198,6 +223,7 @@ def torch_forward(net, precision):
     def forward(x, t, labels):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             return net(x, t, labels).float()
+
     return forward
 
 
@@ -211,6 +237,7 @@ def backend_forward(sampler):
             feeds["class_labels"] = labels.numpy()
         out = np.empty(x.shape, dtype=np.float32)
         return torch.from_numpy(sampler.backend.run(feeds, out))
+
     return forward
 
 
@@ -245,11 +272,23 @@ def diffusers_runner(forward, sampler, request):
                 x = scheduler.step(out, t, x, generator=generator, **extra).prev_sample
                 fwd, stp = fwd + t1 - t0, stp + time.perf_counter() - t1
         return {"seconds": time.perf_counter() - start, "forward": fwd, "step": stp}
+
     return once
 
 
-def run_benchmarks(samplers, batches, steps=50, method="ddim", eta=0.0, guidance=None, repeats=3, baselines=True, log=None,
-                   torch_weights=None, spacing=None):
+def run_benchmarks(
+    samplers,
+    batches,
+    steps=50,
+    method="ddim",
+    eta=0.0,
+    guidance=None,
+    repeats=3,
+    baselines=True,
+    log=None,
+    torch_weights=None,
+    spacing=None,
+):
     """Every configuration for every batch size, round-robin per batch.
 
     samplers: backend label -> Sampler (the engine and its floor are measured on each); the baselines use the
@@ -260,9 +299,19 @@ def run_benchmarks(samplers, batches, steps=50, method="ddim", eta=0.0, guidance
     rows = []
     for batch in batches:
         classes = "all" if first.spec.conditional else None
-        requests = {k: s.request(batch, steps=steps, method=method, eta=eta, classes=classes, guidance=guidance,
-                                 spacing=spacing, batch_size=batch)
-                    for k, s in samplers.items()}
+        requests = {
+            k: s.request(
+                batch,
+                steps=steps,
+                method=method,
+                eta=eta,
+                classes=classes,
+                guidance=guidance,
+                spacing=spacing,
+                batch_size=batch,
+            )
+            for k, s in samplers.items()
+        }
         runners, labels = {}, {}
         for key, sampler in samplers.items():
             for name, factory in ((engine_name(key), engine_runner), (floor_name(key), floor_runner)):
@@ -274,8 +323,9 @@ def run_benchmarks(samplers, batches, steps=50, method="ddim", eta=0.0, guidance
             labels[NUMPY] = {"backend": ort.backend.name, "precision": "fp32"}
             if net is not None:
                 for precision in ("fp32", "bf16"):
-                    runners[diffusers_name(precision)] = diffusers_runner(torch_forward(net, precision), first,
-                                                                          requests[_key(samplers, first)])
+                    runners[diffusers_name(precision)] = diffusers_runner(
+                        torch_forward(net, precision), first, requests[_key(samplers, first)]
+                    )
                     labels[diffusers_name(precision)] = {"backend": "torch", "precision": precision}
             ov = next((s for s in samplers.values() if s.backend.name == "openvino"), None)
             if ov is not None and _has("torch") and _has("diffusers"):
@@ -285,7 +335,9 @@ def run_benchmarks(samplers, batches, steps=50, method="ddim", eta=0.0, guidance
         runs = measure(runners, repeats)
         measured = [to_row(name, request, runs[name], **labels[name]) for name in runners]
         if baselines and net is None:
-            measured += [Row(diffusers_name(p), batch, steps, backend="torch", precision=p, note=why) for p in ("fp32", "bf16")]
+            measured += [
+                Row(diffusers_name(p), batch, steps, backend="torch", precision=p, note=why) for p in ("fp32", "bf16")
+            ]
         for row in measured:
             if log is not None:
                 log(row)
@@ -313,7 +365,10 @@ def summary(rows, samplers):
             engine, floor = by_name.get(engine_name(key)), by_name.get(floor_name(key))
             if engine is None or floor is None:
                 continue
-            stats = {"over_floor": engine.seconds / floor.seconds, "over_floor_best": min(engine.runs) / min(floor.runs)}
+            stats = {
+                "over_floor": engine.seconds / floor.seconds,
+                "over_floor_best": min(engine.runs) / min(floor.runs),
+            }
             for base in (diffusers_name("fp32"), diffusers_name("bf16"), OPENVINO_DIFFUSERS):
                 if base in by_name:
                     stats[f"speedup_vs {base}"] = by_name[base].seconds / engine.seconds
@@ -343,8 +398,14 @@ def machine():
             versions[package] = version(package)
         except PackageNotFoundError:
             pass
-    return {"cpu": cpu, "isa_flags": [f for f in ISA_FLAGS if f in flags], "logical_cpus": os.cpu_count(),
-            "physical_cores": physical_cores(), **versions, "load_average_1_5_15min": load_average()}
+    return {
+        "cpu": cpu,
+        "isa_flags": [f for f in ISA_FLAGS if f in flags],
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": physical_cores(),
+        **versions,
+        "load_average_1_5_15min": load_average(),
+    }
 
 
 def load_average():

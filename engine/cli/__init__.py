@@ -1,6 +1,7 @@
 """Layer `cli` (top): the `ddengine` command, a Click group whose subcommands are imported only when run.
 
 May import every layer, `ddengine.export` too (only in the build-time commands: train, export, build)."""
+
 import importlib
 import importlib.util
 
@@ -13,10 +14,16 @@ COMMANDS = {
     "bench": ("ddengine.cli.bench:bench", "Per-step latency and images/s against baselines."),
     "build": ("ddengine.cli.build:build", "Build a TensorRT engine from an ONNX model."),
     "train": ("ddengine.cli.model:train", "Train a class-conditional U-Net on Fashion-MNIST (needs torch)."),
-    "export": ("ddengine.cli.model:export", "Export a checkpoint, a diffusers UNet2DModel or a StableDiffusionPipeline to ONNX (needs torch)."),
+    "export": (
+        "ddengine.cli.model:export",
+        "Export a checkpoint, a diffusers UNet2DModel or a StableDiffusionPipeline to ONNX (needs torch).",
+    ),
     "train-classifier": ("ddengine.cli.model:train_classifier", "Train the quality-metric classifier (needs torch)."),
     "eval": ("ddengine.cli.eval:eval_cmd", "FID and conditional accuracy of generated images."),
-    "serve": ("ddengine.cli.serve:serve", "Serve images over HTTP with exact step-level batching (needs the serve extra)."),
+    "serve": (
+        "ddengine.cli.serve:serve",
+        "Serve images over HTTP with exact step-level batching (needs the serve extra).",
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """`ddengine bench`: the engine on each CPU backend against its bare-forward floor and the torch/OpenVINO baselines."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -11,21 +12,64 @@ from ddengine.cli.common import open_sampler, schedule_options, usage_errors
 @click.command()
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="ONNX model (default: the shipped one).")
 @click.option("--scheduler-config", type=click.Path(path_type=Path), default=None)
-@click.option("--backend", "backends", multiple=True,
-              help="Backend to measure, NAME or NAME:PRECISION (repeatable; default: auto and every CPU backend installed here, "
-                   "OpenVINO in bf16 and fp32).")
+@click.option(
+    "--backend",
+    "backends",
+    multiple=True,
+    help="Backend to measure, NAME or NAME:PRECISION (repeatable; default: auto and every CPU backend installed here, "
+    "OpenVINO in bf16 and fp32).",
+)
 @click.option("--batch", "batches", type=int, multiple=True, help="Batch size (repeatable; default 1, 16, 64).")
 @schedule_options
-@click.option("--guidance", type=float, default=None, help="Benchmark classifier-free guidance (doubled forward batch).")
-@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed runs per configuration (median reported).")
+@click.option(
+    "--guidance", type=float, default=None, help="Benchmark classifier-free guidance (doubled forward batch)."
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="Timed runs per configuration (median reported).",
+)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores).")
 @click.option("--no-baselines", is_flag=True, help="Only the engine and the bare-forward floor of each backend.")
-@click.option("--torch-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="The model's torch twin (.safetensors; default: the one next to the model) for the torch baselines.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results as JSON.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Bar chart of images/s (needs matplotlib).")
-def bench(model, scheduler_config, backends, batches, steps, method, eta, spacing, guidance, repeats, threads, no_baselines,
-          torch_weights, json_path, plot_path):
+@click.option(
+    "--torch-weights",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The model's torch twin (.safetensors; default: the one next to the model) for the torch baselines.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the results as JSON.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Bar chart of images/s (needs matplotlib).",
+)
+def bench(
+    model,
+    scheduler_config,
+    backends,
+    batches,
+    steps,
+    method,
+    eta,
+    spacing,
+    guidance,
+    repeats,
+    threads,
+    no_baselines,
+    torch_weights,
+    json_path,
+    plot_path,
+):
     """Per-step latency and images/s against baselines."""
     import ddengine
     from ddengine.backends import CPU_BACKENDS, auto_choice, available_backends
@@ -33,7 +77,9 @@ def bench(model, scheduler_config, backends, batches, steps, method, eta, spacin
     from ddengine.files.atomic import atomic_write
 
     if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
-        raise click.UsageError("--plot needs matplotlib, which is not installed (pip install 'ddengine[bench]' or pip install matplotlib)")
+        raise click.UsageError(
+            "--plot needs matplotlib, which is not installed (pip install 'ddengine[bench]' or pip install matplotlib)"
+        )
     for path in (json_path, plot_path):
         if path is not None and not path.resolve().parent.is_dir():
             raise click.UsageError(f"output folder {path.parent} does not exist")
@@ -47,21 +93,52 @@ def bench(model, scheduler_config, backends, batches, steps, method, eta, spacin
     for sampler in samplers.values():
         for batch in batches:
             classes = "all" if sampler.spec.conditional else None
-            usage_errors(sampler.request, batch, steps=steps, method=method, eta=eta, classes=classes, guidance=guidance,
-                         spacing=spacing, batch_size=batch)
+            usage_errors(
+                sampler.request,
+                batch,
+                steps=steps,
+                method=method,
+                eta=eta,
+                classes=classes,
+                guidance=guidance,
+                spacing=spacing,
+                batch_size=batch,
+            )
     before = machine()
     table = _Table(samplers, steps, method, eta, guidance)
-    rows = run_benchmarks(samplers, batches, steps, method, eta, guidance, repeats, not no_baselines, log=table.add,
-                          torch_weights=torch_weights, spacing=spacing)
+    rows = run_benchmarks(
+        samplers,
+        batches,
+        steps,
+        method,
+        eta,
+        guidance,
+        repeats,
+        not no_baselines,
+        log=table.add,
+        torch_weights=torch_weights,
+        spacing=spacing,
+    )
     table.close()
     first = next(iter(samplers.values()))
-    result = {"ddengine_version": ddengine.__version__, "model": first.model.path.name, "model_sha256": first.model.sha256,
-              "backends": {k: {"name": s.backend.name, "precision": s.backend.precision} for k, s in samplers.items()},
-              "auto": {"name": auto.name, "precision": auto.precision, "reason": auto.reason},
-              "steps": steps, "method": method, "eta": eta, "guidance": guidance, "spacing": spacing, "threads": threads,
-              "repeats": repeats,
-              "machine": before, "load_average_after": load_average(), "rows": [r.to_dict() for r in rows],
-              "summary": summary(rows, samplers)}
+    result = {
+        "ddengine_version": ddengine.__version__,
+        "model": first.model.path.name,
+        "model_sha256": first.model.sha256,
+        "backends": {k: {"name": s.backend.name, "precision": s.backend.precision} for k, s in samplers.items()},
+        "auto": {"name": auto.name, "precision": auto.precision, "reason": auto.reason},
+        "steps": steps,
+        "method": method,
+        "eta": eta,
+        "guidance": guidance,
+        "spacing": spacing,
+        "threads": threads,
+        "repeats": repeats,
+        "machine": before,
+        "load_average_after": load_average(),
+        "rows": [r.to_dict() for r in rows],
+        "summary": summary(rows, samplers),
+    }
     if json_path is not None:
         atomic_write(json_path, (json.dumps(result, indent=2) + "\n").encode())
     if plot_path is not None:
@@ -97,15 +174,30 @@ class _Table:
         self.console = Console(width=max(Console().width, 150))
         first = next(iter(samplers.values()))
         backends = ", ".join(f"{k} = {s.backend.name} {s.backend.precision}" for k, s in samplers.items())
-        self.console.print(f"[bold]ddengine bench[/bold]: {first.model.path.name} on {backends}; {method} {steps} steps, "
-                           f"eta {eta}, guidance {guidance}")
+        self.console.print(
+            f"[bold]ddengine bench[/bold]: {first.model.path.name} on {backends}; {method} {steps} steps, "
+            f"eta {eta}, guidance {guidance}"
+        )
         self.rows = []
 
     def add(self, row):
         self.rows.append(row)
-        self.console.print("  ".join([f"{row.batch:>5}", f"{row.name:<52}", _fmt(row.seconds, "9.3f"), _fmt(row.ms_per_step, "8.2f"),
-                                      _fmt(row.images_per_s, "9.1f"), _fmt(row.forward_s, "9.3f"), _fmt(row.step_s, "8.4f"),
-                                      _fmt(row.other_s, "8.4f"), row.note]), highlight=False)
+        self.console.print(
+            "  ".join(
+                [
+                    f"{row.batch:>5}",
+                    f"{row.name:<52}",
+                    _fmt(row.seconds, "9.3f"),
+                    _fmt(row.ms_per_step, "8.2f"),
+                    _fmt(row.images_per_s, "9.1f"),
+                    _fmt(row.forward_s, "9.3f"),
+                    _fmt(row.step_s, "8.4f"),
+                    _fmt(row.other_s, "8.4f"),
+                    row.note,
+                ]
+            ),
+            highlight=False,
+        )
 
     def close(self):
         from rich.table import Table
@@ -113,8 +205,16 @@ class _Table:
         table = Table(*self.HEADER, title="results (the run closest to the median)")
         for r in self.rows:
             note = f" ({r.note.split(' (')[0]})" if r.note else ""  # the full reason is in the JSON
-            table.add_row(str(r.batch), r.name + note, _fmt(r.seconds, ".3f"), _fmt(r.ms_per_step, ".2f"),
-                          _fmt(r.images_per_s, ".1f"), _fmt(r.forward_s, ".3f"), _fmt(r.step_s, ".4f"), _fmt(r.other_s, ".4f"))
+            table.add_row(
+                str(r.batch),
+                r.name + note,
+                _fmt(r.seconds, ".3f"),
+                _fmt(r.ms_per_step, ".2f"),
+                _fmt(r.images_per_s, ".1f"),
+                _fmt(r.forward_s, ".3f"),
+                _fmt(r.step_s, ".4f"),
+                _fmt(r.other_s, ".4f"),
+            )
         self.console.print(table)
 
 

@@ -1,5 +1,6 @@
 """`ddengine build MODEL.onnx`: a TensorRT engine and its manifest; `ddengine build MODEL_DIR`: one for each of a
 text-to-image model's text encoder, U-Net and VAE decoder (export/trt_build.py)."""
+
 from pathlib import Path
 
 import click
@@ -9,19 +10,48 @@ EXIT_MISSING_DEPENDENCY = 2
 
 @click.command("build")
 @click.argument("model", type=click.Path(exists=True))
-@click.option("-o", "--output", "engine", type=click.Path(), default=None,
-              help="Engine file to write (default: MODEL with suffix .plan); its manifest is ENGINE.json. "
-                   "For a MODEL_DIR: the folder of PART.plan engines (default: MODEL_DIR).")
-@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
-              help="fp16 needs the float16 ONNX of `ddengine export --fp16` (the precision lives in the graph).")
-@click.option("--batch", default="1:8:16", show_default=True,
-              help="Images per batch as MIN:OPT:MAX (one N = static); doubled for guidance on conditional models.")
-@click.option("--workspace-gb", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
-              help="TensorRT builder workspace limit in GiB.")
-@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
-              help="Timing cache file, read when present and updated after the build.")
-@click.option("--hardware-compat", type=click.Choice(["none", "ampere+"]), default="none", show_default=True,
-              help="ampere+: one engine for every GPU of compute capability >= 8.0 (may be slower).")
+@click.option(
+    "-o",
+    "--output",
+    "engine",
+    type=click.Path(),
+    default=None,
+    help="Engine file to write (default: MODEL with suffix .plan); its manifest is ENGINE.json. "
+    "For a MODEL_DIR: the folder of PART.plan engines (default: MODEL_DIR).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp16", "fp32"]),
+    default="fp16",
+    show_default=True,
+    help="fp16 needs the float16 ONNX of `ddengine export --fp16` (the precision lives in the graph).",
+)
+@click.option(
+    "--batch",
+    default="1:8:16",
+    show_default=True,
+    help="Images per batch as MIN:OPT:MAX (one N = static); doubled for guidance on conditional models.",
+)
+@click.option(
+    "--workspace-gb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=4.0,
+    show_default=True,
+    help="TensorRT builder workspace limit in GiB.",
+)
+@click.option(
+    "--timing-cache",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Timing cache file, read when present and updated after the build.",
+)
+@click.option(
+    "--hardware-compat",
+    type=click.Choice(["none", "ampere+"]),
+    default="none",
+    show_default=True,
+    help="ampere+: one engine for every GPU of compute capability >= 8.0 (may be slower).",
+)
 @click.option("--force", is_flag=True, help="Rebuild even when a matching engine exists.")
 @click.option("--device", type=click.IntRange(min=0), default=0, show_default=True, help="CUDA device ordinal.")
 def build(model, engine, precision, batch, workspace_gb, timing_cache, hardware_compat, force, device):
@@ -40,22 +70,36 @@ def build(model, engine, precision, batch, workspace_gb, timing_cache, hardware_
         raise SystemExit(EXIT_MISSING_DEPENDENCY) from None
     from ddengine.export.trt_build import BuildConfig, build_engine, build_pipeline
 
-    options = dict(precision=precision, batch=batch, workspace_gb=workspace_gb, timing_cache=timing_cache,
-                   hardware_compat=hardware_compat, force=force, device=device)
+    options = dict(
+        precision=precision,
+        batch=batch,
+        workspace_gb=workspace_gb,
+        timing_cache=timing_cache,
+        hardware_compat=hardware_compat,
+        force=force,
+        device=device,
+    )
     folder = Path(model).is_dir()
     if folder:
         check_model_dir(model, engine)
     elif engine is not None and Path(engine).is_dir():
-        raise click.BadParameter(f"{engine} is a folder; for MODEL.onnx give the engine file to write", param_hint="'-o'")
+        raise click.BadParameter(
+            f"{engine} is a folder; for MODEL.onnx give the engine file to write", param_hint="'-o'"
+        )
     try:
-        results = build_pipeline(model, engine, **options) if folder else \
-            {None: build_engine(BuildConfig(onnx_path=model, engine_path=engine, **options))}
+        results = (
+            build_pipeline(model, engine, **options)
+            if folder
+            else {None: build_engine(BuildConfig(onnx_path=model, engine_path=engine, **options))}
+        )
     except (RuntimeError, ValueError, OSError) as err:  # BuildError, ModelError, ManifestError, CudaError, ...
         raise click.ClickException(str(err)) from None
     for part, result in results.items():
         verb = "reused" if result.reused else "built"
         what = f"{part}: " if part else ""
-        click.echo(f"{what}{verb} {result.engine_path} ({precision}, batch {':'.join(map(str, batch))}); manifest {result.manifest_path}")
+        click.echo(
+            f"{what}{verb} {result.engine_path} ({precision}, batch {':'.join(map(str, batch))}); manifest {result.manifest_path}"
+        )
 
 
 def check_model_dir(model, engine_dir):
@@ -67,7 +111,9 @@ def check_model_dir(model, engine_dir):
     except PipelineSpecError as err:
         raise click.UsageError(str(err)) from None
     if engine_dir is not None and Path(engine_dir).exists() and not Path(engine_dir).is_dir():
-        raise click.BadParameter(f"{engine_dir} is a file; for a MODEL_DIR give the folder of the engines", param_hint="'-o'")
+        raise click.BadParameter(
+            f"{engine_dir} is a file; for a MODEL_DIR give the folder of the engines", param_hint="'-o'"
+        )
 
 
 def parse_batch(text):

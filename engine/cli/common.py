@@ -1,4 +1,5 @@
 """What the CLI commands share: the sampler options, opening a Sampler, progress, interruption and exit codes."""
+
 import signal
 import sys
 from pathlib import Path
@@ -15,16 +16,33 @@ EXIT_SIGNAL_BASE = 128  # a run stopped by signal N exits 128 + N (130 for Ctrl-
 
 def model_options(command):
     """--model, --scheduler-config, --backend, --precision, --threads."""
-    for option in reversed([
-        click.option("--model", type=click.Path(path_type=Path), default=None,
-                     help="An ONNX model or a text-to-image MODEL_DIR (default: the shipped model)."),
-        click.option("--scheduler-config", type=click.Path(path_type=Path), default=None,
-                     help="diffusers scheduler_config.json overriding the model's schedule."),
-        click.option("--backend", default="auto", show_default=True, help="auto, or a backend `ddengine info` lists."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-                     help="The forward's precision: auto = the backend's best on this machine (`ddengine info`)."),
-        click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--model",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="An ONNX model or a text-to-image MODEL_DIR (default: the shipped model).",
+            ),
+            click.option(
+                "--scheduler-config",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="diffusers scheduler_config.json overriding the model's schedule.",
+            ),
+            click.option(
+                "--backend", default="auto", show_default=True, help="auto, or a backend `ddengine info` lists."
+            ),
+            click.option(
+                "--precision",
+                type=click.Choice(PRECISIONS),
+                default="auto",
+                show_default=True,
+                help="The forward's precision: auto = the backend's best on this machine (`ddengine info`).",
+            ),
+            click.option("--threads", type=int, default=None, help="CPU threads (default: physical cores)."),
+        ]
+    ):
         command = option(command)
     return command
 
@@ -42,12 +60,14 @@ def param_option(field, *decls, **options):
 
 def schedule_options(command):
     """--steps, --method, --eta, --spacing."""
-    for option in reversed([
-        param_option("steps", "--steps", type=int),
-        param_option("method", "--method", type=click.Choice(METHODS)),
-        param_option("eta", "--eta", type=float),
-        param_option("spacing", "--spacing", type=click.Choice(SPACINGS)),
-    ]):
+    for option in reversed(
+        [
+            param_option("steps", "--steps", type=int),
+            param_option("method", "--method", type=click.Choice(METHODS)),
+            param_option("eta", "--eta", type=float),
+            param_option("spacing", "--spacing", type=click.Choice(SPACINGS)),
+        ]
+    ):
         command = option(command)
     return command
 
@@ -56,15 +76,16 @@ def open_sampler(model, scheduler_config, backend, threads=None, precision="auto
     """A Sampler for the CLI; model, backend and parameter problems become usage errors (exit 2)."""
     from ddengine.runtime.sampler import Sampler
 
-    return usage_errors(Sampler, model, backend=backend, scheduler_config=scheduler_config, threads=threads,
-                        precision=precision)
+    return usage_errors(
+        Sampler, model, backend=backend, scheduler_config=scheduler_config, threads=threads, precision=precision
+    )
 
 
 def usage_errors(fn, *args, **kwargs):
     """fn(*args, **kwargs), with the engine's input errors raised as click.UsageError (exit 2, no traceback)."""
     from ddengine.backends import BackendError
-    from ddengine.model.load import ModelError
     from ddengine.files.atomic import OutputError
+    from ddengine.model.load import ModelError
     from ddengine.runtime.params import InvalidParameterError
 
     try:
@@ -78,8 +99,15 @@ def progress_bar(quiet, description):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=quiet, transient=False)
+    return Progress(
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=quiet,
+        transient=False,
+    )
 
 
 class Interrupted(Exception):

@@ -1,4 +1,5 @@
 """`ddengine info`: a model's spec, the schedule the engine derives from it, and the backends of this machine."""
+
 from pathlib import Path
 
 import click
@@ -9,8 +10,12 @@ from ddengine.model.pipeline_spec import PipelineSpec
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path), required=False)  # an ONNX file or a text-to-image MODEL_DIR
-@click.option("--scheduler-config", type=click.Path(path_type=Path), default=None,
-              help="diffusers scheduler_config.json overriding the model's schedule.")
+@click.option(
+    "--scheduler-config",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="diffusers scheduler_config.json overriding the model's schedule.",
+)
 @schedule_options
 def info(model, scheduler_config, steps, method, eta, spacing):
     """Print a model's spec, the schedule the engine will use, and which backend `auto` picks here."""
@@ -29,16 +34,26 @@ def info(model, scheduler_config, steps, method, eta, spacing):
     spec = loaded.spec
     classes = 0 if spec.conditional and spec.null_class is None else None
     prompt = "" if spec.text_conditional else None
-    params = usage_errors(SamplingParams.build, n=1, steps=steps, method=method, eta=eta, classes=classes,
-                          spacing=spacing, prompt=prompt)
+    params = usage_errors(
+        SamplingParams.build, n=1, steps=steps, method=method, eta=eta, classes=classes, spacing=spacing, prompt=prompt
+    )
     plan = usage_errors(step_plan, spec, usage_errors(params.bind, spec))
     described.print_parts(console, spec)
     console.print(f"[bold]model[/bold]   {loaded.path}  sha256 {loaded.sha256}")
-    console.print(f"[bold]{described.x}[/bold]  {spec.channels}x{spec.height}x{spec.width}, value range {list(spec.value_range)}")
+    console.print(
+        f"[bold]{described.x}[/bold]  {spec.channels}x{spec.height}x{spec.width}, value range {list(spec.value_range)}"
+    )
     if spec.text_conditional:
-        kind = "text-conditioned (prompt embeddings through encoder_hidden_states; the negative prompt is the unconditional branch)"
+        kind = (
+            "text-conditioned (prompt embeddings through encoder_hidden_states; the negative prompt is the "
+            "unconditional branch)"
+        )
     else:
-        kind = f"conditional, {spec.num_classes} classes, null class {spec.null_class}" if spec.conditional else "unconditional"
+        kind = (
+            f"conditional, {spec.num_classes} classes, null class {spec.null_class}"
+            if spec.conditional
+            else "unconditional"
+        )
     console.print(f"[bold]classes[/bold] {kind}; recommended guidance {spec.recommended_guidance}")
     for role, tensor in spec.io.items():
         console.print(f"[bold]io[/bold]      {role:<22} {tensor.name!r} {tensor.dtype} {list(tensor.shape)}")
@@ -89,16 +104,21 @@ def print_pipeline(console, folder, pipeline, spec):
 
     from ddengine.backends import auto_choice
     from ddengine.model.load import read_weightless
-    from ddengine.text.tokenizer import PromptTokenizer
     from ddengine.text.parts import part_backend
+    from ddengine.text.tokenizer import PromptTokenizer
 
     source = pipeline.source
-    console.print(f"[bold]pipeline[/bold] {folder}  ({source.get('pipeline')}, diffusers {source.get('diffusers')}, "
-                  f"fp16 {bool(source.get('fp16'))})")
+    console.print(
+        f"[bold]pipeline[/bold] {folder}  ({source.get('pipeline')}, diffusers {source.get('diffusers')}, "
+        f"fp16 {bool(source.get('fp16'))})"
+    )
     unet = auto_choice()
-    runs = {"text_encoder": ("ort-cpu", "fp32", "always: once per distinct prompt, exact"),
-            "unet": (unet.name, unet.precision, "--backend"), "vae_decoder": (*part_backend("auto"), "--backend, on the CPU"),
-            "tokenizer": ("tokenizers", "-", "")}
+    runs = {
+        "text_encoder": ("ort-cpu", "fp32", "always: once per distinct prompt, exact"),
+        "unet": (unet.name, unet.precision, "--backend"),
+        "vae_decoder": (*part_backend("auto"), "--backend, on the CPU"),
+        "tokenizer": ("tokenizers", "-", ""),
+    }
     for part, (backend, precision, note) in runs.items():
         path = pipeline.path(folder, part)
         size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))  # with its external data
@@ -107,14 +127,23 @@ def print_pipeline(console, folder, pipeline, spec):
             io = f"  {tokenizer.get_vocab_size()} tokens in its vocabulary"
         else:
             graph = usage_errors(read_weightless, path).graph
-            io = "  " + ", ".join(f"{v.name} {_shape(v)}" for v in graph.input) + " -> " + ", ".join(f"{v.name} {_shape(v)}" for v in graph.output)
+            io = (
+                "  "
+                + ", ".join(f"{v.name} {_shape(v)}" for v in graph.input)
+                + " -> "
+                + ", ".join(f"{v.name} {_shape(v)}" for v in graph.output)
+            )
         where = f"  runs on {backend} ({precision}; {note})" if part != "tokenizer" else ""
         console.print(escape(f"  {part:<13} {pipeline.files[part]} ({size / 2**20:.1f} MiB){io}{where}"))
     channels, height, width = pipeline.image_shape(spec)
-    console.print(f"[bold]text[/bold]     {pipeline.text_length} tokens per prompt (padded and truncated; pad id {pipeline.pad_token_id})")
-    console.print(f"[bold]shapes[/bold]   latents {spec.channels}x{spec.height}x{spec.width} -> images {channels}x{height}x{width} "
-                  f"(VAE scale {pipeline.vae_scale}, scaling factor {pipeline.vae_scaling_factor:g}); "
-                  f"`ddengine sample --height {height} --width {width}`")
+    console.print(
+        f"[bold]text[/bold]     {pipeline.text_length} tokens per prompt (padded and truncated; pad id {pipeline.pad_token_id})"
+    )
+    console.print(
+        f"[bold]shapes[/bold]   latents {spec.channels}x{spec.height}x{spec.width} -> images {channels}x{height}x{width} "
+        f"(VAE scale {pipeline.vae_scale}, scaling factor {pipeline.vae_scaling_factor:g}); "
+        f"`ddengine sample --height {height} --width {width}`"
+    )
 
 
 def _shape(value):
@@ -139,8 +168,12 @@ def print_backends(console, model):
         console.print(f"  (could not load it to probe batch invariance: {err})")
         return
     if exact:
-        console.print("  batch-invariant here: 7 rows with their own timesteps and labels gave, bit for bit, what each gave "
-                      "alone; the same request gives bit-identical images whatever the batch size")
+        console.print(
+            "  batch-invariant here: 7 rows with their own timesteps and labels gave, bit for bit, what each gave "
+            "alone; the same request gives bit-identical images whatever the batch size"
+        )
     else:
-        console.print("  [bold]not batch-invariant here[/bold]: an image can change in its last bits with the batch it "
-                      "shares; use --backend ort-cpu for the exact fp32 path")
+        console.print(
+            "  [bold]not batch-invariant here[/bold]: an image can change in its last bits with the batch it "
+            "shares; use --backend ort-cpu for the exact fp32 path"
+        )

@@ -3,14 +3,25 @@
 Exit codes: 0 all images fine, 1 some images non-finite (recorded, not written) or a write failed, 2 bad usage
 or input (nothing written), 128 + N stopped by signal N (130: Ctrl-C) with every finished image listed.
 """
+
 import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
-from ddengine.cli.common import (EXIT_FAILED, Interrupted, StopOnSignal, exit_interrupted, model_options,
-                                 open_sampler, param_option, progress_bar, schedule_options, usage_errors)
+from ddengine.cli.common import (
+    EXIT_FAILED,
+    Interrupted,
+    StopOnSignal,
+    exit_interrupted,
+    model_options,
+    open_sampler,
+    param_option,
+    progress_bar,
+    schedule_options,
+    usage_errors,
+)
 
 
 def parse_classes(values):
@@ -19,7 +30,9 @@ def parse_classes(values):
         return None
     if "all" in values:
         if len(values) > 1:
-            raise click.BadParameter(f"'all' cannot be combined with other classes, got {list(values)}", param_hint="--class")
+            raise click.BadParameter(
+                f"'all' cannot be combined with other classes, got {list(values)}", param_hint="--class"
+            )
         return "all"
     try:
         return [int(v) for v in values]
@@ -33,42 +46,110 @@ def check_png_channels(channels, fmt, grid, trajectory):
         return
     for used, hint in ((fmt == "png", "--format"), (grid is not None, "--grid"), (bool(trajectory), "--trajectory")):
         if used:
-            raise click.BadParameter(f"PNG needs 1, 3 or 4 channels, the model makes {channels}; "
-                                     "use --format npy without --grid or --trajectory", param_hint=hint)
+            raise click.BadParameter(
+                f"PNG needs 1, 3 or 4 channels, the model makes {channels}; "
+                "use --format npy without --grid or --trajectory",
+                param_hint=hint,
+            )
 
 
 @click.command()
 @model_options
 @schedule_options
 @param_option("n", "--n", type=int, default=16)  # the CLI writes a folder: 16 by default, the API and HTTP 1
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Images per forward (results do not depend on it).")
+@click.option(
+    "--batch-size", type=int, default=16, show_default=True, help="Images per forward (results do not depend on it)."
+)
 @param_option("seed", "--seed", type=int)
-@param_option("classes", "--class", multiple=True, default=(), show_default=False,
-              help="Class label (repeatable; cycled over the images) or 'all'.")
-@param_option("prompt", "--prompt", multiple=True, default=(), show_default=False,
-              help="Text-to-image models (a MODEL_DIR): the prompt (repeatable; cycled over the images).")
+@param_option(
+    "classes",
+    "--class",
+    multiple=True,
+    default=(),
+    show_default=False,
+    help="Class label (repeatable; cycled over the images) or 'all'.",
+)
+@param_option(
+    "prompt",
+    "--prompt",
+    multiple=True,
+    default=(),
+    show_default=False,
+    help="Text-to-image models (a MODEL_DIR): the prompt (repeatable; cycled over the images).",
+)
 @param_option("negative_prompt", "--negative-prompt", multiple=True, default=(), show_default=False)
 @param_option("guidance", "--guidance", type=float)
-@click.option("--height", type=int, default=None, help="Image height in pixels: must be the size the model was exported for.")
-@click.option("--width", type=int, default=None, help="Image width in pixels: must be the size the model was exported for.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("samples"), show_default=True,
-              help="Output folder: NNNNN.png per image + manifest.jsonl.")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier run in --out (removes the files its manifest lists).")
-@click.option("--grid", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write all images as one PNG: a row per class when there are several.")
+@click.option(
+    "--height", type=int, default=None, help="Image height in pixels: must be the size the model was exported for."
+)
+@click.option(
+    "--width", type=int, default=None, help="Image width in pixels: must be the size the model was exported for."
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("samples"),
+    show_default=True,
+    help="Output folder: NNNNN.png per image + manifest.jsonl.",
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an earlier run in --out (removes the files its manifest lists)."
+)
+@click.option(
+    "--grid",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write all images as one PNG: a row per class when there are several.",
+)
 @click.option("--format", "fmt", type=click.Choice(["png", "npy"]), default="png", show_default=True)
-@click.option("--trajectory", type=int, default=0, help="Every K steps snapshot x_t and predicted x0; one strip PNG per image.")
+@click.option(
+    "--trajectory", type=int, default=0, help="Every K steps snapshot x_t and predicted x0; one strip PNG per image."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar or summary.")
-def sample(model, scheduler_config, backend, precision, threads, steps, method, eta, spacing, n, batch_size, seed, classes,
-           prompt, negative_prompt, guidance, height, width, out, overwrite, grid, fmt, trajectory, quiet):
+def sample(
+    model,
+    scheduler_config,
+    backend,
+    precision,
+    threads,
+    steps,
+    method,
+    eta,
+    spacing,
+    n,
+    batch_size,
+    seed,
+    classes,
+    prompt,
+    negative_prompt,
+    guidance,
+    height,
+    width,
+    out,
+    overwrite,
+    grid,
+    fmt,
+    trajectory,
+    quiet,
+):
     """Generate images with a model: an ONNX file (default: the shipped one) or a text-to-image MODEL_DIR."""
     from ddengine.runtime.capacity import available_memory, human_bytes
     from ddengine.runtime.outdir import OutputFolder, check_space
     from ddengine.runtime.params import SamplingParams
 
-    params = usage_errors(SamplingParams.build, n=n, steps=steps, method=method, eta=eta, seed=seed,
-                          classes=parse_classes(classes), guidance=guidance, spacing=spacing,
-                          prompt=list(prompt) or None, negative_prompt=list(negative_prompt) or None)
+    params = usage_errors(
+        SamplingParams.build,
+        n=n,
+        steps=steps,
+        method=method,
+        eta=eta,
+        seed=seed,
+        classes=parse_classes(classes),
+        guidance=guidance,
+        spacing=spacing,
+        prompt=list(prompt) or None,
+        negative_prompt=list(negative_prompt) or None,
+    )
     sampler = open_sampler(model, scheduler_config, backend, threads, precision)
     check_size(sampler, height, width)
     request = usage_errors(sampler.request, params, batch_size=batch_size, trajectory=trajectory or False)
@@ -76,8 +157,10 @@ def sample(model, scheduler_config, backend, precision, threads, steps, method, 
     kept = request.n * int(np.prod(sampler.image_shape)) if grid is not None else 0
     free = available_memory()
     if free is not None and kept > free:
-        raise click.UsageError(f"--grid keeps all {request.n} images in memory ({human_bytes(kept)}); this machine has "
-                               f"{human_bytes(free)} available: sample fewer images or drop --grid")
+        raise click.UsageError(
+            f"--grid keeps all {request.n} images in memory ({human_bytes(kept)}); this machine has "
+            f"{human_bytes(free)} available: sample fewer images or drop --grid"
+        )
     if grid is not None and not (grid.resolve().parent.is_dir() or grid.resolve().parent == out.resolve()):
         raise click.UsageError(f"--grid {grid}: folder {grid.parent} does not exist (only --out is created)")
     usage_errors(check_space, out, request.n, int(np.prod(sampler.image_shape)) * (1 if fmt == "png" else 4))
@@ -90,8 +173,11 @@ def sample(model, scheduler_config, backend, precision, threads, steps, method, 
             folder.close()
             exit_interrupted(err, f"stopped: {folder.files} image file(s) written, each listed in {listed}")
         except (OSError, RuntimeError) as err:  # disk full, backend failure: what is done so far stays listed
-            where = (f"the {folder.files} finished image file(s) are listed in {folder.manifest_path}" if folder.has_manifest
-                     else "no image was finished")  # before close(), which forgets the manifest
+            where = (
+                f"the {folder.files} finished image file(s) are listed in {folder.manifest_path}"
+                if folder.has_manifest
+                else "no image was finished"
+            )  # before close(), which forgets the manifest
             folder.close()
             click.echo(f"Error: sampling stopped: {err}; {where}", err=True)
             sys.exit(EXIT_FAILED)
@@ -114,9 +200,11 @@ def check_size(sampler, height, width):
     given, scale, spec = f"{height or h}x{width or w}", sampler.parts.decoder.latent_scale, sampler.spec
     if scale == 1:
         raise click.UsageError(f"--height/--width ask for {given} images; this model makes {h}x{w} images only")
-    raise click.UsageError(f"--height/--width ask for {given} images; this model was exported for {h}x{w} "
-                           f"(latents {spec.height}x{spec.width} times the VAE's scale {scale}); export another size with "
-                           "`ddengine export --diffusers PIPELINE_DIR -o MODEL_DIR --height H --width W`")
+    raise click.UsageError(
+        f"--height/--width ask for {given} images; this model was exported for {h}x{w} "
+        f"(latents {spec.height}x{spec.width} times the VAE's scale {scale}); export another size with "
+        "`ddengine export --diffusers PIPELINE_DIR -o MODEL_DIR --height H --width W`"
+    )
 
 
 def write_run(sampler, request, folder, grid_path, fmt, quiet, stop):
@@ -147,8 +235,15 @@ def write_run(sampler, request, folder, grid_path, fmt, quiet, stop):
                         kept_classes.append(record["class"])
                 else:
                     failed += 1
-                folder.add({"file": files[0] if files else None, "trajectory_file": files[1] if len(files) > 1 else None,
-                            "format": fmt, **record}, files)
+                folder.add(
+                    {
+                        "file": files[0] if files else None,
+                        "trajectory_file": files[1] if len(files) > 1 else None,
+                        "format": fmt,
+                        **record,
+                    },
+                    files,
+                )
         bar.update(task, completed=request.n * request.steps)
     if grid_path is not None and kept:
         save_image(grid_path, class_grid(np.stack(kept), None if request.classes is None else kept_classes))

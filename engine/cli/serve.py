@@ -5,6 +5,7 @@ gets its images (or, past --drain-timeout, an error response); then the counts a
 process ends by that signal (exit 128 + N: 143 for SIGTERM, 130 for Ctrl-C), as uvicorn does.
 Needs the `serve` extra (pip install 'ddengine[serve]'); Ray Serve: see docs/serving.md (engine/serving/ray_serve.py).
 """
+
 import importlib.util
 import sys
 import threading
@@ -28,23 +29,69 @@ def check_serve_extra():
 @model_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Images denoised together per forward (the batch's slots).")
-@click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Images waiting for a slot; past it requests get 503 + Retry-After (also the largest n).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Seconds a request may take from acceptance to its last image (504 past it; default: none).")
-@click.option("--max-body-bytes", type=click.IntRange(min=64), default=64 * 1024, show_default=True,
-              help="Largest request body (413 past it).")
-@click.option("--limit-concurrency", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Connections and requests at once; past it uvicorn answers 503.")
-@click.option("--drain-timeout", type=click.FloatRange(min=0), default=None,
-              help="On SIGTERM, fail what still runs after this many seconds with an error response (default: "
-                   "finish everything accepted).")
-@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
-              show_default=True)
-def serve(model, scheduler_config, backend, precision, threads, host, port, max_batch, max_queue, timeout,
-          max_body_bytes, limit_concurrency, drain_timeout, log_level):
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Images denoised together per forward (the batch's slots).",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Images waiting for a slot; past it requests get 503 + Retry-After (also the largest n).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds a request may take from acceptance to its last image (504 past it; default: none).",
+)
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=64),
+    default=64 * 1024,
+    show_default=True,
+    help="Largest request body (413 past it).",
+)
+@click.option(
+    "--limit-concurrency",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Connections and requests at once; past it uvicorn answers 503.",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="On SIGTERM, fail what still runs after this many seconds with an error response (default: "
+    "finish everything accepted).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    default="info",
+    show_default=True,
+)
+def serve(
+    model,
+    scheduler_config,
+    backend,
+    precision,
+    threads,
+    host,
+    port,
+    max_batch,
+    max_queue,
+    timeout,
+    max_body_bytes,
+    limit_concurrency,
+    drain_timeout,
+    log_level,
+):
     """Serve POST /v1/images, GET /healthz and GET /metrics over HTTP (needs the serve extra)."""
     check_serve_extra()
     import uvicorn
@@ -52,10 +99,18 @@ def serve(model, scheduler_config, backend, precision, threads, host, port, max_
     from ddengine.serving.app import Settings, create_app
 
     sampler = open_sampler(model, scheduler_config, backend, threads, precision)
-    app = create_app(sampler, Settings(max_batch=max_batch, max_queue=max_queue, timeout=timeout,
-                                       max_body_bytes=max_body_bytes))
-    config = uvicorn.Config(app, host=host, port=port, limit_concurrency=limit_concurrency, log_level=log_level,
-                            timeout_graceful_shutdown=None, access_log=log_level == "debug")
+    app = create_app(
+        sampler, Settings(max_batch=max_batch, max_queue=max_queue, timeout=timeout, max_body_bytes=max_body_bytes)
+    )
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        limit_concurrency=limit_concurrency,
+        log_level=log_level,
+        timeout_graceful_shutdown=None,
+        access_log=log_level == "debug",
+    )
     server = draining_server()(config, app.state.app_state, drain_timeout)
     try:
         server.run()
@@ -73,9 +128,12 @@ def report(state):
     if state.batcher is None:
         return
     s = state.batcher.stats
-    click.echo(f"ddengine serve: stopped; requests accepted {s['submitted']}, completed {s['completed']}, failed "
-               f"{s['failed']} (timed out {s['timed_out']}), cancelled {s['cancelled']}, refused (queue full) "
-               f"{s['rejected']}; images {s['images']}", err=True)
+    click.echo(
+        f"ddengine serve: stopped; requests accepted {s['submitted']}, completed {s['completed']}, failed "
+        f"{s['failed']} (timed out {s['timed_out']}), cancelled {s['cancelled']}, refused (queue full) "
+        f"{s['rejected']}; images {s['images']}",
+        err=True,
+    )
 
 
 def draining_server():
@@ -102,4 +160,3 @@ def draining_server():
             report(self.app_state)  # before uvicorn re-raises the signal (exit 128 + N)
 
     return DrainingServer
-

@@ -4,6 +4,7 @@ An image's output is m = u + g (c - u). Its own row carries the conditional inpu
 the unconditional one when g = 0; only a guided image (g not None, 0 or 1) adds an unconditional row u. The rows
 of one forward are [own rows of all n images; unconditional rows of the guided images, in image order].
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,8 +40,8 @@ def layout_rows(own, uncond, guided_images, out):
     """One input's forward rows into `out`: own[0..n-1], then uncond[j] for each guided image j, in order."""
     n, g = len(own), len(guided_images)
     out[:n] = own
-    out[n:n + g] = uncond[guided_images]
-    return out[:n + g]
+    out[n : n + g] = uncond[guided_images]
+    return out[: n + g]
 
 
 @dataclass(frozen=True)
@@ -57,5 +58,6 @@ class Conditioning:
 
     def part(self, images):
         """The Conditioning of images `images` (a slice or indices) of the request."""
-        return Conditioning({role: (own[images], uncond[images]) for role, (own, uncond) in self.inputs.items()},
-                            self.guidance)
+        return Conditioning(
+            {role: (own[images], uncond[images]) for role, (own, uncond) in self.inputs.items()}, self.guidance
+        )

@@ -1,6 +1,8 @@
 """StepPlan: one float64 coefficient row (engine/core/rows.py) per sampler step, reproducing diffusers' DDPM/DDIM `step()`."""
+
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -8,7 +10,8 @@ from ddengine.core.rows import AM, AX, B0, BM, BX, NUM_COLUMNS, P0, PE, PX, SIGM
 from ddengine.core.schedule import SchedulerConfig
 from ddengine.core.timesteps import check_steps, check_timesteps, inference_timesteps
 
-METHODS = ("ddim", "ddpm")
+Method = Literal["ddim", "ddpm"]
+METHODS = get_args(Method)
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,20 +91,26 @@ def _timesteps(config, steps, timesteps, method):
 
 def _check_in_range(ts, T):
     if ts.max() >= T:  # leading + steps_offset at steps = T reaches T (diffusers issue #10003 indexes out of range)
-        raise ValueError(f"timestep {int(ts.max())} is outside the trained range [0, {T - 1}] "
-                         f"(leading spacing with steps_offset; use fewer steps or steps_offset=0)")
+        raise ValueError(
+            f"timestep {int(ts.max())} is outside the trained range [0, {T - 1}] "
+            f"(leading spacing with steps_offset; use fewer steps or steps_offset=0)"
+        )
     if ts.min() < 0:  # trailing: float arange rounding adds an extra step at -1 for some T (never for T = 1000)
-        raise ValueError(f"timestep {int(ts.min())} is outside the trained range [0, {T - 1}] "
-                         f"(diffusers' trailing spacing gives {len(ts)} timesteps for num_train_timesteps={T}; "
-                         "use another step count or spacing)")
+        raise ValueError(
+            f"timestep {int(ts.min())} is outside the trained range [0, {T - 1}] "
+            f"(diffusers' trailing spacing gives {len(ts)} timesteps for num_train_timesteps={T}; "
+            "use another step count or spacing)"
+        )
 
 
 def _check_zero_snr(config, abar, ts):
     zero = [int(t) for t in ts if abar[t] == 0.0]
     if zero and config.prediction_type == "epsilon":
-        raise ValueError(f"prediction_type 'epsilon' cannot give x0 at timestep {zero[0]} where alphas_cumprod = 0 "
-                         "(rescale_betas_zero_snr=True: x0 = (x - eps)/0); use prediction_type 'v_prediction' "
-                         "or a spacing that does not visit the last training timestep")
+        raise ValueError(
+            f"prediction_type 'epsilon' cannot give x0 at timestep {zero[0]} where alphas_cumprod = 0 "
+            "(rescale_betas_zero_snr=True: x0 = (x - eps)/0); use prediction_type 'v_prediction' "
+            "or a spacing that does not visit the last training timestep"
+        )
 
 
 def _check_finite(coeffs, ts):
@@ -140,7 +149,9 @@ def _ddim_row(config, abar, t, prev, final, eta, use_clipped):
     direction = 1.0 - ap - sigma * sigma
     if direction < 0:
         if eta > 1.0:
-            raise ValueError(f"eta={eta} is too large at timestep {t}: 1 - alpha_prev - sigma^2 = {direction:.3g} < 0 (use eta <= 1)")
+            raise ValueError(
+                f"eta={eta} is too large at timestep {t}: 1 - alpha_prev - sigma^2 = {direction:.3g} < 0 (use eta <= 1)"
+            )
         direction = 0.0  # rounding when a_p = 1
     row[P0], row[PE] = math.sqrt(ap), math.sqrt(direction)
     row[SIGMA] = sigma if eta > 0 else 0.0

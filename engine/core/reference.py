@@ -1,4 +1,5 @@
 """Unfused numpy evaluation of one coefficient row (engine/core/rows.py): the oracle and the baseline."""
+
 import numpy as np
 
 from ddengine.core.rows import AM, AX, B0, BM, BX, P0, PE, PX, SIGMA
@@ -21,7 +22,9 @@ def predicted_x0(x, m, row, clip=None, dtype=np.float64):
 def reference_step(x, cond, row, noise=None, *, uncond=None, guidance=None, clip=None, dtype=np.float64):
     """One sampler step x_t -> x_{t-1} evaluated term by term in `dtype` (float64 for the oracle)."""
     x = np.asarray(x, dtype=dtype)
-    m = guided_output(np.asarray(cond, dtype=dtype), None if uncond is None else np.asarray(uncond, dtype=dtype), guidance)
+    m = guided_output(
+        np.asarray(cond, dtype=dtype), None if uncond is None else np.asarray(uncond, dtype=dtype), guidance
+    )
     row = np.asarray(row, dtype=dtype)
     x0 = predicted_x0(x, m, row, clip, dtype)
     eps = row[BX] * x + row[BM] * m + row[B0] * x0

@@ -4,6 +4,7 @@ Betas are built as diffusers builds them and rounded to float32 (what diffusers 
 with); alphas and alphas_cumprod are then computed in float64 (diffusers keeps them in float32, which costs it
 ~3 digits of 1 - alphas_cumprod[t] at small t).
 """
+
 import math
 from dataclasses import dataclass, fields
 
@@ -24,10 +25,22 @@ IGNORED_KEYS = ("dynamic_thresholding_ratio", "sample_max_value")
 # diffusers scheduler classes whose config describes a discrete DDPM training schedule (betas over T timesteps,
 # epsilon/v/sample prediction), which DDPM and DDIM sample exactly: their `_compatibles`. Flow matching, EDM,
 # consistency and score-SDE schedulers mean something else by the same keys and are refused.
-COMPATIBLE_CLASSES = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
-                      "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
-                      "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-                      "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler")
+COMPATIBLE_CLASSES = (
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "DPMSolverSDEScheduler",
+)
 
 
 class SchedulerConfigError(ValueError):
@@ -56,10 +69,24 @@ def _real(name, value, low, high):
 
 
 # What a model was trained with (fixed by its weights) vs. how it is sampled (free to change after training).
-TRAINING_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-                 "rescale_betas_zero_snr")
-SAMPLING_KEYS = ("clip_sample", "clip_sample_range", "timestep_spacing", "steps_offset", "set_alpha_to_one",
-                 "variance_type", "thresholding")
+TRAINING_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+)
+SAMPLING_KEYS = (
+    "clip_sample",
+    "clip_sample_range",
+    "timestep_spacing",
+    "steps_offset",
+    "set_alpha_to_one",
+    "variance_type",
+    "thresholding",
+)
 
 
 @dataclass(frozen=True)
@@ -97,26 +124,29 @@ class SchedulerConfig:
         if self.variance_type in UNSUPPORTED_VARIANCE_TYPES:
             raise SchedulerConfigError(
                 f"variance_type {self.variance_type!r} is not supported ({UNSUPPORTED_VARIANCE_TYPES[self.variance_type]}); "
-                f"use one of {', '.join(map(repr, VARIANCE_TYPES))}")
+                f"use one of {', '.join(map(repr, VARIANCE_TYPES))}"
+            )
         _choice("variance_type", self.variance_type, VARIANCE_TYPES)
         _bool("rescale_betas_zero_snr", self.rescale_betas_zero_snr)
         _bool("thresholding", self.thresholding)
         if self.thresholding:
             raise SchedulerConfigError(
                 "thresholding=True (dynamic thresholding, Saharia et al. 2022) is not supported: it needs a per-sample "
-                "quantile of |x0| that the fused step kernel does not compute; use thresholding=false (clip_sample clips x0)")
+                "quantile of |x0| that the fused step kernel does not compute; use thresholding=false (clip_sample clips x0)"
+            )
         if self.trained_betas is not None:
             object.__setattr__(self, "trained_betas", self._checked_trained_betas())
         self.betas()  # validates the schedule as a whole
 
     def _checked_trained_betas(self):
         try:
-            betas = tuple(float(b) for b in self.trained_betas)
+            betas = tuple(float(b) for b in self.trained_betas or ())
         except (TypeError, ValueError):
             raise SchedulerConfigError(f"trained_betas must be a list of numbers, got {self.trained_betas!r}") from None
         if len(betas) != self.num_train_timesteps:
             raise SchedulerConfigError(
-                f"trained_betas must have num_train_timesteps = {self.num_train_timesteps} entries, got {len(betas)}")
+                f"trained_betas must have num_train_timesteps = {self.num_train_timesteps} entries, got {len(betas)}"
+            )
         return betas
 
     @classmethod
@@ -126,8 +156,10 @@ class SchedulerConfig:
             raise SchedulerConfigError(f"scheduler config must be a dict, got {type(config).__name__}")
         name = config.get("_class_name")
         if name is not None and name not in COMPATIBLE_CLASSES:
-            raise SchedulerConfigError(f"scheduler class {name!r} is not supported: its config does not describe a discrete "
-                                       f"DDPM training schedule; expected one of {', '.join(COMPATIBLE_CLASSES)}")
+            raise SchedulerConfigError(
+                f"scheduler class {name!r} is not supported: its config does not describe a discrete "
+                f"DDPM training schedule; expected one of {', '.join(COMPATIBLE_CLASSES)}"
+            )
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in config.items() if k in known})
 
@@ -155,8 +187,10 @@ class SchedulerConfig:
         bad = np.flatnonzero(~(np.isfinite(betas) & (betas > 0) & (betas <= 1)))
         if bad.size:
             i = int(bad[0])
-            raise SchedulerConfigError(f"betas must lie in (0, 1]; beta[{i}] = {float(betas[i])!r} "
-                                       f"(beta_schedule={self.beta_schedule!r}, beta_start={self.beta_start!r}, beta_end={self.beta_end!r})")
+            raise SchedulerConfigError(
+                f"betas must lie in (0, 1]; beta[{i}] = {float(betas[i])!r} "
+                f"(beta_schedule={self.beta_schedule!r}, beta_start={self.beta_start!r}, beta_end={self.beta_end!r})"
+            )
         return betas
 
     def alphas_cumprod(self):
@@ -172,7 +206,7 @@ def _raw_betas(cfg):
     if cfg.beta_schedule == "linear":
         return torch_linspace_f32(cfg.beta_start, cfg.beta_end, n)
     if cfg.beta_schedule == "scaled_linear":
-        return torch_linspace_f32(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, n) ** 2
+        return torch_linspace_f32(cfg.beta_start**0.5, cfg.beta_end**0.5, n) ** 2
     if cfg.beta_schedule == "sigmoid":
         x = torch_linspace_f32(-6.0, 6.0, n).astype(np.float64)
         sig = (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
@@ -194,6 +228,7 @@ def torch_linspace_f32(start, end, steps):
 
 def betas_for_alpha_bar(n, kind, max_beta=0.999):
     """beta_i = min(1 - abar((i+1)/n) / abar(i/n), max_beta): GLIDE/iDDPM cosine (Nichol & Dhariwal 2021, eq. 17) or laplace."""
+
     def cosine(t):
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -211,7 +246,7 @@ def rescale_zero_terminal_snr(betas):
     s = np.sqrt(np.cumprod(1.0 - betas.astype(np.float64)))
     s0, s_last = s[0], s[-1]
     s = (s - s_last) * (s0 / (s0 - s_last))
-    abar = s ** 2
+    abar = s**2
     alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
     return (1.0 - alphas).astype(np.float32)
 
@@ -223,11 +258,16 @@ def with_sampling_overrides(trained, overrides):
     given = {k: v for k, v in overrides.items() if not k.startswith("_") and k not in IGNORED_KEYS}
     unknown = sorted(k for k in given if k not in TRAINING_KEYS + SAMPLING_KEYS)
     if unknown:
-        raise SchedulerConfigError(f"unknown scheduler keys {', '.join(unknown)}; the sampling keys are {', '.join(SAMPLING_KEYS)}")
+        raise SchedulerConfigError(
+            f"unknown scheduler keys {', '.join(unknown)}; the sampling keys are {', '.join(SAMPLING_KEYS)}"
+        )
     base = SchedulerConfig.from_dict(trained).to_dict()
     merged = SchedulerConfig.from_dict({**base, **given}).to_dict()  # normalised: 1000 == 1000.0, lists as lists
     changed = [k for k in TRAINING_KEYS if merged[k] != base[k]]
     if changed:
-        raise SchedulerConfigError("the model was trained with " + ", ".join(f"{k}={base[k]!r}" for k in changed)
-                                   + f"; an override may change only how it is sampled ({', '.join(SAMPLING_KEYS)})")
+        raise SchedulerConfigError(
+            "the model was trained with "
+            + ", ".join(f"{k}={base[k]!r}" for k in changed)
+            + f"; an override may change only how it is sampled ({', '.join(SAMPLING_KEYS)})"
+        )
     return merged

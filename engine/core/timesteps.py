@@ -1,7 +1,11 @@
 """Inference timesteps: diffusers' `set_timesteps` spacings (Lin et al. 2023, arXiv 2305.08891, Table 2)."""
+
+from typing import Literal, get_args
+
 import numpy as np
 
-SPACINGS = ("leading", "trailing", "linspace")
+Spacing = Literal["leading", "trailing", "linspace"]
+SPACINGS = get_args(Spacing)
 
 
 def _is_int(value):
@@ -51,6 +55,8 @@ def check_timesteps(timesteps, num_train_timesteps):
             raise ValueError(f"timesteps[{i}] must be an integer in [0, {num_train_timesteps - 1}], got {t!r}")
     for i in range(1, len(values)):
         if values[i] >= values[i - 1]:
-            raise ValueError(f"timesteps must be strictly descending, got timesteps[{i - 1}] = {values[i - 1]} "
-                             f"followed by timesteps[{i}] = {values[i]}")
+            raise ValueError(
+                f"timesteps must be strictly descending, got timesteps[{i - 1}] = {values[i - 1]} "
+                f"followed by timesteps[{i}] = {values[i]}"
+            )
     return np.asarray(values, dtype=np.int64)

@@ -1,4 +1,5 @@
 """Files written whole or not at all: a temp file (or an anonymous one) in the same folder, synced, then renamed in."""
+
 import os
 import tempfile
 from pathlib import Path
@@ -45,15 +46,3 @@ def atomic_write_via(path, write):
 def atomic_write(path, data):
     """Write bytes to `path` atomically (see atomic_write_via)."""
     atomic_write_via(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
-def check_writable_dir(folder):
-    """Create `folder` if needed and prove a file can be written there; raise OutputError naming it otherwise."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ddengine-probe.", suffix=".tmp")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as err:
-        raise OutputError(f"output folder {folder} is not writable: {err.strerror or err}") from None

@@ -14,7 +14,9 @@ def import_cuda():
     try:
         from cuda.bindings import driver, nvrtc, runtime
     except ImportError:
-        raise CudaUnavailableError("the GPU path needs cuda-python (cuda.bindings): pip install ddengine[gpu]") from None
+        raise CudaUnavailableError(
+            "the GPU path needs cuda-python (cuda.bindings): pip install ddengine[gpu]"
+        ) from None
     return driver, runtime, nvrtc
 
 

@@ -1,4 +1,5 @@
 """Streams and device buffers on cuda.bindings' runtime API."""
+
 import numpy as np
 
 from ddengine.gpu import driver

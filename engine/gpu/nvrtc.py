@@ -3,6 +3,7 @@
 The cache key holds the sources' sha256, the architecture, the NVRTC version and the options. No FMA
 contraction (--fmad=false), so a CUDA kernel evaluates the same float32 expressions as its C twin.
 """
+
 import hashlib
 import os
 import threading
@@ -51,8 +52,11 @@ def compile_source(folder, main, arch, target="cubin"):
         status = nvrtc.nvrtcCompileProgram(prog, len(options), options)[0]
         if int(status) != 0:
             raise CudaError(f"NVRTC could not compile {main} for {target} {arch} ({status.name}):\n{_nvrtc_log(prog)}")
-        get_size, get = ((nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX) if target == "ptx"
-                         else (nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN))
+        get_size, get = (
+            (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX)
+            if target == "ptx"
+            else (nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN)
+        )
         image = b" " * check(get_size(prog))
         check(get(prog, image))
         return image

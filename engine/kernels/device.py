@@ -4,20 +4,25 @@ points loaded into a device's primary context and launched on a given stream.
 ddstep_step and ddstep_fill_noise take the one params struct (engine/kernels/host.py StepArgs, kernels/step.h),
 passed by value; the timestep and advance kernels read the per-image records (IMAGE_DTYPE) on the device.
 """
+
 import ctypes
 import importlib.resources
 import threading
 from pathlib import Path
 
-from ddengine.gpu import driver
+from ddengine.gpu import driver, nvrtc
 from ddengine.gpu.driver import CudaError, check, device_arch, use_device
-from ddengine.gpu import nvrtc
 from ddengine.gpu.nvrtc import load_target, nvrtc_version
 from ddengine.kernels.host import StepArgs
 
 KERNEL_FILES = ("step.cu", "step.h", "philox.h")  # the main source first
-ENTRY_POINTS = ("ddstep_step", "ddstep_fill_noise", "ddstep_set_timesteps_i64", "ddstep_set_timesteps_f32",
-                "ddstep_advance")
+ENTRY_POINTS = (
+    "ddstep_step",
+    "ddstep_fill_noise",
+    "ddstep_set_timesteps_i64",
+    "ddstep_set_timesteps_f32",
+    "ddstep_advance",
+)
 BLOCK = 256
 QUAD = 4  # one thread per quad of 4 elements (one Philox block)
 
@@ -61,16 +66,31 @@ class StepKernels:
             self.module = check(cu.cuModuleLoadData(image))
         except CudaError as err:
             driver_version = check(cu.cuDriverGetVersion())
-            raise CudaError(f"cannot load the step kernel compiled by NVRTC {nvrtc_version()} for sm_{self.arch} "
-                            f"into driver {driver_version // 1000}.{driver_version % 1000 // 10}: {err}") from None
+            raise CudaError(
+                f"cannot load the step kernel compiled by NVRTC {nvrtc_version()} for sm_{self.arch} "
+                f"into driver {driver_version // 1000}.{driver_version % 1000 // 10}: {err}"
+            ) from None
         self.functions = {name: check(cu.cuModuleGetFunction(self.module, name.encode())) for name in ENTRY_POINTS}
 
     def _launch(self, name, threads, stream, *args):
         cu, _, _ = driver.import_cuda()
         grid = max(1, (threads + BLOCK - 1) // BLOCK)
         pointers = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-        check(cu.cuLaunchKernel(self.functions[name], grid, 1, 1, BLOCK, 1, 1, 0, cu.CUstream(int(stream)),
-                                ctypes.addressof(pointers), 0))
+        check(
+            cu.cuLaunchKernel(
+                self.functions[name],
+                grid,
+                1,
+                1,
+                BLOCK,
+                1,
+                1,
+                0,
+                cu.CUstream(int(stream)),
+                ctypes.addressof(pointers),
+                0,
+            )
+        )
 
     def step(self, stream, args):
         """x <- step(x, model_out) in place for every image of `args` (a StepArgs of device addresses)."""

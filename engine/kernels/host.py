@@ -3,6 +3,7 @@
 `ddengine.kernels._step` checks only what memory safety needs; what else a launch assumes (finite coefficient rows,
 guidance, clip) is established once, where plans and requests are made (engine/core/plan.py, engine/runtime/params.py).
 """
+
 import ctypes
 
 import numpy as np
@@ -11,18 +12,30 @@ from ddengine.core.guidance import NO_UNCOND
 from ddengine.kernels import _step
 
 # kernels/step.h dd_image: one image of a step (its row, noise counter, guidance; the kernel writes nonfinite_step).
-IMAGE_DTYPE = np.dtype({"names": ["seed", "row", "step", "uncond", "guidance", "nonfinite_step"],
-                        "formats": ["<u8", "<i4", "<u4", "<i4", "<f4", "<i4"],
-                        "offsets": [0, 8, 12, 16, 20, 24], "itemsize": 32})
+IMAGE_DTYPE = np.dtype(
+    {
+        "names": ["seed", "row", "step", "uncond", "guidance", "nonfinite_step"],
+        "formats": ["<u8", "<i4", "<u4", "<i4", "<f4", "<i4"],
+        "offsets": [0, 8, 12, 16, 20, 24],
+        "itemsize": 32,
+    }
+)
 STAYED_FINITE = -1  # dd_image.nonfinite_step of an image whose every step was finite
 
 
 class StepArgs(ctypes.Structure):
     """kernels/step.h dd_step_args, the one argument of every step.cu kernel (device addresses)."""
 
-    _fields_ = [("x", ctypes.c_void_p), ("model_out", ctypes.c_void_p), ("table", ctypes.c_void_p),
-                ("images", ctypes.c_void_p), ("batch", ctypes.c_longlong), ("per_image", ctypes.c_longlong),
-                ("clip", ctypes.c_float), ("unused", ctypes.c_int)]
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("model_out", ctypes.c_void_p),
+        ("table", ctypes.c_void_p),
+        ("images", ctypes.c_void_p),
+        ("batch", ctypes.c_longlong),
+        ("per_image", ctypes.c_longlong),
+        ("clip", ctypes.c_float),
+        ("unused", ctypes.c_int),
+    ]
 
 
 def image_records(seeds, *, row=0, uncond=NO_UNCOND, guidance=0.0):

@@ -4,6 +4,7 @@ The file is never held in memory twice, nor are its weights: the protobuf is rea
 initializers' bytes (engine/model/onnx_wire.py), the ONNX checker runs on that weightless graph, and the content
 hash streams the file (external-data files included).
 """
+
 import hashlib
 import importlib.resources
 import json
@@ -54,7 +55,7 @@ def load_model(path=None, scheduler_config=None):
         raise ModelError(f"model file {path}: {err}") from None
     _check_class_embeddings(path, proto, spec)
     try:
-        spec.schedule  # parsed once, here; a bad config names its source
+        spec.schedule  # noqa: B018  (a cached property: parsed once, here; a bad config names its source)
     except (SchedulerConfigError, TypeError) as err:
         source = scheduler_config if override is not None else f"model file {path} (its '{METADATA_KEY}' scheduler)"
         raise ModelError(f"{source}: invalid scheduler config: {err}") from None
@@ -97,14 +98,21 @@ def _check_file(path):
 def _check_graph(path, proto):
     """onnx.checker on the weightless graph: initializers parsed without their data (or kept in external files)
     become graph inputs of their type and shape; external files must be inside the model's folder and exist."""
-    detached = {t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL or onnx_wire.weightless(t)}
+    detached = {
+        t.name
+        for t in proto.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL or onnx_wire.weightless(t)
+    }
     check = proto
     if detached:
         check = onnx.ModelProto()
         check.CopyFrom(proto)
         kept = [t for t in check.graph.initializer if t.name not in detached]
-        check.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims)
-                                 for t in check.graph.initializer if t.name in detached)
+        check.graph.input.extend(
+            helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+            for t in check.graph.initializer
+            if t.name in detached
+        )
         del check.graph.initializer[:]
         check.graph.initializer.extend(kept)
     try:
@@ -144,8 +152,10 @@ def _spec(path, proto, override):
             return _spec_from_graph(path, proto, override)
     except ModelSpecError as err:
         raise ModelError(f"model file {path}: {err}") from None
-    raise ModelError(f"model file {path} has no '{METADATA_KEY}' metadata entry; "
-                     "pass --scheduler-config (a diffusers scheduler_config.json)")
+    raise ModelError(
+        f"model file {path} has no '{METADATA_KEY}' metadata entry; "
+        "pass --scheduler-config (a diffusers scheduler_config.json)"
+    )
 
 
 def _spec_from_graph(path, proto, scheduler):
@@ -154,14 +164,24 @@ def _spec_from_graph(path, proto, scheduler):
     inputs = {k: v for k, v in inputs.items() if k not in {t.name for t in proto.graph.initializer}}
     extra = sorted(set(inputs) - {"sample", "timestep"})
     if extra or "sample" not in inputs or "timestep" not in inputs:
-        raise ModelError(f"model file {path} has no '{METADATA_KEY}' metadata and inputs {sorted(inputs)}; without metadata "
-                         "only unconditional models with inputs 'sample' and 'timestep' can be described by --scheduler-config")
+        raise ModelError(
+            f"model file {path} has no '{METADATA_KEY}' metadata and inputs {sorted(inputs)}; without metadata "
+            "only unconditional models with inputs 'sample' and 'timestep' can be described by --scheduler-config"
+        )
     dims = _tensor(inputs["sample"]).shape
     if len(dims) != 4 or any(d == DYNAMIC for d in dims[1:]):
-        raise ModelError(f"model file {path}: input 'sample' must have shape (N, C, H, W) with static C, H, W to be used "
-                         f"without metadata, got {list(dims)}")
-    return ModelSpec(scheduler=scheduler, channels=dims[1], height=dims[2], width=dims[3],
-                     input_names={"sample": "sample", "timestep": "timestep"}, output_name=proto.graph.output[0].name)
+        raise ModelError(
+            f"model file {path}: input 'sample' must have shape (N, C, H, W) with static C, H, W to be used "
+            f"without metadata, got {list(dims)}"
+        )
+    return ModelSpec(
+        scheduler=scheduler,
+        channels=dims[1],
+        height=dims[2],
+        width=dims[3],
+        input_names={"sample": "sample", "timestep": "timestep"},
+        output_name=proto.graph.output[0].name,
+    )
 
 
 def _tensor(value):
@@ -188,7 +208,9 @@ def graph_io(proto, spec):
     if spec.output_name in outputs:
         io[OUTPUT_ROLE] = _tensor(outputs[spec.output_name])
     else:
-        raise ModelSpecError(f"the graph has no output {spec.output_name!r} named by its spec; its outputs are {sorted(outputs)}")
+        raise ModelSpecError(
+            f"the graph has no output {spec.output_name!r} named by its spec; its outputs are {sorted(outputs)}"
+        )
     return {r: io[r] for r in (*INPUT_ROLES, OUTPUT_ROLE) if r in io}
 
 
@@ -206,8 +228,10 @@ def _check_class_embeddings(path, proto, spec):
             rows = tables[node.input[0]].dims[0]
             needed = max(spec.num_classes, (spec.null_class if spec.null_class is not None else -1) + 1)
             if rows < needed:
-                raise ModelError(f"model file {path}: its class embedding {node.input[0]!r} has {rows} rows, but the spec "
-                                 f"allows class ids up to {needed - 1} ({spec.num_classes} classes, null class {spec.null_class})")
+                raise ModelError(
+                    f"model file {path}: its class embedding {node.input[0]!r} has {rows} rows, but the spec "
+                    f"allows class ids up to {needed - 1} ({spec.num_classes} classes, null class {spec.null_class})"
+                )
 
 
 def external_files(proto, path):
@@ -221,7 +245,9 @@ def external_files(proto, path):
     for name in sorted(names):
         target = (folder / name).resolve()
         if Path(name).is_absolute() or folder not in target.parents:
-            raise ModelError(f"model file {path}: external data location {name!r} points outside the model's folder {folder}")
+            raise ModelError(
+                f"model file {path}: external data location {name!r} points outside the model's folder {folder}"
+            )
         files.append(target)
     return files
 

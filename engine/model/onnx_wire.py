@@ -3,6 +3,7 @@ against their shape), so a model's file bytes and its parsed weights are never i
 
 Wire format: https://protobuf.dev/programming-guides/encoding/ (tags, base-128 varints, length-delimited fields).
 """
+
 import math
 import os
 
@@ -11,7 +12,11 @@ from onnx import helper
 
 WEIGHTLESS_BYTES = 1 << 16  # initializers with more raw bytes than this are parsed without them
 MERGE_BYTES = 1 << 26  # the graph's other fields are parsed this many bytes at a time
-GRAPH_FIELD, INITIALIZER_FIELD, RAW_DATA_FIELD = 7, 5, 9  # ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
+GRAPH_FIELD, INITIALIZER_FIELD, RAW_DATA_FIELD = (
+    7,
+    5,
+    9,
+)  # ModelProto.graph, GraphProto.initializer, TensorProto.raw_data
 
 
 class WireFormatError(ValueError):
@@ -61,15 +66,21 @@ def _weightless_tensor(f, start, end):
     tensor = onnx.TensorProto()
     tensor.ParseFromString(b"".join(parts))
     if raw is not None and raw != _declared_bytes(tensor):
-        raise WireFormatError(f"tensor {tensor.name!r} has {raw} bytes of raw data; its shape {list(tensor.dims)} and type "
-                         f"{onnx.TensorProto.DataType.Name(tensor.data_type)} need {_declared_bytes(tensor)}")
+        raise WireFormatError(
+            f"tensor {tensor.name!r} has {raw} bytes of raw data; its shape {list(tensor.dims)} and type "
+            f"{onnx.TensorProto.DataType.Name(tensor.data_type)} need {_declared_bytes(tensor)}"
+        )
     return tensor
 
 
 def weightless(tensor):
     """A tensor parsed without its raw data: a shape that needs bytes, and no value field at all."""
     values = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
-    return not tensor.HasField("raw_data") and not any(len(getattr(tensor, v)) for v in values) and _declared_bytes(tensor) > 0
+    return (
+        not tensor.HasField("raw_data")
+        and not any(len(getattr(tensor, v)) for v in values)
+        and _declared_bytes(tensor) > 0
+    )
 
 
 def _declared_bytes(tensor):
@@ -105,7 +116,9 @@ def _fields(f, start, end):
             raise ValueError(f"wire type {kind} at byte {pos}")
         stop = pos + n + size
         if number == 0 or stop > end:
-            raise ValueError(f"field {number} at byte {pos} " + ("is not a field" if number == 0 else "runs past the end: truncated"))
+            raise ValueError(
+                f"field {number} at byte {pos} " + ("is not a field" if number == 0 else "runs past the end: truncated")
+            )
         yield number, kind, pos, pos + n, stop
         pos = stop
 

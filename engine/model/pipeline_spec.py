@@ -8,6 +8,7 @@ MODEL_DIR/
   vae_decoder.onnx   latents (N, C, h, w) / scaling_factor -> image (N, 3, H, W) in [-1, 1]
   tokenizer.json     a `tokenizers` Tokenizer (CLIP BPE)
 """
+
 import json
 import numbers
 from dataclasses import asdict, dataclass, field, fields
@@ -19,8 +20,12 @@ PIPELINE_FILE = "pipeline.json"
 FORMAT = "ddengine-pipeline"
 FORMAT_VERSION = 1
 PARTS = ("text_encoder", "unet", "vae_decoder", "tokenizer")
-DEFAULT_FILES = {"text_encoder": "text_encoder.onnx", "unet": "unet.onnx", "vae_decoder": "vae_decoder.onnx",
-                 "tokenizer": "tokenizer.json"}
+DEFAULT_FILES = {
+    "text_encoder": "text_encoder.onnx",
+    "unet": "unet.onnx",
+    "vae_decoder": "vae_decoder.onnx",
+    "tokenizer": "tokenizer.json",
+}
 
 
 class PipelineSpecError(ModelError):
@@ -46,7 +51,11 @@ class PipelineSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise PipelineSpecError(f"{PIPELINE_FILE}: {name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, numbers.Integral) or self.pad_token_id < 0:
+        if (
+            isinstance(self.pad_token_id, bool)
+            or not isinstance(self.pad_token_id, numbers.Integral)
+            or self.pad_token_id < 0
+        ):
             raise PipelineSpecError(f"{PIPELINE_FILE}: pad_token_id must be an integer >= 0, got {self.pad_token_id!r}")
         s = self.vae_scaling_factor
         if isinstance(s, bool) or not isinstance(s, numbers.Real) or not s > 0:
@@ -72,8 +81,10 @@ class PipelineSpec:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise PipelineSpecError(f"{folder} has no {PIPELINE_FILE}: not a ddengine text-to-image model folder "
-                                    "(make one with `ddengine export --diffusers PIPELINE_DIR -o MODEL_DIR`)") from None
+            raise PipelineSpecError(
+                f"{folder} has no {PIPELINE_FILE}: not a ddengine text-to-image model folder "
+                "(make one with `ddengine export --diffusers PIPELINE_DIR -o MODEL_DIR`)"
+            ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise PipelineSpecError(f"{path} is unreadable: {err}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:

@@ -5,6 +5,7 @@ classes and null class, and its training schedule; `ModelSpec.bind` adds the gra
 The exporter writes it, the TensorRT builder sizes its profile from it, and every backend binds by it
 (the TensorRT demo's one per-model I/O declaration).
 """
+
 import json
 import math
 import numbers
@@ -17,9 +18,13 @@ FORMAT_VERSION = 1
 INPUT_ROLES = ("sample", "timestep", "class_labels", "encoder_hidden_states")
 OUTPUT_ROLE = "out"
 REQUIRED_ROLES = ("sample", "timestep")
-ROLE_DTYPES = {"sample": ("float32", "float16"), "timestep": ("int64", "int32", "float32", "float16"),
-               "class_labels": ("int64", "int32"), "encoder_hidden_states": ("float32", "float16"),
-               "out": ("float32", "float16")}
+ROLE_DTYPES = {
+    "sample": ("float32", "float16"),
+    "timestep": ("int64", "int32", "float32", "float16"),
+    "class_labels": ("int64", "int32"),
+    "encoder_hidden_states": ("float32", "float16"),
+    "out": ("float32", "float16"),
+}
 DYNAMIC = -1  # a dimension the graph leaves open (the batch axis)
 
 
@@ -59,8 +64,9 @@ class ModelSpec:
     value_range: tuple = (-1.0, 1.0)
     num_classes: int = 0  # 0 = unconditional
     null_class: int | None = None  # the class id meaning "no class" (classifier-free guidance)
-    timestep_dtype: str = "int64"  # informational: the graph's own dtype wins (see io)
-    input_names: dict = field(default_factory=lambda: {"sample": "sample", "timestep": "timestep", "class_labels": "class_labels"})
+    input_names: dict = field(
+        default_factory=lambda: {"sample": "sample", "timestep": "timestep", "class_labels": "class_labels"}
+    )
     output_name: str = "out"
     recommended_guidance: float | None = None  # used when classes are given and guidance is not
     format_version: int = FORMAT_VERSION
@@ -94,10 +100,6 @@ class ModelSpec:
         from ddengine.core.schedule import SchedulerConfig
 
         return SchedulerConfig.from_dict(self.scheduler)
-
-    @property
-    def prediction_type(self):
-        return self.scheduler.get("prediction_type", "epsilon")
 
     @property
     def image_shape(self):
@@ -136,7 +138,9 @@ class ModelSpec:
             raise ModelSpecError(f"'{METADATA_KEY}' metadata must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise ModelSpecError(f"'{METADATA_KEY}' metadata format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+            raise ModelSpecError(
+                f"'{METADATA_KEY}' metadata format_version {version!r} is not supported (expected {FORMAT_VERSION})"
+            )
         missing = [k for k in ("scheduler", "channels", "height", "width") if k not in data]
         if missing:
             raise ModelSpecError(f"'{METADATA_KEY}' metadata lacks {', '.join(missing)}")
@@ -159,33 +163,45 @@ def _number(value):
 def check_fields(spec):
     """Every metadata field in range: shapes, value range, classes, null class, names, recommended guidance."""
     if not isinstance(spec.scheduler, dict):
-        raise ModelSpecError(f"'{METADATA_KEY}' metadata scheduler must be a JSON object, got {type(spec.scheduler).__name__}")
+        raise ModelSpecError(
+            f"'{METADATA_KEY}' metadata scheduler must be a JSON object, got {type(spec.scheduler).__name__}"
+        )
     for name in ("channels", "height", "width"):
         _int(name, getattr(spec, name), 1)
     _int("num_classes", spec.num_classes, 0)
     vr = spec.value_range
     if not (isinstance(vr, (tuple, list)) and len(vr) == 2 and all(_number(v) for v in vr) and vr[0] < vr[1]):
-        raise ModelSpecError(f"'{METADATA_KEY}' metadata value_range must be two finite numbers [lo, hi] with lo < hi, got {vr!r}")
+        raise ModelSpecError(
+            f"'{METADATA_KEY}' metadata value_range must be two finite numbers [lo, hi] with lo < hi, got {vr!r}"
+        )
     if spec.null_class is not None:
         _int("null_class", spec.null_class, 0)
         if not spec.conditional or spec.null_class > spec.num_classes:
-            raise ModelSpecError(f"'{METADATA_KEY}' metadata null_class {spec.null_class} needs a conditional model with "
-                                 f"0 <= null_class <= num_classes = {spec.num_classes}")
+            raise ModelSpecError(
+                f"'{METADATA_KEY}' metadata null_class {spec.null_class} needs a conditional model with "
+                f"0 <= null_class <= num_classes = {spec.num_classes}"
+            )
     names = spec.input_names
-    if not isinstance(names, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in names.items()):
+    if not isinstance(names, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in names.items()
+    ):
         raise ModelSpecError(f"'{METADATA_KEY}' metadata input_names must map roles to tensor names, got {names!r}")
     unknown = sorted(set(names) - set(INPUT_ROLES))
     needed = [*REQUIRED_ROLES, *(["class_labels"] if spec.conditional else [])]
     missing = [r for r in needed if r not in names]
     if unknown or missing:
-        raise ModelSpecError(f"'{METADATA_KEY}' metadata input_names must name roles {needed} (optional: "
-                             f"encoder_hidden_states); missing {missing}, unknown {unknown}")
+        raise ModelSpecError(
+            f"'{METADATA_KEY}' metadata input_names must name roles {needed} (optional: "
+            f"encoder_hidden_states); missing {missing}, unknown {unknown}"
+        )
     if not isinstance(spec.output_name, str) or not spec.output_name:
         raise ModelSpecError(f"'{METADATA_KEY}' metadata output_name must be a tensor name, got {spec.output_name!r}")
     g = spec.recommended_guidance
     if g is not None and not (_number(g) and g >= 0 and spec.guidable):
-        raise ModelSpecError(f"'{METADATA_KEY}' metadata recommended_guidance must be null or a finite number >= 0 on a "
-                             f"model with a null class or text conditioning, got {g!r}")
+        raise ModelSpecError(
+            f"'{METADATA_KEY}' metadata recommended_guidance must be null or a finite number >= 0 on a "
+            f"model with a null class or text conditioning, got {g!r}"
+        )
 
 
 def check_io(spec, io):
@@ -193,20 +209,30 @@ def check_io(spec, io):
     wanted = {**{r: spec.input_names[r] for r in spec.roles()}, OUTPUT_ROLE: spec.output_name}
     for role, name in wanted.items():
         if role not in io:
-            raise ModelSpecError(f"the graph has no {'output' if role == OUTPUT_ROLE else 'input'} {name!r} ({role}) named by its spec")
+            raise ModelSpecError(
+                f"the graph has no {'output' if role == OUTPUT_ROLE else 'input'} {name!r} ({role}) named by its spec"
+            )
         tensor = io[role]
         if tensor.dtype not in ROLE_DTYPES[role]:
-            raise ModelSpecError(f"tensor {name!r} ({role}) is {tensor.dtype}; expected one of {', '.join(ROLE_DTYPES[role])}")
+            raise ModelSpecError(
+                f"tensor {name!r} ({role}) is {tensor.dtype}; expected one of {', '.join(ROLE_DTYPES[role])}"
+            )
         if role in ("sample", OUTPUT_ROLE):
             dims = tensor.shape
             if len(dims) != 4 or any(d not in (DYNAMIC, e) for d, e in zip(dims[1:], spec.image_shape)):
-                raise ModelSpecError(f"tensor {name!r} ({role}) has shape {_show(dims)}; the spec's image is "
-                                     f"(N, {spec.channels}, {spec.height}, {spec.width})")
+                raise ModelSpecError(
+                    f"tensor {name!r} ({role}) has shape {_show(dims)}; the spec's image is "
+                    f"(N, {spec.channels}, {spec.height}, {spec.width})"
+                )
             if dims[0] != DYNAMIC:
-                raise ModelSpecError(f"tensor {name!r} ({role}) has a fixed batch of {dims[0]}; export it with a dynamic batch axis")
+                raise ModelSpecError(
+                    f"tensor {name!r} ({role}) has a fixed batch of {dims[0]}; export it with a dynamic batch axis"
+                )
         elif not (tensor.scalar and role == "timestep") and (not tensor.shape or tensor.shape[0] != DYNAMIC):
-            raise ModelSpecError(f"input {name!r} ({role}) has shape {_show(tensor.shape)}; expected a dynamic batch axis first"
-                                 + (" (or a scalar)" if role == "timestep" else ""))
+            raise ModelSpecError(
+                f"input {name!r} ({role}) has shape {_show(tensor.shape)}; expected a dynamic batch axis first"
+                + (" (or a scalar)" if role == "timestep" else "")
+            )
 
 
 def _show(dims):

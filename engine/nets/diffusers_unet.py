@@ -1,4 +1,5 @@
 """A diffusers UNet2DModel behind the engine's input contract: forward(sample, timestep, class_labels) -> output."""
+
 import torch
 
 

@@ -5,6 +5,7 @@ it. The tensors are the module's state dict; the metadata key `ddengine_twin` ho
 "ddengine-unet" | "diffusers-UNet2DModel", "config": ...}. Every twin is called as forward(sample, timestep,
 class_labels) -> model output, the engine's input contract.
 """
+
 import json
 from pathlib import Path
 
@@ -28,7 +29,6 @@ def save_twin(path, module):
     from safetensors.torch import save_file
 
     from ddengine.files.atomic import atomic_write_via
-
     from ddengine.nets.diffusers_unet import DiffusersUNet
 
     if isinstance(module, DiffusersUNet):
@@ -64,13 +64,17 @@ def load_twin(path):
     """The module of a twin file (eval mode, fp32, CPU); TwinError naming what is wrong otherwise."""
     path = Path(path)
     try:
-        header, tensors = read_tagged(path, TWIN_KEY, "torch twin", " (`ddengine export` writes it next to the ONNX file)")
+        header, tensors = read_tagged(
+            path, TWIN_KEY, "torch twin", " (`ddengine export` writes it next to the ONNX file)"
+        )
     except ValueError as err:
         raise TwinError(str(err)) from None
     if not isinstance(header, dict) or header.get("format") != TWIN_FORMAT:
         raise TwinError(f"{path} is not a ddengine U-Net twin (no '{TWIN_KEY}' metadata of format {TWIN_FORMAT})")
     if header.get("architecture") not in ARCHITECTURES:
-        raise TwinError(f"{path}: twin architecture {header.get('architecture')!r} is not one of {', '.join(ARCHITECTURES)}")
+        raise TwinError(
+            f"{path}: twin architecture {header.get('architecture')!r} is not one of {', '.join(ARCHITECTURES)}"
+        )
     try:
         module = _build(header["architecture"], header["config"])
         target = module.unet if header["architecture"] != "ddengine-unet" else module

@@ -1,4 +1,5 @@
 """Class-conditional U-Net for epsilon prediction (Ho et al. 2020; Nichol & Dhariwal 2021), ONNX/TensorRT friendly."""
+
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -32,7 +33,9 @@ class UNetConfig:
             raise ValueError(f"bottom width {widths[-1]} must be divisible by head_channels={self.head_channels}")
         down = 2 ** (len(self.channel_mult) - 1)
         if self.image_size % down:
-            raise ValueError(f"image_size {self.image_size} must be divisible by {down} for channel_mult {self.channel_mult}")
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by {down} for channel_mult {self.channel_mult}"
+            )
 
     @property
     def null_class(self):
@@ -46,7 +49,9 @@ class UNetConfig:
         """Build from a dict, naming unknown keys."""
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown UNetConfig keys {sorted(unknown)}; expected a subset of {sorted(cls.__dataclass_fields__)}")
+            raise ValueError(
+                f"unknown UNetConfig keys {sorted(unknown)}; expected a subset of {sorted(cls.__dataclass_fields__)}"
+            )
         return cls(**data)
 
 
@@ -96,8 +101,8 @@ class Attention(nn.Module):
         n, c, h, w = x.shape
         d = c // self.heads
         qkv = self.qkv(self.norm(x)).reshape(n * self.heads, 3 * d, h * w)
-        q, k, v = qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:]
-        weights = torch.softmax(torch.matmul(q.transpose(1, 2), k) * (d ** -0.5), dim=-1)  # (nh, hw, hw)
+        q, k, v = qkv[:, :d], qkv[:, d : 2 * d], qkv[:, 2 * d :]
+        weights = torch.softmax(torch.matmul(q.transpose(1, 2), k) * (d**-0.5), dim=-1)  # (nh, hw, hw)
         out = torch.matmul(v, weights.transpose(1, 2)).reshape(n, c, h, w)
         return x + self.proj(out)
 

@@ -1,4 +1,5 @@
 """Sample quality: FID on the shipped classifier's features (Heusel et al. 2017) and conditional accuracy."""
+
 import importlib.resources
 import time
 from pathlib import Path
@@ -41,9 +42,11 @@ class FeatureNet:
         """Logits (N, 10) and features (N, D) of uint8 (N, 32, 32, 1) images, scaled as in training ([-1, 1])."""
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE or images.dtype != np.uint8:
-            raise EvaluationError(f"the classifier takes uint8 images of shape (N, 32, 32, 1), got {images.dtype} {images.shape}")
+            raise EvaluationError(
+                f"the classifier takes uint8 images of shape (N, 32, 32, 1), got {images.dtype} {images.shape}"
+            )
         x = images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
-        parts = [self.session.run(None, {"image": x[i:i + batch]}) for i in range(0, len(x), batch)]
+        parts = [self.session.run(None, {"image": x[i : i + batch]}) for i in range(0, len(x), batch)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -62,8 +65,14 @@ def real_images(split, data_path=None, n=None, seed=0):
 def real_floor(net, test_features, test_accuracy, data_path, n, seed):
     """The real-vs-real row: FID of n training images against the test set, and the classifier's test accuracy."""
     train, _ = real_images("train", data_path, n=n, seed=seed)
-    return {"guidance": "real (train vs test)", "n": len(train), "fid": fid(net(train)[1], test_features),
-            "accuracy": test_accuracy, "failed": 0, "seconds": 0.0}
+    return {
+        "guidance": "real (train vs test)",
+        "n": len(train),
+        "fid": fid(net(train)[1], test_features),
+        "accuracy": test_accuracy,
+        "failed": 0,
+        "seconds": 0.0,
+    }
 
 
 ACCURACY_TARGET = 0.95  # of the classifier's accuracy on real test images
@@ -83,10 +92,27 @@ def evaluate(sampler, net, test_features, n, steps, guidance, seed, batch_size, 
     """
     classes = np.arange(n, dtype=np.int64) % 10
     start = time.perf_counter()
-    images, records = sampler.sample(n, steps=steps, method=method, eta=0.0, seed=seed, classes=classes,
-                                     guidance=float(guidance), batch_size=batch_size, progress=progress)
+    images, records = sampler.sample(
+        n,
+        steps=steps,
+        method=method,
+        eta=0.0,
+        seed=seed,
+        classes=classes,
+        guidance=float(guidance),
+        batch_size=batch_size,
+        progress=progress,
+    )
     seconds = time.perf_counter() - start
     failed = sum(r["status"] != "ok" for r in records)
     logits, features = net(images)
-    return {"guidance": guidance, "n": n, "steps": steps, "method": method, "fid": fid(features, test_features),
-            "accuracy": accuracy(logits.argmax(1), classes), "failed": failed, "seconds": seconds}, images
+    return {
+        "guidance": guidance,
+        "n": n,
+        "steps": steps,
+        "method": method,
+        "fid": fid(features, test_features),
+        "accuracy": accuracy(logits.argmax(1), classes),
+        "failed": failed,
+        "seconds": seconds,
+    }, images

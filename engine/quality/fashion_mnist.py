@@ -1,4 +1,5 @@
 """Fashion-MNIST from its IDX .gz files: uint8 28x28 -> float32 [-1, 1] padded to 32x32 with -1."""
+
 import gzip
 import os
 from pathlib import Path
@@ -32,7 +33,9 @@ def read_idx(path, magic, ndim):
         with gzip.open(path, "rb") as fh:
             raw = fh.read()
     except FileNotFoundError:
-        raise DataError(f"Fashion-MNIST file {path} not found; install it with `{INSTALL_HINT}` or pass --data DIR") from None
+        raise DataError(
+            f"Fashion-MNIST file {path} not found; install it with `{INSTALL_HINT}` or pass --data DIR"
+        ) from None
     except (OSError, EOFError) as err:
         raise DataError(f"{path} is not a readable gzip file: {err}") from None
     header = 4 * (1 + ndim)
@@ -41,7 +44,7 @@ def read_idx(path, magic, ndim):
     got = int.from_bytes(raw[:4], "big")
     if got != magic:
         raise DataError(f"{path}: IDX magic number 0x{got:08x}, expected 0x{magic:08x}")
-    shape = tuple(int.from_bytes(raw[4 * (i + 1):4 * (i + 2)], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 * (i + 1) : 4 * (i + 2)], "big") for i in range(ndim))
     expected = header + int(np.prod(shape))
     if len(raw) != expected:
         raise DataError(f"{path}: {len(raw)} bytes, expected {expected} for shape {shape}")
@@ -54,7 +57,9 @@ def load_uint8(split="train", path=None):
         raise DataError(f"split must be one of {sorted(FILES)}, got {split!r}")
     folder = data_dir(path)
     if not folder.is_dir():
-        raise DataError(f"Fashion-MNIST folder {folder} does not exist; install it with `{INSTALL_HINT}` or pass --data DIR")
+        raise DataError(
+            f"Fashion-MNIST folder {folder} does not exist; install it with `{INSTALL_HINT}` or pass --data DIR"
+        )
     image_file, label_file = FILES[split]
     images = read_idx(folder / image_file, IMAGES_MAGIC, 3)
     labels = read_idx(folder / label_file, LABELS_MAGIC, 1)

@@ -1,4 +1,5 @@
 """Quality metrics in numpy: Frechet distance between feature sets (FID, Heusel et al. 2017), accuracy, PSNR."""
+
 import numpy as np
 
 
@@ -21,7 +22,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+        raise ValueError(
+            f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
+        )
     root = _sqrt_psd(sigma1)
     eig = np.linalg.eigvalsh(root @ sigma2 @ root)
     tr_covmean = float(np.sqrt(np.clip(eig, 0, None)).sum())

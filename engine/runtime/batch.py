@@ -6,11 +6,13 @@ its own conditioning inputs (class label, text embedding), so an image's result 
 and parameters whatever else shares its forward (exact step-level batching). The host loop admits one chunk and
 steps it to the end; the step batcher (engine/serving/batcher.py) admits and retires images between steps.
 """
+
 import numpy as np
 
 from ddengine.core.guidance import NO_UNCOND, layout_rows, uncond_rows
 from ddengine.kernels import host as fused
 from ddengine.kernels.host import IMAGE_DTYPE
+
 
 class ImageBatch:
     """Up to `capacity` images and the buffers of their forward (capacity x spec.cfg_factor rows)."""
@@ -42,7 +44,7 @@ class ImageBatch:
     @property
     def x(self):
         """The images' latents x_t (a view: the first rows of the forward input)."""
-        return self.x_in[:self.n]
+        return self.x_in[: self.n]
 
     def admit(self, plan, seeds, conditioning, tags):
         """Add images at step 0 of `plan` (x_T from their seeds) with their Conditioning (engine/core/guidance.py)."""
@@ -73,18 +75,18 @@ class ImageBatch:
         """The U-Net forward of every row: per-row timesteps and conditioning, guided rows copied from their images."""
         n, g = self.n, len(self.guided)
         if g:
-            np.take(self.x_in[:n], self.guided, axis=0, out=self.x_in[n:n + g])
+            np.take(self.x_in[:n], self.guided, axis=0, out=self.x_in[n : n + g])
         np.take(self.t_table, self.images["row"][:n], out=self.t_in[:n])
-        self.t_in[n:n + g] = self.t_in[self.guided]
-        feeds = {"sample": self.x_in[:n + g], "timestep": self.t_in[:n + g]}
-        feeds.update({role: values[:n + g] for role, values in self.inputs.items()})
-        run_rows(self.backend, self.spec, feeds, self.out[:n + g])
-        return self.out[:n + g]
+        self.t_in[n : n + g] = self.t_in[self.guided]
+        feeds = {"sample": self.x_in[: n + g], "timestep": self.t_in[: n + g]}
+        feeds.update({role: values[: n + g] for role, values in self.inputs.items()})
+        run_rows(self.backend, self.spec, feeds, self.out[: n + g])
+        return self.out[: n + g]
 
     def update(self):
         """The fused step of every image (kernels/step.h), then each moves to its next step; returns the finished."""
         n = self.n
-        fused.step(self.x_in[:n], self.out[:self.rows], self.table, self.images[:n], self.clip, self.threads)
+        fused.step(self.x_in[:n], self.out[: self.rows], self.table, self.images[:n], self.clip, self.threads)
         fused.advance(self.images[:n])
         self.remaining[:n] -= 1
         return np.flatnonzero(self.remaining[:n] == 0)

@@ -1,6 +1,7 @@
 """What this machine lets the process use: CPUs (for thread counts) and memory, and what a request needs of it:
 the forward's activations (estimated from the graph) and the images kept, refused up front when they do not fit.
 """
+
 import os
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from ddengine.runtime.params import InvalidParameterError, integer
 
 ARENA_SLACK = 1.5  # ONNX Runtime's arena and fragmentation over the ideal peak (measured: 2.1 vs 1.7 MB/row)
 RECORD_BYTES = 1024  # a Python dict record per image kept by Sampler.sample
-_row_bytes_of = {}  # model sha256 -> activation_bytes(its graph)
+_row_bytes_of: dict[str, int] = {}  # model sha256 -> activation_bytes(its graph)
 
 
 def usable_cpus():
@@ -60,8 +61,10 @@ def check_memory(model, request, backend_rows=None, keep_images=False, image_ele
     spec = model.spec
     rows = forward_rows(request.batch_size, needs_uncond_rows(request.guidance))
     if backend_rows is not None and rows > backend_rows:
-        raise InvalidParameterError(f"batch_size {request.batch_size} needs {rows} forward rows; this backend takes at most "
-                                    f"{backend_rows} (its engine profile)")
+        raise InvalidParameterError(
+            f"batch_size {request.batch_size} needs {rows} forward rows; this backend takes at most "
+            f"{backend_rows} (its engine profile)"
+        )
     forward = rows * (ARENA_SLACK * activation_bytes_per_row(model) + 3 * 4 * spec.per_image)
     kept = request.n * ((image_elements or spec.per_image) + RECORD_BYTES) if keep_images else 0
     free = available_memory()
@@ -69,8 +72,10 @@ def check_memory(model, request, backend_rows=None, keep_images=False, image_ele
         parts = [f"batch_size {request.batch_size} needs about {human_bytes(forward)} for its forward"]
         if kept:
             parts.append(f"n = {request.n} images kept in memory need {human_bytes(kept)}")
-        raise InvalidParameterError(f"{' and '.join(parts)}; this machine has {human_bytes(free)} available "
-                                    f"(use a smaller batch_size{', or stream the images' if kept else ''})")
+        raise InvalidParameterError(
+            f"{' and '.join(parts)}; this machine has {human_bytes(free)} available "
+            f"(use a smaller batch_size{', or stream the images' if kept else ''})"
+        )
 
 
 def activation_bytes_per_row(model):
@@ -97,8 +102,11 @@ def activation_bytes(proto):
     for i, node in enumerate(inferred.graph.node):
         live += sum(sizes.get(name, 0) for name in node.output)
         peak = max(peak, live)
-        live -= sum(sizes.get(name, 0) for name in set(node.input) | set(node.output)
-                    if name not in initializers and last_use.get(name, -1) <= i and name in sizes)
+        live -= sum(
+            sizes.get(name, 0)
+            for name in set(node.input) | set(node.output)
+            if name not in initializers and last_use.get(name, -1) <= i and name in sizes
+        )
     return peak
 
 

@@ -4,6 +4,7 @@ a conditioner (what each image's rows feed the U-Net besides x_t and t) and a de
 The text-to-image ones (PromptConditioner, VaeDecoder) are in engine/text/pipeline.py; these are the pixel
 models' ones. The guidance rule (g = 0 / 1 / other) is engine/core/guidance.py's.
 """
+
 import numpy as np
 
 from ddengine.core.guidance import Conditioning, needs_uncond_rows, own_row_is_conditional

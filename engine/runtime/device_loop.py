@@ -10,6 +10,7 @@ captured once per (plan, batch, guided) and replayed for every later step and ca
 before capture, one execution context per captured graph; NVIDIA/TensorRT#2603, #3798). `graphs=False`
 runs the same launches without capture. A DeviceLoop serves one thread at a time; DeviceLoops keeps one per thread.
 """
+
 import threading
 
 import numpy as np
@@ -53,7 +54,9 @@ class DeviceLoop:
             if state.use_graph and state.graph is None:
                 self._step(state)  # warm-up: TensorRT must enqueue once before capture, torch warms its kernels
                 body = lambda: self._step(state)  # noqa: E731
-                state.graph = state.runner.capture(body) if state.runner.owns_capture else StreamGraph(self.stream, body)
+                state.graph = (
+                    state.runner.capture(body) if state.runner.owns_capture else StreamGraph(self.stream, body)
+                )
             elif state.use_graph:
                 state.graph.launch()
             else:
@@ -108,17 +111,32 @@ class _State:
         if t_dtype.name not in ("int64", "float32"):
             raise ValueError(f"the model's timestep input is {t_dtype.name}; the step kernels write int64 or float32")
         if spec.io["timestep"].scalar:
-            raise ValueError("the device loop needs a per-row timestep input; this model's is a scalar (use the host loop)")
+            raise ValueError(
+                "the device loop needs a per-row timestep input; this model's is a scalar (use the host loop)"
+            )
         self.t_in = DeviceArray(rows, t_dtype)
-        self.inputs = {role: DeviceArray(self.runner.shape(role, rows), self.runner.dtype(role))
-                       for role in spec.roles() if role not in ("sample", "timestep")}  # class_labels, encoder_hidden_states
+        self.inputs = {
+            role: DeviceArray(self.runner.shape(role, rows), self.runner.dtype(role))
+            for role in spec.roles()
+            if role not in ("sample", "timestep")
+        }  # class_labels, encoder_hidden_states
         for role in ("sample", OUTPUT_ROLE):
             if self.runner.dtype(role) != np.float32:
-                raise ValueError(f"the model's {role} tensor is {self.runner.dtype(role)}; the CUDA step kernel needs float32")
-        self.runner.bind(rows, {"sample": self.model_x.ptr, "timestep": self.t_in.ptr, OUTPUT_ROLE: self.out.ptr,
-                                **{role: buffer.ptr for role, buffer in self.inputs.items()}})
-        self.args = step_args(self.model_x.ptr, self.out.ptr, self.table.ptr, self.images.ptr, batch, spec.per_image,
-                              plan.clip)
+                raise ValueError(
+                    f"the model's {role} tensor is {self.runner.dtype(role)}; the CUDA step kernel needs float32"
+                )
+        self.runner.bind(
+            rows,
+            {
+                "sample": self.model_x.ptr,
+                "timestep": self.t_in.ptr,
+                OUTPUT_ROLE: self.out.ptr,
+                **{role: buffer.ptr for role, buffer in self.inputs.items()},
+            },
+        )
+        self.args = step_args(
+            self.model_x.ptr, self.out.ptr, self.table.ptr, self.images.ptr, batch, spec.per_image, plan.clip
+        )
         self.graph = None
 
     def close(self):

@@ -5,6 +5,7 @@
 nonfinite_step[j] is the first step at which image j's model output or update went non-finite (-1: none), as the fused
 kernel records it on either side. Each step is improved-diffusion's p_sample_loop step: one forward, one update.
 """
+
 import time
 
 import numpy as np

@@ -5,6 +5,7 @@ place, and only then gets its manifest line (one append). A failed append unlink
 folder never holds an image its manifest does not list, nor a temp file after a crash. A folder holding an
 earlier run is refused unless overwrite=True, which first removes what that run wrote.
 """
+
 import json
 import os
 import re
@@ -33,8 +34,10 @@ def check_space(folder, n, image_bytes):
     free = shutil.disk_usage(probe).free
     need = n * (image_bytes + FILE_OVERHEAD_BYTES + MANIFEST_LINE_BYTES)
     if need > free:
-        raise OutputError(f"{n} images need about {human_bytes(need)} on disk (files and manifest); {probe} has "
-                          f"{human_bytes(free)} free: sample fewer images or choose another --out")
+        raise OutputError(
+            f"{n} images need about {human_bytes(need)} on disk (files and manifest); {probe} has "
+            f"{human_bytes(free)} free: sample fewer images or choose another --out"
+        )
 
 
 def earlier_outputs(folder):
@@ -54,7 +57,7 @@ def earlier_outputs(folder):
 
 def _listed(manifest):
     """File names a manifest lists (lines that do not parse are skipped: the file is removed anyway)."""
-    names = []
+    names: list[str] = []
     try:
         lines = manifest.read_text(errors="replace").splitlines()
     except OSError:
@@ -81,9 +84,11 @@ class OutputFolder:
         earlier = earlier_outputs(self.folder)
         if earlier and not overwrite:
             images = sum(1 for p in earlier if p.name != MANIFEST)
-            raise OutputError(f"output folder {self.folder} holds an earlier run ({images} image file(s)"
-                              f"{' and ' + MANIFEST if any(p.name == MANIFEST for p in earlier) else ''}); "
-                              "pass --overwrite to replace it, or choose another --out")
+            raise OutputError(
+                f"output folder {self.folder} holds an earlier run ({images} image file(s)"
+                f"{' and ' + MANIFEST if any(p.name == MANIFEST for p in earlier) else ''}); "
+                "pass --overwrite to replace it, or choose another --out"
+            )
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             probe, tmp = tempfile.mkstemp(dir=self.folder, prefix=".ddengine-probe.", suffix=".tmp")
@@ -91,11 +96,13 @@ class OutputFolder:
             os.unlink(tmp)
             for path in earlier:
                 path.unlink()
-            self._dir = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+            self._dir: int | None = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as err:
             raise OutputError(f"output folder {self.folder} is not writable: {err.strerror or err}") from None
         self.manifest_path = self.folder / MANIFEST
-        self._manifest = None  # opened with the first record, so a run that writes nothing leaves no manifest
+        self._manifest: int | None = (
+            None  # opened with the first record, so a run that writes nothing leaves no manifest
+        )
         self.files = 0
 
     def write(self, name, data):
@@ -156,7 +163,7 @@ class OutputFolder:
 def _write_all(fd, data):
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _write_named(path, data):

@@ -1,4 +1,5 @@
 """Image outputs: PNG/npy encoding and grids (written atomically through ddengine.files.atomic)."""
+
 import io
 import math
 
@@ -47,7 +48,7 @@ def grid(images, cols=None, pad=2):
     for i, image in enumerate(images):
         r, q = divmod(i, cols)
         y, x = pad + r * (h + pad), pad + q * (w + pad)
-        out[y:y + h, x:x + w] = image
+        out[y : y + h, x : x + w] = image
     return out
 
 

@@ -4,6 +4,7 @@ The Python API (Sampler.sample/stream/request), the CLI (`ddengine sample`) and 
 and its /openapi.json schema) all build a SamplingParams. Its own checks need no model; `bind(spec)` checks it
 against one and gives the Request the loops run.
 """
+
 import math
 import numbers
 import operator
@@ -13,8 +14,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ddengine.core.plan import METHODS
-from ddengine.core.timesteps import SPACINGS, nonempty_list
+from ddengine.core.plan import METHODS, Method
+from ddengine.core.timesteps import SPACINGS, Spacing, nonempty_list
 
 SEED_LIMIT = 2**64
 MAX_PROMPT_CHARS = 10_000
@@ -32,19 +33,26 @@ class SamplingParams(BaseModel):
 
     n: int = Field(1, ge=1, description="Number of images.")
     steps: int = Field(50, ge=1, description="Sampling steps (1 .. the model's num_train_timesteps).")
-    method: Literal[METHODS] = Field("ddim", description="ddim (strided, Song et al. 2021) or ddpm (Ho et al. 2020).")
+    method: Method = Field("ddim", description="ddim (strided, Song et al. 2021) or ddpm (Ho et al. 2020).")
     eta: float = Field(0.0, ge=0, description="DDIM eta: 0 is deterministic, 1 is DDPM-like noise (method ddim only).")
     seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Image i uses seed + i.")
     seeds: list[int] | None = Field(None, description="One seed per image, instead of seed.")
     classes: int | list[int] | Literal["all"] | None = Field(
-        None, description="Class-conditional models: a class, a list cycled over the images, or 'all'.")
-    guidance: float | None = Field(None, ge=0, description="Classifier-free guidance scale (default: the model's "
-                                   "recommended one when classes or a prompt are given; 1 = none, 0 = unconditional).")
-    spacing: Literal[SPACINGS] | None = Field(None, description="Timestep spacing (default: the model's).")
-    prompt: str | list[str] | None = Field(None, description="Text-to-image models: a prompt, or a list cycled over "
-                                           "the images.")
-    negative_prompt: str | list[str] | None = Field(None, description="The prompt guidance steers away from "
-                                                    "(default: none, \"\").")
+        None, description="Class-conditional models: a class, a list cycled over the images, or 'all'."
+    )
+    guidance: float | None = Field(
+        None,
+        ge=0,
+        description="Classifier-free guidance scale (default: the model's "
+        "recommended one when classes or a prompt are given; 1 = none, 0 = unconditional).",
+    )
+    spacing: Spacing | None = Field(None, description="Timestep spacing (default: the model's).")
+    prompt: str | list[str] | None = Field(
+        None, description="Text-to-image models: a prompt, or a list cycled over the images."
+    )
+    negative_prompt: str | list[str] | None = Field(
+        None, description='The prompt guidance steers away from (default: none, "").'
+    )
 
     @classmethod
     def build(cls, **fields):
@@ -94,7 +102,9 @@ class SamplingParams(BaseModel):
         if value is None and info.field_name == "spacing":
             return None
         if not isinstance(value, str) or value not in allowed:
-            raise InvalidParameterError(f"{info.field_name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+            raise InvalidParameterError(
+                f"{info.field_name} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+            )
         return value
 
     @field_validator("seeds", mode="before")
@@ -125,11 +135,14 @@ class SamplingParams(BaseModel):
             return None
         given = [value] if isinstance(value, str) else value
         if not isinstance(given, (list, tuple)) or not given or not all(isinstance(p, str) for p in given):
-            raise InvalidParameterError(f"{info.field_name} must be a string or a non-empty list of strings, got {value!r}")
+            raise InvalidParameterError(
+                f"{info.field_name} must be a string or a non-empty list of strings, got {value!r}"
+            )
         longest = max(len(p) for p in given)
         if longest > MAX_PROMPT_CHARS:
-            raise InvalidParameterError(f"{info.field_name} must be at most {MAX_PROMPT_CHARS} characters, "
-                                        f"got one of {longest}")
+            raise InvalidParameterError(
+                f"{info.field_name} must be at most {MAX_PROMPT_CHARS} characters, got one of {longest}"
+            )
         return value if isinstance(value, str) else list(value)
 
     @model_validator(mode="after")
@@ -153,11 +166,24 @@ class SamplingParams(BaseModel):
         labels = bind_classes(spec, self.n, self.classes)
         prompts, negatives = bind_prompts(spec, self.n, self.prompt, self.negative_prompt)
         guidance = bind_guidance(spec, self.guidance, labels is not None or prompts is not None)
-        seeds = (np.arange(self.n, dtype=np.uint64) + np.uint64(self.seed) if self.seeds is None
-                 else np.array(self.seeds, dtype=np.uint64))
-        return Request(steps=steps, method=self.method, eta=float(self.eta), seeds=seeds, classes=labels,
-                       guidance=guidance, batch_size=min(batch_size, self.n), spacing=self.spacing, trajectory=k,
-                       prompts=prompts, negative_prompts=negatives)
+        seeds = (
+            np.arange(self.n, dtype=np.uint64) + np.uint64(self.seed)
+            if self.seeds is None
+            else np.array(self.seeds, dtype=np.uint64)
+        )
+        return Request(
+            steps=steps,
+            method=self.method,
+            eta=float(self.eta),
+            seeds=seeds,
+            classes=labels,
+            guidance=guidance,
+            batch_size=min(batch_size, self.n),
+            spacing=self.spacing,
+            trajectory=k,
+            prompts=prompts,
+            negative_prompts=negatives,
+        )
 
 
 @dataclass(frozen=True)
@@ -186,8 +212,13 @@ class Request:
 
     def params(self):
         """The request's parameters as a manifest records them (JSON types)."""
-        return {"steps": self.steps, "method": self.method, "eta": self.eta, "guidance": self.guidance,
-                "spacing": self.spacing}
+        return {
+            "steps": self.steps,
+            "method": self.method,
+            "eta": self.eta,
+            "guidance": self.guidance,
+            "spacing": self.spacing,
+        }
 
 
 def describe(err):
@@ -221,7 +252,12 @@ def integer(name, value, low, high=None):
 
 def real(name, value):
     """A finite number >= 0, as a float."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise InvalidParameterError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -229,11 +265,14 @@ def real(name, value):
 def bind_classes(spec, n, classes):
     """None, or one int64 label per image in [0, num_classes): one int, a list cycled over the images, or "all"."""
     if classes is not None and spec.text_conditional:
-        raise InvalidParameterError(f"classes={classes!r} given, but this text-to-image model takes prompt, not classes")
+        raise InvalidParameterError(
+            f"classes={classes!r} given, but this text-to-image model takes prompt, not classes"
+        )
     if classes is None:
         if spec.conditional and spec.null_class is None:
-            raise InvalidParameterError(f"the model is class-conditional ({spec.num_classes} classes) and has no null "
-                                        "class; pass classes")
+            raise InvalidParameterError(
+                f"the model is class-conditional ({spec.num_classes} classes) and has no null class; pass classes"
+            )
         return None
     if not spec.conditional:
         raise InvalidParameterError(f"classes={classes!r} given but the model is unconditional (num_classes = 0)")
@@ -247,12 +286,15 @@ def bind_guidance(spec, guidance, conditioned):
     if guidance is None:
         return spec.recommended_guidance if conditioned else None
     if not spec.guidable:
-        raise InvalidParameterError(f"guidance={guidance!r} needs a class-conditional model with a null class or a "
-                                    f"text-to-image model; this model has {spec.num_classes} classes and null class "
-                                    f"{spec.null_class}")
+        raise InvalidParameterError(
+            f"guidance={guidance!r} needs a class-conditional model with a null class or a "
+            f"text-to-image model; this model has {spec.num_classes} classes and null class "
+            f"{spec.null_class}"
+        )
     if not conditioned:
-        raise InvalidParameterError(f"guidance={guidance!r} needs {'a prompt' if spec.text_conditional else 'classes'} "
-                                    "(it steers towards them)")
+        raise InvalidParameterError(
+            f"guidance={guidance!r} needs {'a prompt' if spec.text_conditional else 'classes'} (it steers towards them)"
+        )
     return guidance
 
 
@@ -261,12 +303,15 @@ def bind_prompts(spec, n, prompt, negative_prompt):
     if not spec.text_conditional:
         if prompt is not None or negative_prompt is not None:
             takes = f"{spec.num_classes} classes: give classes" if spec.conditional else "no conditioning"
-            raise InvalidParameterError("prompt and negative_prompt need a text-to-image MODEL_DIR (`ddengine export "
-                                        f"--diffusers`); this model takes {takes}")
+            raise InvalidParameterError(
+                "prompt and negative_prompt need a text-to-image MODEL_DIR (`ddengine export "
+                f"--diffusers`); this model takes {takes}"
+            )
         return None, None
     if prompt is None:
-        raise InvalidParameterError("this text-to-image model needs prompt (a string, or a list of strings cycled over "
-                                    "the images)")
+        raise InvalidParameterError(
+            "this text-to-image model needs prompt (a string, or a list of strings cycled over the images)"
+        )
     return cycled(prompt, n), cycled("" if negative_prompt is None else negative_prompt, n)
 
 

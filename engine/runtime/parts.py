@@ -2,6 +2,7 @@
 (engine/runtime/conditioning.py, or the text-to-image ones of engine/text/pipeline.py), its step plans, and
 how finished x_0 become images and manifest records. The Sampler and the StepBatcher both run on Parts.
 """
+
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -66,25 +67,39 @@ class Parts:
 
     def records(self, request, part, bad, trajectory):
         """One manifest record per image: index, seed, class or prompts, status, parameters, model and backend."""
-        common = {**request.params(), "model_sha256": self.model.sha256, "backend": self.backend.name,
-                  "precision": self.backend.precision, "ddengine_version": ddengine.__version__}
+        common = {
+            **request.params(),
+            "model_sha256": self.model.sha256,
+            "backend": self.backend.name,
+            "precision": self.backend.precision,
+            "ddengine_version": ddengine.__version__,
+        }
         if self.scheduler_override is not None:
             common["scheduler"] = self.scheduler_override
         records = []
         for j, index in enumerate(range(part.start, part.stop)):
             seed = int(request.seeds[index])
-            record = {"index": index, "seed": seed,
-                      "class": None if request.classes is None else int(request.classes[index]),
-                      "status": "ok", "error": None, **common}
+            record = {
+                "index": index,
+                "seed": seed,
+                "class": None if request.classes is None else int(request.classes[index]),
+                "status": "ok",
+                "error": None,
+                **common,
+            }
             if request.prompts is not None:
                 record.update(prompt=request.prompts[index], negative_prompt=request.negative_prompts[index])
             if bad[j] >= 0:
-                record.update(status="error", error=f"image {index} (seed {seed}) became non-finite (NaN/inf) at step {bad[j]}")
+                record.update(
+                    status="error", error=f"image {index} (seed {seed}) became non-finite (NaN/inf) at step {bad[j]}"
+                )
             elif trajectory is not None:
                 record["trajectory"] = {
-                    "steps": [s[0] for s in trajectory], "timesteps": [s[1] for s in trajectory],
+                    "steps": [s[0] for s in trajectory],
+                    "timesteps": [s[1] for s in trajectory],
                     "x_t": to_uint8(np.stack([s[2][j] for s in trajectory]), self.spec.value_range),
-                    "x0": to_uint8(np.stack([s[3][j] for s in trajectory]), self.spec.value_range)}
+                    "x0": to_uint8(np.stack([s[3][j] for s in trajectory]), self.spec.value_range),
+                }
             records.append(record)
         return records
 

@@ -6,6 +6,7 @@ its manifest line needs: seed, class, status, the request's parameters, the mode
 precision. A Sampler runs its model's Parts (engine/runtime/parts.py) one chunk at a time, on the device loop
 when the backend opens device runners and no step needs the host, else on the host loop.
 """
+
 import numpy as np
 
 from ddengine.core.reference import guided_output, predicted_x0
@@ -67,7 +68,9 @@ class Sampler:
         """A SamplingParams (or n and its fields) checked against this model and machine (InvalidParameterError)."""
         params = SamplingParams.given(params, **fields)
         if trajectory and not self.parts.decoder.pixel_space:
-            raise InvalidParameterError("trajectory snapshots are of pixel-space models; this is a latent text-to-image model")
+            raise InvalidParameterError(
+                "trajectory snapshots are of pixel-space models; this is a latent text-to-image model"
+            )
         request = params.bind(self.spec, batch_size, trajectory)
         check_memory(self.model, request, self.backend.max_rows)
         self.parts.plan(request)
@@ -97,14 +100,15 @@ class Sampler:
                 if progress is not None:
                     progress(start * request.steps + (i + 1) * k, total)
 
-            trajectory = [] if request.trajectory else None
+            trajectory: list | None = [] if request.trajectory else None
             if self.device_loop is not None and trajectory is None and callback is None:
                 x, bad = self.device_loop.denoise(plan, seeds, conditioning.part(part), on_step=on_step, timers=timers)
             else:  # per-step host access (trajectory, callback) or a CPU backend
                 step_hook = on_step if callback is None else _with_callback(on_step, callback, start)
                 observe = None if trajectory is None else _snapshots(trajectory, plan, request)
-                x, bad = self.host_loop.denoise(plan, seeds, conditioning.part(part), on_step=step_hook,
-                                                observe=observe, timers=timers)
+                x, bad = self.host_loop.denoise(
+                    plan, seeds, conditioning.part(part), on_step=step_hook, observe=observe, timers=timers
+                )
             yield self.parts.finish(request, part, x, bad, trajectory)
 
 
@@ -112,14 +116,17 @@ def _with_callback(on_step, callback, first_index):
     def hook(i, t, x):
         on_step(i)
         callback(i, t, x, first_index)
+
     return hook
 
 
 def _snapshots(into, plan, request):
     """An observe hook appending (step, t, x_t, predicted x0) every `request.trajectory` steps and at the last."""
+
     def observe(i, t, x, out, n):
         if i % request.trajectory == 0 or i == len(plan) - 1:
-            uncond = out[n:2 * n] if len(out) == 2 * n else None
+            uncond = out[n : 2 * n] if len(out) == 2 * n else None
             m = guided_output(out[:n], uncond, request.guidance)
             into.append((i, t, x.copy(), predicted_x0(x, m, plan.coeffs[i], plan.clip).astype(np.float32)))
+
     return observe

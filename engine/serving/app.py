@@ -11,13 +11,13 @@
 
 No global state: each app owns its Sampler, batcher and metrics registry (so a Ray replica owns one of each).
 """
+
 import asyncio
 import base64
 import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from ddengine.runtime.output import encode_png
 from ddengine.runtime.params import InvalidParameterError, SamplingParams, integer
-from ddengine.serving.batcher import QueueFull, BatcherClosed, StepBatcher
+from ddengine.serving.batcher import BatcherClosed, QueueFull, StepBatcher
 
 DISCONNECT_POLL_S = 0.2  # how often a waiting request checks whether its client is gone
 CLIENT_GONE = 499  # nginx's code for "client closed the request": recorded in metrics, never sent
@@ -67,8 +67,9 @@ class AppState:
 
         self.sampler = sampler
         self.batch_invariant = bool(probe_batch_invariance(sampler.backend, sampler.spec))
-        self.batcher = self.batcher_class(sampler.parts, self.settings.max_batch, self.settings.max_queue,
-                                              on_step=self.metrics.observe_step)
+        self.batcher = self.batcher_class(
+            sampler.parts, self.settings.max_batch, self.settings.max_queue, on_step=self.metrics.observe_step
+        )
         self.status = "ok"
 
     def load(self, load):
@@ -109,17 +110,28 @@ class Metrics:
 
         def gauge(name, doc, read):
             Gauge(name, doc, registry=registry).set_function(
-                lambda: 0.0 if state.batcher is None else read(state.batcher))
+                lambda: 0.0 if state.batcher is None else read(state.batcher)
+            )
 
         gauge("ddengine_queued_images", "Images waiting for a batch slot.", lambda s: s.queued_images)
         gauge("ddengine_active_images", "Images in the running batch.", lambda s: s.active_images)
         gauge("ddengine_batch_occupancy", "Forward rows in use / rows the batch holds.", lambda s: s.occupancy())
         Gauge("ddengine_ready", "1 while the server takes requests.", registry=registry).set_function(
-            lambda: float(state.status == "ok"))
-        self.step = Histogram("ddengine_step_seconds", "Wall time of one batched denoising step.",
-                              buckets=self.STEP_BUCKETS, registry=registry)
-        self.request = Histogram("ddengine_request_seconds", "POST /v1/images latency by status code.", ["code"],
-                                 buckets=self.REQUEST_BUCKETS, registry=registry)
+            lambda: float(state.status == "ok")
+        )
+        self.step = Histogram(
+            "ddengine_step_seconds",
+            "Wall time of one batched denoising step.",
+            buckets=self.STEP_BUCKETS,
+            registry=registry,
+        )
+        self.request = Histogram(
+            "ddengine_request_seconds",
+            "POST /v1/images latency by status code.",
+            ["code"],
+            buckets=self.REQUEST_BUCKETS,
+            registry=registry,
+        )
         registry.register(BatcherCounters(state))
 
     def observe_step(self, rows, seconds):
@@ -149,13 +161,15 @@ class BatcherCounters:
         from prometheus_client.core import CounterMetricFamily
 
         stats = {} if self.state.batcher is None else dict(self.state.batcher.stats)
-        requests = CounterMetricFamily("ddengine_requests", "Requests by outcome at the batcher (rejected: queue "
-                                       "full).", labels=["outcome"])
+        requests = CounterMetricFamily(
+            "ddengine_requests", "Requests by outcome at the batcher (rejected: queue full).", labels=["outcome"]
+        )
         for outcome in self.OUTCOMES:
             requests.add_metric([outcome], stats.get(outcome, 0))
         yield requests
-        yield CounterMetricFamily("ddengine_images_completed", "Images finished; rate() gives images/s.",
-                                  value=stats.get("images", 0))
+        yield CounterMetricFamily(
+            "ddengine_images_completed", "Images finished; rate() gives images/s.", value=stats.get("images", 0)
+        )
         yield CounterMetricFamily("ddengine_steps", "Batched denoising steps run.", value=stats.get("steps", 0))
 
 
@@ -193,6 +207,7 @@ def create_app(sampler_or_loader, settings=None, *, background_load=False, batch
 
 def add_error_handlers(app):
     """Every error as {"error": message}: ours, FastAPI's validation and Starlette's 404/405."""
+
     @app.exception_handler(HTTPError)
     async def http_error(request, err):
         return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
@@ -203,8 +218,9 @@ def add_error_handlers(app):
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, err):
-        return JSONResponse({"error": "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())},
-                            status_code=422)
+        return JSONResponse(
+            {"error": "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())}, status_code=422
+        )
 
 
 def add_routes(app, state):
@@ -227,9 +243,15 @@ def add_routes(app, state):
             body = {"status": state.status} | ({"error": state.error} if state.error else {})
             return JSONResponse(body, status_code=503)
         s = state.sampler
-        return {"status": "ok", "model": s.model.sha256, "backend": s.backend.name,
-                "precision": s.backend.precision, "batch_invariant": state.batch_invariant,
-                "max_batch": state.settings.max_batch, "max_queue": state.settings.max_queue}
+        return {
+            "status": "ok",
+            "model": s.model.sha256,
+            "backend": s.backend.name,
+            "precision": s.backend.precision,
+            "batch_invariant": state.batch_invariant,
+            "max_batch": state.settings.max_batch,
+            "max_queue": state.settings.max_queue,
+        }
 
     @app.get("/metrics")
     async def metrics():
@@ -279,8 +301,12 @@ async def read_body(request, limit):
 def request_body_schema():
     """The OpenAPI requestBody of POST /v1/images: SamplingParams' JSON schema (the body is read by parse_body, which
     bounds its size before parsing, so FastAPI does not parse it itself)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": SamplingParams.model_json_schema()}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": SamplingParams.model_json_schema()}},
+        }
+    }
 
 
 def parse_body(raw):
@@ -335,10 +361,20 @@ def outcome(waiter):
 def response_body(result):
     """The JSON of a finished request: the records' shared fields once, then each image with its PNG."""
     first = result.records[0]
-    shared = {k: first[k] for k in ("steps", "method", "eta", "guidance", "spacing", "backend", "precision",
-                                    "ddengine_version")}
-    images = [{"index": r["index"], "seed": r["seed"], "class": r["class"], "status": r["status"], "error": r["error"],
-               **{k: r[k] for k in ("prompt", "negative_prompt") if k in r},
-               "png": base64.b64encode(encode_png(image)).decode("ascii") if r["status"] == "ok" else None}
-              for image, r in zip(result.images, result.records)]
+    shared = {
+        k: first[k]
+        for k in ("steps", "method", "eta", "guidance", "spacing", "backend", "precision", "ddengine_version")
+    }
+    images = [
+        {
+            "index": r["index"],
+            "seed": r["seed"],
+            "class": r["class"],
+            "status": r["status"],
+            "error": r["error"],
+            **{k: r[k] for k in ("prompt", "negative_prompt") if k in r},
+            "png": base64.b64encode(encode_png(image)).decode("ascii") if r["status"] == "ok" else None,
+        }
+        for image, r in zip(result.images, result.records)
+    ]
     return {"model": first["model_sha256"], **shared, "n": len(images), "images": images}

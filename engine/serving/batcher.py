@@ -9,6 +9,7 @@ batch-invariant backend (ddengine.backends.base.probe_batch_invariance) every im
 `Sampler.sample` of its request alone, which runs the same ImageBatch one chunk at a time (engine/runtime/loop.py).
 No web framework here: engine/serving/app.py and engine/serving/ray_serve.py wrap it.
 """
+
 import collections
 import threading
 import time
@@ -70,7 +71,9 @@ class StepBatcher:
         self._queued_images = 0
         self._cv = threading.Condition()
         self._closing = self._abort = False
-        self.stats = collections.Counter()  # submitted, rejected, completed, failed, cancelled, timed_out, images, steps
+        self.stats = (
+            collections.Counter()
+        )  # submitted, rejected, completed, failed, cancelled, timed_out, images, steps
         self._step_seconds = 0.0
         self._worker = threading.Thread(target=self._run, name="ddengine-batcher", daemon=True)
         self._worker.start()
@@ -88,8 +91,11 @@ class StepBatcher:
                 raise BatcherClosed("the batcher is shutting down and takes no new requests")
             if self._queued_images + request.n > self.max_queue:
                 self.stats["rejected"] += 1
-                raise QueueFull(f"the queue holds {self._queued_images} images (limit {self.max_queue}); "
-                                f"{request.n} more do not fit", self.retry_after())
+                raise QueueFull(
+                    f"the queue holds {self._queued_images} images (limit {self.max_queue}); "
+                    f"{request.n} more do not fit",
+                    self.retry_after(),
+                )
             self._queue.append(job)
             self._jobs.add(job)
             self._queued_images += request.n
@@ -157,8 +163,12 @@ class StepBatcher:
         if not k:
             return 0
         part = slice(job.admitted, job.admitted + k)
-        batch.admit(job.plan, job.request.seeds[part], job.conditioning.part(part),
-                    [(job, i) for i in range(part.start, part.stop)])
+        batch.admit(
+            job.plan,
+            job.request.seeds[part],
+            job.conditioning.part(part),
+            [(job, i) for i in range(part.start, part.stop)],
+        )
         job.admitted += k
         self._queued_images -= k
         if job.admitted == job.request.n:
@@ -167,8 +177,9 @@ class StepBatcher:
 
     def _batch_for(self, plan):
         if self._batch is None:
-            self._batch = ImageBatch(self.parts.backend, self.spec, self.max_batch, clip=plan.clip,
-                                     threads=self.parts.threads)
+            self._batch = ImageBatch(
+                self.parts.backend, self.spec, self.max_batch, clip=plan.clip, threads=self.parts.threads
+            )
         return self._batch
 
     def _step(self):
@@ -178,7 +189,7 @@ class StepBatcher:
             finished = batch.step()
         except Exception as err:  # a backend failure fails the images in flight, not the server
             with self._cv:
-                for job in {tag[0] for tag in batch.tags[:batch.n]}:
+                for job in {tag[0] for tag in batch.tags[: batch.n]}:
                     self._fail(job, err)
             return
         seconds = time.perf_counter() - start
@@ -216,8 +227,12 @@ class StepBatcher:
                 self._remove(job)
             elif job.deadline is not None and now > job.deadline:
                 self.stats["timed_out"] += 1
-                self._fail(job, TimeoutError(f"the request did not finish within its timeout "
-                                             f"({job.deadline - job.submitted:.1f} s)"))
+                self._fail(
+                    job,
+                    TimeoutError(
+                        f"the request did not finish within its timeout ({job.deadline - job.submitted:.1f} s)"
+                    ),
+                )
 
     def _fail(self, job, err):
         if job in self._jobs:

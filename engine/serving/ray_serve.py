@@ -8,6 +8,7 @@ StepBatcher, behind the same HTTP contract (POST /v1/images, /healthz, /metrics)
 Replicas need no @serve.batch: requests join each replica's running batch at the next step. Only this module
 imports Ray; the rest of ddengine never imports it. Recipe for several machines: docs/serving.md.
 """
+
 from functools import partial
 
 import ray
@@ -26,9 +27,20 @@ def open_sampler(model, backend, precision, threads):
     return Sampler(model, backend=backend, precision=precision, threads=threads)
 
 
-def deployment(model=None, *, backend="auto", precision="auto", threads=None, settings=None, num_replicas=1,
-               autoscaling_config=None, num_cpus=1.0, max_ongoing_requests=256, max_queued_requests=256,
-               graceful_shutdown_timeout_s=60.0):
+def deployment(
+    model=None,
+    *,
+    backend="auto",
+    precision="auto",
+    threads=None,
+    settings=None,
+    num_replicas=1,
+    autoscaling_config=None,
+    num_cpus=1.0,
+    max_ongoing_requests=256,
+    max_queued_requests=256,
+    graceful_shutdown_timeout_s=60.0,
+):
     """A Serve deployment of ddengine: `num_replicas` fixed replicas, or an `autoscaling_config` dict.
 
     model: a path every node can read (default: the shipped model, inside the installed package). Each replica
@@ -44,9 +56,14 @@ def deployment(model=None, *, backend="auto", precision="auto", threads=None, se
 
     scale = {"autoscaling_config": autoscaling_config} if autoscaling_config else {"num_replicas": num_replicas}
 
-    @serve.deployment(name=DEPLOYMENT, ray_actor_options={"num_cpus": num_cpus}, max_ongoing_requests=max_ongoing_requests,
-                      max_queued_requests=max_queued_requests, graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
-                      **scale)
+    @serve.deployment(
+        name=DEPLOYMENT,
+        ray_actor_options={"num_cpus": num_cpus},
+        max_ongoing_requests=max_ongoing_requests,
+        max_queued_requests=max_queued_requests,
+        graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
+        **scale,
+    )
     @serve.ingress(build_app)
     class DDEngine:
         """One replica: the ASGI app of engine/serving/app.py, loaded when the replica starts."""
@@ -95,10 +112,21 @@ def deployment_options(args):
     autoscaling = None
     if args.min_replicas is not None or args.max_replicas is not None:
         low = args.min_replicas if args.min_replicas is not None else 1
-        autoscaling = {"min_replicas": low, "max_replicas": max(low, args.max_replicas or low),
-                       "target_ongoing_requests": args.target_ongoing_requests}
-    settings = Settings(max_batch=args.max_batch, max_queue=args.max_queue, timeout=args.timeout,
-                        max_body_bytes=args.max_body_bytes)
-    return dict(backend=args.backend, precision=args.precision, threads=args.threads, settings=settings,
-                num_replicas=args.num_replicas, autoscaling_config=autoscaling, num_cpus=args.num_cpus,
-                max_ongoing_requests=args.max_ongoing_requests)
+        autoscaling = {
+            "min_replicas": low,
+            "max_replicas": max(low, args.max_replicas or low),
+            "target_ongoing_requests": args.target_ongoing_requests,
+        }
+    settings = Settings(
+        max_batch=args.max_batch, max_queue=args.max_queue, timeout=args.timeout, max_body_bytes=args.max_body_bytes
+    )
+    return dict(
+        backend=args.backend,
+        precision=args.precision,
+        threads=args.threads,
+        settings=settings,
+        num_replicas=args.num_replicas,
+        autoscaling_config=autoscaling,
+        num_cpus=args.num_cpus,
+        max_ongoing_requests=args.max_ongoing_requests,
+    )

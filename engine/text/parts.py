@@ -4,6 +4,7 @@ on ONNX Runtime (exact fp32) or OpenVINO (bf16 where native), called with named 
 Parts run on the CPU: a GPU backend (or `auto` on a GPU machine) puts them on this CPU's best backend, the one
 `auto` picks without a GPU (`ddengine info MODEL_DIR` prints where each part runs).
 """
+
 import numpy as np
 
 from ddengine.backends import BACKENDS, BackendError, available_backends, resolve_backend
@@ -43,7 +44,9 @@ class OnnxPart:
             from ddengine.backends.ort import session_options
 
             try:
-                self.graph = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+                self.graph = ort.InferenceSession(
+                    str(path), session_options(threads), providers=["CPUExecutionProvider"]
+                )
             except Exception as err:  # ORT's own exception types
                 raise BackendError(f"ONNX Runtime could not load {path}: {err}") from None
             self.precision = "fp32"

@@ -3,6 +3,7 @@ PromptConditioner (the tokenizer and the text encoder, once per distinct prompt;
 per-row U-Net input) and VaeDecoder (the VAE decoder in batches after the loop). Chosen at load time by
 engine/runtime/parts.py for a model folder (engine/model/pipeline_spec.py).
 """
+
 import collections
 import threading
 
@@ -60,7 +61,9 @@ class PromptConditioner:
         """Conditioning of a bound Request: g = 0 runs the negative prompt alone."""
         positive, negative = self.embed(request.prompts), self.embed(request.negative_prompts)
         own = positive if own_row_is_conditional(request.guidance) else negative
-        return Conditioning({EMBEDDINGS: (own, negative)}, request.guidance if needs_uncond_rows(request.guidance) else None)
+        return Conditioning(
+            {EMBEDDINGS: (own, negative)}, request.guidance if needs_uncond_rows(request.guidance) else None
+        )
 
 
 class VaeDecoder:
@@ -75,6 +78,8 @@ class VaeDecoder:
         self.image_shape = (height, width, channels)
 
     def decode(self, latents, batch_size):
-        parts = [self.part(latent=np.ascontiguousarray(latents[i:i + batch_size]))
-                 for i in range(0, len(latents), batch_size)]
+        parts = [
+            self.part(latent=np.ascontiguousarray(latents[i : i + batch_size]))
+            for i in range(0, len(latents), batch_size)
+        ]
         return np.concatenate(parts).astype(np.float32)

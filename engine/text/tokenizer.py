@@ -1,5 +1,6 @@
 """Prompts to token ids through the `tokenizers` library (no transformers): CLIP BPE from the exported
 tokenizer.json, padded and truncated to the text encoder's length as diffusers' pipelines ask for it."""
+
 import numpy as np
 
 from ddengine.model.load import ModelError

@@ -1,5 +1,6 @@
 """The OpenVINO backend (engine/backends/openvino.py) against ONNX Runtime fp32 on the shipped model: precision chosen
 explicitly, batch and thread-count invariance, the reduced-precision quality gate over whole runs, clear errors."""
+
 import sys
 
 import numpy as np
@@ -10,8 +11,8 @@ pytest.importorskip("openvino")
 from ddengine.backends import BackendError, auto_choice, create_backend  # noqa: E402
 from ddengine.backends import openvino as ovb  # noqa: E402
 from ddengine.backends.base import probe_batch_invariance  # noqa: E402
-from ddengine.quality.metrics import psnr  # noqa: E402
 from ddengine.model.load import load_model  # noqa: E402
+from ddengine.quality.metrics import psnr  # noqa: E402
 from ddengine.runtime.sampler import Sampler  # noqa: E402
 
 NATIVE_BF16 = ovb.native_bf16()
@@ -60,12 +61,16 @@ def test_each_row_is_bit_identical_alone_and_in_a_batch(shipped, threads):
 def test_images_do_not_depend_on_batch_size_or_thread_count(shipped, reduced):
     a, _ = reduced.sample(7, steps=10, seed=5, classes="all", guidance=1.5, batch_size=7)
     b, _ = reduced.sample(7, steps=10, seed=5, classes="all", guidance=1.5, batch_size=1)
-    c, _ = Sampler(shipped, backend="openvino", threads=1).sample(7, steps=10, seed=5, classes="all", guidance=1.5, batch_size=3)
+    c, _ = Sampler(shipped, backend="openvino", threads=1).sample(
+        7, steps=10, seed=5, classes="all", guidance=1.5, batch_size=3
+    )
     assert np.array_equal(a, b) and np.array_equal(a, c)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, steps, guidance", [("ddim", 50, None), ("ddim", 50, 1.5), ("ddpm", 100, None), ("ddpm", 100, 1.5)])
+@pytest.mark.parametrize(
+    "method, steps, guidance", [("ddim", 50, None), ("ddim", 50, 1.5), ("ddpm", 100, None), ("ddpm", 100, 1.5)]
+)
 def test_quality_gate_every_image_within_35_db_of_fp32(fp32, reduced, method, steps, guidance):
     kwargs = dict(steps=steps, method=method, seed=100, classes="all", guidance=guidance, batch_size=10)
     want, _ = fp32.sample(10, **kwargs)
@@ -88,7 +93,10 @@ def test_compiled_models_are_cached_per_row_count_and_bounded(shipped, monkeypat
     backend = create_backend("openvino", shipped)
     for rows in (1, 2, 3, 2):
         x = np.zeros((rows, 1, 32, 32), np.float32)
-        backend.run({"sample": x, "timestep": np.ones(rows, np.int64), "class_labels": np.zeros(rows, np.int64)}, np.empty_like(x))
+        backend.run(
+            {"sample": x, "timestep": np.ones(rows, np.int64), "class_labels": np.zeros(rows, np.int64)},
+            np.empty_like(x),
+        )
     assert [dict(k[1])["sample"][0] for k in backend.graph.compiled_shapes()] == [3, 2]
 
 
@@ -97,7 +105,9 @@ def test_missing_openvino_names_the_package(shipped, monkeypatch):
     with pytest.raises(BackendError, match="backend 'openvino' needs OpenVINO .*pip install openvino"):
         ovb.OpenVinoBackend(shipped)
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "openvino" else object())
-    with pytest.raises(BackendError, match=r"backend 'openvino' is not available here \(it needs openvino: pip install openvino\)"):
+    with pytest.raises(
+        BackendError, match=r"backend 'openvino' is not available here \(it needs openvino: pip install openvino\)"
+    ):
         create_backend("openvino", shipped)
     assert auto_choice().name == "ort-cpu"
 
@@ -123,7 +133,9 @@ def test_closed_backend_refuses_to_run(shipped):
     backend.close()
     x = np.zeros((1, 1, 32, 32), np.float32)
     with pytest.raises(BackendError, match="closed"):
-        backend.run({"sample": x, "timestep": np.ones(1, np.int64), "class_labels": np.zeros(1, np.int64)}, np.empty_like(x))
+        backend.run(
+            {"sample": x, "timestep": np.ones(1, np.int64), "class_labels": np.zeros(1, np.int64)}, np.empty_like(x)
+        )
 
 
 def test_row_counts_share_compiled_buckets_and_padding_changes_no_row(shipped):
@@ -132,6 +144,9 @@ def test_row_counts_share_compiled_buckets_and_padding_changes_no_row(shipped):
     assert probe_batch_invariance(backend, shipped.spec, rows=11)  # 11 rows run as 16, each row as alone (1 row)
     for rows in (9, 12, 15):
         x = np.zeros((rows, 1, 32, 32), np.float32)
-        backend.run({"sample": x, "timestep": np.ones(rows, np.int64), "class_labels": np.zeros(rows, np.int64)}, np.empty_like(x))
+        backend.run(
+            {"sample": x, "timestep": np.ones(rows, np.int64), "class_labels": np.zeros(rows, np.int64)},
+            np.empty_like(x),
+        )
     compiled_rows = sorted({dict(k[1])["sample"][0] for k in backend.graph.compiled_shapes()})
     assert 16 in compiled_rows and not set(compiled_rows) & {9, 11, 12, 15}

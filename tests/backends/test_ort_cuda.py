@@ -1,10 +1,12 @@
 """ONNX Runtime's CUDA provider bound to device buffers, driven by the device loop (skipped without a GPU and
 onnxruntime-gpu): same result as the CPU loop; CUDA graphs are refused because Run() cannot be captured."""
+
 import numpy as np
 import pytest
+
+from tests.support.conditioning import denoise
 from tests.support.gpu import needs_gpu
 from tests.support.tiny_models import build_tiny_model
-from tests.support.conditioning import denoise
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
@@ -19,7 +21,9 @@ def test_silent_cpu_fallback_is_refused(tmp_path):
     from ddengine.model.load import load_model
 
     build_tiny_model(tmp_path / "m.onnx", conv=False)
-    with pytest.raises(BackendError, match=r"did not enable CUDAExecutionProvider \(active providers: \['CPUExecutionProvider'\]\)"):
+    with pytest.raises(
+        BackendError, match=r"did not enable CUDAExecutionProvider \(active providers: \['CPUExecutionProvider'\]\)"
+    ):
         OrtCudaBackend(load_model(tmp_path / "m.onnx"))
 
 
@@ -41,10 +45,10 @@ def cuda_backend(tmp_path):
 def test_device_loop_matches_the_host_loop(cuda_backend):
     cuda_backend, path = cuda_backend
     from ddengine.backends.ort import OrtBackend
+    from ddengine.core.plan import make_plan
+    from ddengine.model.load import load_model
     from ddengine.runtime.device_loop import DeviceLoop
     from ddengine.runtime.loop import HostLoop
-    from ddengine.model.load import load_model
-    from ddengine.core.plan import make_plan
 
     plan = make_plan(dict(cuda_backend.spec.scheduler), 5, method="ddpm")
     seeds = np.array([1, 2, 3], dtype=np.uint64)
@@ -58,8 +62,8 @@ def test_device_loop_matches_the_host_loop(cuda_backend):
 @needs_gpu
 def test_graphs_are_refused(cuda_backend):
     cuda_backend, _ = cuda_backend
-    from ddengine.runtime.device_loop import DeviceLoop
     from ddengine.core.plan import make_plan
+    from ddengine.runtime.device_loop import DeviceLoop
 
     plan = make_plan(dict(cuda_backend.spec.scheduler), 2, method="ddpm")
     with pytest.raises(ValueError, match="OrtCudaRunner backend cannot be captured"):

@@ -1,10 +1,11 @@
 """The torch-CUDA backend (engine/backends/torch_cuda.py): its model loading on the CPU, and on a GPU the forward
 against ONNX Runtime, the device loop's CUDA graph against eager launches, and against the host loop."""
+
 import numpy as np
 import pytest
 
-from tests.support.gpu import HAS_GPU, needs_gpu
 from tests.support.conditioning import denoise
+from tests.support.gpu import HAS_GPU, needs_gpu
 
 torch = pytest.importorskip("torch")
 
@@ -27,7 +28,11 @@ def test_the_shipped_model_has_a_torch_twin_computing_the_same_function(shipped)
     onnx_out = OrtBackend(shipped).run({"sample": x, "timestep": t, "class_labels": labels}, np.empty_like(x))
     with torch.inference_mode():
         fp32 = net(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(labels)).numpy()
-        bf16 = net.to(torch.bfloat16)(torch.from_numpy(x).bfloat16(), torch.from_numpy(t), torch.from_numpy(labels)).float().numpy()
+        bf16 = (
+            net.to(torch.bfloat16)(torch.from_numpy(x).bfloat16(), torch.from_numpy(t), torch.from_numpy(labels))
+            .float()
+            .numpy()
+        )
     assert np.abs(fp32 - onnx_out).max() < 1e-4
     assert np.abs(bf16 - onnx_out).max() < 0.1 * np.abs(onnx_out).max()  # half precision runs (dtype follows the input)
 

@@ -1,5 +1,6 @@
 """TensorRTBackend against the fake `tensorrt`: manifest and sha256 checked before deserializing, every
 None/False raises with the logger's text, one execution context per runner."""
+
 import sys
 
 import pytest
@@ -44,13 +45,16 @@ def test_engine_without_manifest_is_refused(fake_trt, engine, spec):
         TensorRTBackend(engine, spec)
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda m, p: setattr(m, "__version__", "11.4.0"), "tensorrt_version"),
-    (lambda m, p: p.setattr(driver, "gpu_properties", lambda d=0: ("NVIDIA A100-SXM4-80GB", "8.0")), "gpu_name"),
-    (lambda m, p: p.setattr(driver, "gpu_properties", lambda d=0: (FAKE_GPU[0], "8.9")), "compute_capability"),
-    (lambda m, p: p.setattr(mf, "current_os", lambda: "Windows-AMD64"), "os"),
-    (lambda m, p: p.setattr("ddengine.__version__", "9.9.9"), "ddengine_version"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda m, p: setattr(m, "__version__", "11.4.0"), "tensorrt_version"),
+        (lambda m, p: p.setattr(driver, "gpu_properties", lambda d=0: ("NVIDIA A100-SXM4-80GB", "8.0")), "gpu_name"),
+        (lambda m, p: p.setattr(driver, "gpu_properties", lambda d=0: (FAKE_GPU[0], "8.9")), "compute_capability"),
+        (lambda m, p: p.setattr(mf, "current_os", lambda: "Windows-AMD64"), "os"),
+        (lambda m, p: p.setattr("ddengine.__version__", "9.9.9"), "ddengine_version"),
+    ],
+)
 def test_mismatch_names_the_field(fake_trt, engine, spec, monkeypatch, change, field):
     change(fake_trt, monkeypatch)
     before = fake_trt.state.deserialized
@@ -65,7 +69,9 @@ def test_onnx_hash_is_checked_when_given(fake_trt, engine, spec):
 
 
 def test_ampere_plus_engine_runs_on_another_ampere_gpu_only(fake_trt, onnx16, tmp_path, monkeypatch):
-    path = build_engine(BuildConfig(onnx_path=onnx16, engine_path=tmp_path / "hc.plan", hardware_compat="ampere+")).engine_path
+    path = build_engine(
+        BuildConfig(onnx_path=onnx16, engine_path=tmp_path / "hc.plan", hardware_compat="ampere+")
+    ).engine_path
     spec = load_model(onnx16).spec
     monkeypatch.setattr(driver, "gpu_properties", lambda d=0: ("NVIDIA A10", "8.6"))
     assert TensorRTBackend(path, spec).max_rows == 16
@@ -81,9 +87,11 @@ def test_deserialize_failure_carries_the_log(fake_trt, engine, spec):
 
 
 def test_fp16_output_engine_is_refused(fake_trt, engine, spec, monkeypatch):
-    io = {"sample": (fake_tensorrt.TensorIOMode.INPUT, fake_tensorrt.DataType.FLOAT, (-1, 1, 8, 8)),
-          "timestep": (fake_tensorrt.TensorIOMode.INPUT, fake_tensorrt.DataType.INT64, (-1,)),
-          "out": (fake_tensorrt.TensorIOMode.OUTPUT, fake_tensorrt.DataType.HALF, (-1, 1, 8, 8))}
+    io = {
+        "sample": (fake_tensorrt.TensorIOMode.INPUT, fake_tensorrt.DataType.FLOAT, (-1, 1, 8, 8)),
+        "timestep": (fake_tensorrt.TensorIOMode.INPUT, fake_tensorrt.DataType.INT64, (-1,)),
+        "out": (fake_tensorrt.TensorIOMode.OUTPUT, fake_tensorrt.DataType.HALF, (-1, 1, 8, 8)),
+    }
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make_module(io=io))
     with pytest.raises(BackendError, match="engine tensor 'out' \\(out\\) is float16, the ONNX model's is float32"):
         TensorRTBackend(engine, spec)
@@ -103,10 +111,13 @@ def test_each_runner_has_its_own_context(fake_trt, engine, spec):
     assert backend.open_runner(1).context is not backend.open_runner(2).context
 
 
-@pytest.mark.parametrize("fault, message", [
-    ("set_input_shape", "(?s)set_input_shape\\('sample', \\(4, 1, 8, 8\\)\\) failed.*exceeds the profile max"),
-    ("set_tensor_address", "(?s)set_tensor_address\\('sample'\\) failed.*not aligned"),
-])
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("set_input_shape", "(?s)set_input_shape\\('sample', \\(4, 1, 8, 8\\)\\) failed.*exceeds the profile max"),
+        ("set_tensor_address", "(?s)set_tensor_address\\('sample'\\) failed.*not aligned"),
+    ],
+)
 def test_bind_failures_raise_with_the_log(fake_trt, engine, spec, fault, message):
     runner = TensorRTBackend(engine, spec).open_runner(1)
     fake_trt.state.faults.add(fault)

@@ -1,27 +1,48 @@
 """Engine manifest and cache key (engine/backends/trt_manifest.py): every key field is checked, files are written atomically."""
+
 import hashlib
 import json
 import os
 
 import numpy as np
-
 import pytest
 
 from ddengine.backends import trt_manifest as mf
 
-KEY = dict(onnx_sha256="ab" * 32, precision="fp16", profile={"batch": (1, 8, 16), "engine_batch": (1, 16, 32)},
-           hardware_compat="none", tensorrt_version="10.13.3", gpu_name="NVIDIA H100 80GB HBM3",
-           compute_capability="9.0", ddengine_version="0.1.0", os_name="Linux-x86_64")
-OTHER = {"onnx_sha256": "cd" * 32, "precision": "fp32", "profile": {"batch": [1, 8, 32], "engine_batch": [1, 16, 64]},
-         "hardware_compat": "ampere+", "tensorrt_version": "11.4.0", "gpu_name": "NVIDIA A100-SXM4-80GB",
-         "compute_capability": "8.0", "os": "Windows-AMD64", "ddengine_version": "0.2.0"}
+KEY = dict(
+    onnx_sha256="ab" * 32,
+    precision="fp16",
+    profile={"batch": (1, 8, 16), "engine_batch": (1, 16, 32)},
+    hardware_compat="none",
+    tensorrt_version="10.13.3",
+    gpu_name="NVIDIA H100 80GB HBM3",
+    compute_capability="9.0",
+    ddengine_version="0.1.0",
+    os_name="Linux-x86_64",
+)
+OTHER = {
+    "onnx_sha256": "cd" * 32,
+    "precision": "fp32",
+    "profile": {"batch": [1, 8, 32], "engine_batch": [1, 16, 64]},
+    "hardware_compat": "ampere+",
+    "tensorrt_version": "11.4.0",
+    "gpu_name": "NVIDIA A100-SXM4-80GB",
+    "compute_capability": "8.0",
+    "os": "Windows-AMD64",
+    "ddengine_version": "0.2.0",
+}
 
 
 def write_engine(tmp_path, data=b"PLAN-BYTES", key=None):
     engine = tmp_path / "model.plan"
     mf.write_atomic(engine, data)
-    mf.write_manifest(engine, key or mf.make_key(**KEY), hashlib.sha256(data).hexdigest(), spec_json='{"channels": 1}',
-                      io={"out": {"mode": "output", "dtype": "float32", "shape": [-1, 1, 8, 8]}})
+    mf.write_manifest(
+        engine,
+        key or mf.make_key(**KEY),
+        hashlib.sha256(data).hexdigest(),
+        spec_json='{"channels": 1}',
+        io={"out": {"mode": "output", "dtype": "float32", "shape": [-1, 1, 8, 8]}},
+    )
     return engine
 
 
@@ -61,10 +82,15 @@ def test_tampered_engine_is_refused_before_loading(tmp_path):
     assert not mf.cached_engine_ok(engine, mf.make_key(**KEY))
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "has no manifest"), ("{not json", "unreadable"), ('{"manifest_version": 99}', "manifest_version 99"),
-    ('{"manifest_version": 1, "key": {}, "engine_sha256": "", "spec": {}, "io": {}}', "lacks key.onnx_sha256"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "has no manifest"),
+        ("{not json", "unreadable"),
+        ('{"manifest_version": 99}', "manifest_version 99"),
+        ('{"manifest_version": 1, "key": {}, "engine_sha256": "", "spec": {}, "io": {}}', "lacks key.onnx_sha256"),
+    ],
+)
 def test_bad_manifests_raise_with_the_reason(tmp_path, content, message):
     engine = tmp_path / "model.plan"
     engine.write_bytes(b"x")
@@ -91,8 +117,15 @@ def test_the_key_s_model_hash_is_the_file_s_sha256_extended_by_its_external_data
     path.write_bytes(b"abc")  # FIPS 180-2, appendix B.1 (the hash streams the file; `proto` stands for its parse)
     assert onnx_sha256(path, onnx.ModelProto()) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     weights = onnx.numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "w")
-    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
-                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [weights]))
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Identity", ["w"], ["y"])],
+            "g",
+            [],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+            [weights],
+        )
+    )
     onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
     proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
     before = onnx_sha256(tmp_path / "m.onnx", proto)

@@ -1,9 +1,11 @@
 """Real TensorRT on a real GPU (skipped without both): build the tiny fp16 model, run it against ONNX Runtime
 CPU, and sample with the device loop with and without CUDA graphs."""
+
 import numpy as np
 import pytest
-from tests.support.gpu import GPU_MARKS, TRT_MARKS
+
 from tests.support.conditioning import denoise
+from tests.support.gpu import GPU_MARKS, TRT_MARKS
 
 pytestmark = [*GPU_MARKS, *TRT_MARKS]
 
@@ -12,8 +14,15 @@ pytestmark = [*GPU_MARKS, *TRT_MARKS]
 def built(cond16, tmp_path):
     from ddengine.export.trt_build import BuildConfig, build_engine
 
-    return build_engine(BuildConfig(onnx_path=cond16, engine_path=tmp_path / "cond.plan", batch=(1, 2, 4),
-                                    workspace_gb=1, timing_cache=tmp_path / "timing.cache"))
+    return build_engine(
+        BuildConfig(
+            onnx_path=cond16,
+            engine_path=tmp_path / "cond.plan",
+            batch=(1, 2, 4),
+            workspace_gb=1,
+            timing_cache=tmp_path / "timing.cache",
+        )
+    )
 
 
 def test_build_then_reuse(built, cond16, tmp_path):
@@ -40,9 +49,9 @@ def test_forward_matches_onnx_runtime(built, cond16):
 
 def test_device_loop_graph_equals_no_graph(built, cond16):
     from ddengine.backends.trt import create
-    from ddengine.runtime.device_loop import DeviceLoop
-    from ddengine.model.load import load_model
     from ddengine.core.plan import make_plan
+    from ddengine.model.load import load_model
+    from ddengine.runtime.device_loop import DeviceLoop
 
     backend = create(load_model(cond16), engine=built.engine_path)
     plan = make_plan(dict(backend.spec.scheduler), 5, method="ddim", eta=0.5)

@@ -1,6 +1,7 @@
 """ddengine.benchmark.harness, the library: what is measured must be what the name says, the torch twin must be the model's, and
 the machine record must be the machine's. Timing properties use a model whose forward dominates and the best of
 a few runs (the box is shared), with bounds that a misattributed timer would break."""
+
 import os
 import platform
 
@@ -8,8 +9,21 @@ import numpy as np
 import pytest
 
 from ddengine.benchmark import harness as bench
-from ddengine.benchmark.harness import (NUMPY, TORCH_UNAVAILABLE, engine_name, engine_runner, floor_name, floor_runner, machine,
-                            measure, numpy_runner, run_benchmarks, summary, to_row, torch_twin)
+from ddengine.benchmark.harness import (
+    NUMPY,
+    TORCH_UNAVAILABLE,
+    engine_name,
+    engine_runner,
+    floor_name,
+    floor_runner,
+    machine,
+    measure,
+    numpy_runner,
+    run_benchmarks,
+    summary,
+    to_row,
+    torch_twin,
+)
 from ddengine.runtime.sampler import Sampler
 from tests.support.tiny_models import build_tiny_model
 
@@ -44,6 +58,7 @@ def test_the_floor_runs_exactly_the_engines_forwards(heavy, monkeypatch):
     def spy(feeds, out):
         seen.append((len(out), np.unique(feeds["timestep"]).tolist(), np.sort(feeds["class_labels"]).tolist()))
         return real(feeds, out)
+
     monkeypatch.setattr(heavy.backend, "run", spy)
     engine_runner(heavy, request)()
     engine_calls, seen[:] = list(seen), []
@@ -70,7 +85,9 @@ def test_to_row_reports_the_run_closest_to_the_median(uncond_model):
 
 def _timed_order(names, repeats, warmup=1):
     order = []
-    runs = measure({n: (lambda n=n: order.append(n) or {"seconds": 0.0}) for n in names}, repeats=repeats, warmup=warmup)
+    runs = measure(
+        {n: (lambda n=n: order.append(n) or {"seconds": 0.0}) for n in names}, repeats=repeats, warmup=warmup
+    )
     assert {k: len(v) for k, v in runs.items()} == {n: repeats for n in names}
     return order
 
@@ -78,7 +95,7 @@ def _timed_order(names, repeats, warmup=1):
 def test_measure_runs_every_runner_once_per_round_after_its_warm_up():
     order = _timed_order("abcde", repeats=3)
     assert order[:5] == list("abcde")  # the warm-up
-    rounds = [order[5 + 5 * r:10 + 5 * r] for r in range(3)]
+    rounds = [order[5 + 5 * r : 10 + 5 * r] for r in range(3)]
     assert all(sorted(r) == list("abcde") for r in rounds)
     assert len({r[0] for r in rounds}) == 3  # the order changes between rounds
 
@@ -92,7 +109,9 @@ def test_no_runner_always_follows_the_same_one():
 def test_run_benchmarks_without_baselines(uncond_model):
     sampler = Sampler(uncond_model, backend="ort-cpu")
     rows = run_benchmarks({"ort-cpu": sampler}, [1, 2], steps=2, repeats=1, baselines=False)
-    assert [(r.batch, r.name) for r in rows] == [(b, n) for b in (1, 2) for n in (engine_name("ort-cpu"), floor_name("ort-cpu"))]
+    assert [(r.batch, r.name) for r in rows] == [
+        (b, n) for b in (1, 2) for n in (engine_name("ort-cpu"), floor_name("ort-cpu"))
+    ]
     assert all(r.seconds > 0 and len(r.runs) == 1 for r in rows)
 
 
@@ -137,9 +156,11 @@ def test_a_foreign_or_missing_twin_is_a_reason_not_a_crash(tmp_path, twins):
     path, _, _ = twins
     save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "foreign.safetensors"))
     (tmp_path / "garbage.safetensors").write_bytes(b"not safetensors")
-    for weights, message in ((tmp_path / "foreign.safetensors", "is not a ddengine U-Net twin"),
-                             (tmp_path / "garbage.safetensors", "is not a readable safetensors file"),
-                             (tmp_path / "missing.safetensors", "does not exist")):
+    for weights, message in (
+        (tmp_path / "foreign.safetensors", "is not a ddengine U-Net twin"),
+        (tmp_path / "garbage.safetensors", "is not a readable safetensors file"),
+        (tmp_path / "missing.safetensors", "does not exist"),
+    ):
         net, why = torch_twin(Sampler(path, backend="ort-cpu"), weights)
         assert net is None and why.startswith(TORCH_UNAVAILABLE) and message in why, why
 
@@ -152,7 +173,9 @@ def test_the_diffusers_baselines_run_the_twin(twins):
     assert set(torch_rows) == {"fp32", "bf16"}
     for row in torch_rows.values():
         assert row.note == "" and 0 < row.forward_s < row.seconds and row.forward_s + row.step_s <= row.seconds
-    assert set(summary(rows, {"auto": None})["2"]["auto"]) >= {f"speedup_vs {bench.diffusers_name(p)}" for p in ("fp32", "bf16")}
+    assert set(summary(rows, {"auto": None})["2"]["auto"]) >= {
+        f"speedup_vs {bench.diffusers_name(p)}" for p in ("fp32", "bf16")
+    }
 
 
 def _cpuinfo():

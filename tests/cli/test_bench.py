@@ -1,5 +1,6 @@
 """`ddengine bench` on tiny models (a few steps): every configuration in the JSON, the machine it ran on, the torch
 twin found, checked and refused when it is another model's, and bad input refused before anything is measured."""
+
 import hashlib
 import importlib.util
 import json
@@ -23,21 +24,49 @@ def cpuinfo_model():
 
 def test_bench_json_has_every_configuration_and_the_machine(tmp_path, cond_model):
     path = tmp_path / "bench.json"
-    result = bench("--model", cond_model, "--backend", "ort-cpu", "--batch", 1, "--batch", 3, "--steps", 3, "--repeats", 2,
-                   "--json", path)
+    result = bench(
+        "--model",
+        cond_model,
+        "--backend",
+        "ort-cpu",
+        "--batch",
+        1,
+        "--batch",
+        3,
+        "--steps",
+        3,
+        "--repeats",
+        2,
+        "--json",
+        path,
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(path.read_text())
     rows = {(r["batch"], r["name"]): r for r in data["rows"]}
     for batch in (1, 3):
-        for name in (engine_name("ort-cpu"), floor_name("ort-cpu"), NUMPY, diffusers_name("fp32"), diffusers_name("bf16")):
+        for name in (
+            engine_name("ort-cpu"),
+            floor_name("ort-cpu"),
+            NUMPY,
+            diffusers_name("fp32"),
+            diffusers_name("bf16"),
+        ):
             assert (batch, name) in rows, (batch, name)
         engine = rows[(batch, engine_name("ort-cpu"))]
         assert len(engine["runs"]) == 2 and engine["seconds"] in engine["runs"]
-        assert 0 < engine["forward_s"] and 0 < engine["step_s"] and engine["forward_s"] + engine["step_s"] <= engine["seconds"]
+        assert (
+            0 < engine["forward_s"]
+            and 0 < engine["step_s"]
+            and engine["forward_s"] + engine["step_s"] <= engine["seconds"]
+        )
         assert rows[(batch, floor_name("ort-cpu"))]["forward_s"] is None  # the floor is nothing but forwards
         for p in ("fp32", "bf16"):  # no twin next to a tiny model: the reason is recorded, not a crash
             twin = rows[(batch, diffusers_name(p))]
-            assert twin["seconds"] is None and twin["note"].startswith(TORCH_UNAVAILABLE) and "cond.safetensors" in twin["note"]
+            assert (
+                twin["seconds"] is None
+                and twin["note"].startswith(TORCH_UNAVAILABLE)
+                and "cond.safetensors" in twin["note"]
+            )
     assert data["model_sha256"] == hashlib.sha256(cond_model.read_bytes()).hexdigest()
     assert data["backends"] == {"ort-cpu": {"name": "ort-cpu", "precision": "fp32"}}
     assert (data["steps"], data["method"], data["repeats"]) == (3, "ddim", 2)
@@ -49,8 +78,21 @@ def test_bench_json_records_the_cpu_its_isa_and_the_load(tmp_path, uncond_model)
     from ddengine.benchmark.harness import ISA_FLAGS
 
     path = tmp_path / "bench.json"
-    result = bench("--model", uncond_model, "--backend", "ort-cpu", "--batch", 1, "--steps", 2, "--repeats", 1,
-                   "--no-baselines", "--json", path)
+    result = bench(
+        "--model",
+        uncond_model,
+        "--backend",
+        "ort-cpu",
+        "--batch",
+        1,
+        "--steps",
+        2,
+        "--repeats",
+        1,
+        "--no-baselines",
+        "--json",
+        path,
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(path.read_text())
     with open("/proc/cpuinfo") as f:
@@ -81,7 +123,20 @@ def _torch_rows(path):
 
 def test_the_twin_next_to_the_model_runs_the_torch_baselines(tmp_path, twins):
     model, _ = twins
-    result = bench("--model", model, "--backend", "ort-cpu", "--batch", 2, "--steps", 2, "--repeats", 1, "--json", tmp_path / "b.json")
+    result = bench(
+        "--model",
+        model,
+        "--backend",
+        "ort-cpu",
+        "--batch",
+        2,
+        "--steps",
+        2,
+        "--repeats",
+        1,
+        "--json",
+        tmp_path / "b.json",
+    )
     assert result.exit_code == 0, result.output
     rows = _torch_rows(tmp_path / "b.json")
     assert set(rows) == {"fp32", "bf16"}
@@ -90,8 +145,22 @@ def test_the_twin_next_to_the_model_runs_the_torch_baselines(tmp_path, twins):
 
 def test_a_twin_of_another_model_is_refused(tmp_path, twins):
     model, other = twins
-    result = bench("--model", model, "--backend", "ort-cpu", "--batch", 2, "--steps", 2, "--repeats", 1,
-                   "--torch-weights", other, "--json", tmp_path / "b.json")
+    result = bench(
+        "--model",
+        model,
+        "--backend",
+        "ort-cpu",
+        "--batch",
+        2,
+        "--steps",
+        2,
+        "--repeats",
+        1,
+        "--torch-weights",
+        other,
+        "--json",
+        tmp_path / "b.json",
+    )
     assert result.exit_code == 0, result.output
     rows = _torch_rows(tmp_path / "b.json")
     assert all(r["seconds"] is None and "the torch model differs from m.onnx" in r["note"] for r in rows.values())
@@ -104,16 +173,21 @@ def test_the_twin_is_accepted_whatever_the_first_backends_precision(tmp_path, tw
     assert all(r["note"] == "" for r in _torch_rows(tmp_path / "b.json").values())
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch", 0], "n must be >= 1, got 0"),
-    (["--steps", 0], "steps must be >= 1, got 0"),
-    (["--backend", "tpu"], "unknown backend 'tpu'"),
-    (["--guidance", 2.0], "needs a class-conditional model with a null class"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch", 0], "n must be >= 1, got 0"),
+        (["--steps", 0], "steps must be >= 1, got 0"),
+        (["--backend", "tpu"], "unknown backend 'tpu'"),
+        (["--guidance", 2.0], "needs a class-conditional model with a null class"),
+    ],
+)
 def test_bench_rejects_bad_input_before_measuring(tmp_path, uncond_model, monkeypatch, args, message):
     import ddengine.benchmark.harness
 
-    monkeypatch.setattr(ddengine.benchmark.harness, "measure", lambda *a, **k: pytest.fail("measured before validating"))
+    monkeypatch.setattr(
+        ddengine.benchmark.harness, "measure", lambda *a, **k: pytest.fail("measured before validating")
+    )
     result = bench("--model", uncond_model, *args, "--json", tmp_path / "b.json")
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "b.json").exists()
@@ -134,7 +208,20 @@ def test_plot_without_matplotlib_is_a_clear_usage_error(tmp_path, cond_model):
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
 def test_plot_writes_a_png(tmp_path, uncond_model):
-    result = bench("--model", uncond_model, "--backend", "ort-cpu", "--batch", 1, "--steps", 2, "--repeats", 1, "--no-baselines",
-                   "--plot", tmp_path / "p.png")
+    result = bench(
+        "--model",
+        uncond_model,
+        "--backend",
+        "ort-cpu",
+        "--batch",
+        1,
+        "--steps",
+        2,
+        "--repeats",
+        1,
+        "--no-baselines",
+        "--plot",
+        tmp_path / "p.png",
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,5 @@
 """`ddengine build`: exit 2 naming `pip install ddengine[gpu]` without TensorRT, option errors, build then reuse."""
+
 import subprocess
 import sys
 
@@ -18,15 +19,22 @@ def test_without_tensorrt_in_a_fresh_process(onnx16, tmp_path):
     """The real command line; a stub `tensorrt` that fails to import stands in for a machine without it."""
     (tmp_path / "tensorrt.py").write_text("raise ImportError('No module named tensorrt')\n")
     code = f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from ddengine.cli import main; main()"
-    proc = subprocess.run([sys.executable, "-c", code, "build", str(onnx16)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "build", str(onnx16)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2, proc.stderr
     assert "pip install ddengine[gpu]" in proc.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch", "8:4:16"], "1 <= MIN <= OPT <= MAX"), (["--precision", "int8"], "'int8' is not one of"),
-    (["--hardware-compat", "turing"], "'turing' is not one of"), (["--workspace-gb", "0"], "0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch", "8:4:16"], "1 <= MIN <= OPT <= MAX"),
+        (["--precision", "int8"], "'int8' is not one of"),
+        (["--hardware-compat", "turing"], "'turing' is not one of"),
+        (["--workspace-gb", "0"], "0"),
+    ],
+)
 def test_bad_options_exit_2_naming_the_value(fake_trt, onnx16, args, message):
     result = CliRunner().invoke(main, ["build", str(onnx16), *args])
     assert result.exit_code == 2 and message in result.output, result.output
@@ -60,15 +68,16 @@ def test_fp32_onnx_with_fp16_precision_exits_1(fake_trt, onnx32, tmp_path):
 
 
 def test_tensorrt_without_a_gpu_exits_1_naming_the_device(monkeypatch, onnx16, tmp_path):
-    from tests.support import fake_tensorrt
-
     from ddengine.gpu.driver import device_count
+    from tests.support import fake_tensorrt
 
     if device_count() > 0:
         pytest.skip("a GPU is present: the missing-device error cannot be provoked")
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make_module())
     result = CliRunner().invoke(main, ["build", str(onnx16), "-o", str(tmp_path / "m.plan")])
     assert result.exit_code == 1, result.output
-    assert ("CUDA device 0 is not available: this machine has 0 CUDA device(s)" in result.output
-            or "needs cuda-python" in result.output)
+    assert (
+        "CUDA device 0 is not available: this machine has 0 CUDA device(s)" in result.output
+        or "needs cuda-python" in result.output
+    )
     assert not (tmp_path / "m.plan").exists()

@@ -1,5 +1,6 @@
 """`ddengine export / train / train-classifier`: the model and its torch twin written, bad input exits 2 with a clear
 message and writes nothing."""
+
 import json
 
 import numpy as np
@@ -10,10 +11,9 @@ torch = pytest.importorskip("torch")
 
 from ddengine.cli import main  # noqa: E402
 from ddengine.export import checkpoint, train  # noqa: E402
-from ddengine.export.onnx_export import read_spec  # noqa: E402
 from ddengine.nets.unet import UNet  # noqa: E402
-
 from tests.support.export_helpers import randomized, tiny_config  # noqa: E402
+from tests.support.specs import read_spec  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,12 @@ def weights():
 def tiny_checkpoint(tmp_path_factory, weights):
     path = tmp_path_factory.mktemp("ckpt") / "last.safetensors"
     model, ema = weights
-    meta = {"model_config": tiny_config().__dict__, "train_config": train.TrainConfig().__dict__, "step": 7,
-            "scheduler": train.scheduler_dict()}
+    meta = {
+        "model_config": tiny_config().__dict__,
+        "train_config": train.TrainConfig().__dict__,
+        "step": 7,
+        "scheduler": train.scheduler_dict(),
+    }
     checkpoint.save(path, model=model, ema=ema, optimizer=torch.optim.AdamW(model.parameters()), meta=meta)
     return path
 
@@ -64,11 +68,15 @@ def test_the_export_and_its_twin_compute_the_checkpoints_ema_weights(exported, w
         want, raw, got = ema(*args).numpy(), model(*args).numpy(), twin(*args).numpy()
     assert np.abs(want - raw).max() > 1e-2  # the two weight sets are distinguishable
     np.testing.assert_array_equal(got, want)
-    onnx_out = Sampler(out, backend="ort-cpu").backend.run({"sample": x, "timestep": t, "class_labels": y}, np.empty_like(x))
+    onnx_out = Sampler(out, backend="ort-cpu").backend.run(
+        {"sample": x, "timestep": t, "class_labels": y}, np.empty_like(x)
+    )
     np.testing.assert_allclose(onnx_out, want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("content, message", [(b"\x00" * 100, "not a readable safetensors file"), (None, "does not exist")])
+@pytest.mark.parametrize(
+    "content, message", [(b"\x00" * 100, "not a readable safetensors file"), (None, "does not exist")]
+)
 def test_export_of_a_bad_checkpoint_exits_2(tmp_path, content, message):
     ckpt = tmp_path / "bad.safetensors"
     if content is not None:
@@ -84,17 +92,23 @@ def test_export_to_a_missing_folder_exits_2(tmp_path, tiny_checkpoint):
 
 
 def test_export_needs_exactly_one_source(tmp_path, tiny_checkpoint):
-    result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "--diffusers", str(tmp_path), "-o", str(tmp_path / "m.onnx")])
+    result = CliRunner().invoke(
+        main, ["export", str(tiny_checkpoint), "--diffusers", str(tmp_path), "-o", str(tmp_path / "m.onnx")]
+    )
     assert result.exit_code == 2 and "exactly one" in result.output
 
 
 def test_train_without_data_exits_2_naming_the_package(tmp_path):
-    result = CliRunner().invoke(main, ["train", "-o", str(tmp_path / "run"), "--data", str(tmp_path / "none"), "--max-steps", "1"])
+    result = CliRunner().invoke(
+        main, ["train", "-o", str(tmp_path / "run"), "--data", str(tmp_path / "none"), "--max-steps", "1"]
+    )
     assert result.exit_code == 2 and "apt-get install dataset-fashion-mnist" in result.output
 
 
 def test_train_classifier_without_data_exits_2(tmp_path):
-    result = CliRunner().invoke(main, ["train-classifier", "-o", str(tmp_path / "c.onnx"), "--data", str(tmp_path / "none")])
+    result = CliRunner().invoke(
+        main, ["train-classifier", "-o", str(tmp_path / "c.onnx"), "--data", str(tmp_path / "none")]
+    )
     assert result.exit_code == 2 and "apt-get install dataset-fashion-mnist" in result.output
     assert not (tmp_path / "c.onnx").exists()
 
@@ -109,7 +123,9 @@ def test_train_into_an_unwritable_folder_exits_2(tmp_path):
 def test_export_of_an_unsupported_diffusers_folder_exits_2(tmp_path):
     import json
 
-    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "in_channels": 3, "out_channels": 6}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"_class_name": "UNet2DModel", "in_channels": 3, "out_channels": 6})
+    )
     (tmp_path / "scheduler_config.json").write_text("{}")
     result = CliRunner().invoke(main, ["export", "--diffusers", str(tmp_path), "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "out_channels 6 != in_channels 3" in result.output
@@ -119,7 +135,7 @@ def test_export_of_an_unsupported_diffusers_folder_exits_2(tmp_path):
 def test_export_fp16_writes_a_mixed_precision_model(tmp_path, tiny_checkpoint):
     import onnx
 
-    from ddengine.export.fp16 import fp32_ops
+    from tests.support.fp16_checks import fp32_ops
 
     out = tmp_path / "m16.onnx"
     result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--fp16"])
@@ -131,8 +147,10 @@ def test_export_fp16_writes_a_mixed_precision_model(tmp_path, tiny_checkpoint):
     assert read_spec(out).num_classes == 3
 
 
-@pytest.mark.parametrize("command", [["train", "-o", "runs_x"], ["export", "ckpt.safetensors", "-o", "m.onnx"],
-                                     ["train-classifier", "-o", "c.onnx"]])
+@pytest.mark.parametrize(
+    "command",
+    [["train", "-o", "runs_x"], ["export", "ckpt.safetensors", "-o", "m.onnx"], ["train-classifier", "-o", "c.onnx"]],
+)
 def test_build_commands_without_torch_name_the_extra(command, monkeypatch, tmp_path):
     import importlib.util
 
@@ -140,7 +158,9 @@ def test_build_commands_without_torch_name_the_extra(command, monkeypatch, tmp_p
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, command)
-    assert result.exit_code == 2 and "needs torch" in result.output and "pip install 'ddengine[export]'" in result.output
+    assert (
+        result.exit_code == 2 and "needs torch" in result.output and "pip install 'ddengine[export]'" in result.output
+    )
     assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
 
 
@@ -172,12 +192,19 @@ def test_recommended_guidance_on_a_model_without_a_null_class_is_a_clear_error(t
 
     cfg = dataclasses.replace(tiny_config(), num_classes=0)
     model = randomized(UNet(cfg), seed=0)
-    meta = {"model_config": cfg.__dict__, "train_config": train.TrainConfig().__dict__, "step": 1,
-            "scheduler": train.scheduler_dict()}
-    checkpoint.save(tmp_path / "u.safetensors", model=model, ema=model, optimizer=torch.optim.AdamW(model.parameters()),
-                    meta=meta)
+    meta = {
+        "model_config": cfg.__dict__,
+        "train_config": train.TrainConfig().__dict__,
+        "step": 1,
+        "scheduler": train.scheduler_dict(),
+    }
+    checkpoint.save(
+        tmp_path / "u.safetensors", model=model, ema=model, optimizer=torch.optim.AdamW(model.parameters()), meta=meta
+    )
     out = tmp_path / "u.onnx"
-    result = CliRunner().invoke(main, ["export", str(tmp_path / "u.safetensors"), "-o", str(out), "--recommended-guidance", "2"])
+    result = CliRunner().invoke(
+        main, ["export", str(tmp_path / "u.safetensors"), "-o", str(out), "--recommended-guidance", "2"]
+    )
     assert result.exit_code == 2 and "null class" in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u.safetensors"]
 
@@ -193,33 +220,46 @@ def test_scheduler_config_changes_how_the_export_samples_and_keeps_what_it_was_t
 
     from ddengine.core.plan import make_plan
 
-    keys = {"_class_name": "DDIMScheduler", "clip_sample": True, "clip_sample_range": 2.0, "timestep_spacing": "trailing",
-            "num_train_timesteps": 1000}
+    keys = {
+        "_class_name": "DDIMScheduler",
+        "clip_sample": True,
+        "clip_sample_range": 2.0,
+        "timestep_spacing": "trailing",
+        "num_train_timesteps": 1000,
+    }
     out = tmp_path / "s.onnx"
-    result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--scheduler-config",
-                                       str(_scheduler_file(tmp_path, keys))])
+    result = CliRunner().invoke(
+        main,
+        ["export", str(tiny_checkpoint), "-o", str(out), "--scheduler-config", str(_scheduler_file(tmp_path, keys))],
+    )
     assert result.exit_code == 0, result.output
     sched = read_spec(out).scheduler
     trained = train.scheduler_dict()
-    assert {k: sched[k] for k in ("beta_schedule", "num_train_timesteps", "prediction_type")} == \
-        {k: trained[k] for k in ("beta_schedule", "num_train_timesteps", "prediction_type")}
+    assert {k: sched[k] for k in ("beta_schedule", "num_train_timesteps", "prediction_type")} == {
+        k: trained[k] for k in ("beta_schedule", "num_train_timesteps", "prediction_type")
+    }
     oracle = DDIMScheduler.from_config(sched)
     oracle.set_timesteps(10)
     plan = make_plan(sched, 10)
     assert plan.clip == 2.0 and list(plan.timesteps) == oracle.timesteps.tolist()
 
 
-@pytest.mark.parametrize("keys, message", [
-    ({"beta_schedule": "linear"}, "trained with beta_schedule='squaredcos_cap_v2'"),
-    ({"prediction_type": "v_prediction"}, "trained with prediction_type='epsilon'"),
-    ({"clip_samples": False}, "unknown scheduler keys clip_samples"),
-    ({"clip_sample": "no"}, "clip_sample must be true or false, got 'no'"),
-    ([1, 2], "must be a JSON object, got list"),
-])
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"beta_schedule": "linear"}, "trained with beta_schedule='squaredcos_cap_v2'"),
+        ({"prediction_type": "v_prediction"}, "trained with prediction_type='epsilon'"),
+        ({"clip_samples": False}, "unknown scheduler keys clip_samples"),
+        ({"clip_sample": "no"}, "clip_sample must be true or false, got 'no'"),
+        ([1, 2], "must be a JSON object, got list"),
+    ],
+)
 def test_a_scheduler_config_that_cannot_apply_is_refused_and_writes_nothing(tmp_path, tiny_checkpoint, keys, message):
     out = tmp_path / "s.onnx"
     config = _scheduler_file(tmp_path, keys)
-    result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(out), "--scheduler-config", str(config)])
+    result = CliRunner().invoke(
+        main, ["export", str(tiny_checkpoint), "-o", str(out), "--scheduler-config", str(config)]
+    )
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == [config.name]
 
@@ -227,6 +267,8 @@ def test_a_scheduler_config_that_cannot_apply_is_refused_and_writes_nothing(tmp_
 def test_a_scheduler_config_that_is_not_json_is_named(tmp_path, tiny_checkpoint):
     config = tmp_path / "scheduler_config.json"
     config.write_text("{clip_sample: false")
-    result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "-o", str(tmp_path / "s.onnx"), "--scheduler-config", str(config)])
+    result = CliRunner().invoke(
+        main, ["export", str(tiny_checkpoint), "-o", str(tmp_path / "s.onnx"), "--scheduler-config", str(config)]
+    )
     assert result.exit_code == 2 and "--scheduler-config" in result.output and "not valid JSON" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == [config.name]

@@ -1,4 +1,5 @@
 """`ddengine info`: the spec, the tensors bound from the graph, the schedule (checked against diffusers) and the backends."""
+
 import json
 import re
 
@@ -18,8 +19,12 @@ def test_info_prints_spec_io_and_schedule(cond_model):
     result = run("info", cond_model, "--steps", 10)
     assert result.exit_code == 0, result.output
     assert "3x8x8" in result.output and "4 classes, null class 4" in result.output
-    for role, dtype, shape in (("sample", "float32", "[-1, 3, 8, 8]"), ("timestep", "int64", "[-1]"),
-                               ("class_labels", "int64", "[-1]"), ("out", "float32", "[-1, 3, 8, 8]")):
+    for role, dtype, shape in (
+        ("sample", "float32", "[-1, 3, 8, 8]"),
+        ("timestep", "int64", "[-1]"),
+        ("class_labels", "int64", "[-1]"),
+        ("out", "float32", "[-1, 3, 8, 8]"),
+    ):
         assert re.search(rf"io\s+{role}\s+'{role}' {dtype} {re.escape(shape)}", result.output), role
 
 
@@ -63,8 +68,13 @@ def test_info_on_a_model_without_null_class(tmp_path):
     assert "3 classes, null class None" in result.output
 
 
-@pytest.mark.parametrize("args, message", [(["--steps", 0], "steps must be >= 1, got 0"),
-                                           (["--method", "ddpm", "--eta", 1], "eta applies to method 'ddim' only")])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", 0], "steps must be >= 1, got 0"),
+        (["--method", "ddpm", "--eta", 1], "eta applies to method 'ddim' only"),
+    ],
+)
 def test_info_bad_parameters_exit_2(cond_model, args, message):
     result = run("info", cond_model, *args)
     assert result.exit_code == 2 and message in result.output
@@ -73,7 +83,11 @@ def test_info_bad_parameters_exit_2(cond_model, args, message):
 def test_info_of_a_bad_model_exits_2(tmp_path):
     build_tiny_model(tmp_path / "bad.onnx", meta={"value_range": [1, 1]})
     result = run("info", tmp_path / "bad.onnx")
-    assert result.exit_code == 2 and "value_range must be two finite numbers" in result.output and "Traceback" not in result.output
+    assert (
+        result.exit_code == 2
+        and "value_range must be two finite numbers" in result.output
+        and "Traceback" not in result.output
+    )
 
 
 def test_info_defaults_to_the_shipped_model():

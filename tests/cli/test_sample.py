@@ -1,5 +1,6 @@
 """`ddengine sample` end to end: files and manifest, exit codes 0/1/2/128+N, bad input writing nothing, --overwrite,
 --grid one row per class, the progress bar, a failed manifest append, Ctrl-C / SIGTERM at safe points, 16,000 images."""
+
 import errno
 import json
 import os
@@ -40,40 +41,87 @@ def assert_manifest_lists_exactly_the_files(folder):
 
 def test_sample_writes_images_manifest_grid_and_strips(tmp_path, cond_model):
     out, grid = tmp_path / "out", tmp_path / "grid.png"
-    result = run("sample", "--model", cond_model, *CPU, "--n", 5, "--steps", 4, "--batch-size", 2, "--seed", 3,
-                 "--class", "all", "--guidance", 2.0, "--out", out, "--grid", grid, "--trajectory", 2, "--quiet")
+    result = run(
+        "sample",
+        "--model",
+        cond_model,
+        *CPU,
+        "--n",
+        5,
+        "--steps",
+        4,
+        "--batch-size",
+        2,
+        "--seed",
+        3,
+        "--class",
+        "all",
+        "--guidance",
+        2.0,
+        "--out",
+        out,
+        "--grid",
+        grid,
+        "--trajectory",
+        2,
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     got = records(out)
     assert [(r["file"], r["trajectory_file"], r["seed"], r["class"], r["status"], r["format"]) for r in got] == [
-        (f"{i:05d}.png", f"{i:05d}_trajectory.png", 3 + i, i % 4, "ok", "png") for i in range(5)]
+        (f"{i:05d}.png", f"{i:05d}_trajectory.png", 3 + i, i % 4, "ok", "png") for i in range(5)
+    ]
     assert {(r["steps"], r["guidance"], r["method"], r["eta"], r["spacing"], r["backend"]) for r in got} == {
-        (4, 2.0, "ddim", 0.0, None, "ort-cpu")}
+        (4, 2.0, "ddim", 0.0, None, "ort-cpu")
+    }
     import hashlib
 
     assert {r["model_sha256"] for r in got} == {hashlib.sha256(cond_model.read_bytes()).hexdigest()}
     api, _ = Sampler(cond_model, backend="ort-cpu").sample(5, steps=4, seed=3, classes="all", guidance=2.0)
     for i in range(5):
         assert np.array_equal(np.asarray(Image.open(out / f"{i:05d}.png")), api[i])
-        assert Image.open(out / f"{i:05d}_trajectory.png").size == (3 * 10 + 2, 2 * 10 + 2)  # steps 0, 2, 3; x_t over x0
+        assert Image.open(out / f"{i:05d}_trajectory.png").size == (
+            3 * 10 + 2,
+            2 * 10 + 2,
+        )  # steps 0, 2, 3; x_t over x0
     assert_manifest_lists_exactly_the_files(out)
     assert Image.open(grid).size == (2 * 10 + 2, 4 * 10 + 2)  # 4 classes, one row each; class 0 has 2 images
 
 
 def test_grid_has_one_row_per_class(tmp_path, cond_model):
     out, grid = tmp_path / "out", tmp_path / "grid.png"
-    result = run("sample", "--model", cond_model, *CPU, "--n", 8, "--steps", 2, "--class", 1, "--class", 2,
-                 "--out", out, "--grid", grid, "--quiet")
+    result = run(
+        "sample",
+        "--model",
+        cond_model,
+        *CPU,
+        "--n",
+        8,
+        "--steps",
+        2,
+        "--class",
+        1,
+        "--class",
+        2,
+        "--out",
+        out,
+        "--grid",
+        grid,
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     image = np.asarray(Image.open(grid))
     assert image.shape == (2 * 10 + 2, 4 * 10 + 2, 3)  # classes 1 and 2 (rows), 4 images each (columns), 2 px apart
     for i in range(8):  # the images cycle over the classes: row i % 2, column i // 2
         r, c = i % 2, i // 2
-        tile = image[2 + r * 10:2 + r * 10 + 8, 2 + c * 10:2 + c * 10 + 8]
+        tile = image[2 + r * 10 : 2 + r * 10 + 8, 2 + c * 10 : 2 + c * 10 + 8]
         assert np.array_equal(tile, np.asarray(Image.open(out / f"{i:05d}.png"))), i
 
 
 def test_sample_npy_format(tmp_path, uncond_model):
-    result = run("sample", "--model", uncond_model, *CPU, "--n", 2, "--steps", 2, "--format", "npy", "--out", tmp_path, "--quiet")
+    result = run(
+        "sample", "--model", uncond_model, *CPU, "--n", 2, "--steps", 2, "--format", "npy", "--out", tmp_path, "--quiet"
+    )
     assert result.exit_code == 0, result.output
     api, _ = Sampler(uncond_model, backend="ort-cpu").sample(2, steps=2)
     assert np.array_equal(np.load(tmp_path / "00001.npy"), api[1])
@@ -81,11 +129,32 @@ def test_sample_npy_format(tmp_path, uncond_model):
 
 
 def test_nan_images_exit_1_and_the_others_are_written(tmp_path, nan_model):
-    result = run("sample", "--model", nan_model, *CPU, "--n", 4, "--steps", 3, "--class", 1, "--class", 2, "--out", tmp_path, "--quiet")
+    result = run(
+        "sample",
+        "--model",
+        nan_model,
+        *CPU,
+        "--n",
+        4,
+        "--steps",
+        3,
+        "--class",
+        1,
+        "--class",
+        2,
+        "--out",
+        tmp_path,
+        "--quiet",
+    )
     assert result.exit_code == 1
     assert "2 of 4 images failed" in result.output
     got = records(tmp_path)
-    assert [(r["status"], r["file"]) for r in got] == [("ok", "00000.png"), ("error", None), ("ok", "00002.png"), ("error", None)]
+    assert [(r["status"], r["file"]) for r in got] == [
+        ("ok", "00000.png"),
+        ("error", None),
+        ("ok", "00002.png"),
+        ("error", None),
+    ]
     assert "non-finite" in got[1]["error"]
     assert sorted(os.listdir(tmp_path)) == ["00000.png", "00002.png", "manifest.jsonl"]
 
@@ -123,10 +192,13 @@ def test_bad_input_exits_2_with_a_message_and_writes_nothing(tmp_path, cond_mode
     assert "Traceback" not in result.output and not out.exists()
 
 
-@pytest.mark.parametrize("setup,message", [
-    (lambda d: None, "does not exist"),
-    (lambda d: (d / "m.onnx").write_bytes(b"garbage!"), "m.onnx"),
-])
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        (lambda d: None, "does not exist"),
+        (lambda d: (d / "m.onnx").write_bytes(b"garbage!"), "m.onnx"),
+    ],
+)
 def test_missing_or_corrupt_model_exits_2(tmp_path, setup, message):
     setup(tmp_path)
     result = run("sample", "--model", tmp_path / "m.onnx", "--out", tmp_path / "out", "--quiet")
@@ -147,17 +219,47 @@ def test_model_without_metadata_needs_scheduler_config(tmp_path):
     result = run("sample", "--model", tmp_path / "plain.onnx", "--out", tmp_path / "out", "--quiet")
     assert result.exit_code == 2 and "--scheduler-config" in result.output and not (tmp_path / "out").exists()
     (tmp_path / "s.json").write_text(json.dumps(SCHEDULER))
-    result = run("sample", "--model", tmp_path / "plain.onnx", "--scheduler-config", tmp_path / "s.json",
-                 "--n", 1, "--steps", 2, "--out", tmp_path / "out", "--quiet")
+    result = run(
+        "sample",
+        "--model",
+        tmp_path / "plain.onnx",
+        "--scheduler-config",
+        tmp_path / "s.json",
+        "--n",
+        1,
+        "--steps",
+        2,
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
 
 
 def test_the_manifest_names_the_schedule_an_override_put_in_place(tmp_path, uncond_model):
     config = tmp_path / "s.json"
     config.write_text(json.dumps({**SCHEDULER, "timestep_spacing": "trailing", "clip_sample": False}))
-    assert run("sample", "--model", uncond_model, *CPU, "--n", 2, "--steps", 2, "--out", tmp_path / "plain", "--quiet").exit_code == 0
-    result = run("sample", "--model", uncond_model, *CPU, "--scheduler-config", config, "--n", 2, "--steps", 2,
-                 "--out", tmp_path / "over", "--quiet")
+    assert (
+        run(
+            "sample", "--model", uncond_model, *CPU, "--n", 2, "--steps", 2, "--out", tmp_path / "plain", "--quiet"
+        ).exit_code
+        == 0
+    )
+    result = run(
+        "sample",
+        "--model",
+        uncond_model,
+        *CPU,
+        "--scheduler-config",
+        config,
+        "--n",
+        2,
+        "--steps",
+        2,
+        "--out",
+        tmp_path / "over",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     assert all("scheduler" not in r for r in records(tmp_path / "plain"))
     for r in records(tmp_path / "over"):
@@ -165,8 +267,11 @@ def test_the_manifest_names_the_schedule_an_override_put_in_place(tmp_path, unco
 
 
 def test_conditional_request_on_unconditional_model_exits_2(tmp_path, uncond_model):
-    for args, message in ((["--class", 1], "unconditional"), (["--class", "all"], "unconditional"),
-                          (["--guidance", 3], "needs a class-conditional model with a null class")):
+    for args, message in (
+        (["--class", 1], "unconditional"),
+        (["--class", "all"], "unconditional"),
+        (["--guidance", 3], "needs a class-conditional model with a null class"),
+    ):
         result = run("sample", "--model", uncond_model, "--out", tmp_path / "out", "--quiet", *args)
         assert result.exit_code == 2 and message in result.output, args
     assert not (tmp_path / "out").exists()
@@ -176,8 +281,22 @@ def test_a_request_too_big_for_memory_exits_2_naming_the_estimate(tmp_path, cond
     from ddengine.runtime import capacity
 
     monkeypatch.setattr(capacity, "available_memory", lambda: 10_000)
-    result = run("sample", "--model", cond_model, "--n", 64, "--batch-size", 64, "--class", 1, "--guidance", 2,
-                 "--out", tmp_path / "out", "--quiet")
+    result = run(
+        "sample",
+        "--model",
+        cond_model,
+        "--n",
+        64,
+        "--batch-size",
+        64,
+        "--class",
+        1,
+        "--guidance",
+        2,
+        "--out",
+        tmp_path / "out",
+        "--quiet",
+    )
     assert result.exit_code == 2
     assert "batch_size 64 needs about" in result.output and "this machine has 9.8 KiB available" in result.output
     assert not (tmp_path / "out").exists()
@@ -186,7 +305,9 @@ def test_a_request_too_big_for_memory_exits_2_naming_the_estimate(tmp_path, cond
 def test_out_pointing_at_a_file_is_a_clear_error(tmp_path, uncond_model):
     (tmp_path / "taken").write_text("mine")
     result = run("sample", "--model", uncond_model, "--out", tmp_path / "taken", "--quiet")
-    assert result.exit_code == 2 and "is a file; expected a folder" in result.output and "File exists" not in result.output
+    assert (
+        result.exit_code == 2 and "is a file; expected a folder" in result.output and "File exists" not in result.output
+    )
     assert (tmp_path / "taken").read_text() == "mine"
 
 
@@ -198,7 +319,9 @@ def test_unwritable_out_fails_before_sampling(tmp_path, uncond_model, monkeypatc
 
 
 def test_grid_into_a_missing_folder_exits_2(tmp_path, cond_model):
-    result = run("sample", "--model", cond_model, "--out", tmp_path / "out", "--grid", tmp_path / "no" / "g.png", "--quiet")
+    result = run(
+        "sample", "--model", cond_model, "--out", tmp_path / "out", "--grid", tmp_path / "no" / "g.png", "--quiet"
+    )
     assert result.exit_code == 2 and "does not exist" in result.output and not (tmp_path / "out").exists()
 
 
@@ -211,7 +334,9 @@ def test_an_earlier_run_is_refused_untouched_and_overwrite_replaces_only_it(tmp_
     assert result.exit_code == 2 and "holds an earlier run (3 image file(s) and manifest.jsonl)" in result.output
     assert "--overwrite" in result.output
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
-    result = run("sample", "--model", uncond_model, "--n", 1, "--steps", 2, "--seed", 9, "--out", out, "--overwrite", "--quiet")
+    result = run(
+        "sample", "--model", uncond_model, "--n", 1, "--steps", 2, "--seed", 9, "--out", out, "--overwrite", "--quiet"
+    )
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(out)) == ["00000.png", "manifest.jsonl", "notes.txt"]
     assert [r["seed"] for r in records(out)] == [9]
@@ -219,12 +344,32 @@ def test_an_earlier_run_is_refused_untouched_and_overwrite_replaces_only_it(tmp_
 
 def test_png_outputs_need_1_3_or_4_channels(tmp_path):
     build_tiny_model(tmp_path / "two.onnx", channels=2)
-    for args, hint in ((["--format", "png"], "--format"), (["--format", "npy", "--trajectory", "2"], "--trajectory"),
-                       (["--format", "npy", "--grid", tmp_path / "g.png"], "--grid")):
+    for args, hint in (
+        (["--format", "png"], "--format"),
+        (["--format", "npy", "--trajectory", "2"], "--trajectory"),
+        (["--format", "npy", "--grid", tmp_path / "g.png"], "--grid"),
+    ):
         result = run("sample", "--model", tmp_path / "two.onnx", "--out", tmp_path / "out", "--quiet", *args)
-        assert result.exit_code == 2 and "PNG needs 1, 3 or 4 channels, the model makes 2" in result.output and hint in result.output
+        assert (
+            result.exit_code == 2
+            and "PNG needs 1, 3 or 4 channels, the model makes 2" in result.output
+            and hint in result.output
+        )
     assert not (tmp_path / "out").exists()
-    result = run("sample", "--model", tmp_path / "two.onnx", "--out", tmp_path / "out", "--format", "npy", "--n", 1, "--steps", 2, "--quiet")
+    result = run(
+        "sample",
+        "--model",
+        tmp_path / "two.onnx",
+        "--out",
+        tmp_path / "out",
+        "--format",
+        "npy",
+        "--n",
+        1,
+        "--steps",
+        2,
+        "--quiet",
+    )
     assert result.exit_code == 0 and np.load(tmp_path / "out" / "00000.npy").shape == (8, 8, 2)
 
 
@@ -239,8 +384,11 @@ def test_a_failure_mid_run_exits_1_and_keeps_finished_images_listed(tmp_path, un
         if calls["n"] == 2:
             raise BackendError("simulated out of memory")
         return real(self, *args, **kwargs)
+
     monkeypatch.setattr(HostLoop, "denoise", second_chunk_fails)
-    result = run("sample", "--model", uncond_model, *CPU, "--n", 4, "--batch-size", 2, "--steps", 2, "--out", tmp_path, "--quiet")
+    result = run(
+        "sample", "--model", uncond_model, *CPU, "--n", 4, "--batch-size", 2, "--steps", 2, "--out", tmp_path, "--quiet"
+    )
     assert result.exit_code == 1 and "simulated out of memory" in result.output
     assert "the 2 finished image file(s) are listed in" in result.output
     assert [r["file"] for r in records(tmp_path)] == ["00000.png", "00001.png"]
@@ -261,6 +409,7 @@ def test_a_failed_manifest_append_exits_1_and_removes_its_image(tmp_path, uncond
             if state["appends"] == 3:  # the disk fills up on the third image's line
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data)
+
     monkeypatch.setattr(os, "write", write)
     result = run("sample", "--model", uncond_model, *CPU, "--n", 5, "--steps", 2, "--out", tmp_path, "--quiet")
     monkeypatch.undo()
@@ -280,11 +429,15 @@ def test_the_progress_bar_follows_the_sampler_to_its_total(tmp_path, cond_model,
         def spy(task, **kwargs):
             updates.append(kwargs.get("completed"))
             return update(task, **kwargs)
+
         bar.update = spy
         return bar
+
     monkeypatch.setattr(sample_cli, "progress_bar", recording)
-    result = CliRunner().invoke(main, ["sample", "--model", str(cond_model), "--n", "7", "--steps", "3", "--batch-size", "3",
-                                       "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        main,
+        ["sample", "--model", str(cond_model), "--n", "7", "--steps", "3", "--batch-size", "3", "--out", str(tmp_path)],
+    )
     assert result.exit_code == 0, result.output
     from_sampler = updates[:-1]  # the last update is the bar's own close at the total
     assert from_sampler == sorted(from_sampler) and from_sampler[-1] == 21 and len(from_sampler) == 9
@@ -298,8 +451,23 @@ def test_sixteen_thousand_images_finish(uncond_model):
     try:
         build_tiny_model(build / "small.onnx", height=4, width=4)
         out = build / "out"
-        result = run("sample", "--model", build / "small.onnx", *CPU, "--n", 16000, "--steps", 1, "--batch-size", 4000,
-                     "--format", "npy", "--out", out, "--quiet")
+        result = run(
+            "sample",
+            "--model",
+            build / "small.onnx",
+            *CPU,
+            "--n",
+            16000,
+            "--steps",
+            1,
+            "--batch-size",
+            4000,
+            "--format",
+            "npy",
+            "--out",
+            out,
+            "--quiet",
+        )
         assert result.exit_code == 0, result.output
         got = records(out)
         assert [r["index"] for r in got] == list(range(16000)) and len(os.listdir(out)) == 16001
@@ -313,8 +481,24 @@ def test_sixteen_thousand_images_finish(uncond_model):
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_at_a_safe_point_and_the_manifest_lists_exactly_the_images(tmp_path, uncond_model, signum, code):
     out = tmp_path / "out"
-    command = [sys.executable, "-c", "from ddengine.cli import main; main()", "sample", "--model", str(uncond_model), *CPU,
-               "--n", "64", "--steps", "900", "--batch-size", "1", "--out", str(out), "--quiet"]
+    command = [
+        sys.executable,
+        "-c",
+        "from ddengine.cli import main; main()",
+        "sample",
+        "--model",
+        str(uncond_model),
+        *CPU,
+        "--n",
+        "64",
+        "--steps",
+        "900",
+        "--batch-size",
+        "1",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -340,11 +524,13 @@ def test_a_signal_stops_at_a_safe_point_and_the_manifest_lists_exactly_the_image
 
 
 def test_sampling_imports_no_torch(tmp_path, uncond_model):
-    code = ("import sys; from ddengine.cli import main; "
-            f"main(['sample', '--model', {str(uncond_model)!r}, '--n', '2', '--steps', '2', '--out', {str(tmp_path)!r}, '--quiet'], "
-            "standalone_mode=False); "
-            f"from ddengine import Sampler; Sampler({str(uncond_model)!r}).sample(1, steps=2); "
-            "assert 'torch' not in sys.modules, 'torch was imported'; print('no torch')")
+    code = (
+        "import sys; from ddengine.cli import main; "
+        f"main(['sample', '--model', {str(uncond_model)!r}, '--n', '2', '--steps', '2', '--out', {str(tmp_path)!r}, '--quiet'], "
+        "standalone_mode=False); "
+        f"from ddengine import Sampler; Sampler({str(uncond_model)!r}).sample(1, steps=2); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; print('no torch')"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "no torch" in result.stdout, result.stderr
 

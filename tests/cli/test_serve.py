@@ -1,5 +1,6 @@
 """`ddengine serve` end to end: usage errors (exit 2, no traceback), a real server process, and SIGTERM during load:
 every request the server accepted gets its images or an error response; none is lost (the counts must agree)."""
+
 import importlib.util
 import re
 import signal
@@ -30,8 +31,22 @@ def free_port():
 def start_server(*args):
     """A `ddengine serve` subprocess (the shipped model on the exact CPU path); returns (process, base URL)."""
     port = free_port()
-    process = subprocess.Popen([*SERVE, "--backend", "ort-cpu", "--threads", "1", "--port", str(port),
-                                "--log-level", "warning", *map(str, args)], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            *SERVE,
+            "--backend",
+            "ort-cpu",
+            "--threads",
+            "1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            *map(str, args),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
@@ -68,12 +83,15 @@ def test_a_missing_serve_extra_is_a_usage_error_naming_the_install(monkeypatch):
     assert "needs uvicorn (the serve extra): pip install 'ddengine[serve]'" in result.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "missing.onnx"], "missing.onnx"),
-    (["--max-batch", "0"], "Invalid value for '--max-batch'"),
-    (["--timeout", "-1"], "Invalid value for '--timeout'"),
-    (["--backend", "nope"], "nope"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "missing.onnx"], "missing.onnx"),
+        (["--max-batch", "0"], "Invalid value for '--max-batch'"),
+        (["--timeout", "-1"], "Invalid value for '--timeout'"),
+        (["--backend", "nope"], "nope"),
+    ],
+)
 def test_bad_options_exit_2_without_a_traceback(args, message):
     result = CliRunner().invoke(main, ["serve", *args])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
@@ -84,8 +102,12 @@ def test_a_port_in_use_exits_1_with_the_reason(cond_model):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([*SERVE, "--model", str(cond_model), "--backend", "ort-cpu", "--port", str(port)],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [*SERVE, "--model", str(cond_model), "--backend", "ort-cpu", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert result.returncode == 1 and "address already in use" in result.stderr.lower()
 
 
@@ -108,8 +130,13 @@ class Load:
             for i in range(10_000):
                 if time.monotonic() > self.deadline:
                     return
-                body = {"n": 1 + (worker + i) % 4, "steps": (10, 20)[i % 2], "seed": worker * 1000 + i,
-                        "classes": [worker % 10], "method": ("ddim", "ddpm")[worker % 2]}
+                body = {
+                    "n": 1 + (worker + i) % 4,
+                    "steps": (10, 20)[i % 2],
+                    "seed": worker * 1000 + i,
+                    "classes": [worker % 10],
+                    "method": ("ddim", "ddpm")[worker % 2],
+                }
                 kind, detail, started = self.post(http, body)
                 with self.lock:
                     self.outcomes.append((kind, started, time.monotonic(), detail))
@@ -148,8 +175,10 @@ def test_sigterm_during_load_finishes_every_accepted_request():
     server = server_counts(stderr)
     ok, errors = load.count("ok"), [o for o in load.outcomes if o[0] == "error"]
     lost = server["accepted"] - ok - len(errors)
-    print(f"accepted {server['accepted']}, completed {ok}, failed with an error {len(errors)}, lost {lost}, "
-          f"refused after SIGTERM {load.count('refused')}, dropped before acceptance {load.count('dropped')}")
+    print(
+        f"accepted {server['accepted']}, completed {ok}, failed with an error {len(errors)}, lost {lost}, "
+        f"refused after SIGTERM {load.count('refused')}, dropped before acceptance {load.count('dropped')}"
+    )
     assert lost == 0 and errors == [] and server["completed"] == ok and server["failed"] == 0
     assert any(o[0] == "ok" and o[1] < signalled < o[2] for o in load.outcomes)  # in flight at SIGTERM, then done
     assert load.count("refused") == len(load.threads)  # afterwards no new connection is taken
@@ -170,8 +199,10 @@ def test_sigterm_with_a_drain_timeout_answers_the_unfinished_with_an_error():
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and "requests_total{outcome=\"submitted\"} 3.0" not in httpx.get(
-            f"{url}/metrics", timeout=5).text:
+    while (
+        time.monotonic() < deadline
+        and 'requests_total{outcome="submitted"} 3.0' not in httpx.get(f"{url}/metrics", timeout=5).text
+    ):
         time.sleep(0.02)
     start = time.monotonic()
     stderr = stop(process)
@@ -179,8 +210,13 @@ def test_sigterm_with_a_drain_timeout_answers_the_unfinished_with_an_error():
         t.join(60)
     assert time.monotonic() - start < 20
     assert sorted(results) == [(503, "the batcher was closed before this request finished")] * 3, results
-    assert server_counts(stderr) | {"timed_out": 0} == {"accepted": 3, "completed": 0, "failed": 3, "timed_out": 0,
-                                                        "cancelled": 0}
+    assert server_counts(stderr) | {"timed_out": 0} == {
+        "accepted": 3,
+        "completed": 0,
+        "failed": 3,
+        "timed_out": 0,
+        "cancelled": 0,
+    }
 
 
 def test_serve_answers_a_request_like_the_api(cond_model):

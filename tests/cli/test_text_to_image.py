@@ -1,6 +1,7 @@
 """Text-to-image on the command line: `ddengine export --diffusers PIPELINE_DIR`, `ddengine sample --prompt`,
 `ddengine info MODEL_DIR`, `ddengine build MODEL_DIR`; every bad input exits 2 with a message naming what was
 expected and what was given, and writes nothing."""
+
 import json
 import re
 import shutil
@@ -34,7 +35,13 @@ def model_copy(tiny_sd, tmp_path):
 
 def test_export_writes_the_model_dir_and_reports_each_check(tiny_sd):
     assert tiny_sd.output.splitlines()[-1].startswith(f"wrote {tiny_sd.model} (text_encoder max |ORT - torch| = ")
-    for text in ("exporting the text encoder", "exporting the U-Net", "exporting the VAE decoder", "unet max", "vae_decoder max"):
+    for text in (
+        "exporting the text encoder",
+        "exporting the U-Net",
+        "exporting the VAE decoder",
+        "unet max",
+        "vae_decoder max",
+    ):
         assert text in tiny_sd.output
 
 
@@ -42,40 +49,74 @@ def test_sample_writes_prompted_images_and_records_the_prompts(tiny_sd, tmp_path
     from ddengine import Sampler
 
     out = tmp_path / "out"
-    result = run(*sample_args(tiny_sd.model, out, "--n", 3, "--seed", 10, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
-                              "--negative-prompt", "blurry", "--guidance", 5, "--height", IMAGE, "--width", IMAGE))
+    result = run(
+        *sample_args(
+            tiny_sd.model,
+            out,
+            "--n",
+            3,
+            "--seed",
+            10,
+            "--prompt",
+            PROMPTS[0],
+            "--prompt",
+            PROMPTS[1],
+            "--negative-prompt",
+            "blurry",
+            "--guidance",
+            5,
+            "--height",
+            IMAGE,
+            "--width",
+            IMAGE,
+        )
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in lines] == [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
     assert [r["negative_prompt"] for r in lines] == ["blurry"] * 3 and {r["guidance"] for r in lines} == {5.0}
     written = np.stack([np.asarray(Image.open(out / r["file"])) for r in lines])
     assert written.shape == (3, IMAGE, IMAGE, 3)
-    want, _ = Sampler(tiny_sd.model, backend="ort-cpu").sample(3, steps=4, seed=10, prompt=[PROMPTS[0], PROMPTS[1]],
-                                                               negative_prompt="blurry", guidance=5)
+    want, _ = Sampler(tiny_sd.model, backend="ort-cpu").sample(
+        3, steps=4, seed=10, prompt=[PROMPTS[0], PROMPTS[1]], negative_prompt="blurry", guidance=5
+    )
     assert np.array_equal(written, want)
 
 
 def test_sample_defaults_to_the_exported_guidance_and_no_negative_prompt(tiny_sd, tmp_path):
-    result = run(*sample_args(tiny_sd.model, tmp_path / "out", "--n", 1, "--prompt", "a cat", "--grid", tmp_path / "grid.png"))
+    result = run(
+        *sample_args(tiny_sd.model, tmp_path / "out", "--n", 1, "--prompt", "a cat", "--grid", tmp_path / "grid.png")
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "out" / "manifest.jsonl").read_text())
     assert record["guidance"] == 7.5 and record["negative_prompt"] == "" and record["class"] is None
     image = np.asarray(Image.open(tmp_path / "out" / record["file"]))
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "grid.png"))[2:2 + IMAGE, 2:2 + IMAGE], image)  # 2 px padding
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "grid.png"))[2 : 2 + IMAGE, 2 : 2 + IMAGE], image
+    )  # 2 px padding
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--class", "1", "--prompt", "a cat"], "classes=[1] given, but this text-to-image model takes prompt, not classes"),
-    ([], "this text-to-image model needs prompt (a string, or a list of strings cycled over the images)"),
-    (["--negative-prompt", "blurry"], "this text-to-image model needs prompt"),
-    (["--prompt", "a cat", "--height", 64], f"ask for 64x{IMAGE} images; this model was exported for {IMAGE}x{IMAGE} "
-                                             f"(latents {LATENT}x{LATENT} times the VAE's scale 2)"),
-    (["--prompt", "a cat", "--width", 16], f"ask for {IMAGE}x16 images"),
-    (["--prompt", "a cat", "--height", 0], "expected a positive number of pixels, got 0"),
-    (["--prompt", "a cat", "--trajectory", 2], "trajectory snapshots are of pixel-space models"),
-    (["--prompt", "a cat", "--guidance", -1], "guidance must be a finite number >= 0, got -1.0"),
-    (["--prompt", "a cat", "--backend", "tensorflow"], "unknown backend 'tensorflow'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--class", "1", "--prompt", "a cat"],
+            "classes=[1] given, but this text-to-image model takes prompt, not classes",
+        ),
+        ([], "this text-to-image model needs prompt (a string, or a list of strings cycled over the images)"),
+        (["--negative-prompt", "blurry"], "this text-to-image model needs prompt"),
+        (
+            ["--prompt", "a cat", "--height", 64],
+            f"ask for 64x{IMAGE} images; this model was exported for {IMAGE}x{IMAGE} "
+            f"(latents {LATENT}x{LATENT} times the VAE's scale 2)",
+        ),
+        (["--prompt", "a cat", "--width", 16], f"ask for {IMAGE}x16 images"),
+        (["--prompt", "a cat", "--height", 0], "expected a positive number of pixels, got 0"),
+        (["--prompt", "a cat", "--trajectory", 2], "trajectory snapshots are of pixel-space models"),
+        (["--prompt", "a cat", "--guidance", -1], "guidance must be a finite number >= 0, got -1.0"),
+        (["--prompt", "a cat", "--backend", "tensorflow"], "unknown backend 'tensorflow'"),
+    ],
+)
 def test_bad_text_to_image_input_exits_2_and_writes_nothing(tiny_sd, tmp_path, args, message):
     result = run(*sample_args(tiny_sd.model, tmp_path / "out", *args))
     assert result.exit_code == 2, result.output
@@ -87,7 +128,10 @@ def test_bad_text_to_image_input_exits_2_and_writes_nothing(tiny_sd, tmp_path, a
 def test_prompts_given_to_a_class_model_exit_2(cond_model, tmp_path, flag):
     result = run(*sample_args(cond_model, tmp_path / "out", flag, "a cat"))
     assert result.exit_code == 2
-    assert "need a text-to-image MODEL_DIR (`ddengine export --diffusers`); this model takes 4 classes: give classes" in result.output
+    assert (
+        "need a text-to-image MODEL_DIR (`ddengine export --diffusers`); this model takes 4 classes: give classes"
+        in result.output
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -96,14 +140,21 @@ def test_height_of_a_class_model_is_its_fixed_size(cond_model, tmp_path):
     assert result.exit_code == 2 and "ask for 16x8 images; this model makes 8x8 images only" in result.output
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda m: (m / "vae_decoder.onnx").unlink(), "lacks vae_decoder.onnx named by its pipeline.json"),
-    (lambda m: (m / "pipeline.json").unlink(), "has no pipeline.json: not a ddengine text-to-image model folder"),
-    (lambda m: (m / "tokenizer.json").write_text("{not json"), "cannot read tokenizer"),
-    (lambda m: (m / "text_encoder.onnx").write_bytes(b"\x00\x01"), "text_encoder.onnx"),
-    (lambda m: (m / "pipeline.json").write_text(json.dumps({**json.loads((m / "pipeline.json").read_text()), "vae_scale": 0})),
-     "vae_scale must be an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda m: (m / "vae_decoder.onnx").unlink(), "lacks vae_decoder.onnx named by its pipeline.json"),
+        (lambda m: (m / "pipeline.json").unlink(), "has no pipeline.json: not a ddengine text-to-image model folder"),
+        (lambda m: (m / "tokenizer.json").write_text("{not json"), "cannot read tokenizer"),
+        (lambda m: (m / "text_encoder.onnx").write_bytes(b"\x00\x01"), "text_encoder.onnx"),
+        (
+            lambda m: (m / "pipeline.json").write_text(
+                json.dumps({**json.loads((m / "pipeline.json").read_text()), "vae_scale": 0})
+            ),
+            "vae_scale must be an integer >= 1, got 0",
+        ),
+    ],
+)
 def test_a_damaged_model_dir_exits_2_naming_the_problem(model_copy, tmp_path, damage, message):
     damage(model_copy)
     result = run(*sample_args(model_copy, tmp_path / "out", "--prompt", "a cat"))
@@ -134,20 +185,27 @@ def test_info_prints_the_pipeline_then_the_unet(tiny_sd):
 
 
 def test_export_refuses_unsupported_parts_by_name(tiny_sd, tmp_path):
-    folder = refusing_folder(tiny_sd.pipeline, tmp_path / "sdxl", parts=("text_encoder_2", "tokenizer_2"),
-                             class_name="StableDiffusionXLPipeline")
+    folder = refusing_folder(
+        tiny_sd.pipeline,
+        tmp_path / "sdxl",
+        parts=("text_encoder_2", "tokenizer_2"),
+        class_name="StableDiffusionXLPipeline",
+    )
     result = run("export", "--diffusers", folder, "-o", tmp_path / "out")
     assert result.exit_code == 2, result.output
     assert "text_encoder_2 (SDXL's second text encoder)" in result.output and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("out, extra, message", [
-    ("nonempty", [], "exists and is not empty; choose a new -o"),
-    ("file", [], "is a file; a pipeline exports to a folder"),
-    ("missing/out", [], "does not exist"),
-    ("new", ["--height", 30], "--height/--width must be positive multiples of 4"),
-    ("new", ["--width", -8], "--width must be a positive number of pixels, got -8"),
-])
+@pytest.mark.parametrize(
+    "out, extra, message",
+    [
+        ("nonempty", [], "exists and is not empty; choose a new -o"),
+        ("file", [], "is a file; a pipeline exports to a folder"),
+        ("missing/out", [], "does not exist"),
+        ("new", ["--height", 30], "--height/--width must be positive multiples of 4"),
+        ("new", ["--width", -8], "--width must be a positive number of pixels, got -8"),
+    ],
+)
 def test_export_bad_output_or_size_exits_2_and_writes_nothing(tiny_sd, tmp_path, out, extra, message):
     (tmp_path / "nonempty").mkdir()
     (tmp_path / "nonempty" / "keep.txt").write_text("mine")
@@ -156,7 +214,10 @@ def test_export_bad_output_or_size_exits_2_and_writes_nothing(tiny_sd, tmp_path,
     result = run("export", "--diffusers", tiny_sd.pipeline, "-o", tmp_path / out, *extra)
     assert result.exit_code == 2, result.output
     assert message in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "nonempty" / "keep.txt").read_text() == "mine"
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == before
+        and (tmp_path / "nonempty" / "keep.txt").read_text() == "mine"
+    )
 
 
 def test_export_height_is_for_pipelines_only(tmp_path):
@@ -171,7 +232,9 @@ def test_build_model_dir_builds_three_engines_then_reuses_them(fake_trt, tiny_sd
     lines = first.output.splitlines()
     assert [line.split(":")[0] for line in lines] == ["text_encoder", "unet", "vae_decoder"]
     assert all(" built " in line and "(fp32, batch 1:2:4)" in line for line in lines)
-    assert all((tmp_path / "engines" / f"{part}.plan.json").is_file() for part in ("text_encoder", "unet", "vae_decoder"))
+    assert all(
+        (tmp_path / "engines" / f"{part}.plan.json").is_file() for part in ("text_encoder", "unet", "vae_decoder")
+    )
     second = run(*args)
     assert second.exit_code == 0 and second.output.count(" reused ") == 3 and fake_trt.state.builds == 3
 
@@ -182,10 +245,13 @@ def test_build_fp16_of_an_fp32_model_dir_exits_1_naming_the_fix(fake_trt, tiny_s
     assert not list((tmp_path / "engines").glob("*.plan")) if (tmp_path / "engines").exists() else True
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda m: (m / "unet.onnx").unlink(), "lacks unet.onnx"),
-    (lambda m: (m / "pipeline.json").unlink(), "has no pipeline.json"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda m: (m / "unet.onnx").unlink(), "lacks unet.onnx"),
+        (lambda m: (m / "pipeline.json").unlink(), "has no pipeline.json"),
+    ],
+)
 def test_build_of_a_damaged_model_dir_exits_2(fake_trt, model_copy, damage, message):
     damage(model_copy)
     result = run("build", model_copy, "--precision", "fp32")

@@ -1,11 +1,12 @@
 """make_plan / StepPlan: the table's shape and dtypes, and clear refusals of bad input."""
+
 import math
 
 import numpy as np
 import pytest
 
-from ddengine.core.rows import NUM_COLUMNS, SIGMA
 from ddengine.core.plan import StepPlan, make_plan
+from ddengine.core.rows import NUM_COLUMNS, SIGMA
 from ddengine.core.schedule import SchedulerConfig
 
 
@@ -47,16 +48,25 @@ def test_all_rows_finite_over_configs():
     for schedule in ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace"):
         for zero_snr, pred in ((False, "epsilon"), (True, "v_prediction"), (True, "sample")):
             for spacing in ("leading", "trailing", "linspace"):
-                cfg = SchedulerConfig(beta_schedule=schedule, rescale_betas_zero_snr=zero_snr, prediction_type=pred,
-                                      timestep_spacing=spacing)
+                cfg = SchedulerConfig(
+                    beta_schedule=schedule,
+                    rescale_betas_zero_snr=zero_snr,
+                    prediction_type=pred,
+                    timestep_spacing=spacing,
+                )
                 for n in (1, 2, 3, 999, 1000):
-                    for plan in (make_plan(cfg, n, eta=1.0, use_clipped_model_output=True), make_plan(cfg, n, method="ddpm")):
+                    for plan in (
+                        make_plan(cfg, n, eta=1.0, use_clipped_model_output=True),
+                        make_plan(cfg, n, method="ddpm"),
+                    ):
                         assert np.isfinite(plan.coeffs).all(), (schedule, zero_snr, pred, spacing, n, plan.method)
 
 
 @pytest.mark.parametrize("steps", [0, -1, 1001, 2.5, True, "50"])
 def test_bad_steps(steps):
-    with pytest.raises(ValueError, match=r"steps must be an integer in \[1, 1000\].*got " + repr(steps).replace(".", r"\.")):
+    with pytest.raises(
+        ValueError, match=r"steps must be an integer in \[1, 1000\].*got " + repr(steps).replace(".", r"\.")
+    ):
         make_plan(SchedulerConfig(), steps)
 
 
@@ -97,7 +107,9 @@ def test_refusals():
 @pytest.mark.parametrize("spacing", ["trailing", "linspace"])
 def test_zero_snr_epsilon_refused_where_x0_is_infinite(method, spacing):
     cfg = SchedulerConfig(rescale_betas_zero_snr=True, timestep_spacing=spacing)
-    with pytest.raises(ValueError, match=r"prediction_type 'epsilon' cannot give x0 at timestep 999 where alphas_cumprod = 0"):
+    with pytest.raises(
+        ValueError, match=r"prediction_type 'epsilon' cannot give x0 at timestep 999 where alphas_cumprod = 0"
+    ):
         make_plan(cfg, 50, method=method)
 
 

@@ -6,6 +6,7 @@ tensors. The plan computes alphas_cumprod in float64 from diffusers' float32 bet
 oracle scheduler gets the same float64 table (`torch.cumprod(1 - betas.double())`) and keeps its own step code;
 test_float32_diffusers_agrees_loosely checks the unmodified float32 scheduler too.
 """
+
 import itertools
 
 import numpy as np
@@ -106,11 +107,19 @@ def test_ddpm_grid(tensors, ddpm_noise):
     schedules = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "trained_betas")
     variances = ("fixed_small", "fixed_small_log", "fixed_large")
     for schedule, pred, var, (spacing, offset), clip, n in itertools.product(
-            schedules, PREDICTIONS, variances, SPACINGS, (True, False), STEPS):
+        schedules, PREDICTIONS, variances, SPACINGS, (True, False), STEPS
+    ):
         if n == 1000 and offset:
             continue  # reaches t = 1000: see test_leading_offset_full_length_refused
-        kwargs = dict(schedule_kwargs(schedule), prediction_type=pred, variance_type=var, timestep_spacing=spacing,
-                      steps_offset=offset, clip_sample=clip, clip_sample_range=1.5)
+        kwargs = dict(
+            schedule_kwargs(schedule),
+            prediction_type=pred,
+            variance_type=var,
+            timestep_spacing=spacing,
+            steps_offset=offset,
+            clip_sample=clip,
+            clip_sample_range=1.5,
+        )
         plan = make_plan(SchedulerConfig(**kwargs), n, method="ddpm")
         sched = oracle(diffusers.DDPMScheduler, **kwargs)
         sched.set_timesteps(n)
@@ -123,15 +132,24 @@ def test_ddim_grid(tensors):
     failures, total = [], 0
     schedules = ("linear", "scaled_linear", "squaredcos_cap_v2", "trained_betas")
     for schedule, pred, eta, (spacing, offset), clip, n in itertools.product(
-            schedules, PREDICTIONS, (0.0, 0.5, 1.0), SPACINGS, (True, False), STEPS):
+        schedules, PREDICTIONS, (0.0, 0.5, 1.0), SPACINGS, (True, False), STEPS
+    ):
         if n == 1000 and offset:
             continue
         set_alpha_to_one = (n + offset) % 2 == 0  # both settings, spread over the grid
         use_clipped = clip and n == 7
-        kwargs = dict(schedule_kwargs(schedule), prediction_type=pred, timestep_spacing=spacing, steps_offset=offset,
-                      clip_sample=clip, clip_sample_range=1.0, set_alpha_to_one=set_alpha_to_one)
-        compare_ddim(kwargs, n, eta, use_clipped, tensors, f"ddim eta={eta} clipped_eps={use_clipped} {kwargs} n={n}",
-                     failures)
+        kwargs = dict(
+            schedule_kwargs(schedule),
+            prediction_type=pred,
+            timestep_spacing=spacing,
+            steps_offset=offset,
+            clip_sample=clip,
+            clip_sample_range=1.0,
+            set_alpha_to_one=set_alpha_to_one,
+        )
+        compare_ddim(
+            kwargs, n, eta, use_clipped, tensors, f"ddim eta={eta} clipped_eps={use_clipped} {kwargs} n={n}", failures
+        )
         total += 1
     check(failures, total)
 
@@ -153,8 +171,14 @@ def test_ddim_sigmoid_schedule(tensors):
         plan = make_plan(SchedulerConfig(beta_schedule="sigmoid", prediction_type=pred), n, eta=0.5)
         sched = oracle(diffusers.DDIMScheduler, trained_betas=betas, prediction_type=pred)
         sched.set_timesteps(n)
-        compare(plan, sched, tensors, f"ddim sigmoid {pred} n={n}", failures,
-                dict(eta=0.5, variance_noise=torch.from_numpy(tensors[2])))
+        compare(
+            plan,
+            sched,
+            tensors,
+            f"ddim sigmoid {pred} n={n}",
+            failures,
+            dict(eta=0.5, variance_noise=torch.from_numpy(tensors[2])),
+        )
         total += 1
     check(failures, total)
 
@@ -162,11 +186,19 @@ def test_ddim_sigmoid_schedule(tensors):
 def test_zero_snr_v_prediction(tensors, ddpm_noise):
     """Zero terminal SNR: the oracle's betas are diffusers' rescale run in float64 on its own float32 betas."""
     failures, total = [], 0
-    for schedule, (spacing, offset), n in itertools.product(("linear", "scaled_linear", "squaredcos_cap_v2"), SPACINGS, STEPS):
+    for schedule, (spacing, offset), n in itertools.product(
+        ("linear", "scaled_linear", "squaredcos_cap_v2"), SPACINGS, STEPS
+    ):
         if n == 1000 and offset:
             continue
-        kwargs = dict(beta_schedule=schedule, prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                      timestep_spacing=spacing, steps_offset=offset, clip_sample=False)
+        kwargs = dict(
+            beta_schedule=schedule,
+            prediction_type="v_prediction",
+            rescale_betas_zero_snr=True,
+            timestep_spacing=spacing,
+            steps_offset=offset,
+            clip_sample=False,
+        )
         betas = rescale_zero_terminal_snr(diffusers.DDPMScheduler(beta_schedule=schedule).betas.double()).float()
         cfg = SchedulerConfig(**kwargs)
         assert cfg.alphas_cumprod()[-1] == 0.0
@@ -175,8 +207,14 @@ def test_zero_snr_v_prediction(tensors, ddpm_noise):
         compare(make_plan(cfg, n, method="ddpm"), ddpm, tensors, f"ddpm zero-snr {kwargs} n={n}", failures)
         ddim = oracle(diffusers.DDIMScheduler, zero_snr_betas=betas, **kwargs)
         ddim.set_timesteps(n)
-        compare(make_plan(cfg, n, eta=1.0), ddim, tensors, f"ddim zero-snr {kwargs} n={n}", failures,
-                dict(eta=1.0, variance_noise=torch.from_numpy(tensors[2])))
+        compare(
+            make_plan(cfg, n, eta=1.0),
+            ddim,
+            tensors,
+            f"ddim zero-snr {kwargs} n={n}",
+            failures,
+            dict(eta=1.0, variance_noise=torch.from_numpy(tensors[2])),
+        )
         total += 2
     check(failures, total)
 
@@ -187,7 +225,14 @@ def test_zero_snr_epsilon_allowed_when_last_timestep_not_visited(tensors):
     sched = oracle(diffusers.DDIMScheduler, zero_snr_betas=betas, **kwargs)
     sched.set_timesteps(50)
     failures = []
-    compare(make_plan(SchedulerConfig(**kwargs), 50), sched, tensors, "ddim zero-snr epsilon leading", failures, dict(eta=0.0))
+    compare(
+        make_plan(SchedulerConfig(**kwargs), 50),
+        sched,
+        tensors,
+        "ddim zero-snr epsilon leading",
+        failures,
+        dict(eta=0.0),
+    )
     check(failures, 1)
 
 
@@ -212,12 +257,18 @@ def test_float32_diffusers_agrees_loosely(tensors, ddpm_noise):
     """
     failures, total = [], 0
     for schedule, pred, (spacing, offset), n in itertools.product(
-            ("linear", "scaled_linear", "squaredcos_cap_v2"), PREDICTIONS, SPACINGS, (1, 7, 50, 999)):
+        ("linear", "scaled_linear", "squaredcos_cap_v2"), PREDICTIONS, SPACINGS, (1, 7, 50, 999)
+    ):
         kwargs = dict(beta_schedule=schedule, prediction_type=pred, timestep_spacing=spacing, steps_offset=offset)
         cfg = SchedulerConfig(**kwargs)
-        for cls, plan, step_kwargs in ((diffusers.DDPMScheduler, make_plan(cfg, n, method="ddpm"), None),
-                                       (diffusers.DDIMScheduler, make_plan(cfg, n, eta=1.0),
-                                        dict(eta=1.0, variance_noise=torch.from_numpy(tensors[2])))):
+        for cls, plan, step_kwargs in (
+            (diffusers.DDPMScheduler, make_plan(cfg, n, method="ddpm"), None),
+            (
+                diffusers.DDIMScheduler,
+                make_plan(cfg, n, eta=1.0),
+                dict(eta=1.0, variance_noise=torch.from_numpy(tensors[2])),
+            ),
+        ):
             sched = oracle(cls, float64_tables=False, **kwargs)
             sched.set_timesteps(n)
             compare(plan, sched, tensors, f"{cls.__name__} float32 {kwargs} n={n}", failures, step_kwargs, tol=1e-3)
@@ -252,14 +303,24 @@ def test_leading_offset_full_length_refused():
 def test_other_train_lengths(tensors, ddpm_noise):
     failures, total = [], 0
     for T, n, (spacing, offset), pred in itertools.product((10, 250), (1, 3, 10), SPACINGS, PREDICTIONS):
-        kwargs = dict(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", prediction_type=pred,
-                      timestep_spacing=spacing, steps_offset=offset)
+        kwargs = dict(
+            num_train_timesteps=T,
+            beta_schedule="squaredcos_cap_v2",
+            prediction_type=pred,
+            timestep_spacing=spacing,
+            steps_offset=offset,
+        )
         cfg = SchedulerConfig(**kwargs)
         if n == T and offset:
             continue
-        for cls, plan, step_kwargs in ((diffusers.DDPMScheduler, make_plan(cfg, n, method="ddpm"), None),
-                                       (diffusers.DDIMScheduler, make_plan(cfg, n, eta=0.5),
-                                        dict(eta=0.5, variance_noise=torch.from_numpy(tensors[2])))):
+        for cls, plan, step_kwargs in (
+            (diffusers.DDPMScheduler, make_plan(cfg, n, method="ddpm"), None),
+            (
+                diffusers.DDIMScheduler,
+                make_plan(cfg, n, eta=0.5),
+                dict(eta=0.5, variance_noise=torch.from_numpy(tensors[2])),
+            ),
+        ):
             sched = oracle(cls, **kwargs)
             sched.set_timesteps(n)
             compare(plan, sched, tensors, f"{cls.__name__} {kwargs} n={n}", failures, step_kwargs)

@@ -1,4 +1,5 @@
 """Inference timesteps against diffusers' set_timesteps (the oracle), and the refusals."""
+
 import numpy as np
 import pytest
 
@@ -12,7 +13,14 @@ T = 1000
 @pytest.mark.parametrize("scheduler_cls", [diffusers.DDPMScheduler, diffusers.DDIMScheduler])
 def test_every_step_count_matches_diffusers(scheduler_cls):
     mismatches = []
-    for spacing, offset in [("leading", 0), ("leading", 1), ("trailing", 0), ("trailing", 1), ("linspace", 0), ("linspace", 1)]:
+    for spacing, offset in [
+        ("leading", 0),
+        ("leading", 1),
+        ("trailing", 0),
+        ("trailing", 1),
+        ("linspace", 0),
+        ("linspace", 1),
+    ]:
         sched = scheduler_cls(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=offset)
         for n in range(1, T + 1):
             sched.set_timesteps(n)
@@ -42,7 +50,10 @@ def test_more_steps_than_training_refused_like_diffusers():
 
 @pytest.mark.parametrize("bad", [0, -3, 1001, 2.5, 50.0, True, False, "50", None, np.float64(3.0)])
 def test_bad_step_counts_name_expected_and_given(bad):
-    with pytest.raises(ValueError, match=r"steps must be an integer in \[1, 1000\].*got " + repr(bad).replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        ValueError,
+        match=r"steps must be an integer in \[1, 1000\].*got " + repr(bad).replace("(", r"\(").replace(")", r"\)"),
+    ):
         check_steps(bad, T)
 
 
@@ -51,7 +62,9 @@ def test_numpy_integer_steps_accepted():
 
 
 def test_unknown_spacing_named():
-    with pytest.raises(ValueError, match=r"timestep_spacing must be one of 'leading', 'trailing', 'linspace', got 'karras'"):
+    with pytest.raises(
+        ValueError, match=r"timestep_spacing must be one of 'leading', 'trailing', 'linspace', got 'karras'"
+    ):
         inference_timesteps(T, 10, "karras")
 
 

@@ -1,4 +1,5 @@
 """Fixtures for the export tests: a tiny U-Net with random (non-zero-init) weights and its ONNX export."""
+
 import pytest
 
 torch = pytest.importorskip("torch")

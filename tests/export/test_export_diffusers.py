@@ -1,4 +1,5 @@
 """diffusers UNet2DModel folder -> ddengine ONNX: parity with diffusers itself, spec from scheduler_config.json, refusals."""
+
 import json
 
 import numpy as np
@@ -9,14 +10,30 @@ import torch
 
 from ddengine.export.diffusers_export import DiffusersExportError, export_diffusers
 from ddengine.model.spec import METADATA_KEY, ModelSpec
-
 from tests.support.export_helpers import randomized
 
-TINY = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            norm_num_groups=4, attention_head_dim=8, num_class_embeds=5)
-SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001,
-             "beta_end": 0.02, "prediction_type": "v_prediction", "clip_sample": True, "timestep_spacing": "trailing"}
+TINY = dict(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    layers_per_block=1,
+    block_out_channels=(8, 16),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=4,
+    attention_head_dim=8,
+    num_class_embeds=5,
+)
+SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "prediction_type": "v_prediction",
+    "clip_sample": True,
+    "timestep_spacing": "trailing",
+}
 
 
 def save_tiny(folder, **overrides):
@@ -45,7 +62,9 @@ def test_onnx_matches_diffusers_forward(exported):
     x = rng.standard_normal((3, 1, 8, 8)).astype(np.float32)
     t = np.array([0, 400, 999], dtype=np.int64)
     y = np.array([0, 3, 4], dtype=np.int64)
-    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"sample": x, "timestep": t, "class_labels": y})[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+        None, {"sample": x, "timestep": t, "class_labels": y}
+    )[0]
     with torch.no_grad():
         want = unet(torch.from_numpy(x), torch.from_numpy(t), class_labels=torch.from_numpy(y)).sample.numpy()
     assert np.abs(want).max() > 1e-2
@@ -56,14 +75,17 @@ def test_spec_comes_from_the_scheduler_config(exported):
     props = {p.key: p.value for p in onnx.load(str(exported[1])).metadata_props}
     spec = ModelSpec.from_json(props[METADATA_KEY])
     assert (spec.channels, spec.height, spec.width, spec.num_classes, spec.null_class) == (1, 8, 8, 4, 4)
-    assert spec.prediction_type == "v_prediction" and spec.scheduler["timestep_spacing"] == "trailing"
+    assert spec.schedule.prediction_type == "v_prediction" and spec.scheduler["timestep_spacing"] == "trailing"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"out_channels": 2}, "out_channels 2 != in_channels 1"),
-    ({"down_block_types": ("DownBlock2D", "SkipDownBlock2D")}, "SkipDownBlock2D"),
-    ({"time_embedding_type": "fourier"}, "time_embedding_type 'fourier'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"out_channels": 2}, "out_channels 2 != in_channels 1"),
+        ({"down_block_types": ("DownBlock2D", "SkipDownBlock2D")}, "SkipDownBlock2D"),
+        ({"time_embedding_type": "fourier"}, "time_embedding_type 'fourier'"),
+    ],
+)
 def test_unsupported_configurations_are_refused_before_export(tmp_path, overrides, message):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", **TINY, **overrides}))
     (tmp_path / "scheduler_config.json").write_text(json.dumps(SCHEDULER))

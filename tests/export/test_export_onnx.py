@@ -1,4 +1,5 @@
 """ONNX export of the U-Net: parity with torch at several batch sizes, I/O contract, metadata round trip."""
+
 import json
 
 import numpy as np

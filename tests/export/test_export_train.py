@@ -1,11 +1,11 @@
 """Training: the loss goes down on a fixed batch, checkpoints round-trip and resume, corruption is a clear error."""
+
 import numpy as np
 import pytest
 import torch
 
 from ddengine.export import checkpoint, train
 from ddengine.nets.unet import UNet
-
 from tests.support.export_helpers import tiny_config
 
 
@@ -45,7 +45,15 @@ def test_label_dropout_uses_the_null_class():
         return torch.zeros_like(xt)
 
     abar = torch.linspace(0.99, 0.01, 10)
-    train.diffusion_loss(model, torch.zeros(4000, 1, 2, 2), torch.zeros(4000, dtype=torch.long), abar, torch.Generator().manual_seed(0), 0.1, 7)
+    train.diffusion_loss(
+        model,
+        torch.zeros(4000, 1, 2, 2),
+        torch.zeros(4000, dtype=torch.long),
+        abar,
+        torch.Generator().manual_seed(0),
+        0.1,
+        7,
+    )
     share = float((seen[0] == 7).float().mean())
     assert set(seen[0].tolist()) == {0, 7} and 0.08 < share < 0.12
 

@@ -1,6 +1,7 @@
 """StableDiffusionPipeline folder -> text-to-image MODEL_DIR: each part against its torch module (diffusers and
 transformers, the oracles), the metadata the runtime reads, refusals that name the part, nothing left behind by a
 failed export, the fp16 variant, and the TensorRT engines of `build_pipeline` against the fake tensorrt."""
+
 import json
 
 import numpy as np
@@ -12,11 +13,22 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from ddengine.export.onnx_export import ExportError, read_spec  # noqa: E402
+from ddengine.export.onnx_export import ExportError  # noqa: E402
 from ddengine.export.sd_export import PipelineExportError, export_pipeline, latent_size  # noqa: E402
 from ddengine.model.pipeline_spec import PipelineSpec  # noqa: E402
-from tests.support.tiny_pipeline import (HIDDEN, IMAGE, LATENT, PROMPTS, SCALE, TEXT_LENGTH, load_pipeline,  # noqa: E402,F401
-                                         refusing_folder, tiny_sd, tiny_sd16)
+from tests.support.specs import read_spec  # noqa: E402
+from tests.support.tiny_pipeline import (  # noqa: E402
+    HIDDEN,
+    IMAGE,
+    LATENT,
+    PROMPTS,
+    SCALE,
+    TEXT_LENGTH,
+    load_pipeline,
+    refusing_folder,
+    tiny_sd,  # noqa: F401  (fixture)
+    tiny_sd16,  # noqa: F401  (fixture)
+)
 
 PSNR_DB = 40.0
 
@@ -31,8 +43,9 @@ def run(path, **feeds):
 
 
 def test_each_part_computes_what_its_torch_module_does(tiny_sd, oracle):
-    ids = oracle.tokenizer(list(PROMPTS), padding="max_length", max_length=TEXT_LENGTH, truncation=True,
-                           return_tensors="np").input_ids.astype(np.int64)
+    ids = oracle.tokenizer(
+        list(PROMPTS), padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="np"
+    ).input_ids.astype(np.int64)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 4, LATENT, LATENT)).astype(np.float32)
     t = np.array([1, 500, 999], dtype=np.int64)
@@ -50,9 +63,16 @@ def test_each_part_computes_what_its_torch_module_does(tiny_sd, oracle):
 
 def test_the_folder_describes_itself(tiny_sd, oracle):
     folder = tiny_sd.model
-    assert sorted(p.name for p in folder.iterdir()) == ["pipeline.json", "text_encoder.onnx", "tokenizer.json", "unet.onnx",
-                                                        "vae_decoder.onnx"]
-    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == [".pipeline_vocab"]  # no temporary folder
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "pipeline.json",
+        "text_encoder.onnx",
+        "tokenizer.json",
+        "unet.onnx",
+        "vae_decoder.onnx",
+    ]
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == [
+        ".pipeline_vocab"
+    ]  # no temporary folder
     spec = PipelineSpec.read(folder)
     assert (spec.text_length, spec.vae_scale, spec.image_channels) == (TEXT_LENGTH, SCALE, 3)
     assert spec.pad_token_id == oracle.tokenizer.pad_token_id
@@ -73,12 +93,18 @@ def test_the_cli_reports_each_parts_verification(tiny_sd):
         assert error <= 1e-4, part
 
 
-@pytest.mark.parametrize("parts, class_name, named", [
-    (("text_encoder_2", "tokenizer_2"), "StableDiffusionXLPipeline", ["text_encoder_2 (SDXL's second text encoder)",
-                                                                    "tokenizer_2 (SDXL's second tokenizer)"]),
-    (("controlnet",), "StableDiffusionControlNetPipeline", ["controlnet (ControlNet)"]),
-    (("image_encoder",), None, ["image_encoder (IP-Adapter's image encoder)"]),
-])
+@pytest.mark.parametrize(
+    "parts, class_name, named",
+    [
+        (
+            ("text_encoder_2", "tokenizer_2"),
+            "StableDiffusionXLPipeline",
+            ["text_encoder_2 (SDXL's second text encoder)", "tokenizer_2 (SDXL's second tokenizer)"],
+        ),
+        (("controlnet",), "StableDiffusionControlNetPipeline", ["controlnet (ControlNet)"]),
+        (("image_encoder",), None, ["image_encoder (IP-Adapter's image encoder)"]),
+    ],
+)
 def test_unsupported_parts_are_refused_by_name(tiny_sd, tmp_path, parts, class_name, named):
     folder = refusing_folder(tiny_sd.pipeline, tmp_path / "pipe", parts=parts, class_name=class_name)
     with pytest.raises(PipelineExportError) as err:
@@ -88,12 +114,15 @@ def test_unsupported_parts_are_refused_by_name(tiny_sd, tmp_path, parts, class_n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
 
 
-@pytest.mark.parametrize("config, named", [
-    ({"addition_embed_type": "text_time"}, "addition_embed_type='text_time'"),
-    ({"class_embed_type": "timestep"}, "class_embed_type='timestep'"),
-    ({"encoder_hid_dim_type": "ip_image_proj"}, "encoder_hid_dim_type='ip_image_proj'"),
-    ({"in_channels": 9}, "in_channels 9 != out_channels 4"),
-])
+@pytest.mark.parametrize(
+    "config, named",
+    [
+        ({"addition_embed_type": "text_time"}, "addition_embed_type='text_time'"),
+        ({"class_embed_type": "timestep"}, "class_embed_type='timestep'"),
+        ({"encoder_hid_dim_type": "ip_image_proj"}, "encoder_hid_dim_type='ip_image_proj'"),
+        ({"in_channels": 9}, "in_channels 9 != out_channels 4"),
+    ],
+)
 def test_unet_features_beyond_text_are_refused_before_loading_weights(tiny_sd, tmp_path, config, named):
     folder = refusing_folder(tiny_sd.pipeline, tmp_path / "pipe", unet_config=config)  # the copy has no weights at all
     with pytest.raises(PipelineExportError, match=named.replace("(", r"\(").replace("[", r"\[")):
@@ -103,7 +132,9 @@ def test_unet_features_beyond_text_are_refused_before_loading_weights(tiny_sd, t
 
 def test_other_pipeline_classes_are_refused(tiny_sd, tmp_path):
     folder = refusing_folder(tiny_sd.pipeline, tmp_path / "pipe", class_name="StableDiffusionImg2ImgPipeline")
-    with pytest.raises(PipelineExportError, match="'StableDiffusionImg2ImgPipeline' is not supported .expected StableDiffusionPipeline"):
+    with pytest.raises(
+        PipelineExportError, match="'StableDiffusionImg2ImgPipeline' is not supported .expected StableDiffusionPipeline"
+    ):
         export_pipeline(folder, tmp_path / "out")
 
 
@@ -128,7 +159,9 @@ def test_latent_size_follows_height_and_width(height, width, latent):
 @pytest.mark.parametrize("height, width", [(30, 32), (32, 2), (0, 32)])
 def test_sizes_the_unet_cannot_take_are_refused(height, width):
     unet, vae = {"sample_size": LATENT, "block_out_channels": (32, 64)}, {"block_out_channels": (16, 32)}
-    with pytest.raises(PipelineExportError, match=r"multiples of 4 \(the VAE's factor 2 times the U-Net's downsampling 2\)"):
+    with pytest.raises(
+        PipelineExportError, match=r"multiples of 4 \(the VAE's factor 2 times the U-Net's downsampling 2\)"
+    ):
         latent_size(unet, vae, height, width)
 
 
@@ -163,11 +196,16 @@ def test_build_pipeline_makes_an_engine_per_part_with_profiles_from_their_inputs
 
     results = build_pipeline(tiny_sd.model, tmp_path / "engines", precision="fp32", batch=(1, 2, 4))
     assert sorted(p.name for p in (tmp_path / "engines").iterdir()) == sorted(
-        f"{part}.plan{suffix}" for part in ("text_encoder", "unet", "vae_decoder") for suffix in ("", ".json"))
+        f"{part}.plan{suffix}" for part in ("text_encoder", "unet", "vae_decoder") for suffix in ("", ".json")
+    )
     shapes = {c[1]: c[2:] for c in calls(fake_trt, "set_shape")}
     assert shapes["input_ids"] == ((1, TEXT_LENGTH), (2, TEXT_LENGTH), (4, TEXT_LENGTH))  # prompts: no doubling
     assert shapes["sample"] == ((1, 4, LATENT, LATENT), (4, 4, LATENT, LATENT), (8, 4, LATENT, LATENT))  # CFG rows
-    assert shapes["encoder_hidden_states"] == ((1, TEXT_LENGTH, HIDDEN), (4, TEXT_LENGTH, HIDDEN), (8, TEXT_LENGTH, HIDDEN))
+    assert shapes["encoder_hidden_states"] == (
+        (1, TEXT_LENGTH, HIDDEN),
+        (4, TEXT_LENGTH, HIDDEN),
+        (8, TEXT_LENGTH, HIDDEN),
+    )
     assert shapes["latent"] == ((1, 4, LATENT, LATENT), (2, 4, LATENT, LATENT), (4, 4, LATENT, LATENT))  # images
     for part, result in results.items():
         manifest = json.loads(result.manifest_path.read_text())

@@ -1,5 +1,6 @@
 """`build_engine` and the TensorRT backend against a fake `tensorrt` (fake_tensorrt.py): what the builder is told,
 that every None/False return raises with TensorRT's own text, caching by key, and atomic publication."""
+
 import hashlib
 import json
 
@@ -25,8 +26,10 @@ def test_fp16_build_is_strongly_typed_and_never_sets_fp16(fake_trt, onnx16, tmp_
     assert calls(fake_trt, "create_network") == [("create_network", 1 << 5)]  # STRONGLY_TYPED = 5 in the fake
     assert calls(fake_trt, "set_flag") == []  # no BuilderFlag.FP16 (removed in TensorRT 11)
     assert ("set_memory_pool_limit", "WORKSPACE", 2 * 2**30) in fake_trt.state.calls
-    assert calls(fake_trt, "set_shape") == [("set_shape", "sample", (1, 1, 8, 8), (4, 1, 8, 8), (8, 1, 8, 8)),
-                                            ("set_shape", "timestep", (1,), (4,), (8,))]
+    assert calls(fake_trt, "set_shape") == [
+        ("set_shape", "sample", (1, 1, 8, 8), (4, 1, 8, 8), (8, 1, 8, 8)),
+        ("set_shape", "timestep", (1,), (4,), (8,)),
+    ]
     assert not result.reused and result.engine_path.read_bytes().startswith(b"FAKEPLAN")
 
 
@@ -54,7 +57,9 @@ def test_same_key_reuses_and_any_change_rebuilds(fake_trt, onnx16, tmp_path):
     first = build_engine(config(onnx16, tmp_path))
     assert build_engine(config(onnx16, tmp_path)).reused and fake_trt.state.builds == 1
     assert not build_engine(config(onnx16, tmp_path, batch=(1, 8, 32))).reused and fake_trt.state.builds == 2
-    assert not build_engine(config(onnx16, tmp_path, batch=(1, 8, 32), force=True)).reused and fake_trt.state.builds == 3
+    assert (
+        not build_engine(config(onnx16, tmp_path, batch=(1, 8, 32), force=True)).reused and fake_trt.state.builds == 3
+    )
     fake_trt.__version__ = "11.4.0"
     rebuilt = build_engine(config(onnx16, tmp_path, batch=(1, 8, 32)))
     assert not rebuilt.reused and rebuilt.manifest["key"]["tensorrt_version"] == "11.4.0"
@@ -75,15 +80,18 @@ def test_timing_cache_is_read_and_written(fake_trt, onnx16, tmp_path):
     assert cache.read_bytes() == b"TIMING:OLD"
 
 
-@pytest.mark.parametrize("fault, expected", [
-    ("parse", ["INVALID_NODE: Invalid Node - /Conv unsupported", "failed to import /Conv", "could not parse"]),
-    ("build", ["could not build an engine", "could not find any implementation for node /conv"]),
-    ("create_builder_config", ["create_builder_config() failed", "out of host memory"]),
-    ("add_optimization_profile", ["rejected the optimization profile", "MIN<=OPT<=MAX"]),
-    ("create_timing_cache", ["create_timing_cache", "timing cache is corrupted"]),
-    ("set_timing_cache", ["set_timing_cache() failed", "timing cache mismatch"]),
-    ("deserialize", ["deserialize_cuda_engine(new plan) failed", "Serialization assertion"]),
-])
+@pytest.mark.parametrize(
+    "fault, expected",
+    [
+        ("parse", ["INVALID_NODE: Invalid Node - /Conv unsupported", "failed to import /Conv", "could not parse"]),
+        ("build", ["could not build an engine", "could not find any implementation for node /conv"]),
+        ("create_builder_config", ["create_builder_config() failed", "out of host memory"]),
+        ("add_optimization_profile", ["rejected the optimization profile", "MIN<=OPT<=MAX"]),
+        ("create_timing_cache", ["create_timing_cache", "timing cache is corrupted"]),
+        ("set_timing_cache", ["set_timing_cache() failed", "timing cache mismatch"]),
+        ("deserialize", ["deserialize_cuda_engine(new plan) failed", "Serialization assertion"]),
+    ],
+)
 def test_none_or_false_returns_raise_with_the_logger_text(fake_trt, onnx16, tmp_path, fault, expected):
     fake_trt.state.faults.add(fault)
     with pytest.raises((BuildError, trt_backend.TensorRTError)) as info:
@@ -117,12 +125,15 @@ def test_hardware_compat_sets_ampere_plus(fake_trt, onnx16, tmp_path):
     assert fake_trt.state.config.hardware_compatibility_level == "AMPERE_PLUS"
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"precision": "int8"}, "precision must be one of fp16, fp32, got 'int8'"),
-    ({"batch": (4, 2, 8)}, r"1 <= MIN <= OPT <= MAX, got \(4, 2, 8\)"),
-    ({"workspace_gb": 0}, "workspace_gb must be > 0, got 0"),
-    ({"hardware_compat": "turing"}, "hardware_compat must be one of none, ampere\\+, got 'turing'"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"precision": "int8"}, "precision must be one of fp16, fp32, got 'int8'"),
+        ({"batch": (4, 2, 8)}, r"1 <= MIN <= OPT <= MAX, got \(4, 2, 8\)"),
+        ({"workspace_gb": 0}, "workspace_gb must be > 0, got 0"),
+        ({"hardware_compat": "turing"}, "hardware_compat must be one of none, ampere\\+, got 'turing'"),
+    ],
+)
 def test_bad_config_names_expected_and_given(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         BuildConfig(onnx_path=tmp_path / "m.onnx", **kw)
@@ -142,7 +153,9 @@ def test_missing_tensorrt_names_the_extra(no_trt, onnx16, tmp_path):
 
 def save_external(src, dst, location):
     model = onnx.load(str(src))
-    onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0)
+    onnx.save(
+        model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0
+    )
     return dst
 
 
@@ -179,8 +192,8 @@ def test_the_exporters_fp16_model_is_accepted_as_fp16(fake_trt, tmp_path):
     """The fp16 ONNX that `ddengine export --fp16` makes (export/fp16.py) passes the fp16 check; its fp32 source does not."""
     pytest.importorskip("onnxconverter_common", reason="export/fp16.py needs onnxconverter-common")
     from ddengine.export.fp16 import convert
-    from tests.support.tiny_models import build_tiny_model
     from ddengine.export.trt_build import onnx_precision
+    from tests.support.tiny_models import build_tiny_model
 
     src = tmp_path / "cond32.onnx"
     build_tiny_model(src, channels=3, num_classes=4)

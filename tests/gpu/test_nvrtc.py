@@ -1,12 +1,14 @@
 """NVRTC compiles kernels/step.cu (no GPU needed): PTX for sm_80/sm_90 with every entry point and no FMA
 contraction, a cubin, and the per-architecture disk cache keyed by source, arch and NVRTC version."""
+
 import re
 import shutil
 
 import pytest
 
-nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="needs cuda-python: pip install cuda-python nvidia-cuda-nvrtc",
-                            exc_type=ImportError)
+nvrtc = pytest.importorskip(
+    "cuda.bindings.nvrtc", reason="needs cuda-python: pip install cuda-python nvidia-cuda-nvrtc", exc_type=ImportError
+)
 
 from ddengine.gpu import nvrtc as cuda_nvrtc  # noqa: E402
 from ddengine.gpu.driver import CudaError, check  # noqa: E402
@@ -74,7 +76,9 @@ def test_cache_key_follows_source_arch_and_nvrtc(kernels_copy, monkeypatch):
 
 
 def test_compile_error_carries_the_nvrtc_log(kernels_copy):
-    (kernels_copy / "step.cu").write_text('#include "step.h"\nextern "C" __global__ void k(float *x) { x[0] = undefined_name; }\n')
+    (kernels_copy / "step.cu").write_text(
+        '#include "step.h"\nextern "C" __global__ void k(float *x) { x[0] = undefined_name; }\n'
+    )
     with pytest.raises(CudaError, match="(?s)could not compile step.cu.*undefined_name"):
         step_device.compile_step(90, "ptx", kernels_copy)
 

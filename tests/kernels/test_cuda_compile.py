@@ -1,4 +1,5 @@
 """The CUDA twin kernels/step.cu: compiles (nvcc -ptx, NVRTC) and, on a GPU, matches the C kernel."""
+
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,8 +28,12 @@ def test_nvcc_compiles_all_entry_points(arch, tmp_path):
     if nvcc is None:
         pytest.skip("nvcc is not on PATH")
     out = tmp_path / f"step_{arch}.ptx"
-    subprocess.run([nvcc, "-ptx", f"-arch={arch}", "--fmad=false", f"-I{KERNELS}", str(SOURCE), "-o", str(out)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [nvcc, "-ptx", f"-arch={arch}", "--fmad=false", f"-I{KERNELS}", str(SOURCE), "-o", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     ptx = out.read_text()
     assert entries(ptx) == set(ENTRY_POINTS)
     # bitwise agreement with the C twin: no contraction, IEEE-rounded division and square root

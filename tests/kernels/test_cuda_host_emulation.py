@@ -3,6 +3,7 @@
 Checks the CUDA twin's indexing, grid-stride loops, partial quads, per-image rows/steps/guidance, the
 non-finite record and the timestep/advance kernels. Same expressions, no FP contraction: bit-identical.
 """
+
 import ctypes
 
 import numpy as np
@@ -20,8 +21,9 @@ def host_cuda(tmp_path_factory):
 
 
 def args_for(x, model_out, table, images, clip):
-    return StepArgs(x.ctypes.data, model_out.ctypes.data, table.ctypes.data, images.ctypes.data, len(x), x[0].size,
-                    clip or 0.0, 0)
+    return StepArgs(
+        x.ctypes.data, model_out.ctypes.data, table.ctypes.data, images.ctypes.data, len(x), x[0].size, clip or 0.0, 0
+    )
 
 
 @pytest.mark.parametrize("clip", [None, 1.0])
@@ -50,8 +52,12 @@ def test_fill_noise_and_counter_kernels(host_cuda):
     images["row"] = [1, 2, 0]
     t64, t32 = np.zeros(5, np.int64), np.zeros(5, np.float32)
     pointer = lambda a: ctypes.c_void_p(a.ctypes.data)  # noqa: E731
-    launch(host_cuda, "ddstep_set_timesteps_i64", 2, 2, pointer(t64), pointer(t_table), pointer(images), ctypes.c_int(3))
-    launch(host_cuda, "ddstep_set_timesteps_f32", 1, 4, pointer(t32), pointer(t_table), pointer(images), ctypes.c_int(3))
+    launch(
+        host_cuda, "ddstep_set_timesteps_i64", 2, 2, pointer(t64), pointer(t_table), pointer(images), ctypes.c_int(3)
+    )
+    launch(
+        host_cuda, "ddstep_set_timesteps_f32", 1, 4, pointer(t32), pointer(t_table), pointer(images), ctypes.c_int(3)
+    )
     launch(host_cuda, "ddstep_advance", 2, 3, pointer(images), ctypes.c_int(3))
     assert t64.tolist() == [500, 1, 999, 500, 999]  # own rows, then the unconditional rows 3 and 4
     assert t32.tolist() == [500.0, 1.0, 999.0, 500.0, 999.0]

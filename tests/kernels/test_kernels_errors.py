@@ -2,6 +2,7 @@
 
 Everything else a launch assumes (finite rows, guidance, clip) is validated once where plans and requests are made.
 """
+
 import numpy as np
 import pytest
 
@@ -14,9 +15,12 @@ B = 8
 def good():
     rng = np.random.default_rng(0)
     images = image_records(np.arange(B, dtype=np.uint64), uncond=[B, -1, B + 1, -1, -1, -1, -1, -1], guidance=2.0)
-    return dict(x=rng.standard_normal((B, 3, 5)).astype(np.float32),
-                model_out=rng.standard_normal((B + 2, 3, 5)).astype(np.float32),
-                table=rng.standard_normal((4, 9)).astype(np.float32), images=images)
+    return dict(
+        x=rng.standard_normal((B, 3, 5)).astype(np.float32),
+        model_out=rng.standard_normal((B + 2, 3, 5)).astype(np.float32),
+        table=rng.standard_normal((4, 9)).astype(np.float32),
+        images=images,
+    )
 
 
 def read_only(a):
@@ -73,11 +77,14 @@ def test_bad_positional_argument(name, bad, exc, match):
     assert_unchanged_after(args, {}, exc, match)
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(threads=-1), ValueError, r"threads must be >= 0 \(0 = all cores\), got -1"),
-    (dict(threads=1.0), TypeError, "integer"),
-    (dict(clip="1"), TypeError, "must be real number"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(threads=-1), ValueError, r"threads must be >= 0 \(0 = all cores\), got -1"),
+        (dict(threads=1.0), TypeError, "integer"),
+        (dict(clip="1"), TypeError, "must be real number"),
+    ],
+)
 def test_bad_keyword_argument(kwargs, exc, match):
     assert_unchanged_after(good(), kwargs, exc, match)
 
@@ -107,12 +114,20 @@ def test_huge_thread_counts_run_on_the_cores_there_are():
     assert np.array_equal(args["x"], ref["x"])
 
 
-@pytest.mark.parametrize("out, seeds, exc, match", [
-    (np.zeros((2, 3)), np.zeros(2, np.uint64), TypeError, "out must be a C-contiguous array of 4-byte float"),
-    (read_only(np.zeros((2, 3), np.float32)), np.zeros(2, np.uint64), TypeError, "out must be a writable"),
-    (np.zeros((2, 3), np.float32), np.zeros(3, np.uint64), ValueError, "seeds must have B=2 entries"),
-    (np.zeros((2, 3), np.float32), np.zeros(2, np.int64), TypeError, "seeds must be a C-contiguous array of 8-byte uint"),
-])
+@pytest.mark.parametrize(
+    "out, seeds, exc, match",
+    [
+        (np.zeros((2, 3)), np.zeros(2, np.uint64), TypeError, "out must be a C-contiguous array of 4-byte float"),
+        (read_only(np.zeros((2, 3), np.float32)), np.zeros(2, np.uint64), TypeError, "out must be a writable"),
+        (np.zeros((2, 3), np.float32), np.zeros(3, np.uint64), ValueError, "seeds must have B=2 entries"),
+        (
+            np.zeros((2, 3), np.float32),
+            np.zeros(2, np.int64),
+            TypeError,
+            "seeds must be a C-contiguous array of 8-byte uint",
+        ),
+    ],
+)
 def test_fill_noise_bad_input(out, seeds, exc, match):
     before = out.copy()
     with pytest.raises(exc, match=match):

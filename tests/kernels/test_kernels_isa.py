@@ -1,4 +1,5 @@
 """The SIMD variants of ddengine.kernels._step agree bit for bit with its portable build (no ISA clones, scalar Philox)."""
+
 import importlib.util
 import platform
 import shutil
@@ -20,9 +21,23 @@ VARIANTS = {"portable": ["-DDD_NO_CLONES"], "avx2_philox": ["-DDD_NO_AVX512"]}
 def build(tmp_path, defines):
     """Compiles kernels/step_host.c with setup.py's flags plus `defines` into tmp_path; returns a Popen."""
     out = tmp_path / ("_step" + sysconfig.get_config_var("EXT_SUFFIX"))
-    cmd = ["gcc", "-shared", "-fPIC", "-O3", "-std=c11", "-fno-wrapv", "-ffp-contract=off", "-fno-math-errno",
-           "-pthread", *defines, f"-I{sysconfig.get_paths()['include']}", f"-I{KERNELS}",
-           str(KERNELS / "step_host.c"), "-o", str(out)]
+    cmd = [
+        "gcc",
+        "-shared",
+        "-fPIC",
+        "-O3",
+        "-std=c11",
+        "-fno-wrapv",
+        "-ffp-contract=off",
+        "-fno-math-errno",
+        "-pthread",
+        *defines,
+        f"-I{sysconfig.get_paths()['include']}",
+        f"-I{KERNELS}",
+        str(KERNELS / "step_host.c"),
+        "-o",
+        str(out),
+    ]
     return out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -39,7 +54,9 @@ def outputs(k):
     k.fill_noise(noise, seeds)
     x = np.linspace(-2, 2, noise.size, dtype=np.float32).reshape(noise.shape)
     model_out = np.concatenate([np.cos(x), 0.5 * np.sin(x[:3])])
-    table = np.array([[1.1, -0.3, 0.2, 0.9, -0.1, 0.7, 0.2, -0.4, 0.35], [0.9, 0.1, 0, 1, 0, 0.8, 0.1, 0.3, 0]], np.float32)
+    table = np.array(
+        [[1.1, -0.3, 0.2, 0.9, -0.1, 0.7, 0.2, -0.4, 0.35], [0.9, 0.1, 0, 1, 0, 0.8, 0.1, 0.3, 0]], np.float32
+    )
     images = image_records(seeds, uncond=[5, 6, 7, -1, -1], guidance=[4.0, 1.5, 7.0, 0, 0])
     images["row"], images["step"] = [0, 1, 0, 1, 0], [12, 3, 0, 999, 2**31]
     k.step(x, model_out, table, images, clip=1.5)

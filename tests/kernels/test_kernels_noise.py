@@ -1,4 +1,5 @@
 """Philox + Box-Muller noise of ddengine.kernels._step: value, distribution and determinism across batch and threads."""
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -66,8 +67,8 @@ def test_large_uniform_inputs_stay_finite():
 def test_image_noise_independent_of_batch_and_threads(threads):
     shape = (8, 3, 3001)  # 9003 elements per image: not a multiple of 4, several blocks, > parallel threshold
     batch_fill, batch_step = filled(SEEDS, shape, threads), step_noise(SEEDS, shape, 17, threads)
-    for i, seed in enumerate(SEEDS):
-        one = SEEDS[i:i + 1]
+    for i in range(len(SEEDS)):
+        one = SEEDS[i : i + 1]
         assert np.array_equal(filled(one, (1,) + shape[1:], 1)[0], batch_fill[i])
         assert np.array_equal(step_noise(one, (1,) + shape[1:], 17, 1)[0], batch_step[i])
     assert np.array_equal(filled(SEEDS, shape, 1), batch_fill)

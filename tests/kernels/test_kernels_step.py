@@ -1,4 +1,5 @@
 """The fused step of ddengine.kernels._step against the float64 numpy reference (engine/core/reference.py), image by image."""
+
 import numpy as np
 import pytest
 
@@ -43,9 +44,9 @@ def test_each_image_is_independent_of_the_rest_of_its_batch():
     _step.step(together, model_out, table, images.copy(), clip=1.0, threads=2)
     for j in range(9):
         alone_out = [model_out[j]] + ([model_out[images["uncond"][j]]] if images["uncond"][j] >= 0 else [])
-        alone_images = images[j:j + 1].copy()
+        alone_images = images[j : j + 1].copy()
         alone_images["uncond"] = 1 if images["uncond"][j] >= 0 else -1
-        alone = x[j:j + 1].copy()
+        alone = x[j : j + 1].copy()
         _step.step(alone, np.stack(alone_out), table, alone_images, clip=1.0, threads=1)
         assert np.array_equal(alone[0], together[j])
 

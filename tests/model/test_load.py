@@ -3,6 +3,7 @@
 Each bad model is written by tests/support/tiny_models.py with one metadata field or graph tensor at its edge;
 the refusal must be a ModelError naming the file and what is wrong.
 """
+
 import hashlib
 import json
 
@@ -19,10 +20,12 @@ def test_reads_spec_binds_the_graph_and_hashes_the_file(cond_model):
     model = load_model(cond_model)
     assert model.spec == tiny_spec(channels=3, num_classes=4)
     assert model.sha256 == hashlib.sha256(cond_model.read_bytes()).hexdigest()
-    assert model.spec.io == {"sample": TensorSpec("sample", "float32", (DYNAMIC, 3, 8, 8)),
-                             "timestep": TensorSpec("timestep", "int64", (DYNAMIC,)),
-                             "class_labels": TensorSpec("class_labels", "int64", (DYNAMIC,)),
-                             "out": TensorSpec("out", "float32", (DYNAMIC, 3, 8, 8))}
+    assert model.spec.io == {
+        "sample": TensorSpec("sample", "float32", (DYNAMIC, 3, 8, 8)),
+        "timestep": TensorSpec("timestep", "int64", (DYNAMIC,)),
+        "class_labels": TensorSpec("class_labels", "int64", (DYNAMIC,)),
+        "out": TensorSpec("out", "float32", (DYNAMIC, 3, 8, 8)),
+    }
 
 
 def test_default_model_path_is_package_data():
@@ -61,51 +64,97 @@ def test_missing_model_and_folder(tmp_path):
 
 # One metadata field (or graph tensor) at its edge -> the message the refusal must carry.
 BAD_MODELS = {
-    "value_range_equal": (dict(meta={"value_range": [1, 1]}), "value_range must be two finite numbers [lo, hi] with lo < hi, got (1, 1)"),
+    "value_range_equal": (
+        dict(meta={"value_range": [1, 1]}),
+        "value_range must be two finite numbers [lo, hi] with lo < hi, got (1, 1)",
+    ),
     "value_range_reversed": (dict(meta={"value_range": [1, -1]}), "value_range must be two finite numbers"),
-    "value_range_text": (dict(meta={"value_range": ["a", "b"]}), "value_range must be two finite numbers [lo, hi] with lo < hi, got ('a', 'b')"),
+    "value_range_text": (
+        dict(meta={"value_range": ["a", "b"]}),
+        "value_range must be two finite numbers [lo, hi] with lo < hi, got ('a', 'b')",
+    ),
     "value_range_infinite": (dict(meta={"value_range": [0, float("inf")]}), "value_range must be two finite numbers"),
     "value_range_one": (dict(meta={"value_range": [0]}), "value_range must be two finite numbers"),
-    "no_timestep_role": (dict(num_classes=3, meta={"input_names": {"sample": "sample", "class_labels": "class_labels"}}),
-                         "input_names must name roles ['sample', 'timestep', 'class_labels']"),
-    "no_label_role": (dict(num_classes=3, meta={"input_names": {"sample": "sample", "timestep": "timestep"}}),
-                      "missing ['class_labels']"),
-    "unknown_role": (dict(meta={"input_names": {"sample": "sample", "timestep": "timestep", "mask": "mask"}}), "unknown ['mask']"),
+    "no_timestep_role": (
+        dict(num_classes=3, meta={"input_names": {"sample": "sample", "class_labels": "class_labels"}}),
+        "input_names must name roles ['sample', 'timestep', 'class_labels']",
+    ),
+    "no_label_role": (
+        dict(num_classes=3, meta={"input_names": {"sample": "sample", "timestep": "timestep"}}),
+        "missing ['class_labels']",
+    ),
+    "unknown_role": (
+        dict(meta={"input_names": {"sample": "sample", "timestep": "timestep", "mask": "mask"}}),
+        "unknown ['mask']",
+    ),
     "input_names_list": (dict(meta={"input_names": ["sample"]}), "input_names must map roles to tensor names"),
-    "output_shape": (dict(out_shape=["N", 1, 8, 9]), "tensor 'out' (out) has shape (N, 1, 8, 9); the spec's image is (N, 1, 8, 8)"),
+    "output_shape": (
+        dict(out_shape=["N", 1, 8, 9]),
+        "tensor 'out' (out) has shape (N, 1, 8, 9); the spec's image is (N, 1, 8, 8)",
+    ),
     "output_rank": (dict(out_shape=["N", 8, 8]), "tensor 'out' (out) has shape (N, 8, 8)"),
-    "fixed_batch": (dict(batch=4), "tensor 'sample' (sample) has a fixed batch of 4; export it with a dynamic batch axis"),
-    "spec_taller_than_graph": (dict(meta={"height": 16}), "tensor 'sample' (sample) has shape (N, 1, 8, 8); the spec's image is (N, 1, 16, 8)"),
-    "few_embedding_rows": (dict(num_classes=3, emb_rows=3),
-                           "class embedding 'emb' has 3 rows, but the spec allows class ids up to 3 (3 classes, null class 3)"),
-    "null_class_too_big": (dict(num_classes=3, meta={"null_class": 4}),
-                           "null_class 4 needs a conditional model with 0 <= null_class <= num_classes = 3"),
+    "fixed_batch": (
+        dict(batch=4),
+        "tensor 'sample' (sample) has a fixed batch of 4; export it with a dynamic batch axis",
+    ),
+    "spec_taller_than_graph": (
+        dict(meta={"height": 16}),
+        "tensor 'sample' (sample) has shape (N, 1, 8, 8); the spec's image is (N, 1, 16, 8)",
+    ),
+    "few_embedding_rows": (
+        dict(num_classes=3, emb_rows=3),
+        "class embedding 'emb' has 3 rows, but the spec allows class ids up to 3 (3 classes, null class 3)",
+    ),
+    "null_class_too_big": (
+        dict(num_classes=3, meta={"null_class": 4}),
+        "null_class 4 needs a conditional model with 0 <= null_class <= num_classes = 3",
+    ),
     "null_class_unconditional": (dict(meta={"null_class": 0}), "null_class 0 needs a conditional model"),
     "null_class_negative": (dict(num_classes=3, meta={"null_class": -1}), "null_class must be an integer >= 0, got -1"),
-    "guidance_negative": (dict(num_classes=3, meta={"recommended_guidance": -1}),
-                          "recommended_guidance must be null or a finite number >= 0 on a model with a null class or text "
-                          "conditioning, got -1"),
-    "guidance_nan": (dict(num_classes=3, meta={"recommended_guidance": float("nan")}), "recommended_guidance must be null or a finite"),
+    "guidance_negative": (
+        dict(num_classes=3, meta={"recommended_guidance": -1}),
+        "recommended_guidance must be null or a finite number >= 0 on a model with a null class or text "
+        "conditioning, got -1",
+    ),
+    "guidance_nan": (
+        dict(num_classes=3, meta={"recommended_guidance": float("nan")}),
+        "recommended_guidance must be null or a finite",
+    ),
     "guidance_without_null_class": (dict(meta={"recommended_guidance": 2.0}), "recommended_guidance must be null"),
     "channels_zero": (dict(meta={"channels": 0}), "channels must be an integer >= 1, got 0"),
     "width_text": (dict(meta={"width": "8"}), "width must be an integer >= 1, got '8'"),
     "height_bool": (dict(meta={"height": True}), "height must be an integer >= 1, got True"),
     "num_classes_negative": (dict(meta={"num_classes": -1}), "num_classes must be an integer >= 0, got -1"),
     "output_name_empty": (dict(meta={"output_name": ""}), "output_name must be a tensor name, got ''"),
-    "output_name_missing": (dict(meta={"output_name": "y"}), "the graph has no output 'y' named by its spec; its outputs are ['out']"),
+    "output_name_missing": (
+        dict(meta={"output_name": "y"}),
+        "the graph has no output 'y' named by its spec; its outputs are ['out']",
+    ),
     "scheduler_list": (dict(meta={"scheduler": [1]}), "scheduler must be a JSON object, got list"),
     "format_version": (dict(meta={"format_version": 2}), "format_version 2 is not supported (expected 1)"),
     "not_an_object": (dict(metadata_text="[1]"), "metadata must be a JSON object, got list"),
     "not_json": (dict(metadata_text="{broken"), "metadata is not valid JSON"),
-    "lacks_shape": (dict(metadata_text=json.dumps({"format_version": 1, "scheduler": {}})), "metadata lacks channels, height, width"),
-    "sample_float64": (dict(sample_type=onnx.TensorProto.DOUBLE), "tensor 'sample' (sample) is float64; expected one of float32, float16"),
+    "lacks_shape": (
+        dict(metadata_text=json.dumps({"format_version": 1, "scheduler": {}})),
+        "metadata lacks channels, height, width",
+    ),
+    "sample_float64": (
+        dict(sample_type=onnx.TensorProto.DOUBLE),
+        "tensor 'sample' (sample) is float64; expected one of float32, float16",
+    ),
     "unnamed_input": (dict(extra_input="mask"), "the graph has input(s) ['mask'] the spec does not name"),
-    "missing_named_input": (dict(meta={"input_names": {"sample": "sample", "timestep": "timestep", "encoder_hidden_states": "ehs"}}),
-                            "the graph has no input 'ehs' (encoder_hidden_states) named by its spec"),
-    "bad_schedule": (dict(meta={"scheduler": {**SCHEDULER, "beta_schedule": "cosine"}}),
-                     "(its 'ddengine' scheduler): invalid scheduler config: beta_schedule must be one of"),
-    "flow_matching": (dict(meta={"scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}}),
-                      "scheduler class 'FlowMatchEulerDiscreteScheduler' is not supported"),
+    "missing_named_input": (
+        dict(meta={"input_names": {"sample": "sample", "timestep": "timestep", "encoder_hidden_states": "ehs"}}),
+        "the graph has no input 'ehs' (encoder_hidden_states) named by its spec",
+    ),
+    "bad_schedule": (
+        dict(meta={"scheduler": {**SCHEDULER, "beta_schedule": "cosine"}}),
+        "(its 'ddengine' scheduler): invalid scheduler config: beta_schedule must be one of",
+    ),
+    "flow_matching": (
+        dict(meta={"scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}}),
+        "scheduler class 'FlowMatchEulerDiscreteScheduler' is not supported",
+    ),
 }
 
 
@@ -120,9 +169,17 @@ def test_every_metadata_field_at_its_edge_is_a_clear_model_error(tmp_path, name)
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("kwargs", [dict(meta={"value_range": [0, 255]}), dict(num_classes=3, meta={"null_class": 0}),
-                                    dict(num_classes=3, recommended_guidance=0.0), dict(num_classes=3, emb_rows=4),
-                                    dict(meta={"extra_key_from_a_newer_exporter": 1}), dict(scalar_timestep=True)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(meta={"value_range": [0, 255]}),
+        dict(num_classes=3, meta={"null_class": 0}),
+        dict(num_classes=3, recommended_guidance=0.0),
+        dict(num_classes=3, emb_rows=4),
+        dict(meta={"extra_key_from_a_newer_exporter": 1}),
+        dict(scalar_timestep=True),
+    ],
+)
 def test_the_edges_themselves_are_accepted(tmp_path, kwargs):
     build_tiny_model(tmp_path / "m.onnx", **kwargs)
     load_model(tmp_path / "m.onnx")
@@ -134,8 +191,16 @@ def test_no_metadata_needs_scheduler_config(tmp_path):
     with pytest.raises(ModelError, match=f"no '{METADATA_KEY}' metadata entry; pass --scheduler-config"):
         load_model(path)
     config = tmp_path / "scheduler_config.json"
-    config.write_text(json.dumps({"_class_name": "DDIMScheduler", "_diffusers_version": "0.30.0", **SCHEDULER,
-                                  "beta_schedule": "scaled_linear"}))
+    config.write_text(
+        json.dumps(
+            {
+                "_class_name": "DDIMScheduler",
+                "_diffusers_version": "0.30.0",
+                **SCHEDULER,
+                "beta_schedule": "scaled_linear",
+            }
+        )
+    )
     model = load_model(path, config)
     assert model.spec.scheduler["beta_schedule"] == "scaled_linear"
     assert "_diffusers_version" not in model.spec.scheduler and model.spec.scheduler["_class_name"] == "DDIMScheduler"
@@ -146,18 +211,23 @@ def test_no_metadata_needs_scheduler_config(tmp_path):
 def test_scheduler_config_overrides_metadata(tmp_path, uncond_model):
     config = tmp_path / "s.json"
     config.write_text(json.dumps({**SCHEDULER, "prediction_type": "v_prediction"}))
-    assert load_model(uncond_model, config).spec.prediction_type == "v_prediction"
-    assert load_model(uncond_model).spec.prediction_type == "epsilon"
+    assert load_model(uncond_model, config).spec.schedule.prediction_type == "v_prediction"
+    assert load_model(uncond_model).spec.schedule.prediction_type == "epsilon"
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "is not valid JSON"),
-    ("[1, 2]", "must be a JSON object, got list"),
-    (json.dumps({**SCHEDULER, "beta_schedule": "cosine"}), "beta_schedule must be one of"),
-    (json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}),
-     "scheduler class 'FlowMatchEulerDiscreteScheduler' is not supported: its config does not describe a discrete DDPM "
-     "training schedule; expected one of DDPMScheduler, DDIMScheduler"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "must be a JSON object, got list"),
+        (json.dumps({**SCHEDULER, "beta_schedule": "cosine"}), "beta_schedule must be one of"),
+        (
+            json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}),
+            "scheduler class 'FlowMatchEulerDiscreteScheduler' is not supported: its config does not describe a discrete DDPM "
+            "training schedule; expected one of DDPMScheduler, DDIMScheduler",
+        ),
+    ],
+)
 def test_a_bad_scheduler_config_names_the_json_file_not_the_model(tmp_path, uncond_model, content, message):
     config = tmp_path / "scheduler_config.json"
     config.write_text(content)
@@ -186,7 +256,14 @@ def test_conditional_model_without_metadata_is_refused(tmp_path):
 def _with_external_data(src, folder, location="weights.bin"):
     proto = onnx.load(str(src))
     path = folder / "ext.onnx"
-    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=128)  # the conv weight
+    onnx.save(
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=128,
+    )  # the conv weight
     return path
 
 
@@ -219,7 +296,9 @@ def test_external_data_outside_the_models_folder_is_refused(tmp_path, cond_model
     inner.mkdir()
     proto = onnx.load(str(cond_model))
     path = inner / "m.onnx"
-    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin", size_threshold=128)
+    onnx.save(
+        proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin", size_threshold=128
+    )
     (inner / "w.bin").rename(tmp_path / "w.bin")
     edited = onnx.load(str(path), load_external_data=False)
     for tensor in edited.graph.initializer:
@@ -270,5 +349,7 @@ def test_unavailable_backend_says_what_it_needs(uncond_model):
 
     if "ort-cuda" in available_backends():
         pytest.skip("onnxruntime-gpu is installed here")
-    with pytest.raises(BackendError, match="'ort-cuda' is not available here .*CUDAExecutionProvider.*available: ort-cpu"):
+    with pytest.raises(
+        BackendError, match="'ort-cuda' is not available here .*CUDAExecutionProvider.*available: ort-cpu"
+    ):
         create_backend("ort-cuda", load_model(uncond_model))

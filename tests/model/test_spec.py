@@ -1,4 +1,5 @@
 """ModelSpec and TensorSpec: the metadata round trip, the checks on construction, roles, CFG rows and the TensorRT profile."""
+
 import json
 
 import numpy as np
@@ -17,20 +18,29 @@ def test_json_round_trip_and_unknown_keys():
     assert ModelSpec.from_json(json.dumps({**data, "written_by": "a newer exporter"})) == spec
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(channels=0), "channels must be an integer >= 1, got 0"),
-    (dict(height=2.0), "height must be an integer >= 1, got 2.0"),
-    (dict(value_range=(1.0, 1.0)), "lo < hi"),
-    (dict(value_range=(0.0, float("nan"))), "two finite numbers"),
-    (dict(num_classes=2, null_class=3), "null_class 3 needs a conditional model with 0 <= null_class <= num_classes = 2"),
-    (dict(num_classes=2, null_class=True), "null_class must be an integer >= 0, got True"),
-    (dict(num_classes=2, null_class=2, recommended_guidance=-0.5), "recommended_guidance must be null or a finite number >= 0"),
-    (dict(num_classes=2, recommended_guidance=1.0), "on a model with a null class"),
-    (dict(input_names={"sample": "x"}), "missing ['timestep']"),
-    (dict(input_names={"sample": "x", "timestep": ""}), "input_names must map roles to tensor names"),
-    (dict(output_name=None), "output_name must be a tensor name, got None"),
-    (dict(scheduler="linear"), "scheduler must be a JSON object, got str"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(channels=0), "channels must be an integer >= 1, got 0"),
+        (dict(height=2.0), "height must be an integer >= 1, got 2.0"),
+        (dict(value_range=(1.0, 1.0)), "lo < hi"),
+        (dict(value_range=(0.0, float("nan"))), "two finite numbers"),
+        (
+            dict(num_classes=2, null_class=3),
+            "null_class 3 needs a conditional model with 0 <= null_class <= num_classes = 2",
+        ),
+        (dict(num_classes=2, null_class=True), "null_class must be an integer >= 0, got True"),
+        (
+            dict(num_classes=2, null_class=2, recommended_guidance=-0.5),
+            "recommended_guidance must be null or a finite number >= 0",
+        ),
+        (dict(num_classes=2, recommended_guidance=1.0), "on a model with a null class"),
+        (dict(input_names={"sample": "x"}), "missing ['timestep']"),
+        (dict(input_names={"sample": "x", "timestep": ""}), "input_names must map roles to tensor names"),
+        (dict(output_name=None), "output_name must be a tensor name, got None"),
+        (dict(scheduler="linear"), "scheduler must be a JSON object, got str"),
+    ],
+)
 def test_construction_checks_every_field(kwargs, message):
     fields = dict(scheduler=dict(SCHEDULER), channels=1, height=8, width=8) | kwargs
     with pytest.raises(ModelSpecError) as err:
@@ -56,10 +66,10 @@ def test_guidance_needs_a_null_class():
 def test_batch_profile_covers_the_rows_the_batch_runs(cond_model, uncond_model, num_classes, guidance):
     """The TensorRT profile's row range must hold every forward ImageBatch can make for 1..max images."""
     from ddengine.backends import create_backend
+    from ddengine.core.plan import make_plan
+    from ddengine.model.load import load_model
     from ddengine.runtime.batch import ImageBatch
     from ddengine.runtime.conditioning import class_conditioning
-    from ddengine.model.load import load_model
-    from ddengine.core.plan import make_plan
 
     model = load_model(cond_model if num_classes else uncond_model)
     spec = model.spec
@@ -81,8 +91,7 @@ def test_batch_profile_covers_the_rows_the_batch_runs(cond_model, uncond_model, 
 def test_schedule_is_parsed_once_from_the_scheduler_dict():
     spec = tiny_spec(scheduler={**SCHEDULER, "prediction_type": "v_prediction", "num_train_timesteps": 20})
     assert spec.schedule is spec.schedule
-    assert (spec.schedule.prediction_type, spec.schedule.num_train_timesteps, spec.prediction_type) == (
-        "v_prediction", 20, "v_prediction")
+    assert (spec.schedule.prediction_type, spec.schedule.num_train_timesteps) == ("v_prediction", 20)
 
 
 def test_tensor_spec_shapes():

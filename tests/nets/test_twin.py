@@ -1,4 +1,5 @@
 """ddengine.nets.twin: the torch twin round-trips bit for bit; anything that is not a twin is a clear TwinError."""
+
 import os
 
 import numpy as np
@@ -14,8 +15,11 @@ from tests.support.export_helpers import randomized, tiny_config  # noqa: E402
 
 def inputs(channels=1, size=16, classes=3, batch=3):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(batch, channels, size, size, generator=g), torch.tensor([0, 417, 999][:batch]),
-            torch.arange(batch) % (classes + 1))
+    return (
+        torch.randn(batch, channels, size, size, generator=g),
+        torch.tensor([0, 417, 999][:batch]),
+        torch.arange(batch) % (classes + 1),
+    )
 
 
 def test_twin_path_sits_next_to_the_onnx_file(tmp_path):
@@ -43,9 +47,20 @@ def test_diffusers_unet_round_trip(tmp_path):
     from ddengine.nets.diffusers_unet import DiffusersUNet
 
     torch.manual_seed(0)
-    unet = randomized(UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                                  norm_num_groups=4, num_class_embeds=4), scale=0.05)
+    unet = randomized(
+        UNet2DModel(
+            sample_size=8,
+            in_channels=1,
+            out_channels=1,
+            layers_per_block=1,
+            block_out_channels=(8, 16),
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+            norm_num_groups=4,
+            num_class_embeds=4,
+        ),
+        scale=0.05,
+    )
     module = DiffusersUNet(unet).eval()
     save_twin(tmp_path / "d.safetensors", module)
     twin = load_twin(tmp_path / "d.safetensors")
@@ -60,9 +75,13 @@ def test_a_foreign_safetensors_file_is_a_clear_twin_error(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"weight": torch.zeros(3)}, str(tmp_path / "foreign.safetensors"))
-    with pytest.raises(TwinError, match=r"foreign.safetensors is not a ddengine U-Net twin \(no 'ddengine_twin' metadata"):
+    with pytest.raises(
+        TwinError, match=r"foreign.safetensors is not a ddengine U-Net twin \(no 'ddengine_twin' metadata"
+    ):
         load_twin(tmp_path / "foreign.safetensors")
-    save_file({"weight": torch.zeros(3)}, str(tmp_path / "other.safetensors"), metadata={"ddengine_twin": '{"format": 99}'})
+    save_file(
+        {"weight": torch.zeros(3)}, str(tmp_path / "other.safetensors"), metadata={"ddengine_twin": '{"format": 99}'}
+    )
     with pytest.raises(TwinError, match="is not a ddengine U-Net twin"):
         load_twin(tmp_path / "other.safetensors")
 
@@ -71,8 +90,13 @@ def test_a_training_checkpoint_is_not_a_twin(tmp_path):
     from ddengine.export import checkpoint
 
     module = UNet(tiny_config())
-    checkpoint.save(tmp_path / "last.safetensors", model=module, ema=module,
-                    optimizer=torch.optim.AdamW(module.parameters()), meta={"step": 1})
+    checkpoint.save(
+        tmp_path / "last.safetensors",
+        model=module,
+        ema=module,
+        optimizer=torch.optim.AdamW(module.parameters()),
+        meta={"step": 1},
+    )
     with pytest.raises(TwinError, match="is not a ddengine U-Net twin"):
         load_twin(tmp_path / "last.safetensors")
 
@@ -95,7 +119,10 @@ def test_garbage_and_missing_files_are_clear_twin_errors(tmp_path, content):
     (tmp_path / "bad.safetensors").write_bytes(content)
     with pytest.raises(TwinError, match=r"bad.safetensors"):
         load_twin(tmp_path / "bad.safetensors")
-    with pytest.raises(TwinError, match=r"torch twin .*missing.safetensors does not exist or is not a file \(`ddengine export` writes it"):
+    with pytest.raises(
+        TwinError,
+        match=r"torch twin .*missing.safetensors does not exist or is not a file \(`ddengine export` writes it",
+    ):
         load_twin(tmp_path / "missing.safetensors")
 
 

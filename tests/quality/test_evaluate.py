@@ -1,11 +1,12 @@
 """ddengine.quality.evaluate on tiny data, a tiny model and an untrained classifier: every number against torch + scipy."""
+
 import numpy as np
 import onnx
 import pytest
 from scipy import linalg
 
-from ddengine.quality.fashion_mnist import to_model_range
 from ddengine.quality.evaluate import EvaluationError, FeatureNet, evaluate, real_floor, real_images
+from ddengine.quality.fashion_mnist import to_model_range
 from ddengine.runtime.sampler import Sampler
 
 torch = pytest.importorskip("torch")
@@ -70,7 +71,9 @@ def test_evaluate_scores_class_balanced_samples(eval_setup, net, guidance):
     _, test_features = net(test)
     sampler = Sampler(eval_setup.model, backend="ort-cpu")
     row, images = evaluate(sampler, net, test_features, n=20, steps=2, guidance=guidance, seed=4, batch_size=8)
-    want, _ = Sampler(eval_setup.model, backend="ort-cpu").sample(20, steps=2, seed=4, classes=list(range(10)), guidance=guidance)
+    want, _ = Sampler(eval_setup.model, backend="ort-cpu").sample(
+        20, steps=2, seed=4, classes=list(range(10)), guidance=guidance
+    )
     assert np.array_equal(images, want)  # image i has class i % 10
     logits, features = torch_features(eval_setup.net, images)
     _, real = torch_features(eval_setup.net, test)
@@ -80,11 +83,17 @@ def test_evaluate_scores_class_balanced_samples(eval_setup, net, guidance):
 
 
 def test_feature_net_refusals(tmp_path, eval_setup, net, uncond_model):
-    with pytest.raises(EvaluationError, match=r"classifier .*none.onnx not found \(train one with `ddengine train-classifier`\)"):
+    with pytest.raises(
+        EvaluationError, match=r"classifier .*none.onnx not found \(train one with `ddengine train-classifier`\)"
+    ):
         FeatureNet(tmp_path / "none.onnx")
     with pytest.raises(EvaluationError, match=r"outputs \['out'\], expected \['logits', 'features'\]"):
         FeatureNet(uncond_model)
-    for bad in (np.zeros((2, 28, 28, 1), np.uint8), np.zeros((2, 32, 32, 1), np.float32), np.zeros((32, 32, 1), np.uint8)):
+    for bad in (
+        np.zeros((2, 28, 28, 1), np.uint8),
+        np.zeros((2, 32, 32, 1), np.float32),
+        np.zeros((32, 32, 1), np.uint8),
+    ):
         with pytest.raises(EvaluationError, match=r"takes uint8 images of shape \(N, 32, 32, 1\)"):
             net(bad)
 
@@ -100,7 +109,11 @@ def test_the_shipped_classifier_is_the_default(net):
 def test_best_guidance_is_the_lowest_fid_among_the_accurate_enough_else_the_most_accurate():
     from ddengine.quality.evaluate import best_guidance
 
-    rows = [{"guidance": 1.0, "fid": 5.0, "accuracy": 0.80}, {"guidance": 2.0, "fid": 7.0, "accuracy": 0.90},
-            {"guidance": 3.0, "fid": 6.0, "accuracy": 0.92}, {"guidance": 4.0, "fid": 9.0, "accuracy": 0.93}]
+    rows = [
+        {"guidance": 1.0, "fid": 5.0, "accuracy": 0.80},
+        {"guidance": 2.0, "fid": 7.0, "accuracy": 0.90},
+        {"guidance": 3.0, "fid": 6.0, "accuracy": 0.92},
+        {"guidance": 4.0, "fid": 9.0, "accuracy": 0.93},
+    ]
     assert best_guidance(rows, classifier_accuracy=0.93) == 3.0  # 0.95 x 0.93 = 0.8835: guidance 2, 3, 4 qualify
     assert best_guidance(rows, classifier_accuracy=0.99) == 4.0  # none reaches 0.9405: the most accurate

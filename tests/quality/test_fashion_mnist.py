@@ -1,4 +1,5 @@
 """ddengine.quality.fashion_mnist, the Fashion-MNIST IDX loader on tiny files written here: values, padding, and clear errors."""
+
 import gzip
 
 import numpy as np

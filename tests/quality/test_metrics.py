@@ -1,4 +1,5 @@
 """FID and accuracy in numpy against a float64 scipy.linalg.sqrtm oracle."""
+
 import numpy as np
 import pytest
 from scipy import linalg
@@ -33,7 +34,7 @@ def test_matches_scipy_sqrtm_oracle_on_gaussians(dim):
 def test_closed_form_for_diagonal_gaussians():
     # FID(N(0, diag(s1)), N(m, diag(s2))) = |m|^2 + sum (sqrt(s1) - sqrt(s2))^2
     s1, s2, m = np.array([1.0, 4.0]), np.array([9.0, 1.0]), np.array([1.0, -2.0])
-    want = (m ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum()
+    want = (m**2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum()
     assert metrics.frechet_distance(np.zeros(2), np.diag(s1), m, np.diag(s2)) == pytest.approx(want, rel=1e-12)
 
 
@@ -53,8 +54,12 @@ def test_accuracy():
 def test_psnr_per_image_and_of_identical_images():
     a = np.zeros((3, 4, 4, 1), np.uint8)
     b = a.copy()
-    b[1] += 16      # every value off by 16: MSE 256
+    b[1] += 16  # every value off by 16: MSE 256
     b[2, 0, 0] = 255  # one value in 16 off by 255: MSE 255^2 / 16
     db = metrics.psnr(a, b, per_image=True)
-    assert db[0] == np.inf and db[1] == pytest.approx(20 * np.log10(255 / 16)) and db[2] == pytest.approx(10 * np.log10(16))
+    assert (
+        db[0] == np.inf
+        and db[1] == pytest.approx(20 * np.log10(255 / 16))
+        and db[2] == pytest.approx(10 * np.log10(16))
+    )
     assert metrics.psnr(a[:1], a[:1]) == np.inf

@@ -3,14 +3,15 @@ guidance on or off and different classes, share every forward and still come out
 sampled alone with Sampler.sample (the exactness property). Retiring keeps the others intact; a non-finite image
 is marked at its own first non-finite step and disturbs no other image.
 """
+
 import numpy as np
 import pytest
 
 from ddengine.backends.base import Backend
 from ddengine.core.guidance import NO_UNCOND
+from ddengine.core.plan import make_plan
 from ddengine.runtime.batch import ImageBatch
 from ddengine.runtime.conditioning import class_conditioning
-from ddengine.core.plan import make_plan
 from ddengine.runtime.sampler import Sampler, to_uint8
 from tests.support.tiny_models import build_tiny_model
 
@@ -116,8 +117,12 @@ def test_retire_keeps_the_other_images_and_their_layout(sampler):
     labels = np.array([0, 1, 2, 3, 0])
     guidance = [2.0, None, 3.0, None, 2.0]
     for j in range(5):  # one image at a time: per-image guidance on or off
-        batch.admit(plan, np.array([100 + j], np.uint64), class_conditioning(spec, labels[j:j + 1], guidance[j], 1),
-                    [f"img{j}"])
+        batch.admit(
+            plan,
+            np.array([100 + j], np.uint64),
+            class_conditioning(spec, labels[j : j + 1], guidance[j], 1),
+            [f"img{j}"],
+        )
     for _ in range(2):
         batch.step()
     before_x, before_images = batch.x.copy(), batch.images[:5].copy()
@@ -139,7 +144,9 @@ def test_retire_keeps_the_other_images_and_their_layout(sampler):
     x_end, _, tags = batch.retire(finished)
     for j, tag in zip(range(3), tags):
         k = int(tag[3:])
-        kwargs = dict(n=1, steps=6, seeds=[100 + k], classes=[int(labels[k])], guidance=guidance[k])  # None: conditional
+        kwargs = dict(
+            n=1, steps=6, seeds=[100 + k], classes=[int(labels[k])], guidance=guidance[k]
+        )  # None: conditional
         x_alone, _, _ = alone(sampler, kwargs)
         assert np.array_equal(x_end[j], x_alone[0]), tag
 
@@ -153,16 +160,20 @@ def test_admit_refuses_what_the_batch_cannot_hold(sampler):
     unclipped = make_plan({**sampler.spec.scheduler, "clip_sample": False}, 3)
     with pytest.raises(ValueError, match="one model, one clip"):
         ImageBatch(sampler.backend, sampler.spec, 4, clip=plan.clip).admit(
-            unclipped, np.array([1], np.uint64), class_conditioning(sampler.spec, None, None, 1), [0])
+            unclipped, np.array([1], np.uint64), class_conditioning(sampler.spec, None, None, 1), [0]
+        )
 
 
-@pytest.mark.parametrize("guidance, classes, want", [
-    (None, None, ([4, 4], False)),  # no classes: the null class
-    (0.0, [1, 2], ([4, 4], False)),  # g = 0: the null class alone
-    (1.0, [1, 2], ([1, 2], False)),  # g = 1: the conditional model alone
-    (None, [1, 2], ([1, 2], False)),
-    (2.5, [1, 2], ([1, 2], True)),
-])
+@pytest.mark.parametrize(
+    "guidance, classes, want",
+    [
+        (None, None, ([4, 4], False)),  # no classes: the null class
+        (0.0, [1, 2], ([4, 4], False)),  # g = 0: the null class alone
+        (1.0, [1, 2], ([1, 2], False)),  # g = 1: the conditional model alone
+        (None, [1, 2], ([1, 2], False)),
+        (2.5, [1, 2], ([1, 2], True)),
+    ],
+)
 def test_the_own_rows_labels_and_whether_an_unconditional_row_is_added(sampler, guidance, classes, want):
     conditioning = class_conditioning(sampler.spec, None if classes is None else np.array(classes), guidance, 2)
     own, null = conditioning.inputs["class_labels"]
@@ -211,8 +222,10 @@ def test_scalar_timestep_models_run_once_per_distinct_timestep(tmp_path):
     """A graph with one timestep for the whole forward: images at different steps still step exactly."""
     build_tiny_model(tmp_path / "scalar.onnx", num_classes=3, scalar_timestep=True)
     sampler = Sampler(tmp_path / "scalar.onnx", backend="ort-cpu")
-    schedule = {"a": (0, dict(n=2, steps=4, seed=1, classes=[0, 1], guidance=2.0)),
-                "b": (2, dict(n=1, steps=3, seed=7, classes=2))}
+    schedule = {
+        "a": (0, dict(n=2, steps=4, seed=1, classes=[0, 1], guidance=2.0)),
+        "b": (2, dict(n=1, steps=3, seed=7, classes=2)),
+    }
     results, forwards = run_staggered(sampler, schedule)
     assert set(forwards.timesteps) == {1}  # split by timestep: never one forward over rows at different timesteps
     assert len(forwards.rows) > max(kwargs["steps"] for _, kwargs in schedule.values())

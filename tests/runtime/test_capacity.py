@@ -1,5 +1,6 @@
 """The capacity checks: a request's forward and kept images against the memory this machine has (the estimate
 comes from the graph's live activations), a backend's row limit, and the thread count against the usable CPUs."""
+
 import re
 
 import numpy as np
@@ -79,14 +80,18 @@ def test_memory_refusal_through_the_sampler_runs_nothing(cond_model, monkeypatch
 
 def test_backend_row_limit(models):
     request = make_request(models["cond"].spec, 8, classes=1, guidance=3.0, batch_size=8)
-    with pytest.raises(InvalidParameterError, match=r"batch_size 8 needs 16 forward rows; this backend takes at most 12"):
+    with pytest.raises(
+        InvalidParameterError, match=r"batch_size 8 needs 16 forward rows; this backend takes at most 12"
+    ):
         check_memory(models["cond"], request, backend_rows=12)
     check_memory(models["cond"], request, backend_rows=16)
 
 
 def test_threads_are_bounded_by_the_usable_cpus():
     assert parse_threads(None) is None and parse_threads(1) == 1
-    with pytest.raises(InvalidParameterError, match=rf"threads must be in \[1, {usable_cpus()}\], got {usable_cpus() + 1}"):
+    with pytest.raises(
+        InvalidParameterError, match=rf"threads must be in \[1, {usable_cpus()}\], got {usable_cpus() + 1}"
+    ):
         parse_threads(usable_cpus() + 1)
 
 

@@ -1,12 +1,13 @@
 """The device loop (engine/runtime/device_loop.py) on a real GPU with a toy CUDA model (tests/support/toy_cuda_model.py): CUDA
 graphs replay exactly the eager launches, and the device loop matches the host loop with the same model in numpy."""
+
 import numpy as np
 import pytest
 
+from tests.support.conditioning import denoise
 from tests.support.gpu import GPU_MARKS
 from tests.support.tiny_models import SCHEDULER
 from tests.support.toy_model import ToyHostBackend
-from tests.support.conditioning import denoise
 
 pytestmark = GPU_MARKS
 
@@ -68,4 +69,6 @@ def test_image_is_the_same_whatever_the_batch(toy):
     from ddengine.runtime.device_loop import DeviceLoop
 
     loop, seeds = DeviceLoop(toy, graphs=True), np.array([7, 8, 9, 10], dtype=np.uint64)
-    np.testing.assert_array_equal(denoise(loop, plan(), seeds, None, None)[0][1:3], denoise(loop, plan(), seeds[1:3], None, None)[0])
+    np.testing.assert_array_equal(
+        denoise(loop, plan(), seeds, None, None)[0][1:3], denoise(loop, plan(), seeds[1:3], None, None)[0]
+    )

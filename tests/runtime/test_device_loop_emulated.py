@@ -3,22 +3,23 @@ CI without a GPU: every launch runs step.cu itself (compiled for the host), grap
 and the result — latents and each image's first non-finite step — equals the host loop (engine/runtime/loop.py) bit for
 bit. What it cannot show: that real CUDA accepts these calls (tests/runtime/test_device_loop.py does, on a GPU).
 """
+
 import threading
 
 import numpy as np
 import pytest
 
 from ddengine.backends.base import Backend, DeviceRunner
-from ddengine.gpu import driver, nvrtc
+from ddengine.core.plan import make_plan
+from ddengine.gpu import driver
 from ddengine.kernels import device as step_kernels
 from ddengine.runtime import device_loop as device
 from ddengine.runtime.loop import HostLoop
-from ddengine.core.plan import make_plan
+from tests.support.conditioning import denoise
 from tests.support.cuda_emulator import Emulator
 from tests.support.host_cuda import build_host_cuda
 from tests.support.tiny_models import SCHEDULER
 from tests.support.toy_model import ToyHostBackend, bound_spec, forward32
-from tests.support.conditioning import denoise
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,10 @@ class EmuRunner(DeviceRunner):
             x = emu.view(a["sample"], np.float32, rows * spec.per_image).reshape(rows, *spec.image_shape)
             t = emu.view(a["timestep"], np.int64, rows)
             labels = emu.view(a["class_labels"], np.int64, rows) if "class_labels" in a else None
-            emu.view(a["out"], np.float32, rows * spec.per_image)[:] = forward32(x, t, labels, spec, self.backend.nan_class).ravel()
+            emu.view(a["out"], np.float32, rows * spec.per_image)[:] = forward32(
+                x, t, labels, spec, self.backend.nan_class
+            ).ravel()
+
         emu.submit(self.stream, forward)
 
 
@@ -128,8 +132,14 @@ def test_graphs_required_but_not_capturable_is_refused(emu):
 
 def test_progress_is_reported_after_each_step_has_run(emu):
     steps = []
-    denoise(device.DeviceLoop(EmuBackend(emu, bound_spec())), 
-        plan(3), np.array([1], np.uint64), None, None, on_step=lambda i, t, x: steps.append((i, t, emu.launches.count("ddstep_step"))))
+    denoise(
+        device.DeviceLoop(EmuBackend(emu, bound_spec())),
+        plan(3),
+        np.array([1], np.uint64),
+        None,
+        None,
+        on_step=lambda i, t, x: steps.append((i, t, emu.launches.count("ddstep_step"))),
+    )
     assert steps == [(i, int(t), i + 1) for i, t in enumerate(plan(3).timesteps)]  # step i's kernel has run
 
 
@@ -155,13 +165,16 @@ def test_nvrtc_cache_key_changes_with_the_sources(tmp_path, monkeypatch):
 
 # --- the TensorRT backend (fake tensorrt whose execute_async_v3 runs the toy model on emulated memory) --------
 
+
 def cond_io():
     from tests.support import fake_tensorrt as ft
 
-    return {"sample": (ft.TensorIOMode.INPUT, ft.DataType.FLOAT, (-1, 3, 8, 8)),
-            "timestep": (ft.TensorIOMode.INPUT, ft.DataType.INT64, (-1,)),
-            "class_labels": (ft.TensorIOMode.INPUT, ft.DataType.INT64, (-1,)),
-            "out": (ft.TensorIOMode.OUTPUT, ft.DataType.FLOAT, (-1, 3, 8, 8))}
+    return {
+        "sample": (ft.TensorIOMode.INPUT, ft.DataType.FLOAT, (-1, 3, 8, 8)),
+        "timestep": (ft.TensorIOMode.INPUT, ft.DataType.INT64, (-1,)),
+        "class_labels": (ft.TensorIOMode.INPUT, ft.DataType.INT64, (-1,)),
+        "out": (ft.TensorIOMode.OUTPUT, ft.DataType.FLOAT, (-1, 3, 8, 8)),
+    }
 
 
 @pytest.fixture
@@ -185,8 +198,11 @@ def trt_engine(fake_trt, emu, cond16, tmp_path, monkeypatch):
 
         def forward():
             x = emu.view(a["sample"], np.float32, rows * spec.per_image).reshape(rows, *spec.image_shape)
-            out = forward32(x, emu.view(a["timestep"], np.int64, rows), emu.view(a["class_labels"], np.int64, rows), spec)
+            out = forward32(
+                x, emu.view(a["timestep"], np.int64, rows), emu.view(a["class_labels"], np.int64, rows), spec
+            )
             emu.view(a["out"], np.float32, rows * spec.per_image)[:] = out.ravel()
+
         emu.submit(stream, forward)
 
     module.state.on_execute = execute

@@ -5,20 +5,21 @@ float64 Philox/Box-Muller of tests/support/kernel_oracle.py, each step engine/co
 evaluation of the plan row (itself checked against diffusers in test_plan_vs_diffusers.py), and guidance the
 textbook u + g (c - u) for every g (the loop's shortcuts for g = 0 and g = 1 must agree with it).
 """
+
 import time
 
 import numpy as np
 import pytest
 
 from ddengine.backends import create_backend
-from ddengine.core.rows import SIGMA
-from ddengine.runtime.loop import HostLoop
-from ddengine.model.load import load_model
 from ddengine.core.plan import make_plan
 from ddengine.core.reference import reference_step
+from ddengine.core.rows import SIGMA
+from ddengine.model.load import load_model
+from ddengine.runtime.loop import HostLoop
+from tests.support.conditioning import denoise
 from tests.support.kernel_oracle import batch_noise
 from tests.support.tiny_models import SCHEDULER, build_tiny_model, tiny_forward64
-from tests.support.conditioning import denoise
 
 ATOL = 2e-5
 
@@ -28,9 +29,19 @@ def models(linear_model, tmp_path_factory):
     """The epsilon/clip linear model, and a v-prediction, unclipped, trailing one (3 channels, 2 classes)."""
     path, _ = linear_model
     v_path = tmp_path_factory.mktemp("loop") / "v.onnx"
-    build_tiny_model(v_path, channels=3, num_classes=2, conv=False,
-                     scheduler={**SCHEDULER, "prediction_type": "v_prediction", "clip_sample": False,
-                                "timestep_spacing": "trailing", "steps_offset": 0})
+    build_tiny_model(
+        v_path,
+        channels=3,
+        num_classes=2,
+        conv=False,
+        scheduler={
+            **SCHEDULER,
+            "prediction_type": "v_prediction",
+            "clip_sample": False,
+            "timestep_spacing": "trailing",
+            "steps_offset": 0,
+        },
+    )
     out = {}
     for name, p in (("eps", path), ("v", v_path)):
         model = load_model(p)
@@ -59,9 +70,15 @@ def reference_loop(spec, plan, seeds, classes, guidance):
     return x, steps
 
 
-CASES = [("ddim", 0.0, [0, 2, 1], None), ("ddim", 0.7, [0, 2, 1], 2.5), ("ddpm", 0.0, [1, 1, 0], None),
-         ("ddpm", 0.0, [2, 0, 1], 1.5), ("ddim", 0.3, [0, 1, 2], 0.0), ("ddim", 0.0, [2, 1, 0], 1.0),
-         ("ddpm", 0.0, None, None)]
+CASES = [
+    ("ddim", 0.0, [0, 2, 1], None),
+    ("ddim", 0.7, [0, 2, 1], 2.5),
+    ("ddpm", 0.0, [1, 1, 0], None),
+    ("ddpm", 0.0, [2, 0, 1], 1.5),
+    ("ddim", 0.3, [0, 1, 2], 0.0),
+    ("ddim", 0.0, [2, 1, 0], 1.0),
+    ("ddpm", 0.0, None, None),
+]
 
 
 @pytest.mark.parametrize("name", ["eps", "v"])

@@ -1,14 +1,15 @@
 """OutputFolder: every image fully written or absent, the manifest lists exactly the images present, no temp files
 ever, earlier runs refused (untouched) unless overwrite=True, which removes only what they wrote."""
+
 import errno
 import json
 import os
 
 import pytest
 
+from ddengine.files.atomic import OutputError
 from ddengine.runtime import outdir
 from ddengine.runtime.outdir import MANIFEST, OutputFolder, earlier_outputs
-from ddengine.files.atomic import OutputError
 
 
 def listing(folder):
@@ -67,6 +68,7 @@ def test_without_o_tmpfile_a_named_temp_file_is_renamed_in(tmp_path, monkeypatch
         if flags & os.O_TMPFILE == os.O_TMPFILE:
             raise OSError(errno.EOPNOTSUPP, "Operation not supported")
         return real_open(path, flags, *args, **kwargs)
+
     monkeypatch.setattr(os, "open", no_tmpfile)
     write_run(tmp_path, 2)
     assert listing(tmp_path) == ["00000.png", "00001.png", MANIFEST]
@@ -82,6 +84,7 @@ def test_an_image_that_cannot_be_written_is_absent_and_leaves_no_temp_file(tmp_p
         if fail == "fsync" and not _is_file_fd(args[0]):
             return real(*args, **kwargs)
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(os, fail, broken)
     with pytest.raises(OutputError, match=r"cannot write .*00000.png: No space left on device"):
         run.write("00000.png", b"data")
@@ -113,6 +116,7 @@ def _failing_manifest_writes(monkeypatch, after_bytes=None):
                 return real(fd, bytes(data[:n]))
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data)
+
     monkeypatch.setattr(os, "write", write)
 
 
@@ -136,8 +140,10 @@ def test_a_half_written_manifest_line_is_cut_and_its_image_removed(tmp_path, mon
     run.write("00002_trajectory.png", b"strip")
     _failing_manifest_writes(monkeypatch, after_bytes=7)
     with pytest.raises(OutputError, match="No space left on device"):
-        run.add({"file": "00002.png", "trajectory_file": "00002_trajectory.png", "index": 2},
-                ["00002.png", "00002_trajectory.png"])
+        run.add(
+            {"file": "00002.png", "trajectory_file": "00002_trajectory.png", "index": 2},
+            ["00002.png", "00002_trajectory.png"],
+        )
     monkeypatch.undo()
     run.close()
     assert [r["index"] for r in manifest(tmp_path)] == [0, 1]  # every line still parses: the partial one is gone
@@ -182,8 +188,14 @@ def test_overwrite_removes_only_what_the_earlier_run_wrote(tmp_path):
     for name in ("notes.txt", "grid.png", "cat.png"):
         (out / name).write_text("keep")
     (out / "00005.png").mkdir()  # a folder named like an output is not a file of ours
-    assert {p.name for p in earlier_outputs(out)} == {"00000.png", "00001.png", "00002.png", "00009.npy",
-                                                     "00009_trajectory.png", MANIFEST}
+    assert {p.name for p in earlier_outputs(out)} == {
+        "00000.png",
+        "00001.png",
+        "00002.png",
+        "00009.npy",
+        "00009_trajectory.png",
+        MANIFEST,
+    }
     write_run(out, 1, overwrite=True)
     assert listing(out) == ["00000.png", "00005.png", "cat.png", "grid.png", MANIFEST, "notes.txt"]
     assert [r["index"] for r in manifest(out)] == [0]  # the new run's manifest only
@@ -210,7 +222,7 @@ def test_many_images_append_to_one_manifest(tmp_path):
         sizes.append((tmp_path / MANIFEST).stat().st_size)
     run.close()
     lines = (tmp_path / MANIFEST).read_bytes().splitlines(keepends=True)
-    assert sizes == [sum(len(line) for line in lines[:i + 1]) for i in range(50)]
+    assert sizes == [sum(len(line) for line in lines[: i + 1]) for i in range(50)]
     assert outdir.OUTPUT_NAME.match("00049.png") and len(listing(tmp_path)) == 51
 
 

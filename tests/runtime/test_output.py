@@ -1,39 +1,10 @@
-"""Output files: atomic writes, PNG/npy round trips, grids (one row per class), trajectory strips, the writability probe."""
-import os
+"""Output encoders (engine/runtime/output.py): PNG/npy round trips, grids (one row per class), trajectory strips."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from ddengine.files.atomic import OutputError, atomic_write, atomic_write_via, check_writable_dir
 from ddengine.runtime.output import class_grid, encode, grid, save_image, trajectory_strip
-
-
-def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
-    path = tmp_path / "a.bin"
-    path.write_bytes(b"old")
-    atomic_write(path, b"new contents")
-    assert path.read_bytes() == b"new contents"
-    assert os.listdir(tmp_path) == ["a.bin"]
-
-
-def test_atomic_write_gives_the_usual_file_mode(tmp_path):
-    umask = os.umask(0o022)
-    os.umask(umask)
-    atomic_write(tmp_path / "a.bin", b"x")
-    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0o600
-
-
-def test_failed_write_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
-    path = tmp_path / "a.bin"
-    path.write_bytes(b"old")
-
-    def fail(*args):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="No space"):
-        atomic_write(path, b"new")
-    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["a.bin"]
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -60,33 +31,14 @@ def test_trajectory_strip_has_x_t_above_x0():
     assert strip.shape == (4, 8, 1) and (strip[:2] == 10).all() and (strip[2:] == 200).all()
 
 
-def test_writable_probe(tmp_path):
-    check_writable_dir(tmp_path / "new" / "deep")
-    assert (tmp_path / "new" / "deep").is_dir() and not list((tmp_path / "new" / "deep").iterdir())
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(OutputError, match="file/sub is not writable"):
-        check_writable_dir(tmp_path / "file" / "sub")
-
-
-def test_a_failing_writer_leaves_no_temp_file(tmp_path):
-    def half_then_fail(tmp):
-        open(tmp, "wb").write(b"half")
-        raise RuntimeError("encoder crashed")
-    with pytest.raises(RuntimeError, match="encoder crashed"):
-        atomic_write_via(tmp_path / "x.png", half_then_fail)
-    assert os.listdir(tmp_path) == []
-
-
-def test_atomic_write_into_a_missing_folder_names_it(tmp_path):
-    with pytest.raises(OutputError, match=r"cannot write .*missing/a.bin"):
-        atomic_write(tmp_path / "missing" / "a.bin", b"x")
-
-
-@pytest.mark.parametrize("image, message", [
-    (np.zeros((4, 4, 2), np.uint8), r"expected a uint8 \(H, W, 1\|3\|4\) image, got uint8 \(4, 4, 2\)"),
-    (np.zeros((4, 4, 3), np.float32), "got float32"),
-    (np.zeros((4, 4), np.uint8), r"got uint8 \(4, 4\)"),
-])
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.zeros((4, 4, 2), np.uint8), r"expected a uint8 \(H, W, 1\|3\|4\) image, got uint8 \(4, 4, 2\)"),
+        (np.zeros((4, 4, 3), np.float32), "got float32"),
+        (np.zeros((4, 4), np.uint8), r"got uint8 \(4, 4\)"),
+    ],
+)
 def test_png_needs_uint8_with_1_3_or_4_channels(image, message):
     with pytest.raises(ValueError, match=message):
         encode(image, "png")
@@ -94,7 +46,9 @@ def test_png_needs_uint8_with_1_3_or_4_channels(image, message):
 
 def _tiles(classes, h=3, w=2):
     """uint8 (N, h, w, 1) images whose every pixel is their index + 1 (0 stays the padding and blank cells)."""
-    return (np.arange(len(classes), dtype=np.uint8) + 1)[:, None, None, None] * np.ones((len(classes), h, w, 1), np.uint8)
+    return (np.arange(len(classes), dtype=np.uint8) + 1)[:, None, None, None] * np.ones(
+        (len(classes), h, w, 1), np.uint8
+    )
 
 
 def test_class_grid_puts_one_row_per_class_in_order_of_first_appearance():

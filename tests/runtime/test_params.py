@@ -1,5 +1,6 @@
 """SamplingParams, the one request schema: every field checked (expected vs given), then bound to a model's spec
 (classes, prompts, guidance and steps against what the model takes)."""
+
 import numpy as np
 import pytest
 
@@ -28,33 +29,39 @@ def cond(models):
     return models["cond"].spec
 
 
-@pytest.mark.parametrize("classes, n, want", [
-    (2, 3, [2, 2, 2]),
-    (np.int64(3), 2, [3, 3]),
-    ([0, 1], 5, [0, 1, 0, 1, 0]),  # a list is cycled over the images
-    ([3, 1, 2], 2, [3, 1]),
-    (np.array([1, 0, 3]), 4, [1, 0, 3, 1]),
-    ((2,), 3, [2, 2, 2]),
-    ("all", 6, [0, 1, 2, 3, 0, 1]),  # "all": every class in turn
-    ("all", 2, [0, 1]),
-])
+@pytest.mark.parametrize(
+    "classes, n, want",
+    [
+        (2, 3, [2, 2, 2]),
+        (np.int64(3), 2, [3, 3]),
+        ([0, 1], 5, [0, 1, 0, 1, 0]),  # a list is cycled over the images
+        ([3, 1, 2], 2, [3, 1]),
+        (np.array([1, 0, 3]), 4, [1, 0, 3, 1]),
+        ((2,), 3, [2, 2, 2]),
+        ("all", 6, [0, 1, 2, 3, 0, 1]),  # "all": every class in turn
+        ("all", 2, [0, 1]),
+    ],
+)
 def test_classes_int_list_cycled_and_all(cond, classes, n, want):
     request = make_request(cond, n, classes=classes)
     assert request.classes.dtype == np.int64 and request.classes.tolist() == want
 
 
-@pytest.mark.parametrize("classes, message", [
-    ([], "classes must be an int, a non-empty list of ints or 'all', got an empty list"),
-    (4, "class must be in [0, 3], got 4"),  # 4 is the null class: not a class one can ask for
-    (-1, "class must be in [0, 3], got -1"),
-    ([0, 9], "class must be in [0, 3], got 9"),
-    ("some", "classes must be an int, a non-empty list of ints or 'all', got 'some'"),
-    (1.5, "classes must be an int, a non-empty list of ints or 'all', got 1.5"),
-    (True, "classes must be an int, a non-empty list of ints or 'all', got True"),
-    ([1.0], "class must be an integer, got 1.0"),
-    ([False], "class must be an integer, got False"),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    "classes, message",
+    [
+        ([], "classes must be an int, a non-empty list of ints or 'all', got an empty list"),
+        (4, "class must be in [0, 3], got 4"),  # 4 is the null class: not a class one can ask for
+        (-1, "class must be in [0, 3], got -1"),
+        ([0, 9], "class must be in [0, 3], got 9"),
+        ("some", "classes must be an int, a non-empty list of ints or 'all', got 'some'"),
+        (1.5, "classes must be an int, a non-empty list of ints or 'all', got 1.5"),
+        (True, "classes must be an int, a non-empty list of ints or 'all', got True"),
+        ([1.0], "class must be an integer, got 1.0"),
+        ([False], "class must be an integer, got False"),
+        (None, None),
+    ],
+)
 def test_bad_classes_are_refused_naming_what_was_given(cond, classes, message):
     if message is None:  # None is fine on a model with a null class: it samples the null class
         assert make_request(cond, 2, classes=classes).classes is None
@@ -72,24 +79,36 @@ def test_classes_on_an_unconditional_model(models):
 
 
 def test_numpy_integers_are_accepted_everywhere(cond):
-    request = make_request(cond, np.int64(2), steps=np.int32(4), seed=np.uint64(7), batch_size=np.int16(8),
-                           classes=[np.int64(1), np.int8(2)])
+    request = make_request(
+        cond,
+        np.int64(2),
+        steps=np.int32(4),
+        seed=np.uint64(7),
+        batch_size=np.int16(8),
+        classes=[np.int64(1), np.int8(2)],
+    )
     assert (request.n, request.steps, request.batch_size) == (2, 4, 2)  # batch_size is capped at n
     assert all(type(v) is int for v in (request.steps, request.batch_size))
     assert request.seeds.tolist() == [7, 8] and request.seeds.dtype == np.uint64
     assert make_request(cond, 2, seeds=np.array([5, 2**64 - 1], dtype=np.uint64)).seeds.tolist() == [5, 2**64 - 1]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(seed=1, seeds=[1, 2]), "pass seed or seeds, not both"),
-    (dict(seed=np.int64(3), seeds=[1, 2]), "pass seed or seeds, not both"),
-    (dict(seeds=[1]), "seeds must have n = 2 entries, got 1"),
-    (dict(seeds="12"), "seeds must be a list of n integers (one per image), got '12'"),
-    (dict(seeds=[1, -1]), "each seed must be in [0, 18446744073709551615], got -1"),
-    (dict(seeds=[1, 2.0]), "each seed must be an integer, got 2.0"),
-    (dict(seed=2**64 - 1), "seed must be in [0, 18446744073709551614], got 18446744073709551615"),  # seed + 1 overflows
-    (dict(seed=True), "seed must be an integer, got True"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seed=1, seeds=[1, 2]), "pass seed or seeds, not both"),
+        (dict(seed=np.int64(3), seeds=[1, 2]), "pass seed or seeds, not both"),
+        (dict(seeds=[1]), "seeds must have n = 2 entries, got 1"),
+        (dict(seeds="12"), "seeds must be a list of n integers (one per image), got '12'"),
+        (dict(seeds=[1, -1]), "each seed must be in [0, 18446744073709551615], got -1"),
+        (dict(seeds=[1, 2.0]), "each seed must be an integer, got 2.0"),
+        (
+            dict(seed=2**64 - 1),
+            "seed must be in [0, 18446744073709551614], got 18446744073709551615",
+        ),  # seed + 1 overflows
+        (dict(seed=True), "seed must be an integer, got True"),
+    ],
+)
 def test_seed_refusals(cond, kwargs, message):
     with pytest.raises(InvalidParameterError) as err:
         make_request(cond, 2, **kwargs)
@@ -110,22 +129,25 @@ def test_guidance_defaults_to_the_recommended_one_only_with_classes(models, cond
         make_request(cond, 2, guidance=1.5)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(n=0), "n must be >= 1, got 0"),
-    (dict(n=2.0), "n must be an integer, got 2.0"),
-    (dict(steps=0), "steps must be >= 1, got 0"),
-    (dict(steps=1001), "steps must be in [1, 1000], got 1001"),
-    (dict(steps=True), "steps must be an integer, got True"),
-    (dict(batch_size=0), "batch_size must be >= 1, got 0"),
-    (dict(eta=-0.1), "eta must be a finite number >= 0, got -0.1"),
-    (dict(eta=float("inf")), "eta must be a finite number >= 0, got inf"),
-    (dict(method="euler"), "method must be one of 'ddim', 'ddpm', got 'euler'"),
-    (dict(method="ddpm", eta=0.5), "eta applies to method 'ddim' only; got eta=0.5 with method 'ddpm'"),
-    (dict(spacing="karras"), "spacing must be one of 'leading', 'trailing', 'linspace', got 'karras'"),
-    (dict(classes=1, guidance=-1), "guidance must be a finite number >= 0, got -1"),
-    (dict(classes=1, guidance=float("nan")), "guidance must be a finite number >= 0, got nan"),
-    (dict(trajectory=0), "trajectory must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n=0), "n must be >= 1, got 0"),
+        (dict(n=2.0), "n must be an integer, got 2.0"),
+        (dict(steps=0), "steps must be >= 1, got 0"),
+        (dict(steps=1001), "steps must be in [1, 1000], got 1001"),
+        (dict(steps=True), "steps must be an integer, got True"),
+        (dict(batch_size=0), "batch_size must be >= 1, got 0"),
+        (dict(eta=-0.1), "eta must be a finite number >= 0, got -0.1"),
+        (dict(eta=float("inf")), "eta must be a finite number >= 0, got inf"),
+        (dict(method="euler"), "method must be one of 'ddim', 'ddpm', got 'euler'"),
+        (dict(method="ddpm", eta=0.5), "eta applies to method 'ddim' only; got eta=0.5 with method 'ddpm'"),
+        (dict(spacing="karras"), "spacing must be one of 'leading', 'trailing', 'linspace', got 'karras'"),
+        (dict(classes=1, guidance=-1), "guidance must be a finite number >= 0, got -1"),
+        (dict(classes=1, guidance=float("nan")), "guidance must be a finite number >= 0, got nan"),
+        (dict(trajectory=0), "trajectory must be >= 1, got 0"),
+    ],
+)
 def test_out_of_range_parameters_name_expected_and_given(cond, kwargs, message):
     kwargs.setdefault("n", 2)
     with pytest.raises(InvalidParameterError) as err:
@@ -144,17 +166,33 @@ def test_steps_are_bounded_by_the_models_training_length(tmp_path):
 def test_every_bad_field_is_named_in_one_message():
     with pytest.raises(InvalidParameterError) as err:
         SamplingParams.build(n=2.0, steps=0, colour="red")
-    assert str(err.value) == ("n must be an integer, got 2.0; steps must be >= 1, got 0; unknown field 'colour' "
-                              "(expected some of: n, steps, method, eta, seed, seeds, classes, guidance, spacing, prompt, "
-                              "negative_prompt)")
+    assert str(err.value) == (
+        "n must be an integer, got 2.0; steps must be >= 1, got 0; unknown field 'colour' "
+        "(expected some of: n, steps, method, eta, seed, seeds, classes, guidance, spacing, prompt, "
+        "negative_prompt)"
+    )
 
 
 def test_the_json_schema_is_the_fields_with_their_defaults_and_bounds():
     schema = SamplingParams.model_json_schema()
     assert schema["additionalProperties"] is False and schema["title"] == "SamplingParams"
     props = schema["properties"]
-    assert list(props) == ["n", "steps", "method", "eta", "seed", "seeds", "classes", "guidance", "spacing", "prompt",
-                           "negative_prompt"]
+    assert list(props) == [
+        "n",
+        "steps",
+        "method",
+        "eta",
+        "seed",
+        "seeds",
+        "classes",
+        "guidance",
+        "spacing",
+        "prompt",
+        "negative_prompt",
+    ]
     assert props["steps"]["default"] == 50 and props["steps"]["minimum"] == 1
-    assert props["method"]["enum"] == ["ddim", "ddpm"] and props["spacing"]["anyOf"][0]["enum"] == ["leading", "trailing", "linspace"]
-
+    assert props["method"]["enum"] == ["ddim", "ddpm"] and props["spacing"]["anyOf"][0]["enum"] == [
+        "leading",
+        "trailing",
+        "linspace",
+    ]

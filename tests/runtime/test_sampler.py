@@ -1,4 +1,5 @@
 """The Python API: shapes, records, determinism, batch invariance, streaming, concurrency, CFG, NaN isolation."""
+
 import hashlib
 import importlib.metadata
 import threading
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 
 import ddengine
-from ddengine.runtime import capacity
 from ddengine.core.plan import make_plan
+from ddengine.runtime import capacity
 from ddengine.runtime.sampler import Chunk, InvalidParameterError, Sampler, to_uint8
 from tests.runtime.test_loop import reference_loop
 from tests.support.kernel_oracle import batch_noise
@@ -29,25 +30,47 @@ def test_shapes_records_and_default_seeds(cond):
     images, records = cond.sample(3, steps=4, seed=7, classes=[0, 1, 3])
     assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
     assert [(r["index"], r["seed"], r["class"], r["status"], r["error"]) for r in records] == [
-        (0, 7, 0, "ok", None), (1, 8, 1, "ok", None), (2, 9, 3, "ok", None)]
+        (0, 7, 0, "ok", None),
+        (1, 8, 1, "ok", None),
+        (2, 9, 3, "ok", None),
+    ]
     explicit, _ = cond.sample(3, steps=4, seeds=[7, 8, 9], classes=[0, 1, 3])
     assert np.array_equal(images, explicit)
 
 
 def test_records_carry_every_parameter_and_the_models_hash(cond_model, cond):
-    _, records = cond.sample(2, steps=5, method="ddim", eta=0.25, seed=3, classes=[1, 2], guidance=1.75,
-                             batch_size=1, spacing="trailing")
-    want = {"steps": 5, "method": "ddim", "eta": 0.25, "guidance": 1.75, "spacing": "trailing",
-            "model_sha256": hashlib.sha256(cond_model.read_bytes()).hexdigest(), "backend": "ort-cpu",
-            "precision": "fp32", "ddengine_version": importlib.metadata.version("ddengine")}
+    _, records = cond.sample(
+        2, steps=5, method="ddim", eta=0.25, seed=3, classes=[1, 2], guidance=1.75, batch_size=1, spacing="trailing"
+    )
+    want = {
+        "steps": 5,
+        "method": "ddim",
+        "eta": 0.25,
+        "guidance": 1.75,
+        "spacing": "trailing",
+        "model_sha256": hashlib.sha256(cond_model.read_bytes()).hexdigest(),
+        "backend": "ort-cpu",
+        "precision": "fp32",
+        "ddengine_version": importlib.metadata.version("ddengine"),
+    }
     for i, record in enumerate(records):
         assert {k: record[k] for k in want} == want
         assert (record["index"], record["seed"], record["class"]) == (i, 3 + i, 1 + i)
     # the record is enough to sample the image again
     r = records[1]
-    again, _ = cond.sample(1, steps=r["steps"], method=r["method"], eta=r["eta"], seeds=[r["seed"]], classes=[r["class"]],
-                           guidance=r["guidance"], spacing=r["spacing"])
-    first, _ = cond.sample(2, steps=5, method="ddim", eta=0.25, seed=3, classes=[1, 2], guidance=1.75, spacing="trailing")
+    again, _ = cond.sample(
+        1,
+        steps=r["steps"],
+        method=r["method"],
+        eta=r["eta"],
+        seeds=[r["seed"]],
+        classes=[r["class"]],
+        guidance=r["guidance"],
+        spacing=r["spacing"],
+    )
+    first, _ = cond.sample(
+        2, steps=5, method="ddim", eta=0.25, seed=3, classes=[1, 2], guidance=1.75, spacing="trailing"
+    )
     assert np.array_equal(again[0], first[1])
 
 
@@ -72,8 +95,16 @@ def test_same_request_is_bit_identical_and_seeds_differ(uncond):
     assert np.array_equal(a[1:], c[:3]) and not np.array_equal(a[0], c[0])
 
 
-@pytest.mark.parametrize("kwargs", [dict(method="ddim", eta=0.5), dict(method="ddpm"), dict(classes=[2, 0, 1, 3, 1, 0, 2], guidance=3.0),
-                                    dict(classes="all", guidance=0.0), dict(classes=[1, 2], guidance=1.0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(method="ddim", eta=0.5),
+        dict(method="ddpm"),
+        dict(classes=[2, 0, 1, 3, 1, 0, 2], guidance=3.0),
+        dict(classes="all", guidance=0.0),
+        dict(classes=[1, 2], guidance=1.0),
+    ],
+)
 def test_image_i_is_the_same_whatever_the_batch_size(cond, kwargs):
     kwargs.setdefault("classes", 1)
     full, _ = cond.sample(7, steps=4, seed=11, batch_size=7, **kwargs)
@@ -114,8 +145,12 @@ def test_progress_is_monotone_and_reaches_the_total(cond):
 
 
 def test_eight_threads_on_one_sampler_equal_sequential(cond):
-    jobs = [dict(n=3, steps=4, seed=10 * k, classes=k % 4, guidance=None if k % 2 else 2.0, method="ddim", eta=0.3 * (k % 3))
-            for k in range(8)]
+    jobs = [
+        dict(
+            n=3, steps=4, seed=10 * k, classes=k % 4, guidance=None if k % 2 else 2.0, method="ddim", eta=0.3 * (k % 3)
+        )
+        for k in range(8)
+    ]
     sequential = [cond.sample(**job)[0] for job in jobs]
     results, errors = [None] * 8, []
 
@@ -169,15 +204,18 @@ def test_trajectory_snapshots_against_the_float64_model(linear_model):
     _, records = sampler.sample(2, steps=7, seeds=seeds, classes=classes, guidance=g, trajectory=3)
     plan = make_plan(spec.schedule, 7)
     x_T = batch_noise(np.array(seeds, np.uint64), (2, *spec.image_shape), 0, 1)
-    u, c = tiny_forward64(x_T, plan.timesteps[0], np.full(2, spec.null_class), spec), tiny_forward64(x_T, plan.timesteps[0], classes, spec)
+    u, c = (
+        tiny_forward64(x_T, plan.timesteps[0], np.full(2, spec.null_class), spec),
+        tiny_forward64(x_T, plan.timesteps[0], classes, spec),
+    )
     row = plan.coeffs[0]
     x0 = np.clip(row[0] * x_T + row[1] * (u + g * (c - u)), -1, 1)  # columns ax, am
     for j, record in enumerate(records):
         traj = record["trajectory"]
         assert traj["steps"] == [0, 3, 6] and traj["timesteps"] == plan.timesteps[[0, 3, 6]].tolist()
         assert traj["x_t"].shape == traj["x0"].shape == (3, 8, 8, 1) and traj["x_t"].dtype == np.uint8
-        assert np.abs(traj["x_t"][0].astype(int) - to_uint8(x_T[j:j + 1])[0].astype(int)).max() <= 1
-        assert np.abs(traj["x0"][0].astype(int) - to_uint8(x0[j:j + 1])[0].astype(int)).max() <= 1
+        assert np.abs(traj["x_t"][0].astype(int) - to_uint8(x_T[j : j + 1])[0].astype(int)).max() <= 1
+        assert np.abs(traj["x0"][0].astype(int) - to_uint8(x0[j : j + 1])[0].astype(int)).max() <= 1
 
 
 def test_sampler_chunks_equal_the_float64_reference_loop(linear_model):
@@ -190,8 +228,17 @@ def test_sampler_chunks_equal_the_float64_reference_loop(linear_model):
         if i == 5:
             finals[first] = x.copy()
 
-    images, _ = sampler.sample(5, steps=6, method="ddim", eta=0.6, seeds=seeds.tolist(), classes=classes.tolist(), guidance=2.5,
-                               batch_size=2, callback=keep)
+    images, _ = sampler.sample(
+        5,
+        steps=6,
+        method="ddim",
+        eta=0.6,
+        seeds=seeds.tolist(),
+        classes=classes.tolist(),
+        guidance=2.5,
+        batch_size=2,
+        callback=keep,
+    )
     plan = make_plan(spec.schedule, 6, eta=0.6)
     want, _ = reference_loop(spec, plan, seeds, classes, 2.5)
     assert sorted(finals) == [0, 2, 4]
@@ -199,14 +246,17 @@ def test_sampler_chunks_equal_the_float64_reference_loop(linear_model):
     assert np.abs(images.astype(int) - to_uint8(want).astype(int)).max() <= 1
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(n=0), "n must be >= 1, got 0"),
-    (dict(n=2, steps=1001), "steps must be in [1, 1000], got 1001"),
-    (dict(n=2, method="ddpm", eta=0.5), "eta applies to method 'ddim' only"),
-    (dict(n=2, classes=4), "class must be in [0, 3], got 4"),
-    (dict(n=2, guidance=2.0), "needs classes"),
-    (dict(n=2, trajectory=-2), "trajectory must be >= 1, got -2"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(n=0), "n must be >= 1, got 0"),
+        (dict(n=2, steps=1001), "steps must be in [1, 1000], got 1001"),
+        (dict(n=2, method="ddpm", eta=0.5), "eta applies to method 'ddim' only"),
+        (dict(n=2, classes=4), "class must be in [0, 3], got 4"),
+        (dict(n=2, guidance=2.0), "needs classes"),
+        (dict(n=2, trajectory=-2), "trajectory must be >= 1, got -2"),
+    ],
+)
 def test_bad_parameters_name_expected_and_given(cond, kwargs, message):
     with pytest.raises(InvalidParameterError) as err:
         cond.sample(**kwargs)
@@ -252,8 +302,15 @@ def test_device_loops_run_the_chunks_and_host_hooks_stay_on_the_host(cond_model)
     sampler = Sampler(cond_model, backend="ort-cpu")
     sampler.device_loop = FakeDeviceLoop()
     progress = []
-    images, records = sampler.sample(3, steps=4, seed=5, classes=[1, 2, 3], guidance=2.0, batch_size=2,
-                                     progress=lambda done, total: progress.append(done))
+    images, records = sampler.sample(
+        3,
+        steps=4,
+        seed=5,
+        classes=[1, 2, 3],
+        guidance=2.0,
+        batch_size=2,
+        progress=lambda done, total: progress.append(done),
+    )
     assert calls == [(4, [5, 6], [1, 2], 2.0), (4, [7], [3], 2.0)]
     assert [r["status"] for r in records] == ["error", "ok", "ok"] and "at step 3" in records[0]["error"]
     assert not images[0].any() and (images[1:] == 128).all()  # x = 0 is mid-grey in [-1, 1]

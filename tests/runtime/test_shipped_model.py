@@ -1,4 +1,5 @@
 """The shipped default model (engine/models/default.onnx) through the Python API, as the README shows it."""
+
 import hashlib
 
 import numpy as np
@@ -21,7 +22,9 @@ def sampler():
 @pytest.fixture(scope="module")
 def readme(sampler):
     """The README's Python API example, verbatim."""
-    return sampler.sample(16, steps=50, method="ddim", eta=0.0, seed=0, classes=[0, 1, 2, 3], guidance=1.5, batch_size=16)
+    return sampler.sample(
+        16, steps=50, method="ddim", eta=0.0, seed=0, classes=[0, 1, 2, 3], guidance=1.5, batch_size=16
+    )
 
 
 def test_the_default_backend_is_the_one_auto_chooses_here(sampler, readme):

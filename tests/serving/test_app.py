@@ -1,5 +1,6 @@
 """The HTTP API (engine/serving/app.py): images equal to solo sampling, every status code and its message, metrics,
 client disconnects cancelling their images, and the connection bound (the last two on a real uvicorn server)."""
+
 import asyncio
 import base64
 import io
@@ -59,11 +60,22 @@ def test_images_are_the_solo_samplers_and_the_body_carries_the_records(client, c
     assert response.status_code == 200, response.text
     body = response.json()
     images, records = cond.sample(**params)
-    assert {k: body[k] for k in ("model", "steps", "method", "eta", "guidance", "spacing", "backend", "precision", "n")} == {
-        "model": cond.model.sha256, "steps": 6, "method": "ddpm", "eta": 0.0, "guidance": 2.5, "spacing": None,
-        "backend": "ort-cpu", "precision": "fp32", "n": 3}
+    assert {
+        k: body[k] for k in ("model", "steps", "method", "eta", "guidance", "spacing", "backend", "precision", "n")
+    } == {
+        "model": cond.model.sha256,
+        "steps": 6,
+        "method": "ddpm",
+        "eta": 0.0,
+        "guidance": 2.5,
+        "spacing": None,
+        "backend": "ort-cpu",
+        "precision": "fp32",
+        "n": 3,
+    }
     assert [(i["index"], i["seed"], i["class"], i["status"], i["error"]) for i in body["images"]] == [
-        (r["index"], r["seed"], r["class"], r["status"], r["error"]) for r in records]
+        (r["index"], r["seed"], r["class"], r["status"], r["error"]) for r in records
+    ]
     assert np.array_equal(np.stack([decode(i["png"]) for i in body["images"]]), images)
 
 
@@ -74,7 +86,9 @@ def test_a_request_with_classes_and_no_guidance_gets_the_models_recommended_guid
     sampler = Sampler(tmp_path / "g.onnx", backend="ort-cpu", threads=1)
     with TestClient(create_app(sampler, Settings(max_batch=4, max_queue=16))) as http:
         implicit = http.post("/v1/images", json={"n": 2, "steps": 4, "seed": 3, "classes": [1, 2]}).json()
-        unguided = http.post("/v1/images", json={"n": 2, "steps": 4, "seed": 3, "classes": [1, 2], "guidance": 1}).json()
+        unguided = http.post(
+            "/v1/images", json={"n": 2, "steps": 4, "seed": 3, "classes": [1, 2], "guidance": 1}
+        ).json()
     explicit, _ = sampler.sample(2, steps=4, seed=3, classes=[1, 2], guidance=3.0)
     assert implicit["guidance"] == 3.0 and unguided["guidance"] == 1.0
     assert np.array_equal(np.stack([decode(i["png"]) for i in implicit["images"]]), explicit)
@@ -82,10 +96,12 @@ def test_a_request_with_classes_and_no_guidance_gets_the_models_recommended_guid
 
 
 def test_concurrent_http_requests_share_batches_and_stay_exact(cond):
-    requests = [{"n": 3, "steps": 10, "seed": 1, "classes": 1, "guidance": 2.0},
-                {"n": 2, "steps": 20, "method": "ddpm", "seeds": [7, 2**64 - 1], "classes": "all"},
-                {"n": 1, "steps": 10, "eta": 0.5, "classes": [3]},
-                {"n": 4, "steps": 5, "seed": 9, "classes": [0, 1], "spacing": "trailing"}]
+    requests = [
+        {"n": 3, "steps": 10, "seed": 1, "classes": 1, "guidance": 2.0},
+        {"n": 2, "steps": 20, "method": "ddpm", "seeds": [7, 2**64 - 1], "classes": "all"},
+        {"n": 1, "steps": 10, "eta": 0.5, "classes": [3]},
+        {"n": 4, "steps": 5, "seed": 9, "classes": [0, 1], "spacing": "trailing"},
+    ]
     app = create_app(cond, Settings(max_batch=2, max_queue=64))
     with live_server(app) as url:
         slow_steps(app, 0.005)  # all four arrive while the first is still running
@@ -93,6 +109,7 @@ def test_concurrent_http_requests_share_batches_and_stay_exact(cond):
         async def all_at_once():
             async with httpx.AsyncClient(base_url=url, timeout=60) as http:
                 return await asyncio.gather(*(http.post("/v1/images", json=r) for r in requests))
+
         responses = asyncio.run(all_at_once())
     for params, response in zip(requests, responses):
         assert response.status_code == 200, response.text
@@ -100,33 +117,42 @@ def test_concurrent_http_requests_share_batches_and_stay_exact(cond):
     assert app.state.app_state.batcher.stats["steps"] < 2 * 10 + 20 + 10 + 2 * 5  # fewer than one request at a time
 
 
-@pytest.mark.parametrize("body, message", [
-    ('{"n": 2', "the body must be a JSON object: Expecting ',' delimiter: line 1 column 8 (char 7)"),
-    ("", "the body must be a JSON object: Expecting value: line 1 column 1 (char 0)"),
-    ("[1, 2]", "the body must be a JSON object, got list"),
-    ('{"n": true}', "n must be an integer, got True"),  # the Python API's messages: values as Python writes them
-    ('{"n": "2"}', "n must be an integer, got '2'"),
-    ('{"steps": 2.5}', "steps must be an integer, got 2.5"),
-    ('{"eta": "0.5"}', "eta must be a finite number >= 0, got '0.5'"),
-    ('{"guidance": false, "classes": 1}', "guidance must be a finite number >= 0, got False"),
-    ('{"classes": "some"}', "classes must be an int, a non-empty list of ints or 'all', got 'some'"),
-    ('{"seeds": [1, null]}', "each seed must be an integer, got None"),
-    ('{"n": 1, "batch_size": 4}', "unknown field 'batch_size' (expected some of: n, steps, method, eta, seed, seeds, "
-                                  "classes, guidance, spacing, prompt, negative_prompt)"),
-    ('{"n": 0}', "n must be >= 1, got 0"),
-    ('{"n": -5}', "n must be >= 1, got -5"),
-    ('{"n": 100000000000000000000000}', "n must be in [1, 16], got 100000000000000000000000"),
-    ('{"steps": 1001}', "steps must be in [1, 1000], got 1001"),
-    ('{"seed": -1}', "seed must be in [0, 18446744073709551615], got -1"),
-    ('{"seeds": [18446744073709551616]}', "each seed must be in [0, 18446744073709551615], got 18446744073709551616"),
-    ('{"eta": -0.5}', "eta must be a finite number >= 0, got -0.5"),
-    ('{"eta": 1e999}', "eta must be a finite number >= 0, got inf"),
-    ('{"method": "dpm"}', "method must be one of 'ddim', 'ddpm', got 'dpm'"),
-    ('{"method": "ddpm", "eta": 1.0}', "eta applies to method 'ddim' only; got eta=1.0 with method 'ddpm'"),
-    ('{"classes": 7}', "class must be in [0, 3], got 7"),
-    ('{"guidance": 2.0}', "guidance=2.0 needs classes (it steers towards them)"),
-    ('{"n": 2, "seeds": [1]}', "seeds must have n = 2 entries, got 1"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('{"n": 2', "the body must be a JSON object: Expecting ',' delimiter: line 1 column 8 (char 7)"),
+        ("", "the body must be a JSON object: Expecting value: line 1 column 1 (char 0)"),
+        ("[1, 2]", "the body must be a JSON object, got list"),
+        ('{"n": true}', "n must be an integer, got True"),  # the Python API's messages: values as Python writes them
+        ('{"n": "2"}', "n must be an integer, got '2'"),
+        ('{"steps": 2.5}', "steps must be an integer, got 2.5"),
+        ('{"eta": "0.5"}', "eta must be a finite number >= 0, got '0.5'"),
+        ('{"guidance": false, "classes": 1}', "guidance must be a finite number >= 0, got False"),
+        ('{"classes": "some"}', "classes must be an int, a non-empty list of ints or 'all', got 'some'"),
+        ('{"seeds": [1, null]}', "each seed must be an integer, got None"),
+        (
+            '{"n": 1, "batch_size": 4}',
+            "unknown field 'batch_size' (expected some of: n, steps, method, eta, seed, seeds, "
+            "classes, guidance, spacing, prompt, negative_prompt)",
+        ),
+        ('{"n": 0}', "n must be >= 1, got 0"),
+        ('{"n": -5}', "n must be >= 1, got -5"),
+        ('{"n": 100000000000000000000000}', "n must be in [1, 16], got 100000000000000000000000"),
+        ('{"steps": 1001}', "steps must be in [1, 1000], got 1001"),
+        ('{"seed": -1}', "seed must be in [0, 18446744073709551615], got -1"),
+        (
+            '{"seeds": [18446744073709551616]}',
+            "each seed must be in [0, 18446744073709551615], got 18446744073709551616",
+        ),
+        ('{"eta": -0.5}', "eta must be a finite number >= 0, got -0.5"),
+        ('{"eta": 1e999}', "eta must be a finite number >= 0, got inf"),
+        ('{"method": "dpm"}', "method must be one of 'ddim', 'ddpm', got 'dpm'"),
+        ('{"method": "ddpm", "eta": 1.0}', "eta applies to method 'ddim' only; got eta=1.0 with method 'ddpm'"),
+        ('{"classes": 7}', "class must be in [0, 3], got 7"),
+        ('{"guidance": 2.0}', "guidance=2.0 needs classes (it steers towards them)"),
+        ('{"n": 2, "seeds": [1]}', "seeds must have n = 2 entries, got 1"),
+    ],
+)
 def test_bad_bodies_get_422_with_one_message(client, body, message):
     response = client.post("/v1/images", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 422
@@ -145,9 +171,13 @@ def test_a_body_over_the_limit_gets_413_by_length_and_when_streamed(cond):
     with TestClient(create_app(cond, Settings(max_body_bytes=100))) as client:
         big = json.dumps({"n": 1, "seeds": [1] * 60}).encode()
         response = client.post("/v1/images", content=big)
-        assert response.status_code == 413 and response.json() == {"error": f"the body is {len(big)} bytes; this server takes at most 100"}
+        assert response.status_code == 413 and response.json() == {
+            "error": f"the body is {len(big)} bytes; this server takes at most 100"
+        }
         streamed = client.post("/v1/images", content=iter([big[:60], big[60:]]))  # chunked: no Content-Length
-        assert streamed.status_code == 413 and streamed.json() == {"error": "the body is over 100 bytes, the most this server takes"}
+        assert streamed.status_code == 413 and streamed.json() == {
+            "error": "the body is over 100 bytes, the most this server takes"
+        }
         assert client.post("/v1/images", json={"n": 1, "steps": 2}).status_code == 200
 
 
@@ -165,7 +195,9 @@ def test_a_full_queue_gets_503_with_retry_after(cond):
             assert time.monotonic() - start < 2
             assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
             assert response.json() == {"error": "the queue holds 2 images (limit 2); 1 more do not fit"}
-            assert client.post("/v1/images", json={"n": 3, "steps": 5}).json() == {"error": "n must be in [1, 2], got 3"}
+            assert client.post("/v1/images", json={"n": 3, "steps": 5}).json() == {
+                "error": "n must be in [1, 2], got 3"
+            }
             queued.cancel(), running.cancel()
         finally:
             held.set()
@@ -215,13 +247,20 @@ def test_healthz_is_503_while_loading_then_200_then_503_while_draining(cond):
         deadline = time.monotonic() + 10
         while client.get("/healthz").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert client.get("/healthz").json() == {"status": "ok", "model": cond.model.sha256, "backend": "ort-cpu",
-                                                 "precision": "fp32", "batch_invariant": True, "max_batch": 64,
-                                                 "max_queue": 1024}
+        assert client.get("/healthz").json() == {
+            "status": "ok",
+            "model": cond.model.sha256,
+            "backend": "ort-cpu",
+            "precision": "fp32",
+            "batch_invariant": True,
+            "max_batch": 64,
+            "max_queue": 1024,
+        }
         app.state.app_state.begin_drain()
         assert client.get("/healthz").status_code == 503 and client.get("/healthz").json() == {"status": "draining"}
         assert client.post("/v1/images", json={"n": 1, "steps": 2}).json() == {
-            "error": "the server is shutting down and takes no new requests"}
+            "error": "the server is shutting down and takes no new requests"
+        }
 
 
 def test_a_model_that_fails_to_load_is_reported_by_healthz(tmp_path):
@@ -259,7 +298,9 @@ def test_metrics_count_what_was_served(cond):
 
 def test_unknown_routes_and_methods_answer_json_errors(client):
     assert client.get("/nope").status_code == 404 and client.get("/nope").json() == {"error": "Not Found"}
-    assert client.get("/v1/images").status_code == 405 and client.get("/v1/images").json() == {"error": "Method Not Allowed"}
+    assert client.get("/v1/images").status_code == 405 and client.get("/v1/images").json() == {
+        "error": "Method Not Allowed"
+    }
 
 
 @contextmanager
@@ -314,8 +355,10 @@ def test_concurrent_connections_are_bounded(cond):
         async def burst():
             limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
             async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
-                return await asyncio.gather(*(http.post("/v1/images", json={"n": 1, "steps": 40, "seed": i})
-                                              for i in range(12)))
+                return await asyncio.gather(
+                    *(http.post("/v1/images", json={"n": 1, "steps": 40, "seed": i}) for i in range(12))
+                )
+
         codes = [r.status_code for r in asyncio.run(burst())]
         slow_steps(app, 0)
         after = httpx.post(f"{url}/v1/images", json={"n": 1, "steps": 4}, timeout=30)
@@ -332,7 +375,12 @@ def test_text_models_take_prompts_and_class_models_refuse_them(tiny_sd, client):
     assert response.status_code == 200, response.text
     body = response.json()
     images, records = text.sample(**params)
-    assert [(i["prompt"], i["negative_prompt"]) for i in body["images"]] == [(r["prompt"], r["negative_prompt"]) for r in records]
+    assert [(i["prompt"], i["negative_prompt"]) for i in body["images"]] == [
+        (r["prompt"], r["negative_prompt"]) for r in records
+    ]
     assert np.array_equal(np.stack([decode(i["png"]) for i in body["images"]]), images)
     refused = client.post("/v1/images", json={"n": 1, "prompt": "a cat"})
-    assert refused.status_code == 422 and "prompt and negative_prompt need a text-to-image MODEL_DIR" in refused.json()["error"]
+    assert (
+        refused.status_code == 422
+        and "prompt and negative_prompt need a text-to-image MODEL_DIR" in refused.json()["error"]
+    )

@@ -1,5 +1,6 @@
 """StepBatcher: concurrent requests share forwards yet every image equals solo sampling; cancel, timeout, queue
 bound, NaN isolation and draining."""
+
 import math
 import threading
 import time
@@ -11,7 +12,7 @@ import pytest
 from ddengine.runtime import parts as parts_module
 from ddengine.runtime.params import InvalidParameterError
 from ddengine.runtime.sampler import Sampler
-from ddengine.serving.batcher import QueueFull, BatcherClosed, StepBatcher
+from ddengine.serving.batcher import BatcherClosed, QueueFull, StepBatcher
 from tests.support.clock import Clock
 from tests.support.tiny_pipeline import tiny_sd  # noqa: F401  (fixture)
 
@@ -35,8 +36,10 @@ MIXED = [
 @pytest.fixture
 def exact_floats(monkeypatch):
     """Results as float32 x_0 (NHWC) instead of uint8, so "identical" means bit for bit, not up to rounding."""
+
     def floats(x, value_range=(-1.0, 1.0)):
         return np.asarray(x, dtype=np.float32).transpose(0, 2, 3, 1).copy()
+
     monkeypatch.setattr(parts_module, "to_uint8", floats)
 
 
@@ -55,7 +58,9 @@ def solo(sampler, params):
 
 
 def same_bits(a, b):
-    return a.shape == b.shape and np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8))
+    return a.shape == b.shape and np.array_equal(
+        np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8)
+    )
 
 
 class Gate:
@@ -115,7 +120,9 @@ def held_after_a_step(sampler, first, **options):
 
 
 def test_cancelling_frees_queue_and_batch_capacity(cond_ort):
-    batcher, gate, running = held_after_a_step(cond_ort, cond_ort.request(2, steps=50, seed=1), max_batch=2, max_queue=4)
+    batcher, gate, running = held_after_a_step(
+        cond_ort, cond_ort.request(2, steps=50, seed=1), max_batch=2, max_queue=4
+    )
     queued = batcher.submit(cond_ort.request(4, steps=50, seed=2))
     assert (batcher.active_images, batcher.queued_images) == (2, 4)
     with pytest.raises(QueueFull):
@@ -218,9 +225,11 @@ def text(tiny_sd):
 
 
 def test_text_requests_mix_prompts_in_shared_forwards_and_stay_exact(text, exact_floats):
-    requests = [dict(n=2, steps=6, prompt="a photo of a cat", guidance=7.5, seed=1),
-                dict(n=3, steps=4, prompt=["a red shoe", "the blue bag"], negative_prompt="a dog", guidance=3.0, seed=9),
-                dict(n=1, steps=6, method="ddpm", prompt="a dog", guidance=1.0, seed=4)]
+    requests = [
+        dict(n=2, steps=6, prompt="a photo of a cat", guidance=7.5, seed=1),
+        dict(n=3, steps=4, prompt=["a red shoe", "the blue bag"], negative_prompt="a dog", guidance=3.0, seed=9),
+        dict(n=1, steps=6, method="ddpm", prompt="a dog", guidance=1.0, seed=4),
+    ]
     batcher = StepBatcher(text.parts, max_batch=3)
     with batcher.paused():
         futures = [batcher.submit(text.request(**r)) for r in requests]

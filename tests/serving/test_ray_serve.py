@@ -1,5 +1,6 @@
 """Ray Serve (engine/serving/ray_serve.py) on a local 2-CPU Ray: two replicas give solo sampling's images, and a replica
 killed mid-load is replaced while every request completes or gets an error response (none lost)."""
+
 import os
 import socket
 import threading
@@ -13,9 +14,9 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from ddengine.serving.ray_serve import DEPLOYMENT, AppArgs, build_app, deployment_options  # noqa: E402
 from ddengine.runtime.sampler import Sampler  # noqa: E402
 from ddengine.serving.app import Settings  # noqa: E402
+from ddengine.serving.ray_serve import DEPLOYMENT, AppArgs, build_app, deployment_options  # noqa: E402
 from tests.serving.test_app import decode  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -47,8 +48,17 @@ def replicas():
 def test_two_replicas_give_the_solo_samplers_images(cluster, cond_model):
     url, handle = cluster
     assert replicas() == {"RUNNING": 2} and handle.check_health.remote().result(timeout_s=30) is None
-    requests = [{"n": 1 + i % 3, "steps": 10 + 5 * (i % 3), "seed": 10 * i, "classes": [i % 4],
-                 "guidance": (None, 2.0)[i % 2], "method": ("ddim", "ddpm")[i % 2]} for i in range(8)]
+    requests = [
+        {
+            "n": 1 + i % 3,
+            "steps": 10 + 5 * (i % 3),
+            "seed": 10 * i,
+            "classes": [i % 4],
+            "guidance": (None, 2.0)[i % 2],
+            "method": ("ddim", "ddpm")[i % 2],
+        }
+        for i in range(8)
+    ]
     results = [None] * len(requests)
 
     def post(i):
@@ -67,7 +77,9 @@ def test_two_replicas_give_the_solo_samplers_images(cluster, cond_model):
         assert np.array_equal(np.stack([decode(i["png"]) for i in body["images"]]), sampler.sample(**params)[0])
     health = httpx.get(f"{url}/healthz", timeout=10).json()
     assert health["status"] == "ok" and health["batch_invariant"] is True
-    assert httpx.post(f"{url}/v1/images", json={"n": True}, timeout=10).json() == {"error": "n must be an integer, got True"}
+    assert httpx.post(f"{url}/v1/images", json={"n": True}, timeout=10).json() == {
+        "error": "n must be an integer, got True"
+    }
 
 
 def test_a_killed_replica_is_replaced_and_no_request_is_lost(cluster):
@@ -105,8 +117,10 @@ def test_a_killed_replica_is_replaced_and_no_request_is_lost(cluster):
         t.join(90)
     counts = Counter(kind for kind, _ in outcomes)
     errors = Counter(detail for kind, detail in outcomes if kind == "error")
-    print(f"accepted {len(outcomes)}, completed {counts['completed']}, failed with an error {counts['error']} "
-          f"{dict(errors)}, lost {counts['lost']}")
+    print(
+        f"accepted {len(outcomes)}, completed {counts['completed']}, failed with an error {counts['error']} "
+        f"{dict(errors)}, lost {counts['lost']}"
+    )
     assert counts["lost"] == 0 and counts["completed"] + counts["error"] == len(outcomes)
     assert set(errors) <= {500} and counts["completed"] > killed_at  # requests kept completing after the kill
     assert replicas() == {"RUNNING": 2}
@@ -117,8 +131,11 @@ def test_a_killed_replica_is_replaced_and_no_request_is_lost(cluster):
 
 
 def test_serve_run_arguments_become_deployment_options():
-    options = deployment_options(AppArgs.model_validate({"max_batch": "8", "min_replicas": "1", "max_replicas": "3",
-                                                         "backend": "ort-cpu", "timeout": "30"}))
+    options = deployment_options(
+        AppArgs.model_validate(
+            {"max_batch": "8", "min_replicas": "1", "max_replicas": "3", "backend": "ort-cpu", "timeout": "30"}
+        )
+    )
     assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 16.0}
     assert options["settings"] == Settings(max_batch=8, timeout=30.0) and options["backend"] == "ort-cpu"
     fixed = deployment_options(AppArgs.model_validate({"num_replicas": "2"}))

@@ -1,4 +1,5 @@
 """A loop's denoise with classes and guidance, as the tests state them (the Conditioning they mean is the runtime's)."""
+
 from ddengine.runtime.conditioning import class_conditioning
 
 

@@ -4,6 +4,7 @@ capture records work instead of running it, graph launches replay the records, a
 step.cu itself, compiled as host C++ (tests/support/host_cuda.py), with its arguments copied at launch time
 as CUDA copies kernel parameters into a graph.
 """
+
 import ctypes
 import enum
 import types
@@ -13,9 +14,13 @@ import numpy as np
 from ddengine.kernels.host import IMAGE_DTYPE, StepArgs
 
 # Bytes of each argument of each entry point (step.cu): the one params struct, or pointers and ints.
-PARAM_SIZES = {"ddstep_step": [ctypes.sizeof(StepArgs)], "ddstep_fill_noise": [ctypes.sizeof(StepArgs)],
-               "ddstep_set_timesteps_i64": [8, 8, 8, 4], "ddstep_set_timesteps_f32": [8, 8, 8, 4],
-               "ddstep_advance": [8, 4]}
+PARAM_SIZES = {
+    "ddstep_step": [ctypes.sizeof(StepArgs)],
+    "ddstep_fill_noise": [ctypes.sizeof(StepArgs)],
+    "ddstep_set_timesteps_i64": [8, 8, 8, 4],
+    "ddstep_set_timesteps_f32": [8, 8, 8, 4],
+    "ddstep_advance": [8, 4],
+}
 
 
 class CUresult(enum.IntEnum):
@@ -52,7 +57,9 @@ class Emulator:
         for base, buffer in self.memory.items():
             if base <= address < base + len(buffer):
                 if address - base + nbytes > len(buffer):
-                    raise IndexError(f"{what}: {nbytes} bytes at +{address - base} overrun a {len(buffer)}-byte allocation")
+                    raise IndexError(
+                        f"{what}: {nbytes} bytes at +{address - base} overrun a {len(buffer)}-byte allocation"
+                    )
                 return
         raise IndexError(f"{what}: address {address:#x} is not device memory")
 
@@ -73,13 +80,16 @@ class Emulator:
     def launch(self, name, params_address, grid):
         """Copy the launch's arguments now (as a captured graph does) and return the work that runs the kernel."""
         pointers = (ctypes.c_void_p * len(PARAM_SIZES[name])).from_address(params_address)
-        copies = [ctypes.create_string_buffer(ctypes.string_at(p, size), size) for p, size in zip(pointers, PARAM_SIZES[name])]
+        copies = [
+            ctypes.create_string_buffer(ctypes.string_at(p, size), size) for p, size in zip(pointers, PARAM_SIZES[name])
+        ]
 
         def run():
             self._check_args(name, copies)
             params = (ctypes.c_void_p * len(copies))(*[ctypes.addressof(c) for c in copies])
             getattr(self.host_cuda, f"launch_{name}")(grid, 256, ctypes.addressof(params))
             self.launches.append(name)
+
         return run
 
     def _check_args(self, name, copies):
@@ -119,18 +129,31 @@ class Emulator:
     def _runtime(self):
         ok = cudaError_t.cudaSuccess
         r = types.SimpleNamespace(cudaError_t=cudaError_t, cudaStreamNonBlocking=1)
-        r.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2, cudaMemcpyDeviceToDevice=3)
-        r.cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeGlobal=0, cudaStreamCaptureModeThreadLocal=1)
+        r.cudaMemcpyKind = types.SimpleNamespace(
+            cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2, cudaMemcpyDeviceToDevice=3
+        )
+        r.cudaStreamCaptureMode = types.SimpleNamespace(
+            cudaStreamCaptureModeGlobal=0, cudaStreamCaptureModeThreadLocal=1
+        )
         r.cudaGetErrorString = lambda status: (ok, b"emulated error")
         r.cudaGetDeviceCount = lambda: (ok, 1)
         r.cudaSetDevice = lambda device: (ok,)
-        r.cudaFree = lambda address: (ok,) if address == 0 or self.memory.pop(int(address), None) is not None else (cudaError_t.cudaErrorInvalidValue,)
-        r.cudaGetDeviceProperties = lambda device: (ok, types.SimpleNamespace(name=b"Emulated GPU\0\0", major=9, minor=0))
+        r.cudaFree = lambda address: (
+            (ok,)
+            if address == 0 or self.memory.pop(int(address), None) is not None
+            else (cudaError_t.cudaErrorInvalidValue,)
+        )
+        r.cudaGetDeviceProperties = lambda device: (
+            ok,
+            types.SimpleNamespace(name=b"Emulated GPU\0\0", major=9, minor=0),
+        )
         r.cudaMalloc = lambda nbytes: (ok, self.alloc(nbytes))
         streams = iter(range(0x5000, 0x6000))
         r.cudaStreamCreateWithFlags = lambda flags: (ok, next(streams))
         r.cudaStreamDestroy = lambda stream: (ok,)
-        r.cudaStreamSynchronize = lambda stream: (ok,) if int(stream) not in self.capturing else (cudaError_t.cudaErrorStreamCaptureUnsupported,)
+        r.cudaStreamSynchronize = lambda stream: (
+            (ok,) if int(stream) not in self.capturing else (cudaError_t.cudaErrorStreamCaptureUnsupported,)
+        )
 
         def memcpy(dst, src, nbytes, kind, stream):
             if kind != 3 and int(stream) in self.capturing:
@@ -155,7 +178,9 @@ class Emulator:
 
         r.cudaStreamBeginCapture, r.cudaStreamEndCapture = begin, end
         r.cudaGraphInstantiate = lambda graph, flags: (ok, ("exec", list(self.graphs[graph])))
-        r.cudaGraphDestroy = lambda graph: (ok,) if self.graphs.pop(graph, None) is not None else (cudaError_t.cudaErrorInvalidValue,)
+        r.cudaGraphDestroy = lambda graph: (
+            (ok,) if self.graphs.pop(graph, None) is not None else (cudaError_t.cudaErrorInvalidValue,)
+        )
         r.cudaGraphExecDestroy = lambda graph_exec: (ok,)
 
         def graph_launch(graph_exec, stream):

@@ -2,13 +2,16 @@
 
 torch is imported inside the helpers that need it, so numpy-only tests can use write_idx.
 """
+
 import gzip
 import struct
 
 import numpy as np
 
-IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
 
 
 def tiny_config(**overrides):
@@ -74,9 +77,9 @@ def export_with_twin(folder, name="m", seed=0, **config):
 
     from ddengine.export.onnx_export import spec_for
     from ddengine.export.train import scheduler_dict
+    from ddengine.model.spec import METADATA_KEY
     from ddengine.nets.twin import save_twin, twin_path
     from ddengine.nets.unet import UNet
-    from ddengine.model.spec import METADATA_KEY
 
     cfg = tiny_config(**({"image_size": 8} | config))
     torch.manual_seed(seed)
@@ -87,8 +90,16 @@ def export_with_twin(folder, name="m", seed=0, **config):
     path = folder / f"{name}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), input_names=names, output_names=["out"], opset_version=17,
-                          dynamic_axes={n: {0: "N"} for n in names + ["out"]}, dynamo=False)
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=names,
+            output_names=["out"],
+            opset_version=17,
+            dynamic_axes={n: {0: "N"} for n in names + ["out"]},
+            dynamo=False,
+        )
     proto = onnx.load(str(path))
     spec = spec_for(scheduler_dict(), cfg.in_channels, size, size, classes)
     onnx.helper.set_model_props(proto, {METADATA_KEY: spec.to_json()})

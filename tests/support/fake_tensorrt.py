@@ -3,6 +3,7 @@
 `faults` names calls that fail the way TensorRT does: they log an error through the logger they were given
 and return None/False. Every call is recorded in `calls`, so tests can assert what the builder was told.
 """
+
 import enum
 import types
 
@@ -44,9 +45,11 @@ def make_module(version="10.99.0", faults=(), io=None):
     """A fresh fake module; `io` = {name: (mode, DataType, shape)} of the engines it 'deserializes'."""
     # on_execute(context, stream), when set, does the forward (tests pair it with cuda_emulator.py)
     state = types.SimpleNamespace(faults=set(faults), calls=[], builds=0, deserialized=0, on_execute=None)
-    io = io or {"sample": (TensorIOMode.INPUT, DataType.FLOAT, (-1, 1, 8, 8)),
-                "timestep": (TensorIOMode.INPUT, DataType.INT64, (-1,)),
-                "out": (TensorIOMode.OUTPUT, DataType.FLOAT, (-1, 1, 8, 8))}
+    io = io or {
+        "sample": (TensorIOMode.INPUT, DataType.FLOAT, (-1, 1, 8, 8)),
+        "timestep": (TensorIOMode.INPUT, DataType.INT64, (-1,)),
+        "out": (TensorIOMode.OUTPUT, DataType.FLOAT, (-1, 1, 8, 8)),
+    }
 
     def fail(logger, what, message):
         state.calls.append(("fault", what))
@@ -85,7 +88,11 @@ def make_module(version="10.99.0", faults=(), io=None):
         def add_optimization_profile(self, profile):
             state.calls.append(("add_optimization_profile", dict(profile.shapes)))
             if "add_optimization_profile" in state.faults:
-                fail(self.logger, "add_optimization_profile", "Specified optimization profiles must satisfy MIN<=OPT<=MAX")
+                fail(
+                    self.logger,
+                    "add_optimization_profile",
+                    "Specified optimization profiles must satisfy MIN<=OPT<=MAX",
+                )
                 return -1
             return 0
 
@@ -133,7 +140,9 @@ def make_module(version="10.99.0", faults=(), io=None):
             state.builds += 1
             state.calls.append(("build_serialized_network", network.flags, list(config.flags)))
             if "build" in state.faults:
-                fail(self.logger, "build", "[optimizer] Internal Error: could not find any implementation for node /conv")
+                fail(
+                    self.logger, "build", "[optimizer] Internal Error: could not find any implementation for node /conv"
+                )
                 return None
             self.logger.log(Severity.WARNING, "using a fake builder")
             return HostMemory(b"FAKEPLAN" + state.onnx_sha[:16].encode())
@@ -223,7 +232,11 @@ def make_module(version="10.99.0", faults=(), io=None):
             state.deserialized += 1
             state.calls.append(("deserialize_cuda_engine", bytes(data)))
             if "deserialize" in state.faults:
-                fail(self.logger, "deserialize", "Serialization assertion stdVersionRead == kSERIALIZATION_VERSION failed")
+                fail(
+                    self.logger,
+                    "deserialize",
+                    "Serialization assertion stdVersionRead == kSERIALIZATION_VERSION failed",
+                )
                 return None
             return Engine(self.logger)
 

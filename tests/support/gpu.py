@@ -1,4 +1,5 @@
 """Shared by the GPU-path tests: markers that skip without a GPU or TensorRT, a fake GPU identity, fp16 stand-ins."""
+
 import importlib.util
 
 import onnx
@@ -35,8 +36,14 @@ def _has_tensorrt():
 
 
 HAS_GPU = _gpu_count() > 0
-GPU_MARKS = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU with cuda-python (pip install ddengine[gpu])")]
-TRT_MARKS = [pytest.mark.tensorrt, pytest.mark.skipif(not _has_tensorrt(), reason="needs TensorRT (pip install ddengine[gpu])")]
+GPU_MARKS = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU with cuda-python (pip install ddengine[gpu])"),
+]
+TRT_MARKS = [
+    pytest.mark.tensorrt,
+    pytest.mark.skipif(not _has_tensorrt(), reason="needs TensorRT (pip install ddengine[gpu])"),
+]
 
 
 def needs_gpu(test):

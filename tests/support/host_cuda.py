@@ -3,6 +3,7 @@
 Every entry point gets a trampoline `launch_<name>(grid, block, params)` taking cuLaunchKernel's parameter
 array (one pointer per argument), so tests and the CUDA emulator run the CUDA twin's own code on the CPU.
 """
+
 import ctypes
 import shutil
 import subprocess
@@ -11,8 +12,13 @@ from pathlib import Path
 import pytest
 
 KERNELS = Path(__file__).resolve().parents[2] / "kernels"
-ENTRY_POINTS = ("ddstep_step", "ddstep_fill_noise", "ddstep_set_timesteps_i64", "ddstep_set_timesteps_f32",
-                "ddstep_advance")
+ENTRY_POINTS = (
+    "ddstep_step",
+    "ddstep_fill_noise",
+    "ddstep_set_timesteps_i64",
+    "ddstep_set_timesteps_f32",
+    "ddstep_advance",
+)
 
 SOURCE = r"""
 #define __global__
@@ -55,8 +61,23 @@ def build_host_cuda(folder):
     folder = Path(folder)
     (folder / "launch.cpp").write_text(SOURCE)
     lib = folder / "host_step.so"
-    subprocess.run(["g++", "-shared", "-fPIC", "-O2", "-std=c++17", "-ffp-contract=off", f"-I{KERNELS}",
-                    str(folder / "launch.cpp"), "-o", str(lib)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            "g++",
+            "-shared",
+            "-fPIC",
+            "-O2",
+            "-std=c++17",
+            "-ffp-contract=off",
+            f"-I{KERNELS}",
+            str(folder / "launch.cpp"),
+            "-o",
+            str(lib),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     library = ctypes.CDLL(str(lib))
     for name in ENTRY_POINTS:
         getattr(library, f"launch_{name}").argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]

@@ -1,8 +1,9 @@
 """Independent float64 oracles for the kernel tests: Philox4x32-10 (Salmon et al. 2011) and Box-Muller noise."""
+
 import numpy as np
 
-M0, M1 = 0xD2511F53, 0xCD9E8D57   # Philox4x32 multipliers (Salmon et al. 2011, Table 2)
-W0, W1 = 0x9E3779B9, 0xBB67AE85   # Weyl key increments: golden ratio and sqrt(3) - 1
+M0, M1 = 0xD2511F53, 0xCD9E8D57  # Philox4x32 multipliers (Salmon et al. 2011, Table 2)
+W0, W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments: golden ratio and sqrt(3) - 1
 MASK = 0xFFFFFFFF
 
 
@@ -94,6 +95,13 @@ def oracle_step(x, model_out, table, images, clip=None):
     for j, im in enumerate(images):
         z = noise(im["seed"], x[j].size, int(im["step"]), 0).reshape(x[j].shape)
         uncond = model_out[im["uncond"]] if im["uncond"] >= 0 else None
-        out[j] = reference_step(x[j], model_out[j], table[im["row"]].astype(np.float64), z, uncond=uncond,
-                                guidance=float(im["guidance"]) if uncond is not None else None, clip=clip)
+        out[j] = reference_step(
+            x[j],
+            model_out[j],
+            table[im["row"]].astype(np.float64),
+            z,
+            uncond=uncond,
+            guidance=float(im["guidance"]) if uncond is not None else None,
+            clip=clip,
+        )
     return out

@@ -5,6 +5,7 @@ past the ModelSpec checks (`meta`, `metadata_text`), graphs whose tensors do not
 `batch`, `sample_type`, `extra_input`), a class embedding with too few rows (`emb_rows`), and models that go
 non-finite for one class below a timestep (`nan_below`).
 """
+
 import json
 
 import numpy as np
@@ -13,9 +14,18 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ddengine.model.spec import METADATA_KEY, ModelSpec
 
-SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
-             "prediction_type": "epsilon", "clip_sample": True, "clip_sample_range": 1.0,
-             "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False}
+SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "prediction_type": "epsilon",
+    "clip_sample": True,
+    "clip_sample_range": 1.0,
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+}
 GAIN, T_SCALE = 0.5, 0.3
 
 
@@ -37,14 +47,41 @@ def conv_weight(channels):
 def tiny_spec(channels=1, height=8, width=8, num_classes=0, scheduler=None, **extra):
     """The ModelSpec the tiny model carries; conditional models get null class = num_classes."""
     null = num_classes if num_classes else None
-    return ModelSpec(scheduler=dict(scheduler or SCHEDULER), channels=channels, height=height, width=width,
-                     num_classes=num_classes, null_class=null, **extra)
+    return ModelSpec(
+        scheduler=dict(scheduler or SCHEDULER),
+        channels=channels,
+        height=height,
+        width=width,
+        num_classes=num_classes,
+        null_class=null,
+        **extra,
+    )
 
 
-def build_tiny_model(path, *, channels=1, height=8, width=8, num_classes=0, conv=True, nan_class=None, huge_class=None,
-                     scheduler=None, metadata=True, spec=None, meta=None, metadata_text=None, out_shape=None, batch="N",
-                     sample_type=TensorProto.FLOAT, emb_rows=None, scalar_timestep=False, extra_input=None,
-                     nan_below=None, recommended_guidance=None):
+def build_tiny_model(
+    path,
+    *,
+    channels=1,
+    height=8,
+    width=8,
+    num_classes=0,
+    conv=True,
+    nan_class=None,
+    huge_class=None,
+    scheduler=None,
+    metadata=True,
+    spec=None,
+    meta=None,
+    metadata_text=None,
+    out_shape=None,
+    batch="N",
+    sample_type=TensorProto.FLOAT,
+    emb_rows=None,
+    scalar_timestep=False,
+    extra_input=None,
+    nan_below=None,
+    recommended_guidance=None,
+):
     """Write a tiny ONNX model to `path` and return its ModelSpec.
 
     meta: fields merged into the metadata JSON as written (no ModelSpec check: for refusals); metadata_text: the
@@ -56,40 +93,52 @@ def build_tiny_model(path, *, channels=1, height=8, width=8, num_classes=0, conv
     extra = {} if recommended_guidance is None else {"recommended_guidance": recommended_guidance}
     spec = spec or tiny_spec(channels, height, width, num_classes, scheduler, **extra)
     T = spec.scheduler.get("num_train_timesteps", 1000)
-    inits = [numpy_helper.from_array(np.array(GAIN, np.float32), "gain"),
-             numpy_helper.from_array(np.array(T_SCALE / T, np.float32), "tscale"),
-             numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "col")]
+    inits = [
+        numpy_helper.from_array(np.array(GAIN, np.float32), "gain"),
+        numpy_helper.from_array(np.array(T_SCALE / T, np.float32), "tscale"),
+        numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "col"),
+    ]
     nodes = []
     if conv:
         inits.append(numpy_helper.from_array(conv_weight(channels), "w"))
         nodes.append(helper.make_node("Conv", ["sample", "w"], ["h"], pads=[1, 1, 1, 1]))
     else:
         nodes.append(helper.make_node("Identity", ["sample"], ["h"]))
-    nodes += [helper.make_node("Mul", ["h", "gain"], ["hg"]),
-              helper.make_node("Cast", ["timestep"], ["tf"], to=TensorProto.FLOAT),
-              helper.make_node("Mul", ["tf", "tscale"], ["ts"]),
-              helper.make_node("Reshape", ["ts", "col"], ["t4"])]
-    inputs = [helper.make_tensor_value_info("sample", sample_type, [batch, channels, height, width]),
-              helper.make_tensor_value_info("timestep", TensorProto.INT64, [] if scalar_timestep else ["N"])]
+    nodes += [
+        helper.make_node("Mul", ["h", "gain"], ["hg"]),
+        helper.make_node("Cast", ["timestep"], ["tf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["tf", "tscale"], ["ts"]),
+        helper.make_node("Reshape", ["ts", "col"], ["t4"]),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("sample", sample_type, [batch, channels, height, width]),
+        helper.make_tensor_value_info("timestep", TensorProto.INT64, [] if scalar_timestep else ["N"]),
+    ]
     nodes.append(helper.make_node("Add", ["hg", "t4"], ["ht"]))
     if num_classes:
         inputs.append(helper.make_tensor_value_info("class_labels", TensorProto.INT64, ["N"]))
-        inits.append(numpy_helper.from_array(class_table(num_classes, channels, nan_class, huge_class, emb_rows), "emb"))
+        inits.append(
+            numpy_helper.from_array(class_table(num_classes, channels, nan_class, huge_class, emb_rows), "emb")
+        )
         inits.append(numpy_helper.from_array(np.array([-1, channels, 1, 1], np.int64), "cshape"))
-        nodes += [helper.make_node("Gather", ["emb", "class_labels"], ["e"], axis=0),
-                  helper.make_node("Reshape", ["e", "cshape"], ["e4"]),
-                  helper.make_node("Add", ["ht", "e4"], ["hte"])]
+        nodes += [
+            helper.make_node("Gather", ["emb", "class_labels"], ["e"], axis=0),
+            helper.make_node("Reshape", ["e", "cshape"], ["e4"]),
+            helper.make_node("Add", ["ht", "e4"], ["hte"]),
+        ]
         if nan_below is not None:  # 0 * sqrt(t - t0 * [label == class]): NaN for that class below t0, else 0
             t0, label = nan_below
             gate = np.zeros(num_classes + 1, np.float32)
             gate[label] = t0
             inits += [numpy_helper.from_array(gate, "gate"), numpy_helper.from_array(np.array(0.0, np.float32), "zero")]
-            nodes += [helper.make_node("Gather", ["gate", "class_labels"], ["g"], axis=0),
-                      helper.make_node("Sub", ["tf", "g"], ["d"]),
-                      helper.make_node("Sqrt", ["d"], ["r"]),
-                      helper.make_node("Mul", ["r", "zero"], ["z"]),
-                      helper.make_node("Reshape", ["z", "col"], ["z4"]),
-                      helper.make_node("Add", ["hte", "z4"], ["htz"])]
+            nodes += [
+                helper.make_node("Gather", ["gate", "class_labels"], ["g"], axis=0),
+                helper.make_node("Sub", ["tf", "g"], ["d"]),
+                helper.make_node("Sqrt", ["d"], ["r"]),
+                helper.make_node("Mul", ["r", "zero"], ["z"]),
+                helper.make_node("Reshape", ["z", "col"], ["z4"]),
+                helper.make_node("Add", ["hte", "z4"], ["htz"]),
+            ]
     if extra_input is not None:
         inputs.append(helper.make_tensor_value_info(extra_input, TensorProto.FLOAT, ["N"]))
     nodes[-1].output[0] = "out"  # the last node computes the output

@@ -6,6 +6,7 @@ letters and a few words; `refusing_folder` writes the folders the exporter must 
 and `tiny_sd16` (import them into a test module) build the folder and export it with `ddengine export --diffusers`
 once per test session, whichever modules ask for them.
 """
+
 import json
 import shutil
 from pathlib import Path
@@ -17,17 +18,33 @@ LATENT, SCALE, TEXT_LENGTH, HIDDEN = 16, 2, 77, 32
 IMAGE = LATENT * SCALE
 WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "shoe", "bag", "the", "green", "blurry")
 PROMPTS = ("a photo of a cat", "a red shoe", "the blue bag")
-SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                 set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    num_train_timesteps=1000,
+)
 
 
 def tiny_unet(**overrides):
     """UNet2DConditionModel, two levels (32, 64 channels), cross-attention on 32-dim text states."""
     from diffusers import UNet2DConditionModel
 
-    config = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=LATENT, in_channels=4, out_channels=4,
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                  cross_attention_dim=HIDDEN, norm_num_groups=8, attention_head_dim=8)
+    config = dict(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=LATENT,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=HIDDEN,
+        norm_num_groups=8,
+        attention_head_dim=8,
+    )
     return UNet2DConditionModel(**(config | overrides))
 
 
@@ -35,17 +52,36 @@ def tiny_vae():
     """AutoencoderKL with two levels: 4 latent channels, an image SCALE times the latent's size."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(block_out_channels=[16, 32], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=IMAGE)
+    return AutoencoderKL(
+        block_out_channels=[16, 32],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        sample_size=IMAGE,
+    )
 
 
 def tiny_text_encoder():
     """CLIPTextModel: 2 layers, hidden size 32, 77 positions."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    return CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=HIDDEN, intermediate_size=37,
-                                        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,
-                                        max_position_embeddings=TEXT_LENGTH))
+    return CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+            hidden_size=HIDDEN,
+            intermediate_size=37,
+            layer_norm_eps=1e-5,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=1000,
+            max_position_embeddings=TEXT_LENGTH,
+        )
+    )
 
 
 def tiny_tokenizer(folder):
@@ -74,8 +110,16 @@ def build_tiny_pipeline(folder, seed=0):
     torch.manual_seed(seed)
     unet, vae, text = tiny_unet(), tiny_vae(), tiny_text_encoder()
     tokenizer = tiny_tokenizer(folder.parent / f".{folder.name}_vocab")
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=DDIMScheduler(**SCHEDULER),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(**SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(str(folder))
     return folder
 
@@ -87,8 +131,12 @@ def load_pipeline(folder):
     return StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
 
 
-REFUSED_PARTS = {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-                 "controlnet": ["diffusers", "ControlNetModel"], "image_encoder": ["transformers", "CLIPVisionModelWithProjection"]}
+REFUSED_PARTS = {
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "controlnet": ["diffusers", "ControlNetModel"],
+    "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+}
 
 
 def refusing_folder(source, dest, parts=(), unet_config=None, class_name=None):
@@ -122,7 +170,9 @@ def exported(base, fp16=False):
         if not (pipeline / "model_index.json").exists():
             build_tiny_pipeline(pipeline)
         model = base / ("model_fp16" if fp16 else "model")
-        result = CliRunner().invoke(main, ["export", "--diffusers", str(pipeline), "-o", str(model), *(["--fp16"] if fp16 else [])])
+        result = CliRunner().invoke(
+            main, ["export", "--diffusers", str(pipeline), "-o", str(model), *(["--fp16"] if fp16 else [])]
+        )
         assert result.exit_code == 0, result.output
         _EXPORTS[key] = SimpleNamespace(pipeline=pipeline, model=model, output=result.output)
     return _EXPORTS[key]

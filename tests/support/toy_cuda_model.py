@@ -1,5 +1,6 @@
 """A GPU stand-in for an engine: the conv-free tiny model (tests/support/toy_model.py) as one NVRTC kernel,
 behind the runner interface of the GPU backends (bind device buffers, enqueue on the stream, capturable)."""
+
 import ctypes
 
 import numpy as np
@@ -63,11 +64,33 @@ class ToyRunner(DeviceRunner):
         s, a = self.spec, self.addresses
         hw = s.height * s.width
         T = s.scheduler["num_train_timesteps"]
-        args = [ctypes.c_void_p(a["sample"]), ctypes.c_void_p(a["timestep"]), ctypes.c_void_p(a.get("class_labels", 0)),
-                ctypes.c_void_p(self.backend.emb.ptr), ctypes.c_void_p(a["out"]), ctypes.c_int(self.rows),
-                ctypes.c_int(s.channels), ctypes.c_longlong(hw), ctypes.c_float(GAIN), ctypes.c_float(T_SCALE / T)]
+        args = [
+            ctypes.c_void_p(a["sample"]),
+            ctypes.c_void_p(a["timestep"]),
+            ctypes.c_void_p(a.get("class_labels", 0)),
+            ctypes.c_void_p(self.backend.emb.ptr),
+            ctypes.c_void_p(a["out"]),
+            ctypes.c_int(self.rows),
+            ctypes.c_int(s.channels),
+            ctypes.c_longlong(hw),
+            ctypes.c_float(GAIN),
+            ctypes.c_float(T_SCALE / T),
+        ]
         pointers = (ctypes.c_void_p * len(args))(*[ctypes.addressof(v) for v in args])
         total = self.rows * s.channels * hw
-        check(driver.cuLaunchKernel(self.backend.function, (total + 127) // 128, 1, 1, 128, 1, 1, 0,
-                                    driver.CUstream(int(self.stream)), ctypes.addressof(pointers), 0))
+        check(
+            driver.cuLaunchKernel(
+                self.backend.function,
+                (total + 127) // 128,
+                1,
+                1,
+                128,
+                1,
+                1,
+                0,
+                driver.CUstream(int(self.stream)),
+                ctypes.addressof(pointers),
+                0,
+            )
+        )
         self.backend.forwards += 1

@@ -1,5 +1,6 @@
 """The conv-free tiny model m = gain*x + tscale*t + emb[label] (tests/support/tiny_models.py) as float32 numpy,
 behind a host backend and with a bound I/O contract, for loop tests that need no ONNX file."""
+
 import numpy as np
 
 from ddengine.backends.base import Backend

@@ -2,6 +2,7 @@
 
 A test folder's conftest.py imports the ones it needs (pytest collects fixtures imported into a conftest).
 """
+
 import sys
 
 import pytest

@@ -4,6 +4,7 @@ what diffusers' scheduler draws. Also: batch-size invariance with mixed prompts,
 distinct prompt, the tokenizer against transformers', OpenVINO within a PSNR bound of ONNX Runtime, and the
 memory of loading a large single-file ONNX.
 """
+
 import json
 import subprocess
 import sys
@@ -71,9 +72,17 @@ def diffusers_images(pipe, monkeypatch, method, prompts, negatives, seeds, steps
 
     monkeypatch.setattr(scheduling_ddpm, "randn_tensor", engine_noise)
     monkeypatch.setattr(scheduling_ddim, "randn_tensor", engine_noise)
-    out = pipe(list(prompts), negative_prompt=None if negatives is None else list(negatives), num_inference_steps=steps,
-               guidance_scale=guidance, eta=eta, latents=torch.from_numpy(initial_noise(seeds)), height=IMAGE, width=IMAGE,
-               output_type="np").images
+    out = pipe(
+        list(prompts),
+        negative_prompt=None if negatives is None else list(negatives),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        eta=eta,
+        latents=torch.from_numpy(initial_noise(seeds)),
+        height=IMAGE,
+        width=IMAGE,
+        output_type="np",
+    ).images
     return np.rint(np.clip(out, 0, 1) * 255).astype(np.uint8), len(drawn)
 
 
@@ -96,8 +105,17 @@ SETTINGS = {  # method, eta, guidance, negative prompts (None: diffusers' and th
 def test_images_match_diffusers_stable_diffusion_pipeline(sampler, oracle, monkeypatch, setting):
     method, eta, guidance, negatives = SETTINGS[setting]
     prompts, steps = [PROMPTS[0], LONG, PROMPTS[2]], 10
-    ours, records = sampler.sample(3, steps=steps, method=method, eta=eta, seeds=SEEDS, prompt=prompts,
-                                   negative_prompt=negatives, guidance=guidance, batch_size=3)
+    ours, records = sampler.sample(
+        3,
+        steps=steps,
+        method=method,
+        eta=eta,
+        seeds=SEEDS,
+        prompt=prompts,
+        negative_prompt=negatives,
+        guidance=guidance,
+        batch_size=3,
+    )
     theirs, drawn = diffusers_images(oracle, monkeypatch, method, prompts, negatives, SEEDS, steps, guidance, eta)
     assert drawn == (steps if method == "ddpm" or eta > 0 else 0)  # every step's noise came from the engine
     assert ours.shape == theirs.shape == (3, IMAGE, IMAGE, 3)
@@ -119,10 +137,18 @@ def test_an_image_depends_only_on_its_seed_prompt_and_parameters(tiny_sd):
     reused from a cache) give bit-identical images on the exact fp32 backend."""
     prompts, negatives = list(PROMPTS), ["", "a dog"]
     kw = dict(steps=6, guidance=7.5, method="ddim", eta=0.5)
-    together, _ = Sampler(tiny_sd.model, backend="ort-cpu").sample(5, prompt=prompts, negative_prompt=negatives, batch_size=5, **kw)
-    pairs, _ = Sampler(tiny_sd.model, backend="ort-cpu").sample(5, prompt=prompts, negative_prompt=negatives, batch_size=2, **kw)
-    alone = [Sampler(tiny_sd.model, backend="ort-cpu").sample(1, seeds=[i], prompt=prompts[i % 3], negative_prompt=negatives[i % 2],
-                                                               **kw)[0][0] for i in range(5)]
+    together, _ = Sampler(tiny_sd.model, backend="ort-cpu").sample(
+        5, prompt=prompts, negative_prompt=negatives, batch_size=5, **kw
+    )
+    pairs, _ = Sampler(tiny_sd.model, backend="ort-cpu").sample(
+        5, prompt=prompts, negative_prompt=negatives, batch_size=2, **kw
+    )
+    alone = [
+        Sampler(tiny_sd.model, backend="ort-cpu").sample(
+            1, seeds=[i], prompt=prompts[i % 3], negative_prompt=negatives[i % 2], **kw
+        )[0][0]
+        for i in range(5)
+    ]
     assert np.array_equal(together, pairs) and np.array_equal(together, np.stack(alone))
 
 
@@ -157,7 +183,9 @@ def test_tokenizer_matches_transformers_clip_tokenizer(tiny_sd, oracle):
     spec = PipelineSpec.read(tiny_sd.model)
     ours = PromptTokenizer(spec.path(tiny_sd.model, "tokenizer"), spec.text_length, spec.pad_token_id)
     prompts = [*PROMPTS, LONG, "", "UPPER case, punctuation!?", "  spaces   between  "]
-    want = oracle.tokenizer(prompts, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="np").input_ids
+    want = oracle.tokenizer(
+        prompts, padding="max_length", max_length=TEXT_LENGTH, truncation=True, return_tensors="np"
+    ).input_ids
     assert spec.text_length == TEXT_LENGTH
     np.testing.assert_array_equal(ours(prompts), want)
 
@@ -185,7 +213,9 @@ print(images.shape, records[1]["prompt"])
 
 
 def test_sampling_a_model_dir_needs_neither_torch_nor_transformers(tiny_sd):
-    proc = subprocess.run([sys.executable, "-c", TORCH_FREE, str(tiny_sd.model)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", TORCH_FREE, str(tiny_sd.model)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["(2,", f"{IMAGE},", f"{IMAGE},", "3)", "a", "dog"]
 
@@ -221,7 +251,9 @@ def test_loading_a_large_single_file_model_reads_it_into_memory_once(tmp_path):
     rng = np.random.default_rng(0)
     sizes = [64 << 20, 1 << 20, *[(235 << 20) // 40] * 40]  # one 64 MB table, a 1 MB one, forty of about 6 MB
     for i, size in enumerate(sizes):
-        model.graph.initializer.append(numpy_helper.from_array(rng.standard_normal(size // 4, dtype=np.float32), f"w{i}"))
+        model.graph.initializer.append(
+            numpy_helper.from_array(rng.standard_normal(size // 4, dtype=np.float32), f"w{i}")
+        )
     onnx.save(model, str(path))
     del model
     size = path.stat().st_size
@@ -249,7 +281,9 @@ def test_a_weight_shorter_than_its_shape_is_refused(tmp_path):
     tensor.raw_data = tensor.raw_data[:-4]
     model.graph.initializer.append(tensor)
     onnx.save(model, str(path))
-    with pytest.raises(ModelError, match=r"tensor 'w' has 1048572 bytes of raw data; its shape \[262144\] and type FLOAT need 1048576"):
+    with pytest.raises(
+        ModelError, match=r"tensor 'w' has 1048572 bytes of raw data; its shape \[262144\] and type FLOAT need 1048576"
+    ):
         load_model(path)
 
 
@@ -265,5 +299,7 @@ def test_a_missing_external_data_file_is_named(tmp_path):
     onnx.save(onnx.load(str(path)), str(path), save_as_external_data=True, location="ext.weights", size_threshold=0)
     assert load_model(path).sha256
     (tmp_path / "ext.weights").unlink()
-    with pytest.raises(ModelError, match=f"model file {path}: its external data file ext.weights is missing from {tmp_path}"):
+    with pytest.raises(
+        ModelError, match=f"model file {path}: its external data file ext.weights is missing from {tmp_path}"
+    ):
         load_model(path)
