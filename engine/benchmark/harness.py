@@ -276,6 +276,21 @@ def diffusers_runner(forward, sampler, request):
     return once
 
 
+def bench_request(sampler, batch, steps, method, eta, guidance, spacing):
+    """The validated Request a benchmark row samples: `batch` images, every class in turn on a conditional model."""
+    classes = "all" if sampler.spec.conditional else None
+    return sampler.request(
+        batch,
+        steps=steps,
+        method=method,
+        eta=eta,
+        classes=classes,
+        guidance=guidance,
+        spacing=spacing,
+        batch_size=batch,
+    )
+
+
 def run_benchmarks(
     samplers,
     batches,
@@ -298,20 +313,7 @@ def run_benchmarks(
     net, why = torch_twin(first, torch_weights) if baselines else (None, "")
     rows = []
     for batch in batches:
-        classes = "all" if first.spec.conditional else None
-        requests = {
-            k: s.request(
-                batch,
-                steps=steps,
-                method=method,
-                eta=eta,
-                classes=classes,
-                guidance=guidance,
-                spacing=spacing,
-                batch_size=batch,
-            )
-            for k, s in samplers.items()
-        }
+        requests = {k: bench_request(s, batch, steps, method, eta, guidance, spacing) for k, s in samplers.items()}
         runners, labels = {}, {}
         for key, sampler in samplers.items():
             for name, factory in ((engine_name(key), engine_runner), (floor_name(key), floor_runner)):

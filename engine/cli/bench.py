@@ -73,7 +73,7 @@ def bench(
     """Per-step latency and images/s against baselines."""
     import ddengine
     from ddengine.backends import CPU_BACKENDS, auto_choice, available_backends
-    from ddengine.benchmark.harness import load_average, machine, run_benchmarks, summary
+    from ddengine.benchmark.harness import bench_request, load_average, machine, run_benchmarks, summary
     from ddengine.files.atomic import atomic_write
 
     if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
@@ -92,18 +92,7 @@ def bench(
         samplers[label] = open_sampler(model, scheduler_config, name, threads, precision)
     for sampler in samplers.values():
         for batch in batches:
-            classes = "all" if sampler.spec.conditional else None
-            usage_errors(
-                sampler.request,
-                batch,
-                steps=steps,
-                method=method,
-                eta=eta,
-                classes=classes,
-                guidance=guidance,
-                spacing=spacing,
-                batch_size=batch,
-            )
+            usage_errors(bench_request, sampler, batch, steps, method, eta, guidance, spacing)
     before = machine()
     table = _Table(samplers, steps, method, eta, guidance)
     rows = run_benchmarks(

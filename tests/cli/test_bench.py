@@ -12,6 +12,8 @@ from click.testing import CliRunner
 from ddengine.benchmark.harness import NUMPY, TORCH_UNAVAILABLE, diffusers_name, engine_name, floor_name
 from ddengine.cli import main
 
+QUICK = ("--backend", "ort-cpu", "--batch", 1, "--steps", 2, "--repeats", 1, "--no-baselines")  # one short row
+
 
 def bench(*args):
     return CliRunner().invoke(main, ["bench", *[str(a) for a in args]])
@@ -78,21 +80,7 @@ def test_bench_json_records_the_cpu_its_isa_and_the_load(tmp_path, uncond_model)
     from ddengine.benchmark.harness import ISA_FLAGS
 
     path = tmp_path / "bench.json"
-    result = bench(
-        "--model",
-        uncond_model,
-        "--backend",
-        "ort-cpu",
-        "--batch",
-        1,
-        "--steps",
-        2,
-        "--repeats",
-        1,
-        "--no-baselines",
-        "--json",
-        path,
-    )
+    result = bench("--model", uncond_model, *QUICK, "--json", path)
     assert result.exit_code == 0, result.output
     data = json.loads(path.read_text())
     with open("/proc/cpuinfo") as f:
@@ -208,20 +196,6 @@ def test_plot_without_matplotlib_is_a_clear_usage_error(tmp_path, cond_model):
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
 def test_plot_writes_a_png(tmp_path, uncond_model):
-    result = bench(
-        "--model",
-        uncond_model,
-        "--backend",
-        "ort-cpu",
-        "--batch",
-        1,
-        "--steps",
-        2,
-        "--repeats",
-        1,
-        "--no-baselines",
-        "--plot",
-        tmp_path / "p.png",
-    )
+    result = bench("--model", uncond_model, *QUICK, "--plot", tmp_path / "p.png")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
