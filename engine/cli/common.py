@@ -1,5 +1,6 @@
 """What the CLI commands share: the sampler options, opening a Sampler, progress, interruption and exit codes."""
 
+import math
 import signal
 import sys
 from pathlib import Path
@@ -28,7 +29,8 @@ def model_options(command):
                 "--scheduler-config",
                 type=click.Path(path_type=Path),
                 default=None,
-                help="diffusers scheduler_config.json overriding the model's schedule.",
+                help="A diffusers scheduler_config.json: a whole one replaces the model's schedule, a partial one "
+                "overrides only the sampling keys it names.",
             ),
             click.option(
                 "--backend", default="auto", show_default=True, help="auto, or a backend `ddengine info` lists."
@@ -45,6 +47,13 @@ def model_options(command):
     ):
         command = option(command)
     return command
+
+
+def finite_seconds(ctx, param, value):
+    """A click callback: a duration must be a finite number (FloatRange lets nan and inf through)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"expected a finite number of seconds, got {value}")
+    return value
 
 
 def param_option(field, *decls, **options):

@@ -12,7 +12,7 @@ import threading
 
 import click
 
-from ddengine.cli.common import EXIT_FAILED, model_options, open_sampler
+from ddengine.cli.common import EXIT_FAILED, finite_seconds, model_options, open_sampler
 
 SERVE_EXTRA = "pip install 'ddengine[serve]'"
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
@@ -46,6 +46,7 @@ def check_serve_extra():
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True),
+    callback=finite_seconds,
     default=None,
     help="Seconds a request may take from acceptance to its last image (504 past it; default: none).",
 )
@@ -66,6 +67,7 @@ def check_serve_extra():
 @click.option(
     "--drain-timeout",
     type=click.FloatRange(min=0),
+    callback=finite_seconds,
     default=None,
     help="On SIGTERM, fail what still runs after this many seconds with an error response (default: "
     "finish everything accepted).",

@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from ddengine.core.schedule import SchedulerConfigError
+from ddengine.core.schedule import SchedulerConfigError, with_sampling_overrides
 from ddengine.model import onnx_wire
 from ddengine.model.spec import DYNAMIC, INPUT_ROLES, METADATA_KEY, OUTPUT_ROLE, ModelSpec, ModelSpecError, TensorSpec
 
@@ -42,7 +42,13 @@ def default_model_path():
 
 
 def load_model(path=None, scheduler_config=None):
-    """Read and validate `path` (None = the shipped model); `scheduler_config` (a diffusers JSON file) overrides the schedule."""
+    """Read and validate `path` (None = the shipped model).
+
+    scheduler_config: a diffusers scheduler_config.json (a path) or its dict. One that states its own training
+    schedule (num_train_timesteps and beta_schedule) replaces the model's; a partial one overrides only the sampling
+    keys it names, and changing a training key through it is refused by name (core/schedule.py
+    with_sampling_overrides).
+    """
     path = Path(path) if path is not None else default_model_path()
     _check_file(path)
     override = read_scheduler_config(scheduler_config) if scheduler_config is not None else None
@@ -63,7 +69,10 @@ def load_model(path=None, scheduler_config=None):
 
 
 def read_scheduler_config(path):
-    """A diffusers scheduler_config.json as a dict, without its private `_`-prefixed keys but `_class_name`."""
+    """A diffusers scheduler_config.json (or its dict) as a dict, without its private `_`-prefixed keys but
+    `_class_name`."""
+    if isinstance(path, dict):
+        return _checked_scheduler_config(dict(path), "scheduler config (a dict)")
     path = Path(path)
     try:
         config = json.loads(path.read_text())
@@ -75,13 +84,24 @@ def read_scheduler_config(path):
         raise ModelError(f"scheduler config {path} is not valid JSON: {err}") from None
     if not isinstance(config, dict):
         raise ModelError(f"scheduler config {path} must be a JSON object, got {type(config).__name__}")
-    try:
-        from ddengine.core.schedule import SchedulerConfig
+    return _checked_scheduler_config(config, f"scheduler config {path}")
 
+
+def _checked_scheduler_config(config, source):
+    from ddengine.core.schedule import SchedulerConfig
+
+    if any(not isinstance(k, str) for k in config):
+        raise ModelError(f"{source}: keys must be strings, got {sorted(map(repr, config))[:5]}")
+    try:
         SchedulerConfig.from_dict(config)
     except (SchedulerConfigError, TypeError) as err:
-        raise ModelError(f"scheduler config {path}: {err}") from None
+        raise ModelError(f"{source}: {err}") from None
     return {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
+
+
+def states_a_schedule(config):
+    """Whether a scheduler config states its own training schedule (a whole diffusers config, not an override)."""
+    return "num_train_timesteps" in config and "beta_schedule" in config
 
 
 def _check_file(path):
@@ -147,7 +167,14 @@ def _spec(path, proto, override):
     try:
         if METADATA_KEY in meta:
             spec = ModelSpec.from_json(meta[METADATA_KEY])
-            return replace(spec, scheduler=override) if override is not None else spec
+            if override is None:
+                return spec
+            if states_a_schedule(override):
+                return replace(spec, scheduler=override)
+            try:
+                return replace(spec, scheduler=with_sampling_overrides(spec.scheduler, override))
+            except SchedulerConfigError as err:
+                raise ModelError(f"scheduler config for {path.name}: {err}") from None
         if override is not None:
             return _spec_from_graph(path, proto, override)
     except ModelSpecError as err:

@@ -12,6 +12,8 @@ import numbers
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 
+from ddengine.core.quoting import shown
+
 METADATA_KEY = "ddengine"
 FORMAT_VERSION = 1
 # Input roles a U-Net may have; "out" is the output. sample and out are (N, C, H, W); the others are per row.
@@ -139,7 +141,7 @@ class ModelSpec:
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise ModelSpecError(
-                f"'{METADATA_KEY}' metadata format_version {version!r} is not supported (expected {FORMAT_VERSION})"
+                f"'{METADATA_KEY}' metadata format_version {shown(version)} is not supported (expected {FORMAT_VERSION})"
             )
         missing = [k for k in ("scheduler", "channels", "height", "width") if k not in data]
         if missing:
@@ -153,7 +155,7 @@ class ModelSpec:
 
 def _int(name, value, low):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ModelSpecError(f"'{METADATA_KEY}' metadata {name} must be an integer >= {low}, got {value!r}")
+        raise ModelSpecError(f"'{METADATA_KEY}' metadata {name} must be an integer >= {low}, got {shown(value)}")
 
 
 def _number(value):
@@ -172,7 +174,7 @@ def check_fields(spec):
     vr = spec.value_range
     if not (isinstance(vr, (tuple, list)) and len(vr) == 2 and all(_number(v) for v in vr) and vr[0] < vr[1]):
         raise ModelSpecError(
-            f"'{METADATA_KEY}' metadata value_range must be two finite numbers [lo, hi] with lo < hi, got {vr!r}"
+            f"'{METADATA_KEY}' metadata value_range must be two finite numbers [lo, hi] with lo < hi, got {shown(vr)}"
         )
     if spec.null_class is not None:
         _int("null_class", spec.null_class, 0)
@@ -185,7 +187,9 @@ def check_fields(spec):
     if not isinstance(names, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and v for k, v in names.items()
     ):
-        raise ModelSpecError(f"'{METADATA_KEY}' metadata input_names must map roles to tensor names, got {names!r}")
+        raise ModelSpecError(
+            f"'{METADATA_KEY}' metadata input_names must map roles to tensor names, got {shown(names)}"
+        )
     unknown = sorted(set(names) - set(INPUT_ROLES))
     needed = [*REQUIRED_ROLES, *(["class_labels"] if spec.conditional else [])]
     missing = [r for r in needed if r not in names]
@@ -195,12 +199,14 @@ def check_fields(spec):
             f"encoder_hidden_states); missing {missing}, unknown {unknown}"
         )
     if not isinstance(spec.output_name, str) or not spec.output_name:
-        raise ModelSpecError(f"'{METADATA_KEY}' metadata output_name must be a tensor name, got {spec.output_name!r}")
+        raise ModelSpecError(
+            f"'{METADATA_KEY}' metadata output_name must be a tensor name, got {shown(spec.output_name)}"
+        )
     g = spec.recommended_guidance
     if g is not None and not (_number(g) and g >= 0 and spec.guidable):
         raise ModelSpecError(
             f"'{METADATA_KEY}' metadata recommended_guidance must be null or a finite number >= 0 on a "
-            f"model with a null class or text conditioning, got {g!r}"
+            f"model with a null class or text conditioning, got {shown(g)}"
         )
 
 
@@ -210,27 +216,27 @@ def check_io(spec, io):
     for role, name in wanted.items():
         if role not in io:
             raise ModelSpecError(
-                f"the graph has no {'output' if role == OUTPUT_ROLE else 'input'} {name!r} ({role}) named by its spec"
+                f"the graph has no {'output' if role == OUTPUT_ROLE else 'input'} {shown(name)} ({role}) named by its spec"
             )
         tensor = io[role]
         if tensor.dtype not in ROLE_DTYPES[role]:
             raise ModelSpecError(
-                f"tensor {name!r} ({role}) is {tensor.dtype}; expected one of {', '.join(ROLE_DTYPES[role])}"
+                f"tensor {shown(name)} ({role}) is {tensor.dtype}; expected one of {', '.join(ROLE_DTYPES[role])}"
             )
         if role in ("sample", OUTPUT_ROLE):
             dims = tensor.shape
             if len(dims) != 4 or any(d not in (DYNAMIC, e) for d, e in zip(dims[1:], spec.image_shape)):
                 raise ModelSpecError(
-                    f"tensor {name!r} ({role}) has shape {_show(dims)}; the spec's image is "
+                    f"tensor {shown(name)} ({role}) has shape {_show(dims)}; the spec's image is "
                     f"(N, {spec.channels}, {spec.height}, {spec.width})"
                 )
             if dims[0] != DYNAMIC:
                 raise ModelSpecError(
-                    f"tensor {name!r} ({role}) has a fixed batch of {dims[0]}; export it with a dynamic batch axis"
+                    f"tensor {shown(name)} ({role}) has a fixed batch of {dims[0]}; export it with a dynamic batch axis"
                 )
         elif not (tensor.scalar and role == "timestep") and (not tensor.shape or tensor.shape[0] != DYNAMIC):
             raise ModelSpecError(
-                f"input {name!r} ({role}) has shape {_show(tensor.shape)}; expected a dynamic batch axis first"
+                f"input {shown(name)} ({role}) has shape {_show(tensor.shape)}; expected a dynamic batch axis first"
                 + (" (or a scalar)" if role == "timestep" else "")
             )
 

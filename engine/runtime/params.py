@@ -15,9 +15,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ddengine.core.plan import METHODS, Method
+from ddengine.core.quoting import shown
 from ddengine.core.timesteps import SPACINGS, Spacing, nonempty_list
 
 SEED_LIMIT = 2**64
+MAX_IMAGES = 10_000_000  # per request: its seeds and labels (80 MB each) are made up front
+UNORDERED = (dict, set, frozenset)  # no order to give image i its seed or class
 MAX_PROMPT_CHARS = 10_000
 CLASSES_EXPECTED = "an int, a non-empty list of ints or 'all'"
 
@@ -31,7 +34,7 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=False)
 
-    n: int = Field(1, ge=1, description="Number of images.")
+    n: int = Field(1, ge=1, le=MAX_IMAGES, description=f"Number of images (at most {MAX_IMAGES:,}).")
     steps: int = Field(50, ge=1, description="Sampling steps (1 .. the model's num_train_timesteps).")
     method: Method = Field("ddim", description="ddim (strided, Song et al. 2021) or ddpm (Ho et al. 2020).")
     eta: float = Field(0.0, ge=0, description="DDIM eta: 0 is deterministic, 1 is DDPM-like noise (method ddim only).")
@@ -83,7 +86,7 @@ class SamplingParams(BaseModel):
     @field_validator("n", "steps", mode="before")
     @classmethod
     def _count(cls, value, info):
-        return integer(info.field_name, value, 1)
+        return integer(info.field_name, value, 1, MAX_IMAGES if info.field_name == "n" else None)
 
     @field_validator("seed", mode="before")
     @classmethod
@@ -103,7 +106,7 @@ class SamplingParams(BaseModel):
             return None
         if not isinstance(value, str) or value not in allowed:
             raise InvalidParameterError(
-                f"{info.field_name} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+                f"{info.field_name} must be one of {', '.join(map(repr, allowed))}, got {shown(value)}"
             )
         return value
 
@@ -112,8 +115,8 @@ class SamplingParams(BaseModel):
     def _seeds(cls, value):
         if value is None:
             return None
-        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
-            raise InvalidParameterError(f"seeds must be a list of n integers (one per image), got {value!r}")
+        if isinstance(value, (str, bytes, *UNORDERED)) or not hasattr(value, "__len__"):
+            raise InvalidParameterError(f"seeds must be a list of n integers (one per image), got {shown(value)}")
         return [integer("each seed", s, 0, SEED_LIMIT - 1) for s in value]
 
     @field_validator("classes", mode="before")
@@ -123,8 +126,8 @@ class SamplingParams(BaseModel):
             return value
         if isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_)):
             return int(value)
-        if isinstance(value, (str, bytes, numbers.Number, bool, np.bool_)):
-            raise InvalidParameterError(f"classes must be {CLASSES_EXPECTED}, got {value!r}")
+        if isinstance(value, (str, bytes, numbers.Number, bool, np.bool_, *UNORDERED)):
+            raise InvalidParameterError(f"classes must be {CLASSES_EXPECTED}, got {shown(value)}")
         given = nonempty_list(value, "classes", CLASSES_EXPECTED, InvalidParameterError)
         return [integer("class", c, -(2**63)) for c in given]  # the model bounds them (bind)
 
@@ -136,7 +139,7 @@ class SamplingParams(BaseModel):
         given = [value] if isinstance(value, str) else value
         if not isinstance(given, (list, tuple)) or not given or not all(isinstance(p, str) for p in given):
             raise InvalidParameterError(
-                f"{info.field_name} must be a string or a non-empty list of strings, got {value!r}"
+                f"{info.field_name} must be a string or a non-empty list of strings, got {shown(value)}"
             )
         longest = max(len(p) for p in given)
         if longest > MAX_PROMPT_CHARS:
@@ -243,10 +246,10 @@ def integer(name, value, low, high=None):
             raise TypeError
         value = operator.index(value)
     except TypeError:
-        raise InvalidParameterError(f"{name} must be an integer, got {value!r}") from None
+        raise InvalidParameterError(f"{name} must be an integer, got {shown(value)}") from None
     if value < low or (high is not None and value > high):
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise InvalidParameterError(f"{name} must be {bound}, got {value}")
+        raise InvalidParameterError(f"{name} must be {bound}, got {shown(value)}")
     return value
 
 
@@ -258,7 +261,7 @@ def real(name, value):
         or not math.isfinite(value)
         or value < 0
     ):
-        raise InvalidParameterError(f"{name} must be a finite number >= 0, got {value!r}")
+        raise InvalidParameterError(f"{name} must be a finite number >= 0, got {shown(value)}")
     return float(value)
 
 
@@ -266,7 +269,7 @@ def bind_classes(spec, n, classes):
     """None, or one int64 label per image in [0, num_classes): one int, a list cycled over the images, or "all"."""
     if classes is not None and spec.text_conditional:
         raise InvalidParameterError(
-            f"classes={classes!r} given, but this text-to-image model takes prompt, not classes"
+            f"classes={shown(classes)} given, but this text-to-image model takes prompt, not classes"
         )
     if classes is None:
         if spec.conditional and spec.null_class is None:
@@ -275,7 +278,7 @@ def bind_classes(spec, n, classes):
             )
         return None
     if not spec.conditional:
-        raise InvalidParameterError(f"classes={classes!r} given but the model is unconditional (num_classes = 0)")
+        raise InvalidParameterError(f"classes={shown(classes)} given but the model is unconditional (num_classes = 0)")
     given = range(spec.num_classes) if classes == "all" else [classes] if isinstance(classes, int) else classes
     labels = [integer("class", c, 0, spec.num_classes - 1) for c in given]
     return np.array([labels[i % len(labels)] for i in range(n)], dtype=np.int64)
@@ -287,13 +290,13 @@ def bind_guidance(spec, guidance, conditioned):
         return spec.recommended_guidance if conditioned else None
     if not spec.guidable:
         raise InvalidParameterError(
-            f"guidance={guidance!r} needs a class-conditional model with a null class or a "
+            f"guidance={shown(guidance)} needs a class-conditional model with a null class or a "
             f"text-to-image model; this model has {spec.num_classes} classes and null class "
             f"{spec.null_class}"
         )
     if not conditioned:
         raise InvalidParameterError(
-            f"guidance={guidance!r} needs {'a prompt' if spec.text_conditional else 'classes'} (it steers towards them)"
+            f"guidance={shown(guidance)} needs {'a prompt' if spec.text_conditional else 'classes'} (it steers towards them)"
         )
     return guidance
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ddengine.runtime.batch import ImageBatch
-from ddengine.runtime.params import InvalidParameterError
+from ddengine.runtime.params import InvalidParameterError, Request, integer, real
 
 
 class QueueFull(RuntimeError):
@@ -60,8 +60,7 @@ class StepBatcher:
 
     def __init__(self, parts, max_batch=64, max_queue=1024, on_step=None, clock=time.monotonic):
         """clock: seconds for request timeouts (a test's clock can stand in for time.monotonic)."""
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
+        max_batch, max_queue = integer("max_batch", max_batch, 1), integer("max_queue", max_queue, 1)
         self.parts, self.spec, self.max_batch, self.max_queue = parts, parts.spec, max_batch, max_queue
         self.on_step = on_step  # on_step(rows, seconds) after every step (metrics)
         self.clock = clock
@@ -80,7 +79,15 @@ class StepBatcher:
 
     # --- the caller's side -------------------------------------------------------------------------------
     def submit(self, request, timeout=None):
-        """Queue a validated Request (Sampler.request); returns a Future of Result. QueueFull when over max_queue."""
+        """Queue a validated Request (Sampler.request); returns a Future of Result.
+
+        Raises QueueFull (over max_queue), BatcherClosed (draining or closed) or InvalidParameterError (not a
+        Request, a timeout that is not a finite number >= 0, trajectory snapshots).
+        """
+        if not isinstance(request, Request):
+            raise InvalidParameterError(f"submit takes a Request (Sampler.request(...)), got {type(request).__name__}")
+        if timeout is not None:
+            timeout = real("timeout", timeout)
         if request.trajectory:
             raise InvalidParameterError("trajectory snapshots are not served by the batcher; use Sampler.sample")
         plan, conditioning = self.parts.plan(request), self.parts.conditioner.condition(request)

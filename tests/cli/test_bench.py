@@ -164,7 +164,7 @@ def test_the_twin_is_accepted_whatever_the_first_backends_precision(tmp_path, tw
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--batch", 0], "n must be >= 1, got 0"),
+        (["--batch", 0], "n must be in [1, 10000000], got 0"),
         (["--steps", 0], "steps must be >= 1, got 0"),
         (["--backend", "tpu"], "unknown backend 'tpu'"),
         (["--guidance", 2.0], "needs a class-conditional model with a null class"),

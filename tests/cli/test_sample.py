@@ -163,7 +163,7 @@ BAD_INPUTS = [
     (["--steps", 0], "steps must be >= 1, got 0"),
     (["--steps", 1001], "steps must be in [1, 1000], got 1001"),
     (["--steps", "abc"], "'abc' is not a valid integer"),
-    (["--n", 0], "n must be >= 1, got 0"),
+    (["--n", 0], "n must be in [1, 10000000], got 0"),
     (["--batch-size", 0], "batch_size must be >= 1, got 0"),
     (["--guidance", -1, "--class", 1], "guidance must be a finite number >= 0, got -1.0"),
     (["--guidance", "nan", "--class", 1], "guidance must be a finite number >= 0, got nan"),

@@ -89,6 +89,11 @@ def test_a_missing_serve_extra_is_a_usage_error_naming_the_install(monkeypatch):
         (["--model", "missing.onnx"], "missing.onnx"),
         (["--max-batch", "0"], "Invalid value for '--max-batch'"),
         (["--timeout", "-1"], "Invalid value for '--timeout'"),
+        (["--timeout", "nan"], "Invalid value for '--timeout': expected a finite number of seconds, got nan"),
+        (
+            ["--drain-timeout", "inf"],
+            "Invalid value for '--drain-timeout': expected a finite number of seconds, got inf",
+        ),
         (["--backend", "nope"], "nope"),
     ],
 )

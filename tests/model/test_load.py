@@ -353,3 +353,19 @@ def test_unavailable_backend_says_what_it_needs(uncond_model):
         BackendError, match="'ort-cuda' is not available here .*CUDAExecutionProvider.*available: ort-cpu"
     ):
         create_backend("ort-cuda", load_model(uncond_model))
+
+
+def test_a_partial_scheduler_config_overrides_only_the_keys_it_names(tmp_path, uncond_model):
+    trained = load_model(uncond_model).spec.scheduler
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps({"clip_sample": False, "timestep_spacing": "trailing"}))
+    for given in (path, {"clip_sample": False, "timestep_spacing": "trailing"}):  # a file or a dict, as diffusers
+        spec = load_model(uncond_model, given).spec
+        assert spec.schedule.clip_sample is False and spec.schedule.timestep_spacing == "trailing"
+        for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type"):
+            assert spec.scheduler[key] == trained[key], key  # the training schedule is the model's own
+
+
+def test_a_partial_scheduler_config_may_not_change_the_training_schedule(uncond_model):
+    with pytest.raises(ModelError, match=r"the model was trained with beta_schedule='linear'; an override may change"):
+        load_model(uncond_model, {"beta_schedule": "scaled_linear"})

@@ -38,6 +38,8 @@ def test_json_round_trip_and_unknown_keys():
         (dict(input_names={"sample": "x"}), "missing ['timestep']"),
         (dict(input_names={"sample": "x", "timestep": ""}), "input_names must map roles to tensor names"),
         (dict(output_name=None), "output_name must be a tensor name, got None"),
+        (dict(output_name=7), "output_name must be a tensor name, got 7"),
+        (dict(value_range="x" * 5_000_000), "got 'xxxxx"),
         (dict(scheduler="linear"), "scheduler must be a JSON object, got str"),
     ],
 )
@@ -46,6 +48,12 @@ def test_construction_checks_every_field(kwargs, message):
     with pytest.raises(ModelSpecError) as err:
         ModelSpec(**fields)
     assert message in str(err.value) and METADATA_KEY in str(err.value)
+
+
+def test_a_huge_metadata_value_is_named_not_echoed():
+    with pytest.raises(ModelSpecError) as err:
+        ModelSpec(scheduler=dict(SCHEDULER), channels=1, height=8, width=8, value_range=["x" * 5_000_000, 1])
+    assert len(str(err.value)) < 500 and "characters)" in str(err.value)
 
 
 def test_roles_follow_the_model_kind():

@@ -132,7 +132,7 @@ def test_guidance_defaults_to_the_recommended_one_only_with_classes(models, cond
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(n=0), "n must be >= 1, got 0"),
+        (dict(n=0), "n must be in [1, 10000000], got 0"),
         (dict(n=2.0), "n must be an integer, got 2.0"),
         (dict(steps=0), "steps must be >= 1, got 0"),
         (dict(steps=1001), "steps must be in [1, 1000], got 1001"),
@@ -196,3 +196,27 @@ def test_the_json_schema_is_the_fields_with_their_defaults_and_bounds():
         "trailing",
         "linspace",
     ]
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(n=2, seeds={1, 2}), "seeds must be a list of n integers (one per image), got {1, 2}"),  # no order
+        (dict(n=2, seeds={1: 0, 2: 0}), "seeds must be a list of n integers (one per image), got {1: 0, 2: 0}"),
+        (dict(classes={1, 2}), "classes must be an int, a non-empty list of ints or 'all', got {1, 2}"),
+        (dict(classes=frozenset([1])), "classes must be an int, a non-empty list of ints or 'all', got frozenset({1})"),
+        (dict(n=2**63), "n must be in [1, 10000000], got 9223372036854775808"),  # refused before any allocation
+        (dict(n=10**5000), "n must be in [1, 10000000], got <an integer of about 5000 digits>"),
+    ],
+)
+def test_unordered_collections_and_huge_counts_are_refused_at_once(fields, message):
+    with pytest.raises(InvalidParameterError) as err:
+        SamplingParams.build(**fields)
+    assert str(err.value) == message
+
+
+def test_a_huge_value_is_quoted_cut_short_in_the_message():
+    with pytest.raises(InvalidParameterError) as err:
+        SamplingParams.build(method="x" * 5_000_000)
+    message = str(err.value)
+    assert len(message) < 400 and message.endswith("... (5000002 characters)")

@@ -125,7 +125,7 @@ def test_stream_yields_the_chunks_in_order_and_they_make_sample(cond):
 
 
 def test_stream_validates_at_once_and_keeps_nothing(cond, monkeypatch):
-    with pytest.raises(InvalidParameterError, match="n must be >= 1"):
+    with pytest.raises(InvalidParameterError, match=r"n must be in \[1, 10000000\], got 0"):
         cond.stream(0)  # before the first chunk is asked for
     # 100,000 images kept by sample() would not fit; streamed, only one chunk exists at a time
     monkeypatch.setattr(capacity, "available_memory", lambda: 50 * 2**20)
@@ -249,7 +249,7 @@ def test_sampler_chunks_equal_the_float64_reference_loop(linear_model):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(n=0), "n must be >= 1, got 0"),
+        (dict(n=0), "n must be in [1, 10000000], got 0"),
         (dict(n=2, steps=1001), "steps must be in [1, 1000], got 1001"),
         (dict(n=2, method="ddpm", eta=0.5), "eta applies to method 'ddim' only"),
         (dict(n=2, classes=4), "class must be in [0, 3], got 4"),

@@ -265,3 +265,30 @@ def test_the_benchmark_baselines_differ_only_in_admission(cond_ort, exact_floats
     assert batcher.stats["steps"] == steps
     for params, result in zip(requests, results):
         assert same_bits(result.images, solo(cond_ort, params)[0])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(max_batch=0), "max_batch must be >= 1, got 0"),
+        (dict(max_batch=2.5), "max_batch must be an integer, got 2.5"),
+        (dict(max_queue=True), "max_queue must be an integer, got True"),
+    ],
+)
+def test_the_batcher_is_configured_like_the_api(cond_ort, options, message):
+    with pytest.raises(InvalidParameterError) as err:
+        StepBatcher(cond_ort.parts, **options)
+    assert str(err.value) == message
+
+
+def test_submit_takes_a_request_and_a_finite_timeout(cond_ort):
+    batcher = StepBatcher(cond_ort.parts)
+    try:
+        with pytest.raises(InvalidParameterError, match=r"submit takes a Request \(Sampler.request\(...\)\), got dict"):
+            batcher.submit({"n": 1})
+        for timeout in (float("nan"), float("inf"), -1):
+            with pytest.raises(InvalidParameterError, match="timeout must be a finite number >= 0"):
+                batcher.submit(cond_ort.request(1, steps=2), timeout=timeout)
+        assert batcher.stats["submitted"] == 0
+    finally:
+        batcher.close()
