@@ -96,11 +96,13 @@ def eval_cmd(
         real_images,
     )
     from ddengine.quality.fashion_mnist import DataError
-    from ddengine.runtime.output import class_grid, save_image
+    from ddengine.runtime.output import class_grid, image_format, save_image
 
     for path in (grid_path, json_path):
         if path is not None and not Path(path).resolve().parent.is_dir():
             raise click.UsageError(f"output folder {Path(path).parent} does not exist")
+    if grid_path is not None:
+        usage_errors(image_format, grid_path)
     sampler = open_sampler(model_path, scheduler_config, backend, threads, precision)
     spec = sampler.spec
     if (spec.height, spec.width, spec.channels) != IMAGE_SHAPE or spec.num_classes < 10:

@@ -260,6 +260,7 @@ def export(checkpoint, out_path, diffusers_dir, fp16, recommended_guidance, sche
     if (checkpoint is None) == (diffusers_dir is None):
         _fail("give exactly one of CHECKPOINT or --diffusers DIR")
     _check_writable(out_path)
+    _check_outputs_spare_inputs(out_path, {"CHECKPOINT": checkpoint, "--scheduler-config": scheduler_file})
     _report_export(
         lambda: (
             export_diffusers(diffusers_dir, out_path, fp16)
@@ -324,6 +325,24 @@ def _report_export(write, out, user_errors):
         _fail(f"cannot write {out}: {err}")
     checks = ", ".join(f"{k} max |ORT - torch| = {v:.2e}" for k, v in errors.items())
     click.echo(f"wrote {out} ({checks})")
+
+
+def _check_outputs_spare_inputs(out_path, inputs):
+    """Exit 2 when the ONNX file or its torch twin (MODEL.safetensors) would be written over an input file."""
+    from ddengine.nets.twin import twin_path
+
+    outputs = {"-o": Path(out_path), "its torch twin": twin_path(Path(out_path))}
+    if outputs["-o"] == outputs["its torch twin"]:
+        _fail(
+            f"-o {out_path} names the ONNX file, and MODEL.safetensors is where its torch twin goes; use -o MODEL.onnx"
+        )
+    for what, output in outputs.items():
+        for name, given in inputs.items():
+            if given is not None and output.resolve() == Path(given).resolve():
+                _fail(
+                    f"-o {out_path}: {what} {output} would be written over the input {name} {given}; "
+                    "choose another output name"
+                )
 
 
 def _check_writable(path):

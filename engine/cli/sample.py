@@ -87,8 +87,9 @@ def check_png_channels(channels, fmt, grid, trajectory):
 )
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
-    default=Path("samples"),
+    type=click.Path(path_type=str),
+    callback=lambda ctx, param, value: folder_name(value),
+    default="samples",
     show_default=True,
     help="Output folder: NNNNN.png per image + manifest.jsonl.",
 )
@@ -137,6 +138,7 @@ def sample(
     from ddengine.runtime.outdir import OutputFolder, check_space
     from ddengine.runtime.params import SamplingParams
 
+    check_output_names(out, grid)
     params = usage_errors(
         SamplingParams.build,
         n=n,
@@ -187,6 +189,25 @@ def sample(
         sys.exit(EXIT_FAILED)
     if not quiet:
         click.echo(f"wrote {request.n} images to {out}" + (f" and grid {grid}" if grid else ""), err=True)
+
+
+def folder_name(value):
+    """--out as a Path; an empty name is refused (it would mean the current folder)."""
+    if not value.strip():
+        raise click.BadParameter("expected a folder name, got an empty one", param_hint="--out")
+    return Path(value)
+
+
+def check_output_names(out, grid):
+    """--grid's extension must name an image format (checked before anything is loaded)."""
+    from ddengine.files.atomic import OutputError
+    from ddengine.runtime.output import image_format
+
+    if grid is not None:
+        try:
+            image_format(grid)
+        except OutputError as err:
+            raise click.BadParameter(str(err), param_hint="--grid") from None
 
 
 def check_size(sampler, height, width):

@@ -14,9 +14,11 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ddengine.core.quoting import shown
 from ddengine.model.load import ModelError
 
 PIPELINE_FILE = "pipeline.json"
+MAX_TEXT_LENGTH = 4096  # tokens per prompt (CLIP: 77); a huge one makes the tokenizer abort the process
 FORMAT = "ddengine-pipeline"
 FORMAT_VERSION = 1
 PARTS = ("text_encoder", "unet", "vae_decoder", "tokenizer")
@@ -47,10 +49,12 @@ class PipelineSpec:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
-        for name in ("text_length", "vae_scale", "image_channels"):
+        for name, most in (("text_length", MAX_TEXT_LENGTH), ("vae_scale", 64), ("image_channels", 4)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise PipelineSpecError(f"{PIPELINE_FILE}: {name} must be an integer >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= most:
+                raise PipelineSpecError(
+                    f"{PIPELINE_FILE}: {name} must be an integer in [1, {most}], got {shown(value)}"
+                )
         if (
             isinstance(self.pad_token_id, bool)
             or not isinstance(self.pad_token_id, numbers.Integral)

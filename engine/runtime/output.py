@@ -2,22 +2,37 @@
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 
-from ddengine.files.atomic import atomic_write
+from ddengine.files.atomic import OutputError, atomic_write
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # a file's extension -> Pillow's
 
 
-def encode_png(image):
-    """PNG bytes of a uint8 (H, W, C) image with C in {1, 3, 4}."""
+def image_format(path):
+    """Pillow's format for an image file named `path`, from its extension; OutputError naming the ones there are."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise OutputError(f"{path}: the extension picks the image format: {', '.join(IMAGE_FORMATS)}; got {suffix!r}")
+    return IMAGE_FORMATS[suffix]
+
+
+def encode_png(image, image_format="PNG"):
+    """PNG (or JPEG, WEBP) bytes of a uint8 (H, W, C) image with C in {1, 3, 4}."""
     from PIL import Image
 
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3, 4):
         raise ValueError(f"expected a uint8 (H, W, 1|3|4) image, got {image.dtype} {image.shape}")
     mode = {1: "L", 3: "RGB", 4: "RGBA"}[image.shape[2]]
+    picture = Image.fromarray(image[:, :, 0] if mode == "L" else image, mode=mode)
+    if image_format == "JPEG" and mode == "RGBA":
+        picture = picture.convert("RGB")  # JPEG has no alpha
     buffer = io.BytesIO()
-    Image.fromarray(image[:, :, 0] if mode == "L" else image, mode=mode).save(buffer, format="PNG")
+    options = {"quality": 95} if image_format == "JPEG" else {"lossless": True} if image_format == "WEBP" else {}
+    picture.save(buffer, format=image_format, **options)
     return buffer.getvalue()
 
 
@@ -33,9 +48,9 @@ def encode(image, fmt="png"):
     return encode_png(image) if fmt == "png" else encode_npy(image)
 
 
-def save_image(path, image, fmt="png"):
-    """Atomically write one uint8 (H, W, C) image as PNG or .npy."""
-    atomic_write(path, encode(image, fmt))
+def save_image(path, image):
+    """Atomically write one uint8 (H, W, C) image in the format its extension names (image_format)."""
+    atomic_write(path, encode_png(image, image_format(path)))
 
 
 def grid(images, cols=None, pad=2):

@@ -57,6 +57,13 @@ class SamplingParams(BaseModel):
         None, description='The prompt guidance steers away from (default: none, "").'
     )
 
+    def __init__(self, **fields):
+        """As pydantic's, but every problem is one InvalidParameterError (expected vs given), as everywhere else."""
+        try:
+            super().__init__(**fields)
+        except ValidationError as err:
+            raise InvalidParameterError(describe(err)) from None
+
     @classmethod
     def build(cls, **fields):
         """SamplingParams(**fields), every problem raised as one InvalidParameterError (expected vs given)."""
@@ -146,6 +153,14 @@ class SamplingParams(BaseModel):
             raise InvalidParameterError(
                 f"{info.field_name} must be at most {MAX_PROMPT_CHARS} characters, got one of {longest}"
             )
+        for prompt in given:
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as err:  # a lone surrogate, e.g. from bytes decoded under a C locale
+                raise InvalidParameterError(
+                    f"{info.field_name} must be valid Unicode text; {shown(prompt)} has a lone surrogate at "
+                    f"character {err.start}"
+                ) from None
         return value if isinstance(value, str) else list(value)
 
     @model_validator(mode="after")

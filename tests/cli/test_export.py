@@ -201,7 +201,7 @@ def test_recommended_guidance_on_a_model_without_a_null_class_is_a_clear_error(t
     checkpoint.save(
         tmp_path / "u.safetensors", model=model, ema=model, optimizer=torch.optim.AdamW(model.parameters()), meta=meta
     )
-    out = tmp_path / "u.onnx"
+    out = tmp_path / "exported.onnx"  # not u.onnx: its twin u.safetensors would be the checkpoint
     result = CliRunner().invoke(
         main, ["export", str(tmp_path / "u.safetensors"), "-o", str(out), "--recommended-guidance", "2"]
     )
@@ -272,3 +272,19 @@ def test_a_scheduler_config_that_is_not_json_is_named(tmp_path, tiny_checkpoint)
     )
     assert result.exit_code == 2 and "--scheduler-config" in result.output and "not valid JSON" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == [config.name]
+
+
+def test_an_export_never_writes_over_its_checkpoint(tmp_path, tiny_checkpoint):
+    """`export runs/x/last.safetensors -o runs/x/last.onnx` would put the twin over the checkpoint it read."""
+    import shutil
+
+    ckpt = tmp_path / "last.safetensors"
+    shutil.copy(tiny_checkpoint, ckpt)
+    before = ckpt.read_bytes()
+    for out in ("last.onnx", "last.safetensors"):
+        result = CliRunner().invoke(main, ["export", str(ckpt), "-o", str(tmp_path / out)])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert ckpt.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors"]
+    assert f"its torch twin {ckpt} would be written over the input CHECKPOINT {ckpt}" in CliRunner().invoke(
+        main, ["export", str(ckpt), "-o", str(tmp_path / "last.onnx")]
+    ).output.replace("\n", " ")

@@ -173,6 +173,8 @@ BAD_INPUTS = [
     (["--method", "ddpm", "--eta", 0.5], "eta applies to method 'ddim' only"),
     (["--class", 9], "class must be in [0, 3], got 9"),
     (["--class", "shoe"], "expected integers or 'all'"),
+    (["--grid", "grid.txt"], "the extension picks the image format: .png, .jpg, .jpeg, .webp; got '.txt'"),
+    (["--grid", "grid.npy"], "got '.npy'"),
     (["--class", "all", "--class", 1], "'all' cannot be combined with other classes"),
     (["--method", "euler"], "'euler' is not one of 'ddim', 'ddpm'"),
     (["--spacing", "karras"], "'karras' is not one of 'leading', 'trailing', 'linspace'"),
@@ -181,6 +183,34 @@ BAD_INPUTS = [
     (["--seed", -1], "seed must be in [0, 18446744073709551615], got -1"),
     (["--trajectory", -1], "trajectory must be >= 1, got -1"),
 ]
+
+
+def test_an_empty_out_is_refused(tmp_path, cond_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("sample", "--model", cond_model, "--out", "", "--quiet")
+    assert (
+        result.exit_code == 2 and "Invalid value for --out: expected a folder name, got an empty one" in result.output
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_jpeg_grid_is_a_jpeg(tmp_path, cond_model):
+    result = run(
+        "sample",
+        "--model",
+        cond_model,
+        "--out",
+        tmp_path / "out",
+        "--n",
+        4,
+        "--steps",
+        2,
+        "--quiet",
+        "--grid",
+        tmp_path / "grid.jpg",
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "grid.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG's start-of-image marker
 
 
 @pytest.mark.parametrize("args,message", BAD_INPUTS)

@@ -151,7 +151,13 @@ def test_height_of_a_class_model_is_its_fixed_size(cond_model, tmp_path):
             lambda m: (m / "pipeline.json").write_text(
                 json.dumps({**json.loads((m / "pipeline.json").read_text()), "vae_scale": 0})
             ),
-            "vae_scale must be an integer >= 1, got 0",
+            "vae_scale must be an integer in [1, 64], got 0",
+        ),
+        (
+            lambda m: (m / "pipeline.json").write_text(
+                json.dumps({**json.loads((m / "pipeline.json").read_text()), "text_length": 10**9})
+            ),
+            "text_length must be an integer in [1, 4096], got 1000000000",  # the tokenizer would abort the process
         ),
     ],
 )

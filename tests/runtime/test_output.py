@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ddengine.files.atomic import OutputError
 from ddengine.runtime.output import class_grid, encode, grid, save_image, trajectory_strip
 
 
@@ -13,8 +14,25 @@ def test_png_and_npy_round_trip(tmp_path, channels):
     save_image(tmp_path / "i.png", image)
     back = np.asarray(Image.open(tmp_path / "i.png"))
     assert np.array_equal(back.reshape(image.shape), image)
-    save_image(tmp_path / "i.npy", image, "npy")
+    (tmp_path / "i.npy").write_bytes(encode(image, "npy"))
     assert np.array_equal(np.load(tmp_path / "i.npy"), image)
+
+
+@pytest.mark.parametrize("name, pillow", [("g.png", "PNG"), ("g.JPG", "JPEG"), ("g.jpeg", "JPEG"), ("g.webp", "WEBP")])
+def test_an_images_extension_picks_its_format(tmp_path, name, pillow):
+    image = np.random.default_rng(1).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    save_image(tmp_path / name, image)
+    with Image.open(tmp_path / name) as back:
+        assert back.format == pillow and back.size == (5, 6)
+        if pillow != "JPEG":  # PNG and lossless WebP give the pixels back
+            assert np.array_equal(np.asarray(back), image)
+
+
+@pytest.mark.parametrize("name", ["g.txt", "g.npy", "grid"])
+def test_an_extension_that_is_no_image_format_is_refused(tmp_path, name):
+    with pytest.raises(OutputError, match=r"the extension picks the image format: \.png, \.jpg, \.jpeg, \.webp"):
+        save_image(tmp_path / name, np.zeros((2, 2, 1), np.uint8))
+    assert not list(tmp_path.iterdir())
 
 
 def test_grid_places_images_row_major():

@@ -220,3 +220,21 @@ def test_a_huge_value_is_quoted_cut_short_in_the_message():
         SamplingParams.build(method="x" * 5_000_000)
     message = str(err.value)
     assert len(message) < 400 and message.endswith("... (5000002 characters)")
+
+
+def test_constructing_it_directly_raises_the_same_error():
+    with pytest.raises(InvalidParameterError, match=r"^n must be in \[1, 10000000\], got 0$"):
+        SamplingParams(n=0)
+    assert (
+        SamplingParams(n=3, steps=4) == SamplingParams.build(n=3, steps=4) == SamplingParams.parse({"n": 3, "steps": 4})
+    )
+
+
+def test_a_prompt_that_is_not_valid_unicode_is_refused():
+    prompt = b"a \xff cat".decode("utf-8", errors="surrogateescape")  # bytes read under a C locale
+    with pytest.raises(
+        InvalidParameterError,
+        match=r"prompt must be valid Unicode text; 'a \\udcff cat' has a lone "
+        r"surrogate at character 2",
+    ):
+        SamplingParams.build(prompt=prompt)

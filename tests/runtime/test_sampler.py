@@ -345,3 +345,17 @@ def test_to_uint8_maps_the_value_range_onto_0_255(value_range):
     out = to_uint8(x, value_range)
     assert out.shape == (1, 1, 6, 1) and out.dtype == np.uint8
     assert out.reshape(-1).tolist() == [0, 0, 128, 255, 255, 51]
+
+
+@pytest.mark.parametrize("hook", ["progress", "callback"])
+def test_a_hook_that_raises_ends_its_request_and_the_sampler_goes_on(cond, hook):
+    class Stop(Exception):
+        pass
+
+    def fail(*args):
+        raise Stop("the caller gave up")
+
+    with pytest.raises(Stop, match="the caller gave up"):
+        cond.sample(3, steps=4, seed=2, **{hook: fail})
+    again, records = cond.sample(3, steps=4, seed=2)
+    assert [r["status"] for r in records] == ["ok"] * 3 and np.array_equal(again, cond.sample(3, steps=4, seed=2)[0])
