@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from ddengine.core.quoting import shown
 from ddengine.core.timesteps import SPACINGS as TIMESTEP_SPACINGS
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
@@ -21,6 +22,7 @@ UNSUPPORTED_VARIANCE_TYPES = {
     "learned_range": "it needs the model's predicted variance channels",
 }
 # Keys diffusers accepts in a scheduler_config.json that do not change the DDPM/DDIM step without thresholding.
+MAX_TRAIN_TIMESTEPS = 100_000  # the schedule is tabulated per timestep (diffusers trains with 1000)
 IGNORED_KEYS = ("dynamic_thresholding_ratio", "sample_max_value")
 # diffusers scheduler classes whose config describes a discrete DDPM training schedule (betas over T timesteps,
 # epsilon/v/sample prediction), which DDPM and DDIM sample exactly: their `_compatibles`. Flow matching, EDM,
@@ -57,9 +59,15 @@ def _bool(name, value):
         raise SchedulerConfigError(f"{name} must be true or false, got {value!r}")
 
 
-def _int(name, value, minimum):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise SchedulerConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def _int(name, value, minimum, maximum=None):
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise SchedulerConfigError(f"{name} must be an integer {bound}, got {shown(value)}")
 
 
 def _real(name, value, low, high):
@@ -109,7 +117,7 @@ class SchedulerConfig:
     thresholding: bool = False
 
     def __post_init__(self):
-        _int("num_train_timesteps", self.num_train_timesteps, 1)
+        _int("num_train_timesteps", self.num_train_timesteps, 1, MAX_TRAIN_TIMESTEPS)
         _real("beta_start", self.beta_start, 0.0, 1.0)
         _real("beta_end", self.beta_end, 0.0, 1.0)
         _choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)

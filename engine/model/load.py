@@ -82,6 +82,8 @@ def read_scheduler_config(path):
         raise ModelError(f"cannot read scheduler config {path}: {err.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"scheduler config {path} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ModelError(f"scheduler config {path} is nested too deeply to be a scheduler config") from None
     if not isinstance(config, dict):
         raise ModelError(f"scheduler config {path} must be a JSON object, got {type(config).__name__}")
     return _checked_scheduler_config(config, f"scheduler config {path}")

@@ -10,6 +10,7 @@ MODEL_DIR/
 """
 
 import json
+import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -62,14 +63,29 @@ class PipelineSpec:
         ):
             raise PipelineSpecError(f"{PIPELINE_FILE}: pad_token_id must be an integer >= 0, got {self.pad_token_id!r}")
         s = self.vae_scaling_factor
-        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not s > 0:
-            raise PipelineSpecError(f"{PIPELINE_FILE}: vae_scaling_factor must be a number > 0, got {s!r}")
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s) or not s > 0:
+            raise PipelineSpecError(f"{PIPELINE_FILE}: vae_scaling_factor must be a finite number > 0, got {shown(s)}")
+        if not isinstance(self.files, dict):
+            raise PipelineSpecError(f"{PIPELINE_FILE}: files must map parts to file names, got {shown(self.files)}")
         missing = [p for p in PARTS if p not in self.files]
         if missing:
             raise PipelineSpecError(f"{PIPELINE_FILE}: files lacks {', '.join(missing)} (expected {', '.join(PARTS)})")
+        for part in PARTS:
+            if not isinstance(self.files[part], str) or not self.files[part]:
+                raise PipelineSpecError(
+                    f"{PIPELINE_FILE}: files.{part} must be a file name, got {shown(self.files[part])}"
+                )
 
     def path(self, folder, part):
-        return Path(folder) / self.files[part]
+        """Where a part is: inside `folder`, always (a name that leads out of it is refused, as external data is)."""
+        folder = Path(folder)
+        path = folder / self.files[part]
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise PipelineSpecError(
+                f"{PIPELINE_FILE}: files.{part} = {shown(self.files[part])} leads out of {folder}; every part must be "
+                "inside the model folder"
+            )
+        return path
 
     def image_shape(self, unet_spec):
         """(channels, height, width) of the decoded images of a U-Net whose latents are unet_spec's."""
@@ -91,6 +107,8 @@ class PipelineSpec:
             ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise PipelineSpecError(f"{path} is unreadable: {err}") from None
+        except RecursionError:
+            raise PipelineSpecError(f"{path} is nested too deeply to be a {PIPELINE_FILE}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
             raise PipelineSpecError(f"{path} is not a {FORMAT} file of version {FORMAT_VERSION}")
         known = {f.name for f in fields(cls)}

@@ -136,6 +136,8 @@ class ModelSpec:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ModelSpecError(f"'{METADATA_KEY}' metadata is not valid JSON: {err}") from None
+        except RecursionError:
+            raise ModelSpecError(f"'{METADATA_KEY}' metadata is nested too deeply to be a spec") from None
         if not isinstance(data, dict):
             raise ModelSpecError(f"'{METADATA_KEY}' metadata must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version")

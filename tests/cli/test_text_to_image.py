@@ -159,6 +159,21 @@ def test_height_of_a_class_model_is_its_fixed_size(cond_model, tmp_path):
             ),
             "text_length must be an integer in [1, 4096], got 1000000000",  # the tokenizer would abort the process
         ),
+        (
+            lambda m: (m / "pipeline.json").write_text(
+                json.dumps(
+                    {
+                        **json.loads((m / "pipeline.json").read_text()),
+                        "files": {
+                            **json.loads((m / "pipeline.json").read_text())["files"],
+                            "vae_decoder": str(m.parent / "elsewhere.onnx"),
+                        },
+                    }
+                )
+            ),
+            "leads out of",  # an absolute path outside MODEL_DIR is not loaded
+        ),
+        (lambda m: (m / "pipeline.json").write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
     ],
 )
 def test_a_damaged_model_dir_exits_2_naming_the_problem(model_copy, tmp_path, damage, message):

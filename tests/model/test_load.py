@@ -369,3 +369,12 @@ def test_a_partial_scheduler_config_overrides_only_the_keys_it_names(tmp_path, u
 def test_a_partial_scheduler_config_may_not_change_the_training_schedule(uncond_model):
     with pytest.raises(ModelError, match=r"the model was trained with beta_schedule='linear'; an override may change"):
         load_model(uncond_model, {"beta_schedule": "scaled_linear"})
+
+
+def test_a_config_nested_too_deep_or_a_huge_schedule_is_a_clear_error(tmp_path, uncond_model):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelError, match="nested too deeply to be a scheduler config"):
+        load_model(uncond_model, deep)
+    with pytest.raises(ModelError, match=r"num_train_timesteps must be an integer in \[1, 100000\], got 1000000000"):
+        load_model(uncond_model, {"num_train_timesteps": 10**9, "beta_schedule": "linear"})

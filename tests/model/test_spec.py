@@ -118,3 +118,8 @@ def test_from_json_refusals():
         ModelSpec.from_json(json.dumps({"channels": 1}))
     with pytest.raises(ModelSpecError, match="lacks scheduler, height"):
         ModelSpec.from_json(json.dumps({"format_version": 1, "channels": 1, "width": 8}))
+
+
+def test_metadata_nested_too_deep_is_a_clear_error():
+    with pytest.raises(ModelSpecError, match="metadata is nested too deeply to be a spec"):
+        ModelSpec.from_json("[" * 100_000 + "]" * 100_000)
