@@ -2,14 +2,18 @@
 
 Each image is written into an anonymous file (O_TMPFILE: it vanishes if the process dies), synced, linked into
 place, and only then gets its manifest line (one append). A failed append unlinks the image again, so the
-folder never holds an image its manifest does not list, nor a temp file after a crash. A folder holding an
-earlier run is refused unless overwrite=True, which first removes what that run wrote.
+folder never holds an image its manifest does not list, nor a temp file after a crash. Each line records its
+files' sha256. A folder holding an earlier run is refused unless overwrite=True, which first removes what that run
+wrote and nothing else: a listed file whose content changed, and a file named like an output that no manifest
+lists, are refused by name.
 """
 
+import hashlib
 import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddengine.files.atomic import FILE_MODE, OutputError
@@ -40,24 +44,56 @@ def check_space(folder, n, image_bytes):
         )
 
 
-def earlier_outputs(folder):
-    """The files of an earlier run in `folder`: its manifest, what it lists, and files named like our outputs."""
-    folder = Path(folder)
+@dataclass
+class EarlierRun:
+    """What a folder holds of an earlier run: the files its manifest lists with their content unchanged (ours to
+    replace), and the files that may not be replaced, each with why."""
+
+    manifest: Path | None = None
+    ours: list = field(default_factory=list)
+    refused: list = field(default_factory=list)  # (path, why)
+
+    def __bool__(self):
+        return bool(self.manifest or self.ours or self.refused)
+
+
+def earlier_run(folder):
+    """The EarlierRun in `folder`: a manifest's files are ours when their sha256 is still the one it recorded; a
+    listed file that changed or has no recorded sha256, and a file named like an output that no manifest lists,
+    are not."""
+    folder, run = Path(folder), EarlierRun()
     if not folder.is_dir():
-        return []
-    found = {p for p in folder.iterdir() if p.is_file() and OUTPUT_NAME.match(p.name)}
+        return run
     manifest = folder / MANIFEST
-    if manifest.exists():
-        found.add(manifest)
-        for name in _listed(manifest):
-            if (folder / name).is_file():
-                found.add(folder / name)
-    return sorted(found)
+    listed = _listed(manifest) if manifest.is_file() else {}
+    run.manifest = manifest if manifest.is_file() else None
+    for name, digest in listed.items():
+        path = folder / name
+        if not path.is_file():
+            continue
+        if digest is None:
+            run.refused.append((path, "its manifest line records no sha256"))
+        elif _sha256(path) != digest:
+            run.refused.append((path, "changed since this engine wrote it"))
+        else:
+            run.ours.append(path)
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and OUTPUT_NAME.match(path.name) and path.name not in listed:
+            run.refused.append((path, "named like an output, but no manifest lists it"))
+    return run
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _listed(manifest):
-    """File names a manifest lists (lines that do not parse are skipped: the file is removed anyway)."""
-    names: list[str] = []
+    """{file name: its recorded sha256 or None} of what a manifest lists (lines that do not parse are skipped)."""
+    names: dict[str, str | None] = {}
     try:
         lines = manifest.read_text(errors="replace").splitlines()
     except OSError:
@@ -65,12 +101,17 @@ def _listed(manifest):
     for line in lines:
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
+        if not isinstance(record, dict):
+            continue
+        given = record.get("sha256")
+        digests: dict = given if isinstance(given, dict) else {}
         for key in ("file", "trajectory_file"):
-            name = record.get(key) if isinstance(record, dict) else None
+            name = record.get(key)
             if isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
-                names.append(name)
+                digest = digests.get(name)
+                names[name] = digest if isinstance(digest, str) else None
     return names
 
 
@@ -81,20 +122,27 @@ class OutputFolder:
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise OutputError(f"--out {self.folder} is a file; expected a folder (it is created if missing)")
-        earlier = earlier_outputs(self.folder)
+        earlier = earlier_run(self.folder)
         if earlier and not overwrite:
-            images = sum(1 for p in earlier if p.name != MANIFEST)
+            images = len(earlier.ours) + len(earlier.refused)
             raise OutputError(
                 f"output folder {self.folder} holds an earlier run ({images} image file(s)"
-                f"{' and ' + MANIFEST if any(p.name == MANIFEST for p in earlier) else ''}); "
+                f"{' and ' + MANIFEST if earlier.manifest else ''}); "
                 "pass --overwrite to replace it, or choose another --out"
+            )
+        if earlier.refused:
+            named = "; ".join(f"{path.name} ({why})" for path, why in earlier.refused[:5])
+            more = f" and {len(earlier.refused) - 5} more" if len(earlier.refused) > 5 else ""
+            raise OutputError(
+                f"--overwrite replaces only the files {MANIFEST} lists with their sha256 unchanged; {self.folder} "
+                f"also holds {named}{more}: move them away or choose another --out"
             )
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             probe, tmp = tempfile.mkstemp(dir=self.folder, prefix=".ddengine-probe.", suffix=".tmp")
             os.close(probe)
             os.unlink(tmp)
-            for path in earlier:
+            for path in [*earlier.ours, *([earlier.manifest] if earlier.manifest else [])]:
                 path.unlink()
             self._dir: int | None = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as err:
@@ -104,9 +152,11 @@ class OutputFolder:
             None  # opened with the first record, so a run that writes nothing leaves no manifest
         )
         self.files = 0
+        self._digests: dict[str, str] = {}  # file name -> sha256 of what write() put there, recorded by add()
 
     def write(self, name, data):
         """Write `data` to folder/name: fully on disk or not there at all."""
+        self._digests[name] = hashlib.sha256(data).hexdigest()
         fd = None
         try:
             fd = os.open(self.folder, os.O_TMPFILE | os.O_WRONLY, FILE_MODE)
@@ -123,7 +173,10 @@ class OutputFolder:
             os.close(fd)
 
     def add(self, record, files=()):
-        """Append one manifest line after its `files` are written; if the line cannot be written, they are removed."""
+        """Append one manifest line after its `files` are written (with their sha256, so --overwrite can tell them
+        from a user's); if the line cannot be written, they are removed."""
+        if files:
+            record = {**record, "sha256": {name: self._digests.pop(name) for name in files}}
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
         try:
             if self._manifest is None:

@@ -2,6 +2,7 @@
 ever, earlier runs refused (untouched) unless overwrite=True, which removes only what they wrote."""
 
 import errno
+import hashlib
 import json
 import os
 
@@ -9,7 +10,7 @@ import pytest
 
 from ddengine.files.atomic import OutputError
 from ddengine.runtime import outdir
-from ddengine.runtime.outdir import MANIFEST, OutputFolder, earlier_outputs
+from ddengine.runtime.outdir import MANIFEST, OutputFolder, earlier_run
 
 
 def listing(folder):
@@ -162,10 +163,15 @@ def test_an_earlier_run_is_refused_and_left_untouched(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_leftover_output_files_without_a_manifest_count_as_an_earlier_run(tmp_path):
-    (tmp_path / "00007.png").write_bytes(b"x")
-    with pytest.raises(OutputError, match=r"holds an earlier run \(1 image file\(s\)\)"):
+def test_files_named_like_outputs_that_no_manifest_lists_are_never_replaced(tmp_path):
+    (tmp_path / "00007.png").write_bytes(b"a user's own picture")
+    (tmp_path / "12345_trajectory.npy").write_bytes(b"and theirs")
+    with pytest.raises(OutputError, match=r"holds an earlier run \(2 image file\(s\)\)"):
         OutputFolder(tmp_path)
+    with pytest.raises(OutputError) as err:
+        OutputFolder(tmp_path, overwrite=True)
+    assert "00007.png (named like an output, but no manifest lists it)" in str(err.value)
+    assert (tmp_path / "00007.png").read_bytes() == b"a user's own picture" and len(listing(tmp_path)) == 2
 
 
 def test_a_folder_of_other_files_is_used_and_they_are_kept(tmp_path):
@@ -175,31 +181,54 @@ def test_a_folder_of_other_files_is_used_and_they_are_kept(tmp_path):
     assert listing(tmp_path) == ["00000.png", "0001.png", "123456.jpg", "cat.png", MANIFEST, "notes.txt"]
 
 
+def test_each_manifest_line_records_its_files_sha256(tmp_path):
+    write_run(tmp_path, 2)
+    assert [r["sha256"] for r in manifest(tmp_path)] == [
+        {f"{i:05d}.png": hashlib.sha256(f"image {i}".encode()).hexdigest()} for i in range(2)
+    ]
+
+
 def test_overwrite_removes_only_what_the_earlier_run_wrote(tmp_path):
     out = tmp_path / "out"
     write_run(out, 3)
-    with open(out / MANIFEST, "a") as f:  # an earlier run's trajectory strip, a line naming a file outside, junk
-        f.write(json.dumps({"file": "00009.npy", "trajectory_file": "00009_trajectory.png"}) + "\n")
+    with open(out / MANIFEST, "a") as f:  # a line naming a file outside the folder, and junk: both ignored
         f.write(json.dumps({"file": "../outside.png"}) + "\n")
         f.write("not json\n")
-    for name in ("00009.npy", "00009_trajectory.png"):
-        (out / name).write_bytes(b"old")
     (tmp_path / "outside.png").write_bytes(b"keep")
     for name in ("notes.txt", "grid.png", "cat.png"):
         (out / name).write_text("keep")
     (out / "00005.png").mkdir()  # a folder named like an output is not a file of ours
-    assert {p.name for p in earlier_outputs(out)} == {
-        "00000.png",
-        "00001.png",
-        "00002.png",
-        "00009.npy",
-        "00009_trajectory.png",
-        MANIFEST,
-    }
+    assert {p.name for p in earlier_run(out).ours} == {"00000.png", "00001.png", "00002.png"}
     write_run(out, 1, overwrite=True)
     assert listing(out) == ["00000.png", "00005.png", "cat.png", "grid.png", MANIFEST, "notes.txt"]
     assert [r["index"] for r in manifest(out)] == [0]  # the new run's manifest only
     assert (tmp_path / "outside.png").read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (
+            lambda out: (out / "00001.png").write_bytes(b"edited by the user"),
+            "00001.png (changed since this engine wrote it)",
+        ),
+        (
+            lambda out: (
+                open(out / MANIFEST, "a").write(json.dumps({"file": "00009.npy"}) + "\n")
+                and (out / "00009.npy").write_bytes(b"old")
+            ),
+            "00009.npy (its manifest line records no sha256)",
+        ),
+    ],
+)
+def test_overwrite_refuses_a_listed_file_it_cannot_prove_it_wrote(tmp_path, damage, why):
+    write_run(tmp_path, 3)
+    damage(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(OutputError) as err:
+        OutputFolder(tmp_path, overwrite=True)
+    assert why in str(err.value) and "--overwrite replaces only the files manifest.jsonl lists" in str(err.value)
+    assert snapshot(tmp_path) == before  # nothing removed
 
 
 def test_out_pointing_at_a_file_is_a_clear_error(tmp_path):
