@@ -46,6 +46,15 @@ class LazyGroup(click.Group):
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
 
+    def invoke(self, ctx):
+        """Run the command; a MemoryError is one line naming what did not fit (numpy says which array), exit 1."""
+        try:
+            return super().invoke(ctx)
+        except MemoryError as err:
+            what = f": {err}" if str(err) else ""
+            click.echo(f"Error: out of memory{what}; sample fewer images at once (--batch-size, --n)", err=True)
+            ctx.exit(1)
+
     @staticmethod
     def _available(name):
         return importlib.util.find_spec(COMMANDS[name][0].split(":")[0]) is not None

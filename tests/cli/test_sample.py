@@ -571,3 +571,18 @@ def test_the_default_model_is_sampled_without_model(tmp_path):
     got = records(tmp_path)
     assert [(r["status"], r["class"]) for r in got] == [("ok", 3), ("ok", 3)]
     assert Image.open(tmp_path / "00001.png").size == (32, 32)
+
+
+def test_running_out_of_memory_is_one_line_naming_what_did_not_fit(tmp_path, cond_model, monkeypatch):
+    import ddengine.cli.sample as sample_command
+
+    def too_big(*args, **kwargs):
+        raise MemoryError("Unable to allocate 7.45 GiB for an array with shape (1000000000,) and data type float64")
+
+    monkeypatch.setattr(sample_command, "write_run", too_big)
+    result = run("sample", "--model", cond_model, "--out", tmp_path / "out", "--n", 2, "--steps", 2, "--quiet")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: out of memory: Unable to allocate 7.45 GiB for an array with shape (1000000000,) and data type "
+        "float64; sample fewer images at once (--batch-size, --n)"
+    )
