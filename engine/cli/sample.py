@@ -246,11 +246,11 @@ def write_run(sampler, request, folder, grid_path, fmt, quiet, stop):
                 index, strip = record["index"], record.pop("trajectory", None)
                 files = []
                 if record["status"] == "ok":
-                    files.append(f"{index:05d}.{fmt}")
-                    folder.write(files[-1], encode(image, fmt))
+                    unit = {f"{index:05d}.{fmt}": encode(image, fmt)}
                     if strip is not None:
-                        files.append(f"{index:05d}_trajectory.png")
-                        folder.write(files[-1], encode(trajectory_strip(strip["x_t"], strip["x0"])))
+                        unit[f"{index:05d}_trajectory.png"] = encode(trajectory_strip(strip["x_t"], strip["x0"]))
+                    folder.write_together(unit)  # the image and its strip: both on disk or neither
+                    files = list(unit)
                     if grid_path is not None:
                         kept.append(image)
                         kept_classes.append(record["class"])

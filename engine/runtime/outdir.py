@@ -172,6 +172,19 @@ class OutputFolder:
         finally:
             os.close(fd)
 
+    def write_together(self, files):
+        """write() each of {name: data}; if one fails, the ones already written are removed before the error."""
+        done = []
+        try:
+            for name, data in files.items():
+                self.write(name, data)
+                done.append(name)
+        except OutputError:
+            for name in done:
+                (self.folder / name).unlink(missing_ok=True)
+                self._digests.pop(name, None)
+            raise
+
     def add(self, record, files=()):
         """Append one manifest line after its `files` are written (with their sha256, so --overwrite can tell them
         from a user's); if the line cannot be written, they are removed."""

@@ -447,6 +447,31 @@ def test_a_failed_manifest_append_exits_1_and_removes_its_image(tmp_path, uncond
     assert assert_manifest_lists_exactly_the_files(tmp_path) == {"00000.png", "00001.png"}
 
 
+def test_a_disk_full_while_a_trajectory_strip_is_written_leaves_its_image_off_disk_too(
+    tmp_path, uncond_model, monkeypatch
+):
+    from ddengine.runtime import outdir
+
+    real = outdir.OutputFolder.write
+
+    def write(self, name, data):
+        if name == "00002_trajectory.png":
+            raise outdir.OutputError(f"cannot write {self.folder / name}: No space left on device")
+        return real(self, name, data)
+
+    monkeypatch.setattr(outdir.OutputFolder, "write", write)
+    result = run(
+        "sample", "--model", uncond_model, *CPU, "--n", 4, "--steps", 4, "--trajectory", 2, "--out", tmp_path, "--quiet"
+    )
+    assert result.exit_code == 1 and "No space left on device" in result.output
+    assert assert_manifest_lists_exactly_the_files(tmp_path) == {
+        "00000.png",
+        "00000_trajectory.png",
+        "00001.png",
+        "00001_trajectory.png",
+    }
+
+
 def test_the_progress_bar_follows_the_sampler_to_its_total(tmp_path, cond_model, monkeypatch):
     import ddengine.cli.sample as sample_cli
 
