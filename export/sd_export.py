@@ -130,7 +130,9 @@ def export_pipeline(folder, out_dir, fp16=False, height=None, width=None, log=pr
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
     text_length = min(int(tokenizer.model_max_length), int(text.config.max_position_embeddings), TEXT_LENGTH * 16)
     hidden = text.config.hidden_size
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    for stale in remove_stale_staging(out_dir):
+        log(f"removed {stale}, left by an export that was killed")
+    tmp = Path(tempfile.mkdtemp(prefix=f"{staging_prefix(out_dir)}{os.getpid()}-", dir=out_dir.parent))
     try:
         errors = {}
         with torch.inference_mode():
@@ -160,6 +162,32 @@ def export_pipeline(folder, out_dir, fp16=False, height=None, width=None, log=pr
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return errors
+
+
+def staging_prefix(out_dir):
+    """The hidden folder name an export of `out_dir` stages in, next to it, before the pid that owns it."""
+    return f".{Path(out_dir).name}.staging-"
+
+
+def remove_stale_staging(out_dir):
+    """Remove the staging folders of `out_dir` whose export process is gone (killed with -9); returns them."""
+    out_dir, removed = Path(out_dir), []
+    for path in out_dir.absolute().parent.glob(staging_prefix(out_dir) + "*"):
+        pid = path.name[len(staging_prefix(out_dir)) :].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def latent_size(unet_config, vae_config, height=None, width=None):

@@ -3,6 +3,7 @@ transformers, the oracles), the metadata the runtime reads, refusals that name t
 failed export, the fp16 variant, and the TensorRT engines of `build_pipeline` against the fake tensorrt."""
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -224,3 +225,19 @@ def test_build_pipeline_fp16_needs_the_fp16_export(fake_trt, tiny_sd, tiny_sd16,
         build_pipeline(tiny_sd.model, tmp_path / "e32")
     results = build_pipeline(tiny_sd16.model, tmp_path / "e16")
     assert {r.manifest["key"]["precision"] for r in results.values()} == {"fp16"}
+
+
+def test_an_export_killed_with_9_leaves_no_staging_folder_behind_the_next_one(tmp_path):
+    import subprocess
+    import sys
+
+    from ddengine.export.sd_export import remove_stale_staging, staging_prefix
+
+    out = tmp_path / "model"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{staging_prefix(out)}{int(dead.stdout)}-abc"
+    running = tmp_path / f"{staging_prefix(out)}{os.getpid()}-def"  # an export still at work: kept
+    for folder in (stale, running):
+        (folder / "part").mkdir(parents=True)
+    assert remove_stale_staging(out) == [stale]
+    assert not stale.exists() and running.exists()
