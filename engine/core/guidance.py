@@ -52,6 +52,13 @@ class Conditioning:
     inputs: dict
     guidance: float | None
 
+    @classmethod
+    def of(cls, role, conditional, unconditional, guidance):
+        """One input's Conditioning by the rule above: own rows conditional (unconditional when g = 0), and an
+        unconditional row only for a guided image."""
+        own = conditional if own_row_is_conditional(guidance) else unconditional
+        return cls({role: (own, unconditional)}, guidance if needs_uncond_rows(guidance) else None)
+
     @property
     def guided(self):
         return self.guidance is not None

@@ -7,7 +7,7 @@ models' ones. The guidance rule (g = 0 / 1 / other) is engine/core/guidance.py's
 
 import numpy as np
 
-from ddengine.core.guidance import Conditioning, needs_uncond_rows, own_row_is_conditional
+from ddengine.core.guidance import Conditioning
 
 LABELS = "class_labels"
 
@@ -15,8 +15,8 @@ LABELS = "class_labels"
 class NoConditioner:
     """An unconditional model: no input but x_t and t, never guided."""
 
-    def condition(self, request):
-        return self.by_class(None, None, request.n)
+    def condition(self, request, images=slice(None)):
+        return Conditioning({}, None)
 
     def by_class(self, classes, guidance, n):
         return Conditioning({}, None)
@@ -28,17 +28,17 @@ class ClassConditioner:
     def __init__(self, null_class):
         self.null_class = null_class
 
-    def condition(self, request):
-        """Conditioning of a bound Request (engine/runtime/params.py)."""
-        return self.by_class(request.classes, request.guidance, request.n)
+    def condition(self, request, images=slice(None)):
+        """Conditioning of images `images` (a slice) of a bound Request (engine/runtime/params.py)."""
+        classes = None if request.classes is None else request.classes[images]
+        return self.by_class(classes, request.guidance, len(request.seeds[images]))
 
     def by_class(self, classes, guidance, n):
         """n images' labels: their classes, or the null class alone (no classes, or g = 0)."""
         null = np.full(n, self.null_class, dtype=np.int64)
         if classes is None:
             return Conditioning({LABELS: (null, null)}, None)
-        own = np.asarray(classes, dtype=np.int64) if own_row_is_conditional(guidance) else null
-        return Conditioning({LABELS: (own, null)}, guidance if needs_uncond_rows(guidance) else None)
+        return Conditioning.of(LABELS, np.asarray(classes, dtype=np.int64), null, guidance)
 
 
 def class_conditioning(spec, classes, guidance, n):

@@ -32,7 +32,7 @@ class InvalidParameterError(ValueError):
 class SamplingParams(BaseModel):
     """What to sample, independent of any model: `SamplingParams.build(n=4, steps=20, classes=[1, 2])`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=False)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     n: int = Field(1, ge=1, le=MAX_IMAGES, description=f"Number of images (at most {MAX_IMAGES:,}).")
     steps: int = Field(50, ge=1, description="Sampling steps (1 .. the model's num_train_timesteps).")
@@ -168,8 +168,7 @@ class SamplingParams(BaseModel):
         if self.method == "ddpm" and self.eta != 0:
             raise InvalidParameterError(f"eta applies to method 'ddim' only; got eta={self.eta!r} with method 'ddpm'")
         if self.seeds is None:
-            if self.n <= SEED_LIMIT:  # (more images than 64-bit seeds are refused by the memory check)
-                integer("seed", self.seed, 0, SEED_LIMIT - self.n)  # seed + i stays a 64-bit seed
+            integer("seed", self.seed, 0, SEED_LIMIT - self.n)  # seed + i stays a 64-bit seed (n <= MAX_IMAGES)
         elif self.seed != 0:
             raise InvalidParameterError(f"pass seed or seeds, not both (got seed={self.seed!r} and seeds)")
         elif len(self.seeds) != self.n:

@@ -90,11 +90,11 @@ class Sampler:
     def chunks(self, request, *, progress=None, callback=None, timers=None):
         """Yield each Chunk of `request.batch_size` images as soon as it is sampled."""
         plan, b = self.parts.plan(request), request.batch_size
-        conditioning = self.parts.conditioner.condition(request)
         total = request.n * request.steps
         for start in range(0, request.n, b):
             part = slice(start, min(start + b, request.n))
             seeds = np.ascontiguousarray(request.seeds[part])
+            conditioning = self.parts.conditioner.condition(request, part)  # per chunk: bounded memory for any n
 
             def on_step(i, *_, start=start, k=part.stop - part.start):
                 if progress is not None:
@@ -102,12 +102,12 @@ class Sampler:
 
             trajectory: list | None = [] if request.trajectory else None
             if self.device_loop is not None and trajectory is None and callback is None:
-                x, bad = self.device_loop.denoise(plan, seeds, conditioning.part(part), on_step=on_step, timers=timers)
+                x, bad = self.device_loop.denoise(plan, seeds, conditioning, on_step=on_step, timers=timers)
             else:  # per-step host access (trajectory, callback) or a CPU backend
                 step_hook = on_step if callback is None else _with_callback(on_step, callback, start)
                 observe = None if trajectory is None else _snapshots(trajectory, plan, request)
                 x, bad = self.host_loop.denoise(
-                    plan, seeds, conditioning.part(part), on_step=step_hook, observe=observe, timers=timers
+                    plan, seeds, conditioning, on_step=step_hook, observe=observe, timers=timers
                 )
             yield self.parts.finish(request, part, x, bad, trajectory)
 

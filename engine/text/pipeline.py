@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 
-from ddengine.core.guidance import Conditioning, needs_uncond_rows, own_row_is_conditional
+from ddengine.core.guidance import Conditioning
 from ddengine.model.load import load_model
 from ddengine.model.pipeline_spec import PipelineSpec
 from ddengine.text.parts import OnnxPart
@@ -57,13 +57,11 @@ class PromptConditioner:
         with self._lock:
             self._cache.clear()
 
-    def condition(self, request):
-        """Conditioning of a bound Request: g = 0 runs the negative prompt alone."""
-        positive, negative = self.embed(request.prompts), self.embed(request.negative_prompts)
-        own = positive if own_row_is_conditional(request.guidance) else negative
-        return Conditioning(
-            {EMBEDDINGS: (own, negative)}, request.guidance if needs_uncond_rows(request.guidance) else None
-        )
+    def condition(self, request, images=slice(None)):
+        """Conditioning of images `images` (a slice) of a bound Request: g = 0 runs the negative prompt alone."""
+        positive = self.embed(request.prompts[images])
+        negative = self.embed(request.negative_prompts[images])
+        return Conditioning.of(EMBEDDINGS, positive, negative, request.guidance)
 
 
 class VaeDecoder:
