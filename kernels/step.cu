@@ -21,11 +21,14 @@ template <int FILL> __device__ void dd_quads(dd_step_args a)
         if (FILL) {
             dd_normals4(im->seed, (dd_u64)q, 0u, DD_DOMAIN_INIT, z);
             for (int k = 0; k < 4 && 4 * q + k < a.per_image; k++)
-                xi[4 * q + k] = z[k];
+                xi[4 * q + k] = z[k] * im->noise_scale;
             continue;
         }
         const float *row = a.table + (dd_i64)DD_NUM_COLUMNS * im->row;
-        const int noisy = row[DD_SIGMA] != 0.0f, use_clip = a.clip > 0.0f;
+        const int noisy = row[DD_SIGMA] != 0.0f, use_clip = row[DD_CLIP] > 0.0f;
+        const int multi = a.slots != 0 && dd_is_multistep(row);
+        float *sl = multi ? a.slots + img * DD_SLOTS * a.per_image : 0;
+        float *x0o = a.x0_out ? a.x0_out + img * a.per_image : 0;
         if (noisy)
             dd_normals4(im->seed, (dd_u64)q, im->step, DD_DOMAIN_STEP, z);
         const float *c = a.model_out + img * a.per_image;
@@ -34,8 +37,14 @@ template <int FILL> __device__ void dd_quads(dd_step_args a)
         for (int k = 0; k < 4 && 4 * q + k < a.per_image; k++) {
             const dd_i64 e = 4 * q + k;
             const float m = u ? dd_guide(u[e], c[e], im->guidance) : c[e];
-            const float y = noisy ? dd_step_noisy(xi[e], m, row, use_clip, a.clip, z[k])
-                                  : dd_step_mean(xi[e], m, row, use_clip, a.clip);
+            const float x0 = dd_x0(xi[e], m, row, use_clip);
+            float y = multi ? dd_step_slots(xi[e], m, x0, row, &sl[e], &sl[a.per_image + e], &sl[2 * a.per_image + e],
+                                            &sl[3 * a.per_image + e])
+                            : dd_step_mean(xi[e], m, x0, row);
+            if (noisy)
+                y = y + row[DD_SIGMA] * z[k];
+            if (x0o)
+                x0o[e] = x0;
             bad |= dd_nonfinite(c[e]) | (u ? dd_nonfinite(u[e]) : 0u) | dd_nonfinite(y);
             xi[e] = y;
         }

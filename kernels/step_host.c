@@ -11,6 +11,7 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -129,38 +130,51 @@ static void noise_block(dd_u64 seed, dd_u64 q0, int nq, dd_u32 step, dd_u32 doma
     box_muller_block(r[0], r[1], r[2], r[3], nq, z);
 }
 
+/* The slots (L, H0, H1, H2) of one block of one image, and where its x0 goes. */
+typedef struct {
+    float *l, *h0, *h1, *h2, *x0;
+} block_slots;
+
 /* x[i] <- step(x[i], m[i]) (+ sigma z[i]) for n elements of one image; returns 1 if an input or result is
  * non-finite. Specialised by inlining on the constant flags (c = conditional output, u = unconditional). */
 static inline __attribute__((always_inline)) dd_u32
 step_loop(float *restrict x, const float *restrict c, const float *restrict u, const float *restrict z, int n,
-          const float *restrict table_row, float g, float clip, const int guided, const int use_clip, const int noisy)
+          const float *restrict table_row, float g, block_slots sl, const int guided, const int use_clip,
+          const int noisy, const int multi, const int keep_x0)
 {
     float row[DD_NUM_COLUMNS];
     memcpy(row, table_row, sizeof(row));
+    float *restrict l = sl.l, *restrict h0 = sl.h0, *restrict h1 = sl.h1, *restrict h2 = sl.h2, *restrict x0o = sl.x0;
     dd_u32 bad = 0;
     for (int i = 0; i < n; i++) {
         float m = guided ? dd_guide(u[i], c[i], g) : c[i];
-        float y = noisy ? dd_step_noisy(x[i], m, row, use_clip, clip, z[i]) : dd_step_mean(x[i], m, row, use_clip, clip);
+        float x0 = dd_x0(x[i], m, row, use_clip);
+        float y = multi ? dd_step_slots(x[i], m, x0, row, &l[i], &h0[i], &h1[i], &h2[i]) : dd_step_mean(x[i], m, x0, row);
+        if (noisy)
+            y = y + row[DD_SIGMA] * z[i];
+        if (keep_x0)
+            x0o[i] = x0;
         bad |= dd_nonfinite(c[i]) | (guided ? dd_nonfinite(u[i]) : 0u) | dd_nonfinite(y);
         x[i] = y;
     }
     return bad;
 }
 
+#define DD_STEP_CASE(k)                                                                                      \
+    case k:                                                                                                  \
+        return step_loop(x, c, u, z, n, row, g, sl, (k) >> 4 & 1, (k) >> 3 & 1, (k) >> 2 & 1, (k) >> 1 & 1, (k) & 1);
+#define DD_STEP_CASES4(k) DD_STEP_CASE(k) DD_STEP_CASE(k + 1) DD_STEP_CASE(k + 2) DD_STEP_CASE(k + 3)
+
 DD_CLONES static dd_u32 step_block(float *restrict x, const float *restrict c, const float *restrict u,
-                                   const float *restrict z, int n, const float *row, float g, float clip)
+                                   const float *restrict z, int n, const float *row, float g, block_slots sl)
 {
-    int code = (u ? 4 : 0) | (clip > 0.0f ? 2 : 0) | (z ? 1 : 0);
+    int multi = sl.l != NULL && dd_is_multistep(row);
+    int code = (u ? 16 : 0) | (row[DD_CLIP] > 0.0f ? 8 : 0) | (z ? 4 : 0) | (multi ? 2 : 0) | (sl.x0 ? 1 : 0);
     switch (code) {
-    case 0: return step_loop(x, c, u, z, n, row, g, clip, 0, 0, 0);
-    case 1: return step_loop(x, c, u, z, n, row, g, clip, 0, 0, 1);
-    case 2: return step_loop(x, c, u, z, n, row, g, clip, 0, 1, 0);
-    case 3: return step_loop(x, c, u, z, n, row, g, clip, 0, 1, 1);
-    case 4: return step_loop(x, c, u, z, n, row, g, clip, 1, 0, 0);
-    case 5: return step_loop(x, c, u, z, n, row, g, clip, 1, 0, 1);
-    case 6: return step_loop(x, c, u, z, n, row, g, clip, 1, 1, 0);
-    default: return step_loop(x, c, u, z, n, row, g, clip, 1, 1, 1);
+        DD_STEP_CASES4(0) DD_STEP_CASES4(4) DD_STEP_CASES4(8) DD_STEP_CASES4(12)
+        DD_STEP_CASES4(16) DD_STEP_CASES4(20) DD_STEP_CASES4(24) DD_STEP_CASES4(28)
     }
+    return 0;
 }
 
 /* ---------------------------------------------------------------- work items */
@@ -194,7 +208,12 @@ static void run_item(job_t *job, Py_ssize_t item)
         noise_block(im->seed, (dd_u64)e0 / 4, (n + 3) / 4, im->step, DD_DOMAIN_STEP, z);
     const float *c = a->model_out + img * a->per_image + e0;
     const float *u = im->uncond >= 0 ? a->model_out + (Py_ssize_t)im->uncond * a->per_image + e0 : NULL;
-    if (step_block(x, c, u, noisy ? z : NULL, n, row, im->guidance, a->clip)) {
+    block_slots sl = {NULL, NULL, NULL, NULL, a->x0_out ? a->x0_out + img * a->per_image + e0 : NULL};
+    if (a->slots) {
+        float *base = a->slots + img * DD_SLOTS * a->per_image + e0;
+        sl.l = base, sl.h0 = base + a->per_image, sl.h1 = base + 2 * a->per_image, sl.h2 = base + 3 * a->per_image;
+    }
+    if (step_block(x, c, u, noisy ? z : NULL, n, row, im->guidance, sl)) {
         dd_i32 none = -1; /* the first failing step wins; threads of one step store the same value */
         __atomic_compare_exchange_n(&im->nonfinite_step, &none, (dd_i32)im->step, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
     }
@@ -372,8 +391,10 @@ static void release(Py_buffer *views, int n)
         PyBuffer_Release(&views[i]);
 }
 
-/* Every image's table row and unconditional row must lie inside the buffers the kernel reads. */
-static int check_images(const dd_image *images, Py_ssize_t batch, Py_ssize_t table_rows, Py_ssize_t out_rows)
+/* Every image's table row and unconditional row must lie inside the buffers the kernel reads, and a multistep row
+ * needs the slots. */
+static int check_images(const dd_image *images, Py_ssize_t batch, const float *table, Py_ssize_t table_rows,
+                        Py_ssize_t out_rows, int have_slots)
 {
     for (Py_ssize_t j = 0; j < batch; j++) {
         if (images[j].row < 0 || images[j].row >= table_rows) {
@@ -386,8 +407,27 @@ static int check_images(const dd_image *images, Py_ssize_t batch, Py_ssize_t tab
                          j, images[j].uncond, out_rows);
             return -1;
         }
+        const float *row = table + (Py_ssize_t)DD_NUM_COLUMNS * images[j].row;
+        if (!have_slots && dd_is_multistep(row)) {
+            PyErr_Format(PyExc_ValueError, "images[%zd] steps with multistep row %d, which needs slots", j, images[j].row);
+            return -1;
+        }
+        float w = row[DD_WRITE_D];
+        if (w != -1.0f && w != 0.0f && w != 1.0f && w != 2.0f) {
+            char shown[32];
+            snprintf(shown, sizeof(shown), "%g", (double)w);
+            PyErr_Format(PyExc_ValueError, "table row %d writes history slot %s (expected -1, 0, 1 or 2)", images[j].row,
+                         shown);
+            return -1;
+        }
     }
     return 0;
+}
+
+/* Whether two buffers overlap. */
+static int overlaps(const Py_buffer *a, const Py_buffer *b)
+{
+    return (const char *)a->buf < (const char *)b->buf + b->len && (const char *)b->buf < (const char *)a->buf + a->len;
 }
 
 static int parse_threads(PyObject *obj, Py_ssize_t *out)
@@ -405,25 +445,47 @@ static int parse_threads(PyObject *obj, Py_ssize_t *out)
 /* ---------------------------------------------------------------- Python API */
 
 PyDoc_STRVAR(step_doc,
-"step(x, model_out, table, images, *, clip=0.0, threads=0) -> None\n\n"
+"step(x, model_out, table, images, *, slots=None, x0_out=None, threads=0) -> None\n\n"
 "One fused sampler step (engine/core/rows.py) in place on float32 x of shape (B, ...). Image j steps with\n"
 "coefficient row table[images[j].row], noise Philox4x32-10(images[j].seed, element // 4, images[j].step,\n"
 "domain 0) where sigma != 0, conditional output model_out[j] and, where images[j].uncond >= 0, guidance\n"
 "u + g (c - u) with u = model_out[uncond]; images[j].nonfinite_step records the first non-finite step.\n"
+"slots (B, 4, ...) float32 holds each image's L, H0, H1, H2 for multistep rows; x0_out (B, ...) receives x0.\n"
 "images is a writable array of engine/kernels/host.py IMAGE_DTYPE records.");
+
+/* The optional float32 buffer `obj` (None: NULL) of exactly `floats` floats, not overlapping x or model_out. */
+static int optional_buffer(PyObject *obj, const char *name, Py_ssize_t floats, Py_buffer *v, const Py_buffer *others,
+                           int n_others, float **out)
+{
+    *out = NULL;
+    if (obj == NULL || obj == Py_None)
+        return 0;
+    if (get_buffer(obj, name, 'f', 4, 1, v) != 0)
+        return -1;
+    const char *err = v->len / 4 != floats ? "has the wrong size" : NULL;
+    for (int i = 0; i < n_others && !err; i++)
+        if (overlaps(v, &others[i]))
+            err = "must not share memory with x, model_out or the other outputs";
+    if (err) {
+        PyErr_Format(PyExc_ValueError, "%s %s (expected %zd floats, got %zd)", name, err, floats, v->len / 4);
+        PyBuffer_Release(v);
+        return -1;
+    }
+    *out = (float *)v->buf;
+    return 1;
+}
 
 static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"x", "model_out", "table", "images", "clip", "threads", NULL};
-    PyObject *xo, *mo_o, *table_o, *images_o, *thr_o = NULL;
-    double clip = 0.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$dO:step", kwlist, &xo, &mo_o, &table_o, &images_o, &clip,
-                                     &thr_o))
+    static char *kwlist[] = {"x", "model_out", "table", "images", "slots", "x0_out", "threads", NULL};
+    PyObject *xo, *mo_o, *table_o, *images_o, *slots_o = NULL, *x0_o = NULL, *thr_o = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOO|$OOO:step", kwlist, &xo, &mo_o, &table_o, &images_o, &slots_o,
+                                     &x0_o, &thr_o))
         return NULL;
     Py_ssize_t threads;
     if (parse_threads(thr_o, &threads) != 0)
         return NULL;
-    Py_buffer v[4]; /* x, model_out, table, images */
+    Py_buffer v[6]; /* x, model_out, table, images, slots, x0_out */
     int got = 0;
     if (get_buffer(xo, "x", 'f', 4, 1, &v[got]) == 0 && ++got && get_buffer(mo_o, "model_out", 'f', 4, 0, &v[got]) == 0
         && ++got && get_buffer(table_o, "table", 'f', 4, 0, &v[got]) == 0 && ++got
@@ -433,8 +495,6 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwargs)
         release(v, got);
         return NULL;
     }
-    job_t job;
-    memset(&job, 0, sizeof(job));
     Py_ssize_t batch = v[0].shape[0], elements = v[0].len / 4;
     Py_ssize_t per_image = batch ? elements / batch : 0;
     const char *err = NULL;
@@ -445,24 +505,33 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwargs)
     else if (per_image > 0 && v[1].len / 4 / per_image < batch)
         err = "model_out must have at least as many rows as x (row j: image j's output)";
     else if ((v[2].len / 4) % DD_NUM_COLUMNS != 0)
-        err = "table must be rows of 9 coefficients (engine/core/rows.py)";
-    else if ((const char *)v[0].buf < (const char *)v[1].buf + v[1].len
-             && (const char *)v[1].buf < (const char *)v[0].buf + v[0].len)
+        err = "table must be rows of 25 coefficients (engine/core/rows.py)";
+    else if (overlaps(&v[0], &v[1]))
         err = "model_out must not share memory with x";
     if (err) {
         PyErr_SetString(PyExc_ValueError, err);
         release(v, 4);
         return NULL;
     }
+    float *slots = NULL, *x0_out = NULL;
+    int r = optional_buffer(slots_o, "slots", elements * DD_SLOTS, &v[got], v, got, &slots);
+    got += r > 0;
+    if (r >= 0) {
+        r = optional_buffer(x0_o, "x0_out", elements, &v[got], v, got, &x0_out);
+        got += r > 0;
+    }
     Py_ssize_t out_rows = per_image ? v[1].len / 4 / per_image : 0;
-    if (check_images((const dd_image *)v[3].buf, batch, v[2].len / 4 / DD_NUM_COLUMNS, out_rows) != 0) {
-        release(v, 4);
+    if (r < 0 || check_images((const dd_image *)v[3].buf, batch, (const float *)v[2].buf, v[2].len / 4 / DD_NUM_COLUMNS,
+                              out_rows, slots != NULL) != 0) {
+        release(v, got);
         return NULL;
     }
+    job_t job;
+    memset(&job, 0, sizeof(job));
     job.a = (dd_step_args){(float *)v[0].buf, (const float *)v[1].buf, (const float *)v[2].buf,
-                           (dd_image *)v[3].buf, batch, per_image, clip > 0.0 ? (float)clip : 0.0f, 0};
+                           (dd_image *)v[3].buf, slots, x0_out, batch, per_image};
     run_without_gil(&job, threads);
-    release(v, 4);
+    release(v, got);
     Py_RETURN_NONE;
 }
 
@@ -497,7 +566,7 @@ static PyObject *py_fill_noise(PyObject *self, PyObject *args, PyObject *kwargs)
     job_t job;
     memset(&job, 0, sizeof(job));
     Py_ssize_t per_image = batch ? v[0].len / 4 / batch : 0;
-    job.a = (dd_step_args){(float *)v[0].buf, NULL, NULL, NULL, batch, per_image, 0.0f, 0};
+    job.a = (dd_step_args){(float *)v[0].buf, NULL, NULL, NULL, NULL, NULL, batch, per_image};
     job.seeds = (const dd_u64 *)v[1].buf;
     job.fill = 1;
     run_without_gil(&job, threads);
@@ -559,14 +628,16 @@ PyDoc_STRVAR(layout_doc, "layout() -> dict: sizes and field offsets of dd_image 
 static PyObject *py_layout(PyObject *self, PyObject *unused)
 {
     return Py_BuildValue(
-        "{s:{s:n,s:n,s:n,s:n,s:n,s:n,s:n},s:{s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n}}",
+        "{s:{s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n},s:{s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n,s:n}}",
         "dd_image", "size", sizeof(dd_image), "seed", offsetof(dd_image, seed), "row", offsetof(dd_image, row),
         "step", offsetof(dd_image, step), "uncond", offsetof(dd_image, uncond), "guidance",
-        offsetof(dd_image, guidance), "nonfinite_step", offsetof(dd_image, nonfinite_step),
+        offsetof(dd_image, guidance), "nonfinite_step", offsetof(dd_image, nonfinite_step), "noise_scale",
+        offsetof(dd_image, noise_scale),
         "dd_step_args", "size", sizeof(dd_step_args), "x", offsetof(dd_step_args, x), "model_out",
         offsetof(dd_step_args, model_out), "table", offsetof(dd_step_args, table), "images",
-        offsetof(dd_step_args, images), "batch", offsetof(dd_step_args, batch), "per_image",
-        offsetof(dd_step_args, per_image), "clip", offsetof(dd_step_args, clip));
+        offsetof(dd_step_args, images), "slots", offsetof(dd_step_args, slots), "x0_out",
+        offsetof(dd_step_args, x0_out), "batch", offsetof(dd_step_args, batch), "per_image",
+        offsetof(dd_step_args, per_image));
 }
 
 static PyMethodDef methods[] = {

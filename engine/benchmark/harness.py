@@ -14,7 +14,7 @@ import numpy as np
 from ddengine.backends.base import physical_cores
 from ddengine.core.guidance import forward_rows, layout_rows
 from ddengine.core.reference import reference_step
-from ddengine.core.rows import SIGMA
+from ddengine.core.rows import SIGMA, SLOTS
 
 TORCH_UNAVAILABLE = "torch model unavailable"
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile", "avx_vnni")
@@ -149,11 +149,14 @@ def numpy_runner(sampler, request):
         rng, fwd, stp = np.random.default_rng(0), 0.0, 0.0
         start = time.perf_counter()
         x = rng.standard_normal((b, *sampler.spec.image_shape), dtype=np.float32)
+        slots = np.zeros((SLOTS, *x.shape), dtype=np.float32)
         for i, t in enumerate(plan.timesteps):
             t0 = time.perf_counter()
             x_in = np.concatenate([x, x]) if guided else x
             out = np.empty_like(x_in)
-            sampler.backend.run({**feeds, "sample": x_in, "timestep": np.full(len(x_in), t, dtype=np.int64)}, out)
+            sampler.backend.run(
+                {**feeds, "sample": x_in, "timestep": np.full(len(x_in), t, dtype=plan.timesteps.dtype)}, out
+            )
             t1 = time.perf_counter()
             noise = rng.standard_normal(x.shape, dtype=np.float32) if plan.coeffs[i, SIGMA] != 0 else None
             x = reference_step(
@@ -163,7 +166,7 @@ def numpy_runner(sampler, request):
                 noise,
                 uncond=out[b:] if guided else None,
                 guidance=request.guidance,
-                clip=plan.clip,
+                slots=slots,
                 dtype=np.float32,
             )
             fwd, stp = fwd + t1 - t0, stp + time.perf_counter() - t1

@@ -1,4 +1,5 @@
-"""StepPlan: one float64 coefficient row (engine/core/rows.py) per sampler step, reproducing diffusers' DDPM/DDIM `step()`."""
+"""StepPlan: one float64 coefficient row (engine/core/rows.py) per sampler step, reproducing a diffusers scheduler's
+`step()`: DDPM and DDIM here, the multistep and sigma-space solvers in engine/core/solvers/."""
 
 import math
 from dataclasses import dataclass
@@ -6,26 +7,32 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from ddengine.core.rows import AM, AX, B0, BM, BX, NUM_COLUMNS, P0, PE, PX, SIGMA
+from ddengine.core.rows import AM, AX, B0, BM, BX, CLIP, NUM_COLUMNS, P0, PE, PX, SIGMA, blank_row, is_multistep
 from ddengine.core.schedule import SchedulerConfig
+from ddengine.core.solvers import SOLVERS, SolverOptions
 from ddengine.core.timesteps import check_steps, check_timesteps, inference_timesteps
 
-Method = Literal["ddim", "ddpm"]
+Method = Literal["ddim", "ddpm", "dpmpp-2m", "dpmpp-3m", "unipc", "euler", "euler-a", "plms"]
 METHODS = get_args(Method)
+STOCHASTIC_METHODS = ("ddpm", "euler-a")  # methods that draw step noise whatever eta is
 
 
 @dataclass(frozen=True, eq=False)
 class StepPlan:
-    """The sampling schedule: model timesteps int64[n] and coefficient rows float64[n, 9] (read-only)."""
+    """The sampling schedule: model timesteps (int64, or float64 where fractional) and coefficient rows float64[n, 25]
+    (read-only); x_T = init_scale * the seed's normals."""
 
     timesteps: np.ndarray
     coeffs: np.ndarray
     clip: float | None
     method: str
     eta: float
+    init_scale: float = 1.0
 
     def __post_init__(self):
-        for name, dtype in (("timesteps", np.int64), ("coeffs", np.float64)):
+        ts = np.asarray(self.timesteps)
+        integral = bool(np.all(np.mod(ts, 1) == 0)) if ts.dtype.kind == "f" else True
+        for name, dtype in (("timesteps", np.int64 if integral else np.float64), ("coeffs", np.float64)):
             arr = np.array(getattr(self, name), dtype=dtype)
             arr.setflags(write=False)
             object.__setattr__(self, name, arr)
@@ -36,13 +43,26 @@ class StepPlan:
     def __len__(self):
         return len(self.timesteps)
 
+    @property
+    def integer_timesteps(self):
+        """Whether every model timestep is an integer (int64 inputs take them exactly)."""
+        return self.timesteps.dtype == np.int64
+
+    @property
+    def multistep(self):
+        """Whether some row reads or writes the images' history slots."""
+        return any(is_multistep(row) for row in self.coeffs)
+
     def rows_float32(self):
         """The coefficient table as a C-contiguous float32 (n, 9) array for the kernels."""
         return np.ascontiguousarray(self.coeffs, dtype=np.float32)
 
 
-def make_plan(config, steps=None, *, method="ddim", eta=0.0, timesteps=None, use_clipped_model_output=False):
-    """Coefficient rows for `steps` (or explicit DDPM `timesteps`) of DDIM (Song et al. 2020) or DDPM (Ho et al. 2020)."""
+def make_plan(
+    config, steps=None, *, method="ddim", eta=0.0, timesteps=None, use_clipped_model_output=False, options=None
+):
+    """Coefficient rows for `steps` (or explicit DDPM `timesteps`) of DDIM (Song et al. 2020), DDPM (Ho et al. 2020)
+    or a solver of engine/core/solvers/ (with its SolverOptions)."""
     if isinstance(config, dict):
         config = SchedulerConfig.from_dict(config)
     if not isinstance(config, SchedulerConfig):
@@ -50,6 +70,10 @@ def make_plan(config, steps=None, *, method="ddim", eta=0.0, timesteps=None, use
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
     eta = _check_eta(eta, method)
+    if method in SOLVERS:
+        if timesteps is not None:
+            raise ValueError(f"explicit timesteps are supported for method 'ddpm' only, got method {method!r}")
+        return _solver_plan(config, check_steps(steps, config.num_train_timesteps), method, options or SolverOptions())
     if not isinstance(use_clipped_model_output, (bool, np.bool_)):
         raise ValueError(f"use_clipped_model_output must be True or False, got {use_clipped_model_output!r}")
     T = config.num_train_timesteps
@@ -66,15 +90,24 @@ def make_plan(config, steps=None, *, method="ddim", eta=0.0, timesteps=None, use
     coeffs = np.array(rows, dtype=np.float64)
     _check_finite(coeffs, ts)
     clip = float(config.clip_sample_range) if config.clip_sample else None
+    coeffs[:, CLIP] = clip or 0.0
     return StepPlan(timesteps=ts, coeffs=coeffs, clip=clip, method=method, eta=eta)
+
+
+def _solver_plan(config, steps, method, options):
+    """The StepPlan of a multistep or sigma-space solver; its rows never clip (the diffusers classes do not)."""
+    abar = config.alphas_cumprod()
+    timesteps, coeffs, init_scale = SOLVERS[method][1](config, abar, steps, options)
+    _check_finite(coeffs, timesteps)
+    return StepPlan(timesteps=timesteps, coeffs=coeffs, clip=None, method=method, eta=0.0, init_scale=init_scale)
 
 
 def _check_eta(eta, method):
     ok = isinstance(eta, (int, float, np.integer, np.floating)) and not isinstance(eta, (bool, np.bool_))
     if not ok or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-    if method == "ddpm" and eta != 0:
-        raise ValueError(f"eta applies to method 'ddim' only; method 'ddpm' needs eta=0, got {eta!r}")
+    if method != "ddim" and eta != 0:
+        raise ValueError(f"eta applies to method 'ddim' only; method {method!r} needs eta=0, got {eta!r}")
     return float(eta)
 
 
@@ -117,7 +150,7 @@ def _check_finite(coeffs, ts):
     bad = np.flatnonzero(~np.isfinite(coeffs).all(axis=1))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"non-finite step coefficients at step {i} (timestep {int(ts[i])}): {coeffs[i].tolist()}")
+        raise ValueError(f"non-finite step coefficients at step {i} (timestep {ts[i]:g}): {coeffs[i].tolist()}")
 
 
 def _x0_coeffs(prediction_type, a):
@@ -135,7 +168,7 @@ def _ddim_row(config, abar, t, prev, final, eta, use_clipped):
     a = float(abar[t])
     ap = float(abar[prev]) if prev >= 0 else final
     sa, sb = math.sqrt(a), math.sqrt(1.0 - a)
-    row = [0.0] * NUM_COLUMNS
+    row = blank_row()
     row[AX], row[AM] = _x0_coeffs(config.prediction_type, a)
     if use_clipped:  # eps re-derived from the (clipped) x0
         row[BX], row[B0] = 1.0 / sb, -sa / sb
@@ -163,7 +196,7 @@ def _ddpm_row(config, abar, t, prev):
     a = float(abar[t])
     ap = float(abar[prev]) if prev >= 0 else 1.0
     beta = 1.0 - a / ap  # "current_beta_t" of the strided schedule
-    row = [0.0] * NUM_COLUMNS
+    row = blank_row()
     row[AX], row[AM] = _x0_coeffs(config.prediction_type, a)
     row[P0] = math.sqrt(ap) * beta / (1.0 - a)
     row[PX] = math.sqrt(a / ap) * (1.0 - ap) / (1.0 - a)

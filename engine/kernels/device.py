@@ -110,9 +110,11 @@ class StepKernels:
         self._launch("ddstep_advance", batch, stream, _ptr(images), ctypes.c_int(batch))
 
 
-def step_args(x, model_out, table, images, batch, per_image, clip=None):
-    """A StepArgs of device addresses."""
-    return StepArgs(int(x), int(model_out or 0), int(table or 0), int(images), batch, per_image, clip or 0.0, 0)
+def step_args(x, model_out, table, images, batch, per_image, slots=None, x0_out=None):
+    """A StepArgs of device addresses (slots: each image's L, H0, H1, H2; x0_out: where x0 goes; 0 = none)."""
+    return StepArgs(
+        int(x), int(model_out or 0), int(table or 0), int(images), int(slots or 0), int(x0_out or 0), batch, per_image
+    )
 
 
 def quads(per_image):

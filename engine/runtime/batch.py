@@ -10,6 +10,7 @@ steps it to the end; the step batcher (engine/serving/batcher.py) admits and ret
 import numpy as np
 
 from ddengine.core.guidance import NO_UNCOND, layout_rows, uncond_rows
+from ddengine.core.rows import NUM_COLUMNS, SLOTS
 from ddengine.kernels import host as fused
 from ddengine.kernels.host import IMAGE_DTYPE
 
@@ -17,12 +18,14 @@ from ddengine.kernels.host import IMAGE_DTYPE
 class ImageBatch:
     """Up to `capacity` images and the buffers of their forward (capacity x spec.cfg_factor rows)."""
 
-    def __init__(self, backend, spec, capacity, *, clip=None, threads=0):
-        self.backend, self.spec, self.capacity, self.clip, self.threads = backend, spec, capacity, clip, threads
+    def __init__(self, backend, spec, capacity, *, threads=0):
+        self.backend, self.spec, self.capacity, self.threads = backend, spec, capacity, threads
         rows = capacity * spec.cfg_factor
         self.x_in = np.empty((rows, *spec.image_shape), dtype=np.float32)
         self.out = np.empty_like(self.x_in)
-        self.t_in = np.empty(rows, dtype=np.int64)
+        self.slots = None  # (capacity, SLOTS, *image_shape) once a multistep plan is admitted
+        self.x0 = None  # (capacity, *image_shape) once keep_x0() asks for the kernel's x0
+        self.t_in = np.empty(rows, dtype=np.float64 if np.dtype(spec.io["timestep"].dtype).kind == "f" else np.int64)
         roles = [r for r in spec.roles() if r not in ("sample", "timestep")]  # class_labels, encoder_hidden_states
         self.inputs = {r: np.empty(spec.io[r].at(rows), dtype=spec.io[r].dtype) for r in roles}
         self.own = {r: np.empty(spec.io[r].at(capacity), dtype=spec.io[r].dtype) for r in roles}
@@ -33,8 +36,8 @@ class ImageBatch:
         self.n = 0
         self.guided = np.empty(0, dtype=np.int64)
         self._plans = {}  # id(plan) -> (plan, first table row)
-        self.table = np.empty((0, 9), dtype=np.float32)
-        self.t_table = np.empty(0, dtype=np.int64)
+        self.table = np.empty((0, NUM_COLUMNS), dtype=np.float32)
+        self.t_table = np.empty(0, dtype=self.t_in.dtype)
 
     @property
     def rows(self):
@@ -51,16 +54,26 @@ class ImageBatch:
         k = len(seeds)
         if self.n + k > self.capacity:
             raise ValueError(f"cannot admit {k} images into a batch of {self.n} with capacity {self.capacity}")
-        if plan.clip != self.clip:
-            raise ValueError(f"plan clips x0 at {plan.clip}, this batch at {self.clip}: one model, one clip")
+        if not plan.integer_timesteps and self.t_in.dtype.kind != "f":
+            raise ValueError(
+                f"{plan.method}'s schedule has fractional timesteps (e.g. {plan.timesteps[1]:g}) and this model's "
+                "timestep input is an integer: use timestep_spacing 'leading' or 'trailing' (or no Karras sigmas)"
+            )
         missing = sorted(set(self.own) - set(conditioning.inputs))
         if missing:
             raise ValueError(f"the model's inputs {missing} need values for the admitted images")
         first = self._plan_offset(plan)
         new = slice(self.n, self.n + k)
-        fused.fill_noise(self.x_in[new], np.ascontiguousarray(seeds, dtype=np.uint64), self.threads)
+        seeds = np.ascontiguousarray(seeds, dtype=np.uint64)
+        fused.fill_noise(self.x_in[new], seeds, self.threads, plan.init_scale)
+        if plan.multistep:
+            if self.slots is None:
+                self.slots = np.empty((self.capacity, SLOTS, *self.spec.image_shape), dtype=np.float32)
+            self.slots[new] = 0.0
         guidance = conditioning.guidance
-        self.images[new] = fused.image_records(seeds, row=first, guidance=0.0 if guidance is None else guidance)
+        self.images[new] = fused.image_records(
+            seeds, row=first, guidance=0.0 if guidance is None else guidance, noise_scale=plan.init_scale
+        )
         self.images["uncond"][new] = 0 if conditioning.guided else NO_UNCOND  # placed by _layout
         for role, (own, uncond) in conditioning.inputs.items():
             self.own[role][new] = own
@@ -83,10 +96,17 @@ class ImageBatch:
         run_rows(self.backend, self.spec, feeds, self.out[: n + g])
         return self.out[: n + g]
 
+    def keep_x0(self):
+        """From now on each update() also writes every image's x0 into self.x0 (the kernel's, for snapshots)."""
+        if self.x0 is None:
+            self.x0 = np.empty((self.capacity, *self.spec.image_shape), dtype=np.float32)
+
     def update(self):
         """The fused step of every image (kernels/step.h), then each moves to its next step; returns the finished."""
         n = self.n
-        fused.step(self.x_in[:n], self.out[: self.rows], self.table, self.images[:n], self.clip, self.threads)
+        slots = None if self.slots is None else self.slots[:n]
+        x0 = None if self.x0 is None else self.x0[:n]
+        fused.step(self.x_in[:n], self.out[: self.rows], self.table, self.images[:n], slots, x0, self.threads)
         fused.advance(self.images[:n])
         self.remaining[:n] -= 1
         return np.flatnonzero(self.remaining[:n] == 0)
@@ -104,6 +124,8 @@ class ImageBatch:
         keep = np.setdiff1d(np.arange(self.n), slots)
         m = len(keep)
         self.x_in[:m], self.images[:m], self.remaining[:m] = self.x_in[keep], self.images[keep], self.remaining[keep]
+        if self.slots is not None:
+            self.slots[:m] = self.slots[keep]
         for store in (self.own, self.uncond):
             for values in store.values():
                 values[:m] = values[keep]

@@ -16,6 +16,7 @@ import threading
 import numpy as np
 
 from ddengine.core.guidance import forward_rows, layout_rows, uncond_rows
+from ddengine.core.rows import SLOTS
 from ddengine.gpu import driver
 from ddengine.gpu.driver import check, use_device
 from ddengine.gpu.memory import DeviceArray, Stream, copy_device
@@ -43,8 +44,11 @@ class DeviceLoop:
         n, guided = len(seeds), conditioning.guided
         state = self._state(plan, n, guided)
         everyone = np.full(n, guided)
-        images = image_records(seeds, uncond=uncond_rows(everyone), guidance=conditioning.guidance if guided else 0.0)
+        guidance = conditioning.guidance if guided else 0.0
+        images = image_records(seeds, uncond=uncond_rows(everyone), guidance=guidance, noise_scale=plan.init_scale)
         state.images.upload(images, self.stream)
+        if state.slots is not None:  # a multistep solver's history starts empty
+            state.slots.upload(np.zeros((n, SLOTS, self.spec.per_image), dtype=np.float32), self.stream)
         for role, buffer in state.inputs.items():
             own, uncond = conditioning.inputs[role]
             rows = np.empty((forward_rows(n, guided), *own.shape[1:]), dtype=own.dtype)
@@ -80,7 +84,7 @@ class DeviceLoop:
         k.advance(s, state.images.ptr, state.batch)
 
     def _state(self, plan, batch, guided):
-        key = (plan.timesteps.tobytes(), plan.coeffs.tobytes(), plan.clip, batch, guided)
+        key = (plan.timesteps.tobytes(), plan.coeffs.tobytes(), batch, guided)
         if key not in self.states:
             self.states[key] = _State(self, plan, batch, guided)
         return self.states[key]
@@ -106,7 +110,13 @@ class _State:
         self.out = DeviceArray((rows, *spec.image_shape), np.float32)
         self.images = DeviceArray(batch, image_records([]).dtype)
         self.table = DeviceArray.from_host(plan.rows_float32(), loop.stream)
+        if not plan.integer_timesteps:
+            raise ValueError(
+                f"the device loop writes integer timesteps; {plan.method}'s schedule has fractional ones "
+                f"(e.g. {plan.timesteps[1]:g}): use timestep_spacing 'leading' or 'trailing', or a CPU backend"
+            )
         self.t_table = DeviceArray.from_host(np.asarray(plan.timesteps, dtype=np.int64), loop.stream)
+        self.slots = DeviceArray((batch, SLOTS, spec.per_image), np.float32) if plan.multistep else None
         t_dtype = self.runner.dtype("timestep")
         if t_dtype.name not in ("int64", "float32"):
             raise ValueError(f"the model's timestep input is {t_dtype.name}; the step kernels write int64 or float32")
@@ -134,8 +144,9 @@ class _State:
                 **{role: buffer.ptr for role, buffer in self.inputs.items()},
             },
         )
+        slots = None if self.slots is None else self.slots.ptr
         self.args = step_args(
-            self.model_x.ptr, self.out.ptr, self.table.ptr, self.images.ptr, batch, spec.per_image, plan.clip
+            self.model_x.ptr, self.out.ptr, self.table.ptr, self.images.ptr, batch, spec.per_image, slots
         )
         self.graph = None
 
@@ -144,7 +155,8 @@ class _State:
             self.graph.close()
             self.graph = None
         self.runner.close()
-        for buffer in (self.model_x, self.out, self.images, self.table, self.t_table, self.t_in, *self.inputs.values()):
+        buffers = (self.model_x, self.out, self.images, self.table, self.t_table, self.t_in, *self.inputs.values())
+        for buffer in (*buffers, *([] if self.slots is None else [self.slots])):
             buffer.free()
 
 

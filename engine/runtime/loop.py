@@ -19,21 +19,23 @@ class HostLoop:
     def __init__(self, backend, spec, threads=0):
         self.backend, self.spec, self.threads = backend, spec, threads
 
-    def denoise(self, plan, seeds, conditioning, on_step=None, observe=None, timers=None):
+    def denoise(self, plan, seeds, conditioning, on_step=None, snapshots=None, timers=None):
         """Sample one chunk (its Conditioning, engine/core/guidance.py): on_step(i, t, x) after each step;
-        observe(i, t, x, out, n) between forward and update."""
+        snapshots.take(i, t, x_t, x0) after the steps snapshots.wants(i), with the kernel's x0."""
         n = len(seeds)
-        batch = ImageBatch(self.backend, self.spec, n, clip=plan.clip, threads=self.threads)
+        batch = ImageBatch(self.backend, self.spec, n, threads=self.threads)
         batch.admit(plan, seeds, conditioning, list(range(n)))
+        if snapshots is not None:
+            batch.keep_x0()
         clock = time.perf_counter
         for i, t in enumerate(plan.timesteps.tolist()):
             start = clock()
-            out = batch.forward()
+            batch.forward()
             middle = clock()
-            if observe is not None:
-                observe(i, t, batch.x, out, n)
-                middle = clock()
+            x_t = batch.x.copy() if snapshots is not None and snapshots.wants(i) else None
             batch.update()
+            if x_t is not None:
+                snapshots.take(i, t, x_t, batch.x0[:n].copy())
             if timers is not None:
                 timers["forward"] = timers.get("forward", 0.0) + middle - start
                 timers["step"] = timers.get("step", 0.0) + clock() - middle

@@ -36,7 +36,12 @@ class SamplingParams(BaseModel):
 
     n: int = Field(1, ge=1, le=MAX_IMAGES, description=f"Number of images (at most {MAX_IMAGES:,}).")
     steps: int = Field(50, ge=1, description="Sampling steps (1 .. the model's num_train_timesteps).")
-    method: Method = Field("ddim", description="ddim (strided, Song et al. 2021) or ddpm (Ho et al. 2020).")
+    method: Method = Field(
+        "ddim",
+        description="ddim (Song et al. 2021), ddpm (Ho et al. 2020), dpmpp-2m / dpmpp-3m (DPM-Solver++, Lu et al. 2022), "
+        "unipc (Zhao et al. 2023), euler / euler-a (Karras et al. 2022) or plms (Liu et al. 2022), as diffusers' "
+        "schedulers of the same names.",
+    )
     eta: float = Field(0.0, ge=0, description="DDIM eta: 0 is deterministic, 1 is DDPM-like noise (method ddim only).")
     seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Image i uses seed + i.")
     seeds: list[int] | None = Field(None, description="One seed per image, instead of seed.")
@@ -165,8 +170,10 @@ class SamplingParams(BaseModel):
 
     @model_validator(mode="after")
     def _together(self):
-        if self.method == "ddpm" and self.eta != 0:
-            raise InvalidParameterError(f"eta applies to method 'ddim' only; got eta={self.eta!r} with method 'ddpm'")
+        if self.method != "ddim" and self.eta != 0:
+            raise InvalidParameterError(
+                f"eta applies to method 'ddim' only; got eta={self.eta!r} with method {self.method!r}"
+            )
         if self.seeds is None:
             integer("seed", self.seed, 0, SEED_LIMIT - self.n)  # seed + i stays a 64-bit seed (n <= MAX_IMAGES)
         elif self.seed != 0:

@@ -9,7 +9,6 @@ when the backend opens device runners and no step needs the host, else on the ho
 
 import numpy as np
 
-from ddengine.core.reference import guided_output, predicted_x0
 from ddengine.runtime.capacity import check_memory, parse_threads
 from ddengine.runtime.loop import HostLoop
 from ddengine.runtime.params import InvalidParameterError, SamplingParams
@@ -105,9 +104,9 @@ class Sampler:
                 x, bad = self.device_loop.denoise(plan, seeds, conditioning, on_step=on_step, timers=timers)
             else:  # per-step host access (trajectory, callback) or a CPU backend
                 step_hook = on_step if callback is None else _with_callback(on_step, callback, start)
-                observe = None if trajectory is None else _snapshots(trajectory, plan, request)
+                snapshots = None if trajectory is None else Snapshots(trajectory, len(plan), request.trajectory)
                 x, bad = self.host_loop.denoise(
-                    plan, seeds, conditioning, on_step=step_hook, observe=observe, timers=timers
+                    plan, seeds, conditioning, on_step=step_hook, snapshots=snapshots, timers=timers
                 )
             yield self.parts.finish(request, part, x, bad, trajectory)
 
@@ -120,13 +119,14 @@ def _with_callback(on_step, callback, first_index):
     return hook
 
 
-def _snapshots(into, plan, request):
-    """An observe hook appending (step, t, x_t, predicted x0) every `request.trajectory` steps and at the last."""
+class Snapshots:
+    """(step, t, x_t, predicted x0) every `every` steps and at the last, into a list."""
 
-    def observe(i, t, x, out, n):
-        if i % request.trajectory == 0 or i == len(plan) - 1:
-            uncond = out[n : 2 * n] if len(out) == 2 * n else None
-            m = guided_output(out[:n], uncond, request.guidance)
-            into.append((i, t, x.copy(), predicted_x0(x, m, plan.coeffs[i], plan.clip).astype(np.float32)))
+    def __init__(self, into, steps, every):
+        self.into, self.steps, self.every = into, steps, every
 
-    return observe
+    def wants(self, i):
+        return i % self.every == 0 or i == self.steps - 1
+
+    def take(self, i, t, x_t, x0):
+        self.into.append((i, t, x_t, x0))

@@ -184,9 +184,7 @@ class StepBatcher:
 
     def _batch_for(self, plan):
         if self._batch is None:
-            self._batch = ImageBatch(
-                self.parts.backend, self.spec, self.max_batch, clip=plan.clip, threads=self.parts.threads
-            )
+            self._batch = ImageBatch(self.parts.backend, self.spec, self.max_batch, threads=self.parts.threads)
         return self._batch
 
     def _step(self):

@@ -81,10 +81,19 @@ def test_eta_above_one_that_would_give_nan_refused():
         make_plan(SchedulerConfig(), 10, eta=3.0)
 
 
+def test_methods_are_ddim_ddpm_and_the_registered_solvers():
+    from ddengine.core.plan import METHODS
+    from ddengine.core.solvers import SOLVERS
+
+    assert set(METHODS) == {"ddim", "ddpm", *SOLVERS}
+
+
 def test_refusals():
     cfg = SchedulerConfig()
-    with pytest.raises(ValueError, match=r"method must be one of 'ddim', 'ddpm', got 'euler'"):
-        make_plan(cfg, 10, method="euler")
+    with pytest.raises(ValueError, match=r"method must be one of 'ddim', 'ddpm', 'dpmpp-2m', .*'plms', got 'heun'"):
+        make_plan(cfg, 10, method="heun")
+    with pytest.raises(ValueError, match=r"eta applies to method 'ddim' only; method 'euler-a' needs eta=0"):
+        make_plan(cfg, 10, method="euler-a", eta=0.5)
     with pytest.raises(ValueError, match=r"eta applies to method 'ddim' only.*got 0.5"):
         make_plan(cfg, 10, method="ddpm", eta=0.5)
     with pytest.raises(ValueError, match=r"exactly one of steps or timesteps, got steps=None, timesteps=None"):
@@ -114,7 +123,7 @@ def test_zero_snr_epsilon_refused_where_x0_is_infinite(method, spacing):
 
 
 def test_step_plan_validates_shapes():
-    with pytest.raises(ValueError, match=r"coeffs must have shape \(2, 9\) for 2 timesteps, got \(2, 8\)"):
+    with pytest.raises(ValueError, match=r"coeffs must have shape \(2, 25\) for 2 timesteps, got \(2, 8\)"):
         StepPlan(timesteps=[2, 1], coeffs=np.zeros((2, 8)), clip=None, method="ddim", eta=0.0)
 
 

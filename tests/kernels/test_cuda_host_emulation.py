@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ddengine.kernels import _step
-from ddengine.kernels.host import StepArgs, image_records
+from ddengine.kernels.host import StepArgs, fill_noise, image_records
 from tests.support.host_cuda import build_host_cuda, launch
 from tests.support.kernel_oracle import random_step_case
 
@@ -20,23 +20,32 @@ def host_cuda(tmp_path_factory):
     return build_host_cuda(tmp_path_factory.mktemp("host_cuda"))
 
 
-def args_for(x, model_out, table, images, clip):
+def args_for(x, model_out, table, images, slots=None, x0_out=None):
+    pointer = lambda a: 0 if a is None else a.ctypes.data  # noqa: E731
     return StepArgs(
-        x.ctypes.data, model_out.ctypes.data, table.ctypes.data, images.ctypes.data, len(x), x[0].size, clip or 0.0, 0
-    )
+        x.ctypes.data, model_out.ctypes.data, table.ctypes.data, images.ctypes.data, pointer(slots), pointer(x0_out),
+        len(x), x[0].size,
+    )  # fmt: skip
 
 
-@pytest.mark.parametrize("clip", [None, 1.0])
+@pytest.mark.parametrize("clip", [0.0, 1.0])
 @pytest.mark.parametrize("sigma", [0.0, 0.8])
+@pytest.mark.parametrize("multistep", [False, True])
 @pytest.mark.parametrize("grid, block", [(1, 1), (3, 7)])
-def test_step_kernel_equals_c_kernel(host_cuda, clip, sigma, grid, block):
+def test_step_kernel_equals_c_kernel(host_cuda, clip, sigma, multistep, grid, block):
     rng = np.random.default_rng(21)
-    x, model_out, table, images = random_step_case(rng, 5, (7, 11, 13), sigma=sigma)  # 1001 elements: a partial quad
+    case = random_step_case(rng, 5, (7, 11, 13), sigma=sigma, clip=clip, tables=6, multistep=multistep)  # 1001 elements
+    x, model_out, table, images = case[:4]
+    slots = case[4] if multistep else None
     model_out[2, 1, 5, 6] = np.nan  # image 2 is recorded as bad by both
-    y, cuda_images = x.copy(), images.copy()
-    launch(host_cuda, "ddstep_step", grid, block, args_for(y, model_out, table, cuda_images, clip))
-    _step.step(x, model_out, table, images, clip=clip or 0.0)
+    y, cuda_images, x0, cuda_x0 = x.copy(), images.copy(), np.zeros_like(x), np.zeros_like(x)
+    cuda_slots = None if slots is None else slots.copy()
+    launch(host_cuda, "ddstep_step", grid, block, args_for(y, model_out, table, cuda_images, cuda_slots, cuda_x0))
+    _step.step(x, model_out, table, images, slots=slots, x0_out=x0)
     assert np.array_equal(y.view(np.uint32), x.view(np.uint32))
+    assert np.array_equal(cuda_x0.view(np.uint32), x0.view(np.uint32))
+    if multistep:
+        assert np.array_equal(cuda_slots.view(np.uint32), slots.view(np.uint32))
     assert np.array_equal(cuda_images, images) and images["nonfinite_step"][2] == images["step"][2].astype(np.int32)
 
 
@@ -45,8 +54,13 @@ def test_fill_noise_and_counter_kernels(host_cuda):
     want, got = np.empty((3, 1003), np.float32), np.zeros((3, 1003), np.float32)
     _step.fill_noise(want, seeds)
     images = image_records(seeds, uncond=[3, -1, 4], guidance=2.0)
-    launch(host_cuda, "ddstep_fill_noise", 2, 5, StepArgs(got.ctypes.data, 0, 0, images.ctypes.data, 3, 1003, 0.0, 0))
+    launch(host_cuda, "ddstep_fill_noise", 2, 5, StepArgs(got.ctypes.data, 0, 0, images.ctypes.data, 0, 0, 3, 1003))
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    images["noise_scale"] = 0.75  # Euler's init_noise_sigma on the engine's x, as the host's fill_noise applies it
+    scaled = np.empty_like(want)
+    fill_noise(scaled, seeds, noise_scale=0.75)
+    launch(host_cuda, "ddstep_fill_noise", 2, 5, StepArgs(got.ctypes.data, 0, 0, images.ctypes.data, 0, 0, 3, 1003))
+    assert np.array_equal(got.view(np.uint32), scaled.view(np.uint32))
 
     t_table = np.array([999, 500, 1], np.int64)
     images["row"] = [1, 2, 0]

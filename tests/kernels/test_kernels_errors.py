@@ -6,6 +6,7 @@ Everything else a launch assumes (finite rows, guidance, clip) is validated once
 import numpy as np
 import pytest
 
+from ddengine.core.rows import NUM_COLUMNS, SIGMA, WRITE_D
 from ddengine.kernels import _step
 from ddengine.kernels.host import image_records
 
@@ -18,9 +19,16 @@ def good():
     return dict(
         x=rng.standard_normal((B, 3, 5)).astype(np.float32),
         model_out=rng.standard_normal((B + 2, 3, 5)).astype(np.float32),
-        table=rng.standard_normal((4, 9)).astype(np.float32),
+        table=single_step_table(rng),
         images=images,
     )
+
+
+def single_step_table(rng):
+    table = np.zeros((4, NUM_COLUMNS), dtype=np.float32)
+    table[:, : SIGMA + 1] = rng.standard_normal((4, SIGMA + 1))
+    table[:, WRITE_D] = -1.0
+    return table
 
 
 def read_only(a):
@@ -50,7 +58,7 @@ CASES = [
     ("model_out", lambda a: a[:, :, ::-1], TypeError, "model_out must be a C-contiguous array"),
     ("model_out", lambda a: a[:7], ValueError, "model_out must have at least as many rows as x"),
     ("model_out", lambda a: a.reshape(-1)[:-1], ValueError, "model_out must be whole rows of x's per-image size"),
-    ("table", lambda a: a.reshape(-1)[:-1], ValueError, "table must be rows of 9 coefficients"),
+    ("table", lambda a: a.reshape(-1)[:-1], ValueError, "table must be rows of 25 coefficients"),
     ("table", lambda a: a.astype(np.float64), TypeError, "table must be a C-contiguous array of 4-byte float"),
     ("images", lambda a: a[:7], ValueError, "images must hold one record per image of x"),
     ("images", lambda a: np.zeros(B, np.uint64), TypeError, "images must be a C-contiguous array of 32-byte record"),
@@ -82,7 +90,13 @@ def test_bad_positional_argument(name, bad, exc, match):
     [
         (dict(threads=-1), ValueError, r"threads must be >= 0 \(0 = all cores\), got -1"),
         (dict(threads=1.0), TypeError, "integer"),
-        (dict(clip="1"), TypeError, "must be real number"),
+        (dict(slots=np.zeros((B, 3, 3, 5), np.float32)), ValueError, "slots has the wrong size"),
+        (dict(x0_out=np.zeros((B, 3, 4), np.float32)), ValueError, "x0_out has the wrong size"),
+        (
+            dict(slots=np.zeros((B, 4, 3, 5), np.float64)),
+            TypeError,
+            "slots must be a C-contiguous array of 4-byte float",
+        ),
     ],
 )
 def test_bad_keyword_argument(kwargs, exc, match):

@@ -12,6 +12,7 @@ import pytest
 
 from ddengine.kernels import _step
 from ddengine.kernels.host import image_records
+from tests.support.kernel_oracle import single_step_rows
 
 # step_host.c is not package data: build from the checkout these tests live in (the installed module was too)
 KERNELS = Path(__file__).resolve().parents[2] / "kernels"
@@ -54,12 +55,12 @@ def outputs(k):
     k.fill_noise(noise, seeds)
     x = np.linspace(-2, 2, noise.size, dtype=np.float32).reshape(noise.shape)
     model_out = np.concatenate([np.cos(x), 0.5 * np.sin(x[:3])])
-    table = np.array(
-        [[1.1, -0.3, 0.2, 0.9, -0.1, 0.7, 0.2, -0.4, 0.35], [0.9, 0.1, 0, 1, 0, 0.8, 0.1, 0.3, 0]], np.float32
+    table = single_step_rows(
+        [[1.1, -0.3, 0.2, 0.9, -0.1, 0.7, 0.2, -0.4, 0.35], [0.9, 0.1, 0, 1, 0, 0.8, 0.1, 0.3, 0]], clip=1.5
     )
     images = image_records(seeds, uncond=[5, 6, 7, -1, -1], guidance=[4.0, 1.5, 7.0, 0, 0])
     images["row"], images["step"] = [0, 1, 0, 1, 0], [12, 3, 0, 999, 2**31]
-    k.step(x, model_out, table, images, clip=1.5)
+    k.step(x, model_out, table, images)
     return noise.view(np.uint32), x.view(np.uint32)
 
 

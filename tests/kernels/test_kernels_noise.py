@@ -6,9 +6,9 @@ from scipy import stats
 
 from ddengine.kernels import _step
 from ddengine.kernels.host import image_records
-from tests.support.kernel_oracle import batch_noise, noise, rel_err
+from tests.support.kernel_oracle import batch_noise, noise, rel_err, single_step_rows
 
-NOISE_ONLY = np.array([[0, 0, 0, 0, 0, 0, 0, 0, 1]], np.float32)  # x' = 1 * z (engine/core/rows.py column order)
+NOISE_ONLY = single_step_rows([[0, 0, 0, 0, 0, 0, 0, 0, 1]])  # x' = 1 * z (engine/core/rows.py column order)
 SEEDS = np.array([0, 1, 2**32 - 1, 2**32, 2**63 + 12345, 2**64 - 1, 7, 99], dtype=np.uint64)
 
 

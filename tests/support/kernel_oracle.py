@@ -66,32 +66,57 @@ def rel_err(got, ref):
     return float(np.max(np.abs(np.asarray(got, dtype=np.float64) - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
-def random_step_case(rng, batch, shape, guided_share=0.5, tables=3, sigma=0.7):
+def single_step_rows(rows, clip=0.0):
+    """Coefficient rows (n, NUM_COLUMNS) float32 from their first nine columns (ax .. sigma): no slots, clip `clip`."""
+    from ddengine.core.rows import CLIP, NUM_COLUMNS, WRITE_D
+
+    rows = np.asarray(rows, dtype=np.float32)
+    table = np.zeros((len(rows), NUM_COLUMNS), dtype=np.float32)
+    table[:, : rows.shape[1]] = rows
+    table[:, CLIP], table[:, WRITE_D] = clip, -1.0
+    return table
+
+
+def random_step_case(rng, batch, shape, guided_share=0.5, tables=3, sigma=0.7, clip=0.0, multistep=False):
     """x, model_out, a coefficient table and per-image records with different rows, steps and guidance.
 
-    Images 0..B-1 own model_out rows 0..B-1; guided images get unconditional rows B.. in order.
+    Images 0..B-1 own model_out rows 0..B-1; guided images get unconditional rows B.. in order. With `multistep`,
+    rows read and write the slots (random multistep columns; every row writes some slot or L) and slots are returned
+    as a fifth value (B, 4, *shape).
     """
+    from ddengine.core.rows import CLIP, MULTISTEP, NUM_COLUMNS, SIGMA, SLOTS, WRITE_D, WRITE_S
     from ddengine.kernels.host import NO_UNCOND, image_records
 
     x = rng.standard_normal((batch,) + shape).astype(np.float32)
     guided = rng.random(batch) < guided_share
     model_out = rng.standard_normal((batch + int(guided.sum()),) + shape).astype(np.float32)
-    table = rng.uniform(-1.5, 1.5, (tables, 9)).astype(np.float32)
-    table[:, 8] = sigma
-    table[0, 8] = 0.0  # one row without noise
+    table = np.zeros((tables, NUM_COLUMNS), dtype=np.float32)
+    table[:, :SIGMA] = rng.uniform(-1.5, 1.5, (tables, SIGMA))
+    table[:, SIGMA] = sigma
+    table[0, SIGMA] = 0.0  # one row without noise
+    table[:, CLIP] = clip
+    table[:, WRITE_D] = -1.0
+    if multistep:
+        table[:, MULTISTEP] = rng.uniform(-1.0, 1.0, (tables, MULTISTEP.stop - MULTISTEP.start))
+        table[:, WRITE_D] = np.arange(tables) % 4 - 1  # -1 (none), 0, 1, 2
+        table[:, WRITE_S] = np.arange(tables) % 2
     images = image_records(rng.integers(0, 2**64, batch, dtype=np.uint64))
     images["row"] = rng.integers(0, tables, batch)
     images["step"] = rng.integers(0, 2**32, batch, dtype=np.uint64).astype(np.uint32)
     images["uncond"] = np.where(guided, batch + np.cumsum(guided) - 1, NO_UNCOND)
     images["guidance"] = np.where(guided, rng.uniform(0.5, 8.0, batch), 0.0)
+    if multistep:
+        return x, model_out, table, images, rng.standard_normal((batch, SLOTS) + shape).astype(np.float32)
     return x, model_out, table, images
 
 
-def oracle_step(x, model_out, table, images, clip=None):
-    """Each image stepped alone in float64 (engine/core/reference.py) with its own row, noise step and guidance."""
+def oracle_step(x, model_out, table, images, slots=None):
+    """Each image stepped alone in float64 (engine/core/reference.py) with its own row, noise step and guidance;
+    returns x' and the slots after the step (float64 copies)."""
     from ddengine.core.reference import reference_step
 
     out = np.empty(x.shape, dtype=np.float64)
+    after = None if slots is None else slots.astype(np.float64)
     for j, im in enumerate(images):
         z = noise(im["seed"], x[j].size, int(im["step"]), 0).reshape(x[j].shape)
         uncond = model_out[im["uncond"]] if im["uncond"] >= 0 else None
@@ -102,6 +127,6 @@ def oracle_step(x, model_out, table, images, clip=None):
             z,
             uncond=uncond,
             guidance=float(im["guidance"]) if uncond is not None else None,
-            clip=clip,
+            slots=None if after is None else after[j],
         )
-    return out
+    return out if slots is None else (out, after)
