@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from ddengine.core.plan import METHODS, make_plan
-from ddengine.core.rows import SLOTS
 from ddengine.core.reference import reference_step
+from ddengine.core.rows import SLOTS
 from ddengine.kernels import _step
 from ddengine.kernels.host import image_records
 from tests.support.kernel_oracle import batch_noise, rel_err
