@@ -44,7 +44,13 @@ from ddengine.core.plan import METHODS
     help="Generated (and real floor) images per guidance.",
 )
 @click.option("--steps", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--method", type=click.Choice(METHODS), default="ddim", show_default=True, help="DDIM (eta 0) or DDPM.")
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="ddim",
+    show_default=True,
+    help="The sampler (ddim, ddpm or a solver: dpmpp-2m, dpmpp-3m, unipc, euler, euler-a, plms).",
+)
 @click.option(
     "--guidance",
     "guidances",

@@ -87,7 +87,7 @@ def test_batch_profile_covers_the_rows_the_batch_runs(cond_model, uncond_model, 
     plan = make_plan(spec.schedule, 2)
     backend = create_backend("ort-cpu", model)
     for n in (1, 8):
-        batch = ImageBatch(backend, spec, n, clip=plan.clip)
+        batch = ImageBatch(backend, spec, n)
         classes = np.arange(n) % 4 if num_classes else None
         conditioning = class_conditioning(spec, classes, guidance, n)
         batch.admit(plan, np.arange(n, dtype=np.uint64), conditioning, [None] * n)

@@ -9,7 +9,6 @@ import pytest
 
 from ddengine.backends.base import Backend
 from ddengine.core.guidance import NO_UNCOND
-from ddengine.core.plan import make_plan
 from ddengine.runtime.batch import ImageBatch
 from ddengine.runtime.conditioning import class_conditioning
 from ddengine.runtime.sampler import Sampler, to_uint8
@@ -23,6 +22,12 @@ STAGGERED = {
     "C": (3, dict(n=2, steps=4, method="ddim", eta=0.5, spacing="trailing", seed=30)),  # the null class
     "D": (5, dict(n=1, steps=6, method="ddim", seed=40, classes=1, guidance=0.0)),  # the null class alone
     "E": (5, dict(n=2, steps=5, method="ddim", seed=50, classes=[2, 3], guidance=1.0)),  # A's plan, conditional alone
+    # the solvers (engine/core/solvers/) share the same forwards, each image with its own history slots
+    "G": (1, dict(n=2, steps=6, method="dpmpp-2m", seed=70, classes=[0, 3], guidance=2.0)),
+    "H": (2, dict(n=1, steps=5, method="dpmpp-3m", seed=80, classes=2)),
+    "I": (0, dict(n=2, steps=4, method="unipc", seed=90, classes=[1, 1], guidance=3.0)),
+    "J": (3, dict(n=1, steps=5, method="euler", seed=100, classes=0)),
+    "K": (4, dict(n=2, steps=3, method="euler-a", seed=110, classes=[2, 0], guidance=1.5)),
 }
 
 
@@ -47,7 +52,7 @@ def admit(batch, sampler, name, kwargs):
 def run_staggered(sampler, schedule, capacity=16, on_retire=None):
     """Drive one ImageBatch like a server: admit each request at its step, retire images as they finish."""
     counting = CountingBackend(sampler.backend)
-    batch = ImageBatch(counting, sampler.spec, capacity, clip=sampler.plan(sampler.request(1, steps=2)).clip)
+    batch = ImageBatch(counting, sampler.spec, capacity)
     results, pending, step = {}, sorted(schedule.items(), key=lambda kv: kv[1][0]), 0
     while pending or batch.n:
         while pending and pending[0][1][0] <= step:
@@ -113,7 +118,7 @@ def test_the_results_do_not_depend_on_who_else_is_in_the_batch(sampler):
 def test_retire_keeps_the_other_images_and_their_layout(sampler):
     spec = sampler.spec
     plan = sampler.plan(sampler.request(5, steps=6, classes=[0, 1, 2, 3, 0], guidance=2.0))
-    batch = ImageBatch(sampler.backend, spec, 8, clip=plan.clip)
+    batch = ImageBatch(sampler.backend, spec, 8)
     labels = np.array([0, 1, 2, 3, 0])
     guidance = [2.0, None, 3.0, None, 2.0]
     for j in range(5):  # one image at a time: per-image guidance on or off
@@ -153,15 +158,10 @@ def test_retire_keeps_the_other_images_and_their_layout(sampler):
 
 def test_admit_refuses_what_the_batch_cannot_hold(sampler):
     plan = sampler.plan(sampler.request(2, steps=3))
-    batch = ImageBatch(sampler.backend, sampler.spec, 2, clip=plan.clip)
+    batch = ImageBatch(sampler.backend, sampler.spec, 2)
     batch.admit(plan, np.array([1, 2], np.uint64), class_conditioning(sampler.spec, None, None, 2), [0, 1])
     with pytest.raises(ValueError, match="cannot admit 1 images into a batch of 2 with capacity 2"):
         batch.admit(plan, np.array([3], np.uint64), class_conditioning(sampler.spec, None, None, 1), [2])
-    unclipped = make_plan({**sampler.spec.scheduler, "clip_sample": False}, 3)
-    with pytest.raises(ValueError, match="one model, one clip"):
-        ImageBatch(sampler.backend, sampler.spec, 4, clip=plan.clip).admit(
-            unclipped, np.array([1], np.uint64), class_conditioning(sampler.spec, None, None, 1), [0]
-        )
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,7 @@ def reference_loop(spec, plan, seeds, classes, guidance):
             u, c = tiny_forward64(x, t, null, spec), tiny_forward64(x, t, classes, spec)
             m = u + guidance * (c - u)
         z = batch_noise(seeds, shape, i, 0) if plan.coeffs[i, SIGMA] != 0 else None
-        x = reference_step(x, m, plan.coeffs[i], z, clip=plan.clip)
+        x = reference_step(x, m, plan.coeffs[i], z)
         steps.append(x)
     return x, steps
 
@@ -103,25 +103,26 @@ def test_host_loop_equals_the_float64_reference_loop(models, name, method, eta, 
 
 
 def test_the_forward_sees_own_rows_then_unconditional_rows(models):
-    """observe() sees the documented row layout: [own rows of all images; unconditional rows of the guided ones]."""
+    """Each forward has the documented row layout: [own rows of all images; unconditional rows of the guided ones]."""
+    from ddengine.runtime.batch import ImageBatch
+    from ddengine.runtime.conditioning import class_conditioning
+
     model, loop = models["eps"]
     spec = model.spec
     plan = make_plan(spec.schedule, 3)
     classes = np.array([2, 0])
-    seen = []
-
-    def observe(i, t, x, out, n):
-        seen.append((t, x.astype(np.float64), out.copy(), n))
-
-    denoise(loop, plan, np.array([1, 2], np.uint64), classes, 3.0, observe=observe)
-    assert len(seen) == 3
-    for t, x, out, n in seen:
-        assert n == 2 and out.shape == (4, *spec.image_shape)
-        np.testing.assert_allclose(out[:2], tiny_forward64(x, t, classes, spec), atol=1e-5)
-        np.testing.assert_allclose(out[2:], tiny_forward64(x, t, np.full(2, spec.null_class), spec), atol=1e-5)
-    seen.clear()
-    denoise(loop, plan, np.array([1, 2], np.uint64), classes, 1.0, observe=observe)
-    assert all(out.shape[0] == 2 for _, _, out, _ in seen)  # g = 1: the conditional model alone, one row each
+    for guidance, rows in ((3.0, 4), (1.0, 2)):  # g = 1: the conditional model alone, one row each
+        batch = ImageBatch(loop.backend, spec, 2)
+        batch.admit(plan, np.array([1, 2], np.uint64), class_conditioning(spec, classes, guidance, 2), [0, 1])
+        for t in plan.timesteps:
+            x = batch.x.astype(np.float64)
+            out = batch.forward().copy()
+            assert out.shape == (rows, *spec.image_shape)
+            np.testing.assert_allclose(out[:2], tiny_forward64(x, t, classes, spec), atol=1e-5)
+            if rows == 4:
+                uncond = tiny_forward64(x, t, np.full(2, spec.null_class), spec)
+                np.testing.assert_allclose(out[2:], uncond, atol=1e-5)
+            batch.update()
 
 
 def test_timers_stay_within_the_wall_time(models):
