@@ -2,7 +2,8 @@
 
     python bench/bench_step.py [--threads N] [--sizes 10000,100000,1000000,10000000] [--seconds 0.3]
 
-Prints ns/element, GB/s (12 bytes per element: read x and model_out, write x) and ratios, and writes
+Prints ns/element, GB/s (12 bytes per element: read x and model_out, write x) and ratios, then one row per
+solver (the middle row of its 20-step plan on the shipped schedule, with its history slots) against DDIM's, and writes
 bench/results/step_<cpu>-<cores>c-t<threads>.json (no hostnames or paths). torch is imported here only.
 """
 
@@ -18,12 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ddengine.core.plan import METHODS, make_plan
 from ddengine.core.reference import reference_step
+from ddengine.core.rows import CLIP as CLIP_COLUMN
+from ddengine.core.rows import NUM_COLUMNS, SLOTS, WRITE_D
 from ddengine.kernels import _step
+from ddengine.kernels.host import image_records
 
-# A contractive DDPM-like row (engine/core/rows.py order) with sigma != 0, so repeated in-place steps stay bounded.
-ROW = np.array([1.02, -0.2, 0.0, 1.0, 0.0, 0.1, 0.85, 0.05, 0.1], np.float32)
 CLIP = 1.0  # all three clip x0 to [-1, 1], as DDPMScheduler's default clip_sample=True
+# A contractive DDPM-like row (engine/core/rows.py order) with sigma != 0, so repeated in-place steps stay bounded.
+ROW = np.zeros((1, NUM_COLUMNS), np.float32)
+ROW[0, :9] = [1.02, -0.2, 0.0, 1.0, 0.0, 0.1, 0.85, 0.05, 0.1]
+ROW[0, CLIP_COLUMN], ROW[0, WRITE_D] = CLIP, -1.0
 STEP_BYTES = 12  # per element: read x, read model_out, write x (float32)
 
 
@@ -41,17 +48,30 @@ def median_seconds(fn, budget):
     return statistics.median(times)
 
 
-def fused(n, threads):
-    x, m, seeds = np.zeros((1, n), np.float32), np.ones((1, n), np.float32), np.array([1], np.uint64)
-    return lambda: _step.step(x, m, ROW, seeds, 7, clip=CLIP, threads=threads)
+def fused(n, threads, table=ROW):
+    x, m, images = np.zeros((1, n), np.float32), np.ones((1, n), np.float32), image_records([1])
+    slots = np.zeros((1, SLOTS, n), np.float32)
+    return lambda: _step.step(x, m, table, images, slots=slots, threads=threads)
 
 
 def numpy_unfused(n):
     rng = np.random.default_rng(0)
     x, m = np.zeros((1, n), np.float32), np.ones((1, n), np.float32)
-    return lambda: reference_step(
-        x, m, ROW, rng.standard_normal(x.shape, dtype=np.float32), clip=CLIP, dtype=np.float32
-    )
+    return lambda: reference_step(x, m, ROW[0], rng.standard_normal(x.shape, dtype=np.float32), dtype=np.float32)
+
+
+def solver_rows(n, threads, budget):
+    """ns/element of each method's middle row (20 steps, the shipped cosine schedule), and its ratio to DDIM's."""
+    config = {"beta_schedule": "squaredcos_cap_v2", "clip_sample": False}
+    ns = {}
+    for method in METHODS:
+        plan = make_plan(config, 20, method=method)
+        table = np.ascontiguousarray(plan.rows_float32()[len(plan) // 2 : len(plan) // 2 + 1])
+        ns[method] = median_seconds(fused(n, threads, table), budget) / n * 1e9
+    rows = [{"method": k, "ns_per_element": v, "over_ddim": v / ns["ddim"]} for k, v in ns.items()]
+    for r in rows:
+        print(f"{r['method']:>9} | {r['ns_per_element']:7.3f} ns/el | {r['over_ddim']:5.2f}x DDIM", flush=True)
+    return rows
 
 
 def diffusers_step(n):
@@ -158,6 +178,7 @@ def main():
     print(f"{info['cpu']}, {info['cores']} cores, threads={args.threads}, load {info['loadavg_before']}")
     print(HEADER)
     rows = run([int(s) for s in args.sizes.split(",")], args.threads, args.seconds)
+    solvers = solver_rows(1_000_000, args.threads, args.seconds)
     info["loadavg_after"] = os.getloadavg()
     slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")
     out = args.out or Path(__file__).resolve().parent / "results" / f"step_{slug}-{info['cores']}c-t{args.threads}.json"
@@ -165,10 +186,11 @@ def main():
         out,
         {
             "benchmark": "fused step vs numpy / diffusers DDPMScheduler.step / copy floor",
-            "step": {"row": [round(float(v), 6) for v in ROW], "clip": CLIP, "noise": True},
+            "step": {"row": [round(float(v), 6) for v in ROW[0]], "clip": CLIP, "noise": True},
             "bytes_per_element": STEP_BYTES,
             "machine": info,
             "results": rows,
+            "solvers_at_1e6_elements": solvers,
         },
     )
     print(f"wrote {out.name}")

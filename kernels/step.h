@@ -52,23 +52,38 @@ DD_FN float dd_step_mean(float x, float m, float x0, const float *row)
     return row[DD_P0] * x0 + row[DD_PX] * x + row[DD_PE] * eps;
 }
 
-/* x' without the noise term for a multistep row, given x0; reads and updates the element's slots l, h[0..2]. */
-DD_FN float dd_step_slots(float x, float m, float x0, const float *row, float *l, float *h0, float *h1, float *h2)
+/* x' without the noise term for a multistep row, given x0 and the element's slot values; *d and *s receive the
+ * history value and the stage sample that the caller stores (L <- s where write_s, H[write_d] <- d). */
+DD_FN float dd_step_terms(float x, float m, float x0, const float *row, float l, float a, float b, float c, float *d,
+                          float *s)
 {
     float eps = row[DD_BX] * x + row[DD_BM] * m + row[DD_B0] * x0;
     float y = row[DD_P0] * x0 + row[DD_PX] * x + row[DD_PE] * eps;
-    float d = row[DD_Q0] * x0 + row[DD_QE] * eps;
-    float a = *h0, b = *h1, c = *h2;
-    float s = row[DD_SX] * x + row[DD_SL] * *l + row[DD_SD] * d + row[DD_SH0] * a + row[DD_SH1] * b + row[DD_SH2] * c;
-    y = y + row[DD_PS] * s + row[DD_PD] * d + row[DD_PH0] * a + row[DD_PH1] * b + row[DD_PH2] * c;
+    *d = row[DD_Q0] * x0 + row[DD_QE] * eps;
+    *s = row[DD_SX] * x + row[DD_SL] * l + row[DD_SD] * *d + row[DD_SH0] * a + row[DD_SH1] * b + row[DD_SH2] * c;
+    return y + row[DD_PS] * *s + row[DD_PD] * *d + row[DD_PH0] * a + row[DD_PH1] * b + row[DD_PH2] * c;
+}
+
+/* The history slot a row writes (0..2), or -1. */
+DD_FN int dd_write_slot(const float *row)
+{
+    const float w = row[DD_WRITE_D];
+    return w == 0.0f ? 0 : w == 1.0f ? 1 : w == 2.0f ? 2 : -1;
+}
+
+/* dd_step_terms, then the element's slots l, h[0..2] updated in place. */
+DD_FN float dd_step_slots(float x, float m, float x0, const float *row, float *l, float *h0, float *h1, float *h2)
+{
+    float d, s;
+    float y = dd_step_terms(x, m, x0, row, *l, *h0, *h1, *h2, &d, &s);
     if (row[DD_WRITE_S] != 0.0f)
         *l = s;
-    const float w = row[DD_WRITE_D];
-    if (w == 0.0f)
+    const int w = dd_write_slot(row);
+    if (w == 0)
         *h0 = d;
-    else if (w == 1.0f)
+    else if (w == 1)
         *h1 = d;
-    else if (w == 2.0f)
+    else if (w == 2)
         *h2 = d;
     return y;
 }

@@ -144,18 +144,36 @@ step_loop(float *restrict x, const float *restrict c, const float *restrict u, c
 {
     float row[DD_NUM_COLUMNS];
     memcpy(row, table_row, sizeof(row));
-    float *restrict l = sl.l, *restrict h0 = sl.h0, *restrict h1 = sl.h1, *restrict h2 = sl.h2, *restrict x0o = sl.x0;
+    /* the slots are read in the loop and written after it from d_new/s_new: a branch-free, vectorizable body */
+    const float *restrict l = sl.l, *restrict h0 = sl.h0, *restrict h1 = sl.h1, *restrict h2 = sl.h2;
+    float *restrict x0o = sl.x0;
+    float d_new[multi ? DD_BLOCK : 1], s_new[multi ? DD_BLOCK : 1];
     dd_u32 bad = 0;
     for (int i = 0; i < n; i++) {
         float m = guided ? dd_guide(u[i], c[i], g) : c[i];
         float x0 = dd_x0(x[i], m, row, use_clip);
-        float y = multi ? dd_step_slots(x[i], m, x0, row, &l[i], &h0[i], &h1[i], &h2[i]) : dd_step_mean(x[i], m, x0, row);
+        float y;
+        if (multi) {
+            float d, s;
+            y = dd_step_terms(x[i], m, x0, row, l[i], h0[i], h1[i], h2[i], &d, &s);
+            d_new[i] = d;
+            s_new[i] = s;
+        } else {
+            y = dd_step_mean(x[i], m, x0, row);
+        }
         if (noisy)
             y = y + row[DD_SIGMA] * z[i];
         if (keep_x0)
             x0o[i] = x0;
         bad |= dd_nonfinite(c[i]) | (guided ? dd_nonfinite(u[i]) : 0u) | dd_nonfinite(y);
         x[i] = y;
+    }
+    if (multi) {
+        const int w = dd_write_slot(row);
+        if (row[DD_WRITE_S] != 0.0f)
+            memcpy(sl.l, s_new, (size_t)n * sizeof(float));
+        if (w >= 0)
+            memcpy(w == 0 ? sl.h0 : w == 1 ? sl.h1 : sl.h2, d_new, (size_t)n * sizeof(float));
     }
     return bad;
 }
