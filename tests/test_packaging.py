@@ -1,8 +1,9 @@
 """Every Python package folder under engine/ and export/ is listed in pyproject.toml, so a non-editable install
 from a fresh clone ships it (the editable install in a developer's checkout would hide a missing one)."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -66,9 +66,10 @@ def info(model, scheduler_config, steps, method, eta, spacing):
         console.print(f"  (not used by DDPM/DDIM: {', '.join(unused)})")
     console.print(f"[bold]plan[/bold]    {method}, {len(plan)} steps, eta {plan.eta}, clip {plan.clip}")
     console.print(f"  timesteps {plan.timesteps.tolist()}")
-    table = Table("step", "t", *COLUMNS)
+    used = [k for k, name in enumerate(COLUMNS) if (plan.coeffs[:, k] != (-1 if name == "write_d" else 0)).any()]
+    table = Table("step", "t", *(COLUMNS[k] for k in used))  # the columns this plan uses (docs/math.md)
     for i in sorted({0, 1, len(plan) - 2, len(plan) - 1} & set(range(len(plan)))):
-        table.add_row(str(i), str(plan.timesteps[i]), *(f"{v:.6g}" for v in plan.coeffs[i]))
+        table.add_row(str(i), str(plan.timesteps[i]), *(f"{plan.coeffs[i, k]:.6g}" for k in used))
     console.print(table)
     print_backends(console, loaded)
 

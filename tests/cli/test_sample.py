@@ -176,7 +176,7 @@ BAD_INPUTS = [
     (["--grid", "grid.txt"], "the extension picks the image format: .png, .jpg, .jpeg, .webp; got '.txt'"),
     (["--grid", "grid.npy"], "got '.npy'"),
     (["--class", "all", "--class", 1], "'all' cannot be combined with other classes"),
-    (["--method", "euler"], "'euler' is not one of 'ddim', 'ddpm'"),
+    (["--method", "heun"], "'heun' is not one of 'ddim', 'ddpm', 'dpmpp-2m'"),
     (["--spacing", "karras"], "'karras' is not one of 'leading', 'trailing', 'linspace'"),
     (["--threads", 0], "threads must be in [1, "),
     (["--backend", "tpu"], "unknown backend 'tpu'; expected one of auto, ort-cpu"),

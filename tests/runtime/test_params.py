@@ -4,6 +4,7 @@
 import numpy as np
 import pytest
 
+from ddengine.core.plan import METHODS
 from ddengine.model.load import load_model
 from ddengine.runtime.params import InvalidParameterError, SamplingParams
 from tests.support.tiny_models import build_tiny_model
@@ -140,7 +141,10 @@ def test_guidance_defaults_to_the_recommended_one_only_with_classes(models, cond
         (dict(batch_size=0), "batch_size must be >= 1, got 0"),
         (dict(eta=-0.1), "eta must be a finite number >= 0, got -0.1"),
         (dict(eta=float("inf")), "eta must be a finite number >= 0, got inf"),
-        (dict(method="euler"), "method must be one of 'ddim', 'ddpm', got 'euler'"),
+        (
+            dict(method="heun"),
+            "method must be one of 'ddim', 'ddpm', 'dpmpp-2m', 'dpmpp-3m', 'unipc', 'euler', 'euler-a', 'plms', got 'heun'",
+        ),
         (dict(method="ddpm", eta=0.5), "eta applies to method 'ddim' only; got eta=0.5 with method 'ddpm'"),
         (dict(spacing="karras"), "spacing must be one of 'leading', 'trailing', 'linspace', got 'karras'"),
         (dict(classes=1, guidance=-1), "guidance must be a finite number >= 0, got -1"),
@@ -191,7 +195,7 @@ def test_the_json_schema_is_the_fields_with_their_defaults_and_bounds():
         "negative_prompt",
     ]
     assert props["steps"]["default"] == 50 and props["steps"]["minimum"] == 1
-    assert props["method"]["enum"] == ["ddim", "ddpm"] and props["spacing"]["anyOf"][0]["enum"] == [
+    assert props["method"]["enum"] == list(METHODS) and props["spacing"]["anyOf"][0]["enum"] == [
         "leading",
         "trailing",
         "linspace",

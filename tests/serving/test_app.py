@@ -147,7 +147,10 @@ def test_concurrent_http_requests_share_batches_and_stay_exact(cond):
         ),
         ('{"eta": -0.5}', "eta must be a finite number >= 0, got -0.5"),
         ('{"eta": 1e999}', "eta must be a finite number >= 0, got inf"),
-        ('{"method": "dpm"}', "method must be one of 'ddim', 'ddpm', got 'dpm'"),
+        (
+            '{"method": "dpm"}',
+            "method must be one of 'ddim', 'ddpm', 'dpmpp-2m', 'dpmpp-3m', 'unipc', 'euler', 'euler-a', 'plms', got 'dpm'",
+        ),
         ('{"method": "ddpm", "eta": 1.0}', "eta applies to method 'ddim' only; got eta=1.0 with method 'ddpm'"),
         ('{"classes": 7}', "class must be in [0, 3], got 7"),
         ('{"guidance": 2.0}', "guidance=2.0 needs classes (it steers towards them)"),

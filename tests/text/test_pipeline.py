@@ -20,10 +20,11 @@ from ddengine import Sampler  # noqa: E402
 from ddengine.kernels import _step  # noqa: E402
 from ddengine.kernels.host import image_records  # noqa: E402
 from ddengine.quality.metrics import psnr  # noqa: E402
+from tests.support.kernel_oracle import single_step_rows  # noqa: E402
 from tests.support.tiny_pipeline import IMAGE, LATENT, PROMPTS, TEXT_LENGTH, load_pipeline, tiny_sd  # noqa: E402,F401
 
 LONG = "a photo of " + "a red shoe and " * 30 + "a cat"  # over 77 tokens: both truncate it
-NOISE_ONLY = np.array([[0, 0, 0, 0, 0, 0, 0, 0, 1]], np.float32)  # x' = z (engine/core/rows.py column order)
+NOISE_ONLY = single_step_rows([[0, 0, 0, 0, 0, 0, 0, 0, 1]])  # x' = z (engine/core/rows.py column order)
 SEEDS = [0, 7, 123456789]
 MAX_LEVELS, MAX_DIFFERING = 2, 0.01
 PSNR_DB = 40.0
