@@ -3,6 +3,7 @@
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, get_args
 
 import numpy as np
@@ -14,7 +15,6 @@ from ddengine.core.timesteps import check_steps, check_timesteps, inference_time
 
 Method = Literal["ddim", "ddpm", "dpmpp-2m", "dpmpp-3m", "unipc", "euler", "euler-a", "plms"]
 METHODS = get_args(Method)
-STOCHASTIC_METHODS = ("ddpm", "euler-a")  # methods that draw step noise whatever eta is
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,9 +48,9 @@ class StepPlan:
         """Whether every model timestep is an integer (int64 inputs take them exactly)."""
         return self.timesteps.dtype == np.int64
 
-    @property
+    @cached_property
     def multistep(self):
-        """Whether some row reads or writes the images' history slots."""
+        """Whether some row reads or writes the images' history slots (asked at every admit: computed once)."""
         return any(is_multistep(row) for row in self.coeffs)
 
     def rows_float32(self):

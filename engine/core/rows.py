@@ -35,4 +35,4 @@ def blank_row():
 
 def is_multistep(row):
     """Whether a row reads or writes the image's slots."""
-    return row[WRITE_D] != NO_WRITE or any(v != 0 for v in row[MULTISTEP][:-2]) or row[WRITE_S] != 0
+    return row[WRITE_D] != NO_WRITE or row[WRITE_S] != 0 or any(row[k] != 0 for k in range(Q0, WRITE_D))

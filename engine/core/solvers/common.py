@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ddengine.core.rows import AM, AX, CLIP, HISTORY_SLOTS, blank_row
+from ddengine.core.rows import AM, AX, HISTORY_SLOTS, blank_row
 
 FINAL_SIGMAS = ("zero", "sigma_min")
 
@@ -18,6 +18,16 @@ class SolverOptions:
     final_sigmas_type: str = "zero"
     lower_order_final: bool = True
     euler_at_final: bool = False
+
+
+def sigma_space_abar(config, abar):
+    """alphas_cumprod as the sigma-space schedulers read it: a zero terminal SNR becomes 2**-24 (diffusers' stand-in,
+    so that sigma stays finite)."""
+    if not config.rescale_betas_zero_snr:
+        return abar
+    abar = abar.copy()
+    abar[-1] = 2.0**-24
+    return abar
 
 
 def train_sigmas(abar):
@@ -78,7 +88,6 @@ def x0_row(prediction_type, sigma):
         row[AX], row[AM] = alpha, -sigma_t
     else:
         row[AX], row[AM] = 0.0, 1.0
-    row[CLIP] = 0.0
     return row
 
 

@@ -11,6 +11,7 @@ from ddengine.core.solvers.common import (
     final_sigma,
     karras_sigmas,
     log_snr,
+    sigma_space_abar,
     sigma_to_t,
     slot,
     train_sigmas,
@@ -32,9 +33,7 @@ def multistep_timesteps(T, steps, spacing, steps_offset):
 def multistep_sigmas(config, abar, steps, options, *, round_karras_t):
     """(timesteps int64, sigmas float64 of n + 1 entries, float32-rounded) as the multistep schedulers build them."""
     T = config.num_train_timesteps
-    if config.rescale_betas_zero_snr:
-        abar = abar.copy()
-        abar[-1] = 2.0**-24  # diffusers' stand-in for the zero terminal SNR, so that sigma stays finite
+    abar = sigma_space_abar(config, abar)
     timesteps = multistep_timesteps(T, steps, config.timestep_spacing, config.steps_offset)
     sigmas = train_sigmas(abar)
     if options.use_karras_sigmas:

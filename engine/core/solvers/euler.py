@@ -7,7 +7,15 @@ import math
 import numpy as np
 
 from ddengine.core.rows import P0, PX, SIGMA
-from ddengine.core.solvers.common import as_float32, final_sigma, karras_sigmas, sigma_to_t, train_sigmas, x0_row
+from ddengine.core.solvers.common import (
+    as_float32,
+    final_sigma,
+    karras_sigmas,
+    sigma_space_abar,
+    sigma_to_t,
+    train_sigmas,
+    x0_row,
+)
 
 
 def euler_timesteps(T, steps, spacing, steps_offset):
@@ -22,9 +30,7 @@ def euler_timesteps(T, steps, spacing, steps_offset):
 
 def euler_sigmas(config, abar, steps, options, ancestral):
     """(timesteps, sigmas with the final one appended) as the Euler schedulers build them (float32-rounded)."""
-    if config.rescale_betas_zero_snr:
-        abar = abar.copy()
-        abar[-1] = 2.0**-24  # diffusers' stand-in for the zero terminal SNR, so that sigma stays finite
+    abar = sigma_space_abar(config, abar)
     timesteps = euler_timesteps(config.num_train_timesteps, steps, config.timestep_spacing, config.steps_offset)
     sigmas = train_sigmas(abar)
     picked = np.interp(timesteps, np.arange(len(sigmas)), sigmas)

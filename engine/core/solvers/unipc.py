@@ -12,9 +12,6 @@ from ddengine.core.solvers.dpmpp import multistep_sigmas
 
 def unipc_plan(config, abar, steps, options, order=2):
     """(timesteps, rows, init_scale 1.0) of UniPC-`order` with diffusers' warm-up and lower_order_final orders."""
-    if config.rescale_betas_zero_snr:
-        abar = abar.copy()
-        abar[-1] = 2.0**-24  # diffusers' stand-in for the zero terminal SNR, so that sigma stays finite
     timesteps, sigmas = multistep_sigmas(config, abar, steps, options, round_karras_t=True)
     if options.use_karras_sigmas and options.final_sigmas_type == "sigma_min":
         sigmas[-1] = sigmas[-2]  # diffusers ends a Karras ramp on its own last sigma, not the training sigma_min
