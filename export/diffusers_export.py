@@ -63,11 +63,11 @@ def check_config(cfg):
 
 def scheduler_from(path, num_train_timesteps=None):
     """The scheduler_config.json as a validated diffusers-keys dict (ddengine.core.schedule)."""
-    from ddengine.core.schedule import SchedulerConfig, SchedulerConfigError
+    from ddengine.core.schedule import SOLVER_KEYS, SchedulerConfig, SchedulerConfigError
 
     try:
         raw = json.loads(Path(path).read_text())
-        return SchedulerConfig.from_dict(raw).to_dict()
+        return {**SchedulerConfig.from_dict(raw).to_dict(), **{k: raw[k] for k in SOLVER_KEYS if k in raw}}
     except (OSError, json.JSONDecodeError, SchedulerConfigError, TypeError) as err:
         raise DiffusersExportError(f"{path}: unusable scheduler config: {err}") from None
 

@@ -230,16 +230,18 @@ def load_checkpoint_module(path):
     return module.eval(), spec
 
 
-def export_checkpoint(path, out_path, fp16=False, recommended_guidance=None, scheduler_overrides=None):
-    """`ddengine export CHECKPOINT -o OUT [--fp16]`: OUT and its torch twin OUT.safetensors; returns the max errors."""
+def export_checkpoint(path, out_path, fp16=False, metadata=None, scheduler_overrides=None):
+    """`ddengine export CHECKPOINT -o OUT [--fp16]`: OUT and its torch twin OUT.safetensors; returns the max errors.
+
+    metadata: ModelSpec fields to set (recommended_guidance, recommended_method/steps, class_names); None: unset.
+    """
     from dataclasses import replace
 
     from ddengine.core.schedule import with_sampling_overrides
     from ddengine.nets.twin import save_twin, twin_path
 
     module, spec = load_checkpoint_module(path)
-    if recommended_guidance is not None:
-        spec = replace(spec, recommended_guidance=float(recommended_guidance))
+    spec = replace(spec, **{k: v for k, v in (metadata or {}).items() if v is not None})
     if scheduler_overrides is not None:
         spec = replace(spec, scheduler=with_sampling_overrides(spec.scheduler, scheduler_overrides))
     errors = export_module(module, spec, out_path, fp16=fp16)

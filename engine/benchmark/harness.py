@@ -234,8 +234,10 @@ def backend_forward(sampler):
     """forward(x, t, labels) through a ddengine backend with torch tensors in and out (optimum-intel's OVModel)."""
     import torch
 
+    timestep_dtype = sampler.spec.io["timestep"].dtype  # a sigma-space scheduler's timesteps are float tensors
+
     def forward(x, t, labels):
-        feeds = {"sample": x.numpy(), "timestep": t.numpy()}
+        feeds = {"sample": x.numpy(), "timestep": t.numpy().astype(timestep_dtype)}
         if labels is not None:
             feeds["class_labels"] = labels.numpy()
         out = np.empty(x.shape, dtype=np.float32)
@@ -245,15 +247,19 @@ def backend_forward(sampler):
 
 
 def diffusers_runner(forward, sampler, request):
-    """The diffusers way: a DDIMScheduler/DDPMScheduler loop in torch around `forward`, CFG by torch ops."""
+    """The diffusers way: the method's scheduler class (engine/core/solvers/classes.py) in a torch loop around
+    `forward`, CFG by torch ops, init_noise_sigma and scale_model_input as its pipelines apply them."""
+    import diffusers
     import torch
-    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from ddengine.core.solvers.classes import METHOD_CLASSES
 
     spec, b = sampler.spec, request.n
     config = dict(spec.scheduler)
     if request.spacing is not None:
         config["timestep_spacing"] = request.spacing
-    scheduler = (DDIMScheduler if request.method == "ddim" else DDPMScheduler).from_config(config)
+    name, keys = METHOD_CLASSES[request.method]
+    scheduler = getattr(diffusers, name).from_config(config, **keys)
     feeds, _, guided = forward_feeds(sampler, request)
     labels = torch.from_numpy(feeds["class_labels"]) if "class_labels" in feeds else None
     extra = {"eta": request.eta} if request.method == "ddim" else {}
@@ -262,11 +268,11 @@ def diffusers_runner(forward, sampler, request):
         generator, fwd, stp = torch.Generator().manual_seed(0), 0.0, 0.0
         start = time.perf_counter()
         scheduler.set_timesteps(request.steps)
-        x = torch.randn((b, *spec.image_shape), generator=generator)
+        x = torch.randn((b, *spec.image_shape), generator=generator) * scheduler.init_noise_sigma
         with torch.inference_mode():
             for t in scheduler.timesteps:
                 t0 = time.perf_counter()
-                x_in = torch.cat([x, x]) if guided else x
+                x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
                 out = forward(x_in, t.expand(len(x_in)), labels)
                 if guided:
                     cond, uncond = out.chunk(2)

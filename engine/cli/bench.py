@@ -75,6 +75,7 @@ def bench(
     from ddengine.backends import CPU_BACKENDS, auto_choice, available_backends
     from ddengine.benchmark.harness import bench_request, load_average, machine, run_benchmarks, summary
     from ddengine.files.atomic import atomic_write
+    from ddengine.runtime.params import bind_schedule
 
     if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
         raise click.UsageError(
@@ -90,6 +91,7 @@ def bench(
     for label in dict.fromkeys(backends):
         name, precision = parse_backend(label)
         samplers[label] = open_sampler(model, scheduler_config, name, threads, precision)
+    steps, method = bind_schedule(next(iter(samplers.values())).spec, steps, method, eta)
     for sampler in samplers.values():
         for batch in batches:
             usage_errors(bench_request, sampler, batch, steps, method, eta, guidance, spacing)

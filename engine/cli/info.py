@@ -25,7 +25,7 @@ def info(model, scheduler_config, steps, method, eta, spacing):
     from ddengine.core.rows import COLUMNS
     from ddengine.core.schedule import SchedulerConfig
     from ddengine.model.load import load_model
-    from ddengine.runtime.params import SamplingParams
+    from ddengine.runtime.params import DEFAULT_METHOD, DEFAULT_STEPS, SamplingParams
     from ddengine.runtime.parts import step_plan
 
     console = Console(soft_wrap=True, width=max(Console().width, 140))
@@ -37,7 +37,8 @@ def info(model, scheduler_config, steps, method, eta, spacing):
     params = usage_errors(
         SamplingParams.build, n=1, steps=steps, method=method, eta=eta, classes=classes, spacing=spacing, prompt=prompt
     )
-    plan = usage_errors(step_plan, spec, usage_errors(params.bind, spec))
+    request = usage_errors(params.bind, spec)
+    plan = usage_errors(step_plan, spec, request)
     described.print_parts(console, spec)
     console.print(f"[bold]model[/bold]   {loaded.path}  sha256 {loaded.sha256}")
     console.print(
@@ -55,6 +56,12 @@ def info(model, scheduler_config, steps, method, eta, spacing):
             else "unconditional"
         )
     console.print(f"[bold]classes[/bold] {kind}; recommended guidance {spec.recommended_guidance}")
+    if spec.class_names:
+        console.print(f"[bold]names[/bold]   {', '.join(spec.class_names)}")
+    console.print(
+        f"[bold]recommended[/bold] {spec.recommended_method or DEFAULT_METHOD}, "
+        f"{spec.recommended_steps or DEFAULT_STEPS} steps{'' if spec.recommended_method else ' (the defaults)'}"
+    )
     for role, tensor in spec.io.items():
         console.print(f"[bold]io[/bold]      {role:<22} {tensor.name!r} {tensor.dtype} {list(tensor.shape)}")
     console.print("[bold]scheduler[/bold]")
@@ -63,8 +70,8 @@ def info(model, scheduler_config, steps, method, eta, spacing):
         console.print(f"  {key} = {value if not isinstance(value, list) else f'[{len(value)} values]'}")
     unused = SchedulerConfig.unused_keys(spec.scheduler)
     if unused:
-        console.print(f"  (not used by DDPM/DDIM: {', '.join(unused)})")
-    console.print(f"[bold]plan[/bold]    {method}, {len(plan)} steps, eta {plan.eta}, clip {plan.clip}")
+        console.print(f"  (not read by any method: {', '.join(unused)})")
+    console.print(f"[bold]plan[/bold]    {request.method}, {len(plan)} steps, eta {plan.eta}, clip {plan.clip}")
     console.print(f"  timesteps {plan.timesteps.tolist()}")
     used = [k for k, name in enumerate(COLUMNS) if (plan.coeffs[:, k] != (-1 if name == "write_d" else 0)).any()]
     table = Table("step", "t", *(COLUMNS[k] for k in used))  # the columns this plan uses (docs/math.md)

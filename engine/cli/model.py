@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from ddengine.core.plan import METHODS
+
 BUILD_EXTRA = "pip install torch==2.13.0 && pip install 'ddengine[export]'"
 
 
@@ -203,6 +205,19 @@ def train(
     "stored in the metadata.",
 )
 @click.option(
+    "--recommended-method",
+    type=click.Choice(METHODS),
+    default=None,
+    help="With --recommended-steps: the sampler a request uses when it gives neither (e.g. from bench/bench_steps.py); "
+    "stored in the metadata.",
+)
+@click.option("--recommended-steps", type=click.IntRange(1), default=None, help="See --recommended-method.")
+@click.option(
+    "--class-names",
+    default=None,
+    help="Comma-separated name of each class, in label order (the OpenAI endpoint's prompt); stored in the metadata.",
+)
+@click.option(
     "--scheduler-config",
     "scheduler_file",
     type=click.Path(dir_okay=False),
@@ -222,17 +237,38 @@ def train(
     default=None,
     help="StableDiffusionPipeline: image width (default: the U-Net's sample_size x the VAE's scale).",
 )
-def export(checkpoint, out_path, diffusers_dir, fp16, recommended_guidance, scheduler_file, height, width):
+def export(
+    checkpoint,
+    out_path,
+    diffusers_dir,
+    fp16,
+    recommended_guidance,
+    recommended_method,
+    recommended_steps,
+    class_names,
+    scheduler_file,
+    height,
+    width,
+):
     """Export a training checkpoint (EMA weights), a diffusers UNet2DModel or a StableDiffusionPipeline to ONNX."""
     from ddengine.export.sd_export import is_pipeline_folder
 
-    if recommended_guidance is not None and (
-        diffusers_dir or not math.isfinite(recommended_guidance) or recommended_guidance < 0
-    ):
+    if (recommended_method is None) != (recommended_steps is None):
         _fail(
-            "--recommended-guidance applies to a training CHECKPOINT and must be a finite number >= 0, "
-            f"got {recommended_guidance}{' with --diffusers' if diffusers_dir else ''}"
+            "give --recommended-method and --recommended-steps together, got "
+            f"{recommended_method or 'no method'} and {recommended_steps or 'no steps'}"
         )
+    metadata = {
+        "recommended_guidance": recommended_guidance,
+        "recommended_method": recommended_method,
+        "recommended_steps": recommended_steps,
+        "class_names": None if class_names is None else tuple(n.strip() for n in class_names.split(",")),
+    }
+    if diffusers_dir and any(v is not None for v in metadata.values()):
+        _fail("--recommended-* and --class-names apply to a training CHECKPOINT, not to --diffusers")
+
+    if recommended_guidance is not None and (not math.isfinite(recommended_guidance) or recommended_guidance < 0):
+        _fail(f"--recommended-guidance must be a finite number >= 0, got {recommended_guidance}")
     if scheduler_file is not None and diffusers_dir:
         _fail(
             "--scheduler-config applies to a training CHECKPOINT; a diffusers folder brings its own scheduler/ config"
@@ -265,7 +301,7 @@ def export(checkpoint, out_path, diffusers_dir, fp16, recommended_guidance, sche
         lambda: (
             export_diffusers(diffusers_dir, out_path, fp16)
             if diffusers_dir
-            else export_checkpoint(checkpoint, out_path, fp16, recommended_guidance, overrides)
+            else export_checkpoint(checkpoint, out_path, fp16, metadata, overrides)
         ),
         out_path,
         (CheckpointError, DiffusersExportError, ModelSpecError, SchedulerConfigError),

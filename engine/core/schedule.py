@@ -45,6 +45,16 @@ COMPATIBLE_CLASSES = (
 )
 
 
+# diffusers' defaults that differ from DDIMScheduler's, per class: a config of that class that omits a key means these.
+CLASS_DEFAULTS: dict[str, dict] = {
+    "DPMSolverMultistepScheduler": {"timestep_spacing": "linspace"},
+    "UniPCMultistepScheduler": {"timestep_spacing": "linspace"},
+    "EulerDiscreteScheduler": {"timestep_spacing": "linspace"},
+    "EulerAncestralDiscreteScheduler": {"timestep_spacing": "linspace"},
+    "PNDMScheduler": {"set_alpha_to_one": False, "skip_prk_steps": False},
+}
+
+
 class SchedulerConfigError(ValueError):
     """A scheduler configuration value is invalid or not supported."""
 
@@ -94,6 +104,33 @@ SAMPLING_KEYS = (
     "set_alpha_to_one",
     "variance_type",
     "thresholding",
+)
+
+# The keys diffusers' solver classes read (engine/core/solvers/classes.py checks their values), and the class name.
+SOLVER_KEYS = (
+    "_class_name",
+    "algorithm_type",
+    "solver_order",
+    "solver_type",
+    "predict_x0",
+    "disable_corrector",
+    "solver_p",
+    "interpolation_type",
+    "timestep_type",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "use_lu_lambdas",
+    "use_flow_sigmas",
+    "use_dynamic_shifting",
+    "sigma_min",
+    "sigma_max",
+    "shift_terminal",
+    "lambda_min_clipped",
+    "skip_prk_steps",
+    "use_karras_sigmas",
+    "final_sigmas_type",
+    "lower_order_final",
+    "euler_at_final",
 )
 
 
@@ -169,13 +206,20 @@ class SchedulerConfig:
                 f"DDPM training schedule; expected one of {', '.join(COMPATIBLE_CLASSES)}"
             )
         known = {f.name for f in fields(cls)}
+        config = {**CLASS_DEFAULTS.get(str(name), {}), **config}
+        if "variance_type" in config and config["variance_type"] is None:  # the multistep classes' "not learned"
+            config = {k: v for k, v in config.items() if k != "variance_type"}
         return cls(**{k: v for k, v in config.items() if k in known})
 
     @classmethod
     def unused_keys(cls, config):
         """Keys of a scheduler config that DDPM/DDIM sampling does not read (diffusers' from_config ignores them too)."""
         known = {f.name for f in fields(cls)}
-        return sorted(k for k in config if k not in known and not k.startswith("_") and k not in IGNORED_KEYS)
+        return sorted(
+            k
+            for k in config
+            if k not in known and k not in SOLVER_KEYS and not k.startswith("_") and k not in IGNORED_KEYS
+        )
 
     def to_dict(self):
         """The diffusers scheduler_config keys and values (JSON-serialisable)."""
@@ -263,11 +307,14 @@ def with_sampling_overrides(trained, overrides):
     """`trained` (a scheduler dict) with the sampling keys of `overrides` replaced; a training key must agree."""
     if not isinstance(overrides, dict):
         raise SchedulerConfigError(f"a scheduler override must be a JSON object, got {type(overrides).__name__}")
-    given = {k: v for k, v in overrides.items() if not k.startswith("_") and k not in IGNORED_KEYS}
-    unknown = sorted(k for k in given if k not in TRAINING_KEYS + SAMPLING_KEYS)
+    given = {
+        k: v for k, v in overrides.items() if (not k.startswith("_") or k in SOLVER_KEYS) and k not in IGNORED_KEYS
+    }
+    unknown = sorted(k for k in given if k not in TRAINING_KEYS + SAMPLING_KEYS + SOLVER_KEYS)
     if unknown:
         raise SchedulerConfigError(
-            f"unknown scheduler keys {', '.join(unknown)}; the sampling keys are {', '.join(SAMPLING_KEYS)}"
+            f"unknown scheduler keys {', '.join(unknown)}; the sampling keys are {', '.join(SAMPLING_KEYS)} and "
+            f"the solver keys {', '.join(SOLVER_KEYS)}"
         )
     base = SchedulerConfig.from_dict(trained).to_dict()
     merged = SchedulerConfig.from_dict({**base, **given}).to_dict()  # normalised: 1000 == 1000.0, lists as lists
@@ -276,6 +323,6 @@ def with_sampling_overrides(trained, overrides):
         raise SchedulerConfigError(
             "the model was trained with "
             + ", ".join(f"{k}={base[k]!r}" for k in changed)
-            + f"; an override may change only how it is sampled ({', '.join(SAMPLING_KEYS)})"
+            + f"; an override may change only how it is sampled ({', '.join(SAMPLING_KEYS)}, the solver keys)"
         )
-    return merged
+    return {**merged, **{k: v for k, v in {**trained, **given}.items() if k in SOLVER_KEYS}}

@@ -61,7 +61,7 @@ def load_model(path=None, scheduler_config=None):
         raise ModelError(f"model file {path}: {err}") from None
     _check_class_embeddings(path, proto, spec)
     try:
-        spec.schedule  # noqa: B018  (a cached property: parsed once, here; a bad config names its source)
+        spec.schedule, spec.solver_options  # noqa: B018  (cached: parsed once, here; the class's method at bind)
     except (SchedulerConfigError, TypeError) as err:
         source = scheduler_config if override is not None else f"model file {path} (its '{METADATA_KEY}' scheduler)"
         raise ModelError(f"{source}: invalid scheduler config: {err}") from None

@@ -15,6 +15,7 @@ from functools import cached_property
 from ddengine.core.quoting import shown
 
 METADATA_KEY = "ddengine"
+MAX_CLASS_NAME = 100
 FORMAT_VERSION = 1
 # Input roles a U-Net may have; "out" is the output. sample and out are (N, C, H, W); the others are per row.
 INPUT_ROLES = ("sample", "timestep", "class_labels", "encoder_hidden_states")
@@ -71,6 +72,9 @@ class ModelSpec:
     )
     output_name: str = "out"
     recommended_guidance: float | None = None  # used when classes are given and guidance is not
+    recommended_method: str | None = None  # with recommended_steps: used when a request gives neither
+    recommended_steps: int | None = None
+    class_names: tuple | None = None  # one name per class (the OpenAI endpoint's prompt for class models)
     format_version: int = FORMAT_VERSION
     io: dict = field(default_factory=dict, compare=False)
 
@@ -102,6 +106,20 @@ class ModelSpec:
         from ddengine.core.schedule import SchedulerConfig
 
         return SchedulerConfig.from_dict(self.scheduler)
+
+    @cached_property
+    def scheduler_method(self):
+        """The method the scheduler config's `_class_name` selects; None: DDPM/DDIM or no class (the request's)."""
+        from ddengine.core.solvers.classes import class_method
+
+        return class_method(self.scheduler)
+
+    @cached_property
+    def solver_options(self):
+        """The solver keys of the scheduler config (use_karras_sigmas, final_sigmas_type, ...) as SolverOptions."""
+        from ddengine.core.solvers.classes import solver_options
+
+        return solver_options(self.scheduler)
 
     @property
     def image_shape(self):
@@ -150,8 +168,9 @@ class ModelSpec:
             raise ModelSpecError(f"'{METADATA_KEY}' metadata lacks {', '.join(missing)}")
         known = {f.name for f in fields(cls)} - {"io"}
         data = {k: v for k, v in data.items() if k in known}
-        if isinstance(data.get("value_range"), list):
-            data["value_range"] = tuple(data["value_range"])
+        for key in ("value_range", "class_names"):
+            if isinstance(data.get(key), list):
+                data[key] = tuple(data[key])
         return cls(**data)
 
 
@@ -209,6 +228,39 @@ def check_fields(spec):
         raise ModelSpecError(
             f"'{METADATA_KEY}' metadata recommended_guidance must be null or a finite number >= 0 on a "
             f"model with a null class or text conditioning, got {shown(g)}"
+        )
+    _check_recommended_schedule(spec)
+    _check_class_names(spec)
+
+
+def _check_recommended_schedule(spec):
+    """recommended_method and recommended_steps: both null, or a METHODS name and steps >= 1 (bind bounds them by T)."""
+    from ddengine.core.plan import METHODS
+
+    method, steps = spec.recommended_method, spec.recommended_steps
+    if method is None and steps is None:
+        return
+    if method not in METHODS or isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ModelSpecError(
+            f"'{METADATA_KEY}' metadata recommended_method and recommended_steps must be both null, or one of "
+            f"{', '.join(METHODS)} and an integer >= 1; got {shown(method)} and {shown(steps)}"
+        )
+
+
+def _check_class_names(spec):
+    """class_names: null, or num_classes distinct non-empty names (matched case-insensitively)."""
+    names = spec.class_names
+    if names is None:
+        return
+    if (
+        not isinstance(names, (tuple, list))
+        or len(names) != spec.num_classes
+        or not all(isinstance(n, str) and n.strip() and len(n) <= MAX_CLASS_NAME for n in names)
+        or len({n.strip().casefold() for n in names}) != len(names)
+    ):
+        raise ModelSpecError(
+            f"'{METADATA_KEY}' metadata class_names must be null or {spec.num_classes} distinct non-empty names "
+            f"(at most {MAX_CLASS_NAME} characters, case-insensitively distinct), got {shown(names)}"
         )
 
 

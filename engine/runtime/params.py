@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ddengine.core.plan import METHODS, Method
 from ddengine.core.quoting import shown
+from ddengine.core.schedule import SchedulerConfigError
 from ddengine.core.timesteps import SPACINGS, Spacing, nonempty_list
 
 SEED_LIMIT = 2**64
@@ -23,6 +24,8 @@ MAX_IMAGES = 10_000_000  # per request: its seeds and labels (80 MB each) are ma
 UNORDERED = (dict, set, frozenset)  # no order to give image i its seed or class
 MAX_PROMPT_CHARS = 10_000
 CLASSES_EXPECTED = "an int, a non-empty list of ints or 'all'"
+DEFAULT_STEPS = 50
+DEFAULT_METHOD = "ddim"
 
 
 class InvalidParameterError(ValueError):
@@ -35,10 +38,16 @@ class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     n: int = Field(1, ge=1, le=MAX_IMAGES, description=f"Number of images (at most {MAX_IMAGES:,}).")
-    steps: int = Field(50, ge=1, description="Sampling steps (1 .. the model's num_train_timesteps).")
-    method: Method = Field(
-        "ddim",
-        description="ddim (Song et al. 2021), ddpm (Ho et al. 2020), dpmpp-2m / dpmpp-3m (DPM-Solver++, Lu et al. 2022), "
+    steps: int | None = Field(
+        None,
+        ge=1,
+        description=f"Sampling steps, 1 .. the model's num_train_timesteps (default: the model's recommended steps "
+        f"when method is not given either, else {DEFAULT_STEPS}).",
+    )
+    method: Method | None = Field(
+        None,
+        description="The sampler (default: the model's recommended method when steps is not given either, else "
+        f"{DEFAULT_METHOD}): ddim (Song et al. 2021), ddpm (Ho et al. 2020), dpmpp-2m / dpmpp-3m (DPM-Solver++, Lu et al. 2022), "
         "unipc (Zhao et al. 2023), euler / euler-a (Karras et al. 2022) or plms (Liu et al. 2022), as diffusers' "
         "schedulers of the same names.",
     )
@@ -98,6 +107,8 @@ class SamplingParams(BaseModel):
     @field_validator("n", "steps", mode="before")
     @classmethod
     def _count(cls, value, info):
+        if value is None and info.field_name == "steps":
+            return None
         return integer(info.field_name, value, 1, MAX_IMAGES if info.field_name == "n" else None)
 
     @field_validator("seed", mode="before")
@@ -114,7 +125,7 @@ class SamplingParams(BaseModel):
     @classmethod
     def _choice(cls, value, info):
         allowed = METHODS if info.field_name == "method" else SPACINGS
-        if value is None and info.field_name == "spacing":
+        if value is None:
             return None
         if not isinstance(value, str) or value not in allowed:
             raise InvalidParameterError(
@@ -170,7 +181,7 @@ class SamplingParams(BaseModel):
 
     @model_validator(mode="after")
     def _together(self):
-        if self.method != "ddim" and self.eta != 0:
+        if self.method not in (None, "ddim") and self.eta != 0:
             raise InvalidParameterError(
                 f"eta applies to method 'ddim' only; got eta={self.eta!r} with method {self.method!r}"
             )
@@ -184,7 +195,8 @@ class SamplingParams(BaseModel):
 
     def bind(self, spec, batch_size=16, trajectory=False):
         """The Request this asks of a model (its ModelSpec); batch_size and trajectory say how to run it."""
-        steps = integer("steps", self.steps, 1, spec.schedule.num_train_timesteps)
+        steps, method = bind_schedule(spec, self.steps, self.method, self.eta)
+        steps = integer("steps", steps, 1, spec.schedule.num_train_timesteps)
         batch_size = integer("batch_size", batch_size, 1)
         k = 0 if trajectory is False or trajectory is None else integer("trajectory", trajectory, 1)
         labels = bind_classes(spec, self.n, self.classes)
@@ -197,7 +209,7 @@ class SamplingParams(BaseModel):
         )
         return Request(
             steps=steps,
-            method=self.method,
+            method=method,
             eta=float(self.eta),
             seeds=seeds,
             classes=labels,
@@ -303,6 +315,31 @@ def bind_classes(spec, n, classes):
     given = range(spec.num_classes) if classes == "all" else [classes] if isinstance(classes, int) else classes
     labels = [integer("class", c, 0, spec.num_classes - 1) for c in given]
     return np.array([labels[i % len(labels)] for i in range(n)], dtype=np.int64)
+
+
+def bind_schedule(spec, steps, method, eta=0.0):
+    """(steps, method): the method as given, else the scheduler config's class's, else (with neither steps nor eta
+    given) the model's recommended pair, else ddim; steps as given, else 50."""
+    if method is None and scheduler_method(spec) is not None:
+        method = scheduler_method(spec)
+        if eta:
+            raise InvalidParameterError(
+                f"eta applies to method 'ddim' only; got eta={eta!r} and the scheduler config's "
+                f"{spec.scheduler['_class_name']} (method {method!r}); pass method='ddim' to use eta"
+            )
+    elif method is None and steps is None and not eta and spec.recommended_method is not None:
+        return spec.recommended_steps, spec.recommended_method
+    return (DEFAULT_STEPS if steps is None else steps), (method or DEFAULT_METHOD)
+
+
+def scheduler_method(spec):
+    """The method the model's scheduler config selects, or None; a class the engine lacks is refused by name."""
+    try:
+        return spec.scheduler_method
+    except SchedulerConfigError as err:
+        raise InvalidParameterError(
+            f"{err} (the model's scheduler config; a method given explicitly overrides it)"
+        ) from None
 
 
 def bind_guidance(spec, guidance, conditioned):

@@ -65,6 +65,11 @@ class Parts:
             x = np.where((bad >= 0).reshape(-1, *[1] * (x.ndim - 1)), np.float32(low), x)
         return Chunk(part.start, to_uint8(x, value_range), self.records(request, part, bad, trajectory))
 
+    def preview(self, request, x0):
+        """uint8 previews of a request's images from the kernel's x0 predictions (non-finite values as 0)."""
+        x = self.decoder.decode(np.where(np.isfinite(x0), x0, np.float32(0)), request.batch_size)
+        return to_uint8(np.where(np.isfinite(x), x, np.float32(0)), self.decoder.value_range)
+
     def records(self, request, part, bad, trajectory):
         """One manifest record per image: index, seed, class or prompts, status, parameters, model and backend."""
         common = {
@@ -127,7 +132,7 @@ def step_plan(spec, request):
 
     config = spec.schedule if request.spacing is None else replace(spec.schedule, timestep_spacing=request.spacing)
     try:
-        return make_plan(config, request.steps, method=request.method, eta=request.eta)
+        return make_plan(config, request.steps, method=request.method, eta=request.eta, options=spec.solver_options)
     except ValueError as err:
         raise InvalidParameterError(str(err)) from None
 

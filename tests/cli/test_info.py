@@ -40,12 +40,14 @@ def test_info_timesteps_and_coefficients_are_diffusers(cond_model):
     assert row and float(row.group(1)) == pytest.approx(ax, rel=1e-5)
 
 
-def test_info_names_the_keys_ddpm_and_ddim_do_not_use(tmp_path, uncond_model):
+def test_info_shows_the_configs_solver_and_names_the_keys_no_method_reads(tmp_path, uncond_model):
     config = tmp_path / "scheduler_config.json"
-    config.write_text(json.dumps({"_class_name": "PNDMScheduler", **SCHEDULER, "skip_prk_steps": True}))
+    keys = {"_class_name": "PNDMScheduler", **SCHEDULER, "skip_prk_steps": True, "flow_shift": 3.0}
+    config.write_text(json.dumps(keys))
     result = run("info", uncond_model, "--scheduler-config", config, "--steps", 3)
     assert result.exit_code == 0, result.output
-    assert "(not used by DDPM/DDIM: skip_prk_steps)" in result.output
+    assert "(not read by any method: flow_shift)" in result.output
+    assert "plan    plms, 4 steps" in result.output  # PNDM with skip_prk_steps is PLMS: n + 1 model evaluations
 
 
 def test_info_says_which_backend_auto_picks_here(cond_model):

@@ -94,7 +94,7 @@ def test_from_dict_reads_a_diffusers_scheduler_config(recwarn):
     assert not [
         w for w in recwarn if issubclass(w.category, UserWarning)
     ]  # unknown keys are reported, not warned about
-    assert SchedulerConfig.unused_keys(sd) == ["skip_prk_steps"]  # private `_` keys are not "unused"
+    assert SchedulerConfig.unused_keys({**sd, "karras_rho": 7}) == ["karras_rho"]  # solver keys and `_` keys are read
     ref = diffusers.DDIMScheduler.from_config(sd)
     for key, value in cfg.to_dict().items():
         if key in ref.config and key != "trained_betas":
@@ -102,17 +102,11 @@ def test_from_dict_reads_a_diffusers_scheduler_config(recwarn):
     assert ulps(cfg.betas(), ref.betas.numpy()) <= 8
 
 
-def test_unused_keys_are_exactly_what_diffusers_ddpm_does_not_take():
-    """The oracle: the keys of a real diffusers config that neither DDPMScheduler nor DDIMScheduler takes."""
-    config = dict(diffusers.PNDMScheduler(skip_prk_steps=True).config)
-    taken = {
-        p
-        for cls in (diffusers.DDPMScheduler, diffusers.DDIMScheduler)
-        for p in inspect.signature(cls.__init__).parameters
-    }
-    wanted = sorted(k for k in config if not k.startswith("_") and k not in taken)
-    assert wanted  # PNDM has keys DDPM lacks (skip_prk_steps), so the check can fail
-    assert SchedulerConfig.unused_keys(config) == wanted
+def test_unused_keys_are_the_ones_no_engine_method_reads():
+    """A real diffusers DEIS config: every key is a schedule or solver key but the flow-matching knobs."""
+    config = dict(diffusers.DEISMultistepScheduler().config)
+    assert SchedulerConfig.unused_keys(config) == ["flow_shift", "time_shift_type"]
+    assert SchedulerConfig.unused_keys(dict(diffusers.PNDMScheduler(skip_prk_steps=True).config)) == []
     assert (
         SchedulerConfig.unused_keys({"prediction_type": "epsilon", "sample_max_value": 1.0, "_class_name": "X"}) == []
     )

@@ -41,6 +41,15 @@ def test_json_round_trip_and_unknown_keys():
         (dict(output_name=7), "output_name must be a tensor name, got 7"),
         (dict(value_range="x" * 5_000_000), "got 'xxxxx"),
         (dict(scheduler="linear"), "scheduler must be a JSON object, got str"),
+        (dict(recommended_method="dpmpp-2m"), "must be both null, or one of ddim"),
+        (dict(recommended_steps=10), "got None and 10"),
+        (dict(recommended_method="heun", recommended_steps=10), "got 'heun' and 10"),
+        (dict(recommended_method="unipc", recommended_steps=0), "an integer >= 1; got 'unipc' and 0"),
+        (dict(recommended_method="unipc", recommended_steps=True), "got 'unipc' and True"),
+        (dict(num_classes=2, class_names=("a",)), "class_names must be null or 2 distinct non-empty names"),
+        (dict(num_classes=2, class_names=("Bag", "bag")), "case-insensitively distinct"),
+        (dict(num_classes=2, class_names=("Bag", " ")), "2 distinct non-empty names"),
+        (dict(num_classes=1, class_names=("x" * 101,)), "at most 100 characters"),
     ],
 )
 def test_construction_checks_every_field(kwargs, message):
@@ -48,6 +57,12 @@ def test_construction_checks_every_field(kwargs, message):
     with pytest.raises(ModelSpecError) as err:
         ModelSpec(**fields)
     assert message in str(err.value) and METADATA_KEY in str(err.value)
+
+
+def test_recommended_schedule_and_class_names_round_trip():
+    spec = tiny_spec(num_classes=2, recommended_method="dpmpp-2m", recommended_steps=12, class_names=("Bag", "Coat"))
+    back = ModelSpec.from_json(spec.to_json())
+    assert (back.recommended_method, back.recommended_steps, back.class_names) == ("dpmpp-2m", 12, ("Bag", "Coat"))
 
 
 def test_a_huge_metadata_value_is_named_not_echoed():

@@ -130,6 +130,19 @@ def test_guidance_defaults_to_the_recommended_one_only_with_classes(models, cond
         make_request(cond, 2, guidance=1.5)
 
 
+def test_steps_and_method_default_to_the_models_recommended_pair_only_when_neither_is_given(tmp_path, cond):
+    build_tiny_model(
+        tmp_path / "r.onnx", num_classes=2, meta={"recommended_method": "dpmpp-2m", "recommended_steps": 12}
+    )
+    spec = load_model(tmp_path / "r.onnx").spec
+    schedule = lambda **f: (lambda r: (r.method, r.steps))(make_request(spec, 1, **f))  # noqa: E731
+    assert schedule() == ("dpmpp-2m", 12)
+    assert schedule(steps=30) == ("ddim", 30)  # one given: the other takes the engine's default
+    assert schedule(method="unipc") == ("unipc", 50)
+    assert schedule(eta=1.0) == ("ddim", 50)  # eta is a DDIM option: not the recommended solver
+    assert (make_request(cond, 1).method, make_request(cond, 1).steps) == ("ddim", 50)  # no recommendation
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -194,8 +207,9 @@ def test_the_json_schema_is_the_fields_with_their_defaults_and_bounds():
         "prompt",
         "negative_prompt",
     ]
-    assert props["steps"]["default"] == 50 and props["steps"]["minimum"] == 1
-    assert props["method"]["enum"] == list(METHODS) and props["spacing"]["anyOf"][0]["enum"] == [
+    assert props["steps"]["default"] is None and props["steps"]["anyOf"][0]["minimum"] == 1
+    assert "recommended steps" in props["steps"]["description"]
+    assert props["method"]["anyOf"][0]["enum"] == list(METHODS) and props["spacing"]["anyOf"][0]["enum"] == [
         "leading",
         "trailing",
         "linspace",

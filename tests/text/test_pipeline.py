@@ -17,6 +17,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from ddengine import Sampler  # noqa: E402
+from ddengine.core.solvers.classes import METHOD_CLASSES  # noqa: E402
 from ddengine.kernels import _step  # noqa: E402
 from ddengine.kernels.host import image_records  # noqa: E402
 from ddengine.quality.metrics import psnr  # noqa: E402
@@ -60,19 +61,21 @@ def sampler(tiny_sd):
 
 
 def diffusers_images(pipe, monkeypatch, method, prompts, negatives, seeds, steps, guidance, eta=0.0):
-    """uint8 (n, H, W, 3) from diffusers with the engine's noise; and how many step noises diffusers drew."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-    from diffusers.schedulers import scheduling_ddim, scheduling_ddpm
+    """uint8 (n, H, W, 3) from diffusers with the engine's noise, its scheduler the class of `method` built from the
+    pipeline's config (engine/core/solvers/classes.py); and how many step noises diffusers drew."""
+    import diffusers
+    from diffusers.schedulers import scheduling_ddim, scheduling_ddpm, scheduling_euler_ancestral_discrete
 
-    pipe.scheduler = (DDPMScheduler if method == "ddpm" else DDIMScheduler).from_config(pipe.scheduler.config)
+    name, keys = METHOD_CLASSES[method]
+    monkeypatch.setattr(pipe, "scheduler", getattr(diffusers, name).from_config(pipe.scheduler.config, **keys))
     drawn = []
 
     def engine_noise(shape, generator=None, device=None, dtype=None, layout=None):
         drawn.append(tuple(shape))
         return torch.from_numpy(step_noise(seeds, tuple(shape), len(drawn) - 1)).to(dtype)
 
-    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", engine_noise)
-    monkeypatch.setattr(scheduling_ddim, "randn_tensor", engine_noise)
+    for module in (scheduling_ddpm, scheduling_ddim, scheduling_euler_ancestral_discrete):
+        monkeypatch.setattr(module, "randn_tensor", engine_noise)
     out = pipe(
         list(prompts),
         negative_prompt=None if negatives is None else list(negatives),
@@ -99,7 +102,9 @@ SETTINGS = {  # method, eta, guidance, negative prompts (None: diffusers' and th
     "ddim-eta0-no-guidance": ("ddim", 0.0, 1.0, None),
     "ddpm-negatives": ("ddpm", 0.0, 7.5, ["blurry", "", "a dog"]),
     "ddim-eta1-no-negatives": ("ddim", 1.0, 7.5, None),
+    **{f"{m}-negatives": (m, 0.0, 7.5, ["", "a dog", "blurry"]) for m in METHOD_CLASSES if m not in ("ddim", "ddpm")},
 }
+STOCHASTIC = ("ddpm", "euler-a")
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
@@ -118,13 +123,37 @@ def test_images_match_diffusers_stable_diffusion_pipeline(sampler, oracle, monke
         batch_size=3,
     )
     theirs, drawn = diffusers_images(oracle, monkeypatch, method, prompts, negatives, SEEDS, steps, guidance, eta)
-    assert drawn == (steps if method == "ddpm" or eta > 0 else 0)  # every step's noise came from the engine
+    assert drawn == (steps if method in STOCHASTIC or eta > 0 else 0)  # every step's noise came from the engine
     assert ours.shape == theirs.shape == (3, IMAGE, IMAGE, 3)
     levels, differing = level_difference(ours, theirs)
     print(f"{setting}: max {levels} levels, {100 * differing:.3f}% of values differ")
     assert levels <= MAX_LEVELS and differing < MAX_DIFFERING, (levels, differing)
     assert [r["prompt"] for r in records] == prompts
     assert [r["negative_prompt"] for r in records] == (negatives or [""] * 3)
+
+
+def test_a_scheduler_config_class_selects_the_solver_diffusers_runs(tiny_sd, oracle, monkeypatch):
+    """No method given: the config's DPMSolverMultistepScheduler (with its Karras key) is what runs, as in diffusers
+    with that scheduler."""
+    import diffusers
+
+    override = {"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}
+    with Sampler(tiny_sd.model, backend="ort-cpu", scheduler_config=override) as s:
+        ours, records = s.sample(2, steps=8, seeds=SEEDS[:2], prompt=PROMPTS[:2], guidance=7.5)
+    assert {r["method"] for r in records} == {"dpmpp-2m"}
+    dpm = diffusers.DPMSolverMultistepScheduler.from_config(oracle.scheduler.config, use_karras_sigmas=True)
+    monkeypatch.setattr(oracle, "scheduler", dpm)
+    out = oracle(
+        list(PROMPTS[:2]),
+        num_inference_steps=8,
+        guidance_scale=7.5,
+        latents=torch.from_numpy(initial_noise(SEEDS[:2])),
+        height=IMAGE,
+        width=IMAGE,
+        output_type="np",
+    ).images
+    levels, differing = level_difference(ours, np.rint(np.clip(out, 0, 1) * 255).astype(np.uint8))
+    assert levels <= MAX_LEVELS and differing < MAX_DIFFERING, (levels, differing)
 
 
 def test_the_prompt_changes_the_image(sampler):
