@@ -19,8 +19,8 @@ def image_format(path):
     return IMAGE_FORMATS[suffix]
 
 
-def encode_png(image, image_format="PNG"):
-    """PNG (or JPEG, WEBP) bytes of a uint8 (H, W, C) image with C in {1, 3, 4}."""
+def encode_png(image, image_format="PNG", quality=None):
+    """PNG (or JPEG, WEBP) bytes of a uint8 (H, W, C) image with C in {1, 3, 4}; quality: JPEG's or lossy WEBP's."""
     from PIL import Image
 
     image = np.asarray(image)
@@ -31,7 +31,10 @@ def encode_png(image, image_format="PNG"):
     if image_format == "JPEG" and mode == "RGBA":
         picture = picture.convert("RGB")  # JPEG has no alpha
     buffer = io.BytesIO()
-    options = {"quality": 95} if image_format == "JPEG" else {"lossless": True} if image_format == "WEBP" else {}
+    options = {
+        "JPEG": {"quality": 95 if quality is None else quality},
+        "WEBP": {"lossless": True} if quality is None else {"quality": quality},
+    }.get(image_format, {})
     picture.save(buffer, format=image_format, **options)
     return buffer.getvalue()
 

@@ -1,5 +1,6 @@
 """HTTP serving: `create_app(sampler_or_loader, Settings())` -> a FastAPI app around one StepBatcher.
 
+    POST /v1/images/generations  OpenAI's images API (engine/serving/openai_api.py; the `openai` SDK works unchanged).
     POST /v1/images  a SamplingParams (engine/runtime/params.py): {"n", "steps", "method", "eta", "seed" | "seeds",
                       "classes", "guidance", "spacing", "prompt", "negative_prompt" (text-to-image models)}
       200 {"model", "backend", "precision", parameters..., "images": [{"index", "seed", "class", "status", "error",
@@ -21,12 +22,21 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ddengine.runtime.output import encode_png
 from ddengine.runtime.params import InvalidParameterError, SamplingParams, integer
 from ddengine.serving.batcher import BatcherClosed, QueueFull, StepBatcher
+from ddengine.serving.openai_api import (
+    ImageGenerationRequest,
+    OpenAIError,
+    parse_generation,
+    sampling_params,
+    sse,
+    stream_event,
+)
+from ddengine.serving.openai_api import response_body as openai_response
 
 DISCONNECT_POLL_S = 0.2  # how often a waiting request checks whether its client is gone
 CLIENT_GONE = 499  # nginx's code for "client closed the request": recorded in metrics, never sent
@@ -198,7 +208,7 @@ def create_app(sampler_or_loader, settings=None, *, background_load=False, batch
                 await asyncio.gather(loading, return_exceptions=True)
             await asyncio.to_thread(state.stop, True)
 
-    app = FastAPI(title="ddengine", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="ddengine", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.app_state = state
     add_error_handlers(app)
     add_routes(app, state)
@@ -234,6 +244,20 @@ def add_routes(app, state):
         except HTTPError as err:
             status = err.status
             raise
+        finally:
+            state.metrics.observe_request(status, time.perf_counter() - start)
+
+    @app.post("/v1/images/generations", openapi_extra=request_body_schema(ImageGenerationRequest))
+    async def images_generations(request: Request):
+        """OpenAI's images API (engine/serving/openai_api.py): what the `openai` SDK's images.generate sends."""
+        start, status = time.perf_counter(), 500
+        try:
+            response = await generate_openai(state, request)
+            status = response.status_code
+            return response
+        except OpenAIError as err:
+            status = err.status
+            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
         finally:
             state.metrics.observe_request(status, time.perf_counter() - start)
 
@@ -276,6 +300,72 @@ async def generate(state, request):
     return JSONResponse(await asyncio.to_thread(response_body, result))
 
 
+async def generate_openai(state, request):
+    """POST /v1/images/generations: as generate, with OpenAI's body, errors and response."""
+    try:
+        body = parse_generation(await read_body(request, state.settings.max_body_bytes))
+        if state.status != "ok":
+            raise not_serving(state)
+        spec = state.sampler.spec
+        sampling = validate(state, sampling_params(body, spec))
+    except HTTPError as err:
+        raise OpenAIError(400 if err.status == 422 else err.status, err.message, headers=err.headers) from None
+    loop, previews = asyncio.get_running_loop(), asyncio.Queue()
+    try:
+        future = state.batcher.submit(
+            sampling,
+            timeout=state.settings.timeout,
+            previews=body.partial_images or 0 if body.stream else 0,
+            on_preview=lambda k, images: loop.call_soon_threadsafe(previews.put_nowait, (k, images)),
+        )
+    except QueueFull as err:
+        raise OpenAIError(429, str(err), code="queue_full", headers={"Retry-After": str(err.retry_after)}) from None
+    except BatcherClosed as err:
+        raise OpenAIError(503, str(err)) from None
+    if body.stream:
+        events = openai_events(future, previews, body, spec)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        result = await wait_for(future, request)
+    except HTTPError as err:
+        raise OpenAIError(err.status, err.message, retry=False) from None
+    if result is None:
+        return Response(status_code=CLIENT_GONE)
+    failed = [r for r in result.records if r["status"] != "ok"]
+    if failed:
+        raise OpenAIError(500, f"image {failed[0]['index']} failed: {failed[0]['error']}", retry=False)
+    return JSONResponse(await asyncio.to_thread(openai_response, result.images, body, spec))
+
+
+async def openai_events(future, previews, body, spec):
+    """The SSE stream of one request: its partial images as the worker sends them, then each final image (or an
+    error event); leaving early (the client went away) cancels its images."""
+    waiter = asyncio.wrap_future(future)
+    try:
+        while True:
+            getter = asyncio.ensure_future(previews.get())
+            done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                break
+            k, images = getter.result()
+            for image in images:
+                yield await asyncio.to_thread(stream_event, "partial_image", image, body, spec, k)
+        try:
+            result = outcome(waiter)
+        except HTTPError as err:
+            yield sse("error", OpenAIError(err.status, err.message).body())
+            return
+        failed = [r for r in result.records if r["status"] != "ok"]
+        if failed:
+            yield sse("error", OpenAIError(500, f"image {failed[0]['index']} failed: {failed[0]['error']}").body())
+            return
+        for image in result.images:
+            yield await asyncio.to_thread(stream_event, "completed", image, body, spec)
+    finally:
+        future.cancel()
+
+
 def not_serving(state):
     if state.status == "loading":
         return HTTPError(503, "the model is still loading", {"Retry-After": "1"})
@@ -298,13 +388,13 @@ async def read_body(request, limit):
     return b"".join(chunks)
 
 
-def request_body_schema():
-    """The OpenAPI requestBody of POST /v1/images: SamplingParams' JSON schema (the body is read by parse_body, which
+def request_body_schema(model=SamplingParams):
+    """The OpenAPI requestBody of a POST: the pydantic model's JSON schema (the body is read by read_body, which
     bounds its size before parsing, so FastAPI does not parse it itself)."""
     return {
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": SamplingParams.model_json_schema()}},
+            "content": {"application/json": {"schema": model.model_json_schema()}},
         }
     }
 

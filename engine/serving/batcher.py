@@ -46,13 +46,22 @@ class Result:
 class _Job:
     """One submitted request while its images are queued, active or done."""
 
-    def __init__(self, request, plan, conditioning, deadline, submitted):
+    def __init__(self, request, plan, conditioning, deadline, submitted, previews=0, on_preview=None):
         self.request, self.plan, self.conditioning = request, plan, conditioning
         self.deadline, self.submitted = deadline, submitted
         self.future = Future()
         self.admitted = 0  # images handed to the batch so far (in index order)
         self.nonfinite_step = np.full(request.n, -1, dtype=np.int64)
         self.finished = {}  # index -> x_0
+        self.on_preview = on_preview
+        self.preview_at = preview_steps(len(plan), previews)  # steps done -> preview number
+        self.previews = collections.defaultdict(dict)  # preview number -> {index: the kernel's x0 then}
+
+
+def preview_steps(evaluations, previews):
+    """{steps done: k} for `previews` previews spread evenly over a plan's model evaluations (none at the end)."""
+    at = {max(1, round(k * evaluations / (previews + 1))) for k in range(1, previews + 1)}
+    return {step: k for k, step in enumerate(sorted(s for s in at if s < evaluations))}
 
 
 class StepBatcher:
@@ -78,9 +87,11 @@ class StepBatcher:
         self._worker.start()
 
     # --- the caller's side -------------------------------------------------------------------------------
-    def submit(self, request, timeout=None):
+    def submit(self, request, timeout=None, previews=0, on_preview=None):
         """Queue a validated Request (Sampler.request); returns a Future of Result.
 
+        previews: that many previews spread over the steps, each `on_preview(k, images)` (uint8, decoded from the
+        kernel's x0 of every image of the request; called on the worker thread, so keep it short).
         Raises QueueFull (over max_queue), BatcherClosed (draining or closed) or InvalidParameterError (not a
         Request, a timeout that is not a finite number >= 0, trajectory snapshots).
         """
@@ -92,7 +103,8 @@ class StepBatcher:
             raise InvalidParameterError("trajectory snapshots are not served by the batcher; use Sampler.sample")
         plan, conditioning = self.parts.plan(request), self.parts.conditioner.condition(request)
         now = self.clock()
-        job = _Job(request, plan, conditioning, None if timeout is None else now + timeout, now)
+        previews = integer("previews", previews, 0)
+        job = _Job(request, plan, conditioning, None if timeout is None else now + timeout, now, previews, on_preview)
         with self._cv:
             if self._closing:
                 raise BatcherClosed("the batcher is shutting down and takes no new requests")
@@ -170,6 +182,8 @@ class StepBatcher:
         if not k:
             return 0
         part = slice(job.admitted, job.admitted + k)
+        if job.preview_at:
+            batch.keep_x0()
         batch.admit(
             job.plan,
             job.request.seeds[part],
@@ -202,11 +216,38 @@ class StepBatcher:
         self._step_seconds += seconds
         if self.on_step is not None:
             self.on_step(rows, seconds)
+        if batch.x0 is not None:
+            self._previews(batch)
         if len(finished):
             x, nonfinite_step, tags = batch.retire(finished)
             with self._cv:
                 for j, (job, index) in enumerate(tags):
                     self._collect(job, index, x[j], nonfinite_step[j])
+
+    def _previews(self, batch):
+        """Keep the kernel's x0 of images at a preview step; a request's preview is sent once all its images have it."""
+        ready = []
+        for s in range(batch.n):
+            job, index = batch.tags[s]
+            k = job.preview_at.get(len(job.plan) - int(batch.remaining[s]))
+            if k is None or job not in self._jobs:
+                continue
+            job.previews[k][index] = batch.x0[s].copy()
+            if len(job.previews[k]) == job.request.n:
+                ready.append((job, k, np.stack([job.previews.pop(k)[i] for i in range(job.request.n)])))
+        for job, k, x0 in ready:  # after the scan: a failing one retires its images from the batch
+            if job in self._jobs:
+                self._contained(job, lambda job=job, k=k, x0=x0: job.on_preview(k, self.parts.preview(job.request, x0)))
+
+    def _contained(self, job, work):
+        """Run a request's output work; a failure ends that request (500), never the worker."""
+        try:
+            work()
+            return True
+        except Exception as err:
+            with self._cv:
+                self._fail(job, err)
+            return False
 
     def _collect(self, job, index, x0, nonfinite_step):
         if job not in self._jobs:  # failed or cancelled meanwhile
@@ -215,13 +256,16 @@ class StepBatcher:
         job.nonfinite_step[index] = nonfinite_step
         if len(job.finished) == job.request.n:
             x = np.stack([job.finished[i] for i in range(job.request.n)])
-            chunk = self.parts.finish(job.request, slice(0, job.request.n), x, job.nonfinite_step)
-            images, records = chunk.images, chunk.records
+            done = []
+            if not self._contained(
+                job, lambda: done.append(self.parts.finish(job.request, slice(0, job.request.n), x, job.nonfinite_step))
+            ):
+                return
             self._jobs.discard(job)
             self.stats["completed"] += 1
             self.stats["images"] += job.request.n
             if not job.future.cancelled():
-                job.future.set_result(Result(images, records))
+                job.future.set_result(Result(done[0].images, done[0].records))
 
     def _drop_abandoned(self):
         """Cancelled and timed-out jobs leave the queue and the batch (called with the lock held)."""

@@ -1,0 +1,197 @@
+"""OpenAI's images API over the engine: POST /v1/images/generations, as the `openai` SDK's `images.generate` calls it.
+
+The body is OpenAI's (prompt, model, n, size, response_format, output_format, output_compression, user, stream,
+partial_images, and quality/style/moderation/background, accepted as OpenAI does) plus the engine's options at the
+top level, where the SDK's `extra_body` puts them (as vLLM-Omni does): seed, steps, method, guidance,
+negative_prompt, eta. It becomes the same SamplingParams as POST /v1/images, so its images are bit-identical to
+the native endpoint's and to Sampler.sample's. Errors are OpenAI's shape, {"error": {"message", "type", "param",
+"code"}}; overload is 429 with Retry-After (the SDK waits and retries), and a request whose work has started
+answers failures with `x-should-retry: false`.
+"""
+
+import base64
+import json
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ddengine.core.quoting import shown
+from ddengine.runtime.params import InvalidParameterError, SamplingParams, describe
+
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}  # OpenAI's name -> Pillow's
+ENGINE_FIELDS = ("seed", "steps", "method", "guidance", "negative_prompt", "eta")
+MAX_PARTIAL_IMAGES = 3  # OpenAI's bound
+
+
+class OpenAIError(Exception):
+    """An error response in OpenAI's shape; `param` names the body field, `retry` False once work has started."""
+
+    def __init__(self, status, message, param=None, code=None, headers=None, retry=True):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = dict(headers or {}) | ({} if retry else {"x-should-retry": "false"})
+
+    def body(self):
+        kind = "invalid_request_error" if self.status < 500 and self.status != 429 else "server_error"
+        kind = "rate_limit_error" if self.status == 429 else kind
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class ImageGenerationRequest(BaseModel):
+    """The body of POST /v1/images/generations: OpenAI's fields, then the engine's (the SDK's `extra_body`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(
+        description="A class name (class-conditional models, e.g. 'sneaker'; case-insensitive), or the prompt of a "
+        "text-to-image model."
+    )
+    model: str | None = Field(None, description="Accepted and echoed: the server runs one model.")
+    n: int | None = Field(1, ge=1, description="Number of images.")
+    size: str | None = Field(None, description="'WxH': the model's size only (default and 'auto': the model's).")
+    response_format: Literal["b64_json", "url"] | None = Field(
+        None, description="b64_json (this server serves no files)."
+    )
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(None, description="Default png.")
+    output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality, 0-100.")
+    quality: str | None = Field(None, description="Accepted; the steps field sets the cost.")
+    style: str | None = None
+    moderation: str | None = None
+    background: Literal["opaque", "auto"] | None = Field(None, description="The images are opaque.")
+    user: str | None = Field(None, max_length=1000)
+    safety_identifier: str | None = Field(None, max_length=1000)
+    stream: bool | None = Field(False, description="Server-Sent Events: partial images, then the final one.")
+    partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES, description="Previews when streaming.")
+    seed: int | None = Field(None, description="Engine: image i uses seed + i (default 0).")
+    steps: int | None = Field(None, description="Engine: sampling steps (default: the model's recommended ones).")
+    method: str | None = Field(None, description="Engine: ddim, ddpm, dpmpp-2m, dpmpp-3m, unipc, euler, euler-a, plms.")
+    guidance: float | None = Field(None, description="Engine: classifier-free guidance (default: the model's).")
+    negative_prompt: str | None = Field(None, description="Engine: text-to-image models.")
+    eta: float | None = Field(None, description="Engine: DDIM eta.")
+
+
+def parse_generation(raw):
+    """ImageGenerationRequest from JSON bytes; every problem an OpenAIError 400 naming the field."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise OpenAIError(400, f"the body must be a JSON object: {err}") from None
+    if not isinstance(data, dict):
+        raise OpenAIError(400, f"the body must be a JSON object, got {type(data).__name__}")
+    try:
+        return ImageGenerationRequest.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = ".".join(map(str, first["loc"])) or None
+        message = describe(err) if first["type"] != "extra_forbidden" else _unknown_field(param)
+        raise OpenAIError(400, message, param=param, code="invalid_value") from None
+
+
+def _unknown_field(name):
+    known = [f for f in ImageGenerationRequest.model_fields]
+    return f"unknown field {name!r}; this endpoint takes {', '.join(known)}"
+
+
+def sampling_params(body, spec):
+    """The SamplingParams of an OpenAI body for a model: the prompt as a class name or prompt, the size checked."""
+    if body.response_format == "url":
+        raise OpenAIError(
+            400, "response_format 'url' is not served (this server keeps no files); use 'b64_json'", "response_format"
+        )
+    if body.partial_images and not body.stream:
+        raise OpenAIError(400, "partial_images needs stream: true", "partial_images")
+    check_size(body.size, spec)
+    fields = {k: getattr(body, k) for k in ENGINE_FIELDS if getattr(body, k) is not None}
+    fields |= prompt_fields(body.prompt, spec)
+    try:
+        return SamplingParams.build(n=body.n, **fields)
+    except InvalidParameterError as err:
+        raise OpenAIError(400, str(err), _param_of(str(err)), "invalid_value") from None
+
+
+def check_size(size, spec):
+    """size: None, 'auto' or the model's own 'WxH'."""
+    own = f"{spec.width}x{spec.height}"
+    if size not in (None, "auto", own):
+        raise OpenAIError(
+            400,
+            f"size must be {own!r} (the size this model makes) or 'auto', got {shown(size)}",
+            "size",
+            "invalid_size",
+        )
+
+
+def prompt_fields(prompt, spec):
+    """The SamplingParams fields a prompt stands for: a text model's prompt, or a class model's class by name."""
+    if spec.text_conditional:
+        return {"prompt": prompt}
+    if not spec.conditional:
+        if prompt.strip():
+            raise OpenAIError(400, f"this model is unconditional: give an empty prompt, got {shown(prompt)}", "prompt")
+        return {}
+    names = spec.class_names or tuple(str(k) for k in range(spec.num_classes))
+    wanted = prompt.strip().casefold()
+    for label, name in enumerate(names):
+        if wanted in (name.casefold(), str(label)):
+            return {"classes": label}
+    raise OpenAIError(
+        400,
+        f"prompt must name one of this model's classes ({', '.join(names)}; case-insensitive, or the class number), "
+        f"got {shown(prompt)}",
+        "prompt",
+        "unknown_class",
+    )
+
+
+def _param_of(message):
+    """The body field an engine message is about (it starts with the field's name)."""
+    head = message.split(" ", 1)[0].rstrip(":=")
+    return head if head in ImageGenerationRequest.model_fields or head == "classes" else None
+
+
+def encode_images(images, body):
+    """OpenAI's `data`: one {"b64_json"} per uint8 image in the body's output_format."""
+    from ddengine.runtime.output import encode_png
+
+    fmt, quality = OUTPUT_FORMATS[body.output_format or "png"], body.output_compression
+    return [{"b64_json": base64.b64encode(encode_png(image, fmt, quality)).decode("ascii")} for image in images]
+
+
+def response_body(images, body, spec):
+    """OpenAI's ImagesResponse of finished images."""
+    return {
+        "created": int(time.time()),
+        "data": encode_images(images, body),
+        "background": "opaque",
+        "output_format": body.output_format or "png",
+        "size": f"{spec.width}x{spec.height}",
+    }
+
+
+USAGE = {
+    "input_tokens": 0,
+    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+    "output_tokens": 0,
+    "total_tokens": 0,
+}
+
+
+def stream_event(kind, image, body, spec, index=None):
+    """One Server-Sent Event of OpenAI's image stream: a partial image (index k) or the completed image."""
+    data = {
+        "type": f"image_generation.{kind}",
+        "b64_json": encode_images([image], body)[0]["b64_json"],
+        "background": "opaque",
+        "created_at": int(time.time()),
+        "output_format": body.output_format or "png",
+        "quality": "auto",
+        "size": f"{spec.width}x{spec.height}",
+        **({"partial_image_index": index} if kind == "partial_image" else {"usage": USAGE}),
+    }
+    return sse(data["type"], data)
+
+
+def sse(event, data):
+    """The bytes of one Server-Sent Event."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
