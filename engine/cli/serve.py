@@ -51,6 +51,15 @@ def check_serve_extra():
     help="Seconds a request may take from acceptance to its last image (504 past it; default: none).",
 )
 @click.option(
+    "--step-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    callback=finite_seconds,
+    default=300.0,
+    show_default=True,
+    help="Seconds one batched step may take; past it the watchdog fails that batch's requests (500) and restarts "
+    "the core.",
+)
+@click.option(
     "--max-body-bytes",
     type=click.IntRange(min=64),
     default=64 * 1024,
@@ -89,21 +98,27 @@ def serve(
     max_batch,
     max_queue,
     timeout,
+    step_timeout,
     max_body_bytes,
     limit_concurrency,
     drain_timeout,
     log_level,
 ):
-    """Serve POST /v1/images, GET /healthz and GET /metrics over HTTP (needs the serve extra)."""
+    """Serve POST /v1/images, OpenAI's POST /v1/images/generations, GET /healthz and /metrics (the serve extra)."""
     check_serve_extra()
     import uvicorn
 
     from ddengine.serving.app import Settings, create_app
 
     sampler = open_sampler(model, scheduler_config, backend, threads, precision)
-    app = create_app(
-        sampler, Settings(max_batch=max_batch, max_queue=max_queue, timeout=timeout, max_body_bytes=max_body_bytes)
+    settings = Settings(
+        max_batch=max_batch,
+        max_queue=max_queue,
+        timeout=timeout,
+        max_body_bytes=max_body_bytes,
+        step_timeout=step_timeout,
     )
+    app = create_app(sampler, settings)
     config = uvicorn.Config(
         app,
         host=host,

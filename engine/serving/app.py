@@ -7,7 +7,8 @@
           "png"}]} (a non-finite image has status "error" and png null), 413 body too large, 422 invalid parameters,
       503 queue full (Retry-After) / loading / draining, 504 past the request timeout, 500 the backend failed.
       Every error body is {"error": "<one message>"}.
-    GET /healthz (200 once loaded, 503 while loading or draining), GET /metrics (Prometheus text),
+    GET /healthz (200 once loaded, with the worker's liveness, watchdog restarts and the last failed request;
+      503 while loading or draining, or if the worker stopped), GET /metrics (Prometheus text),
     GET /openapi.json (the schema, the request body's derived from SamplingParams).
 
 No global state: each app owns its Sampler, batcher and metrics registry (so a Ray replica owns one of each).
@@ -50,6 +51,7 @@ class Settings:
     max_queue: int = 1024  # images waiting for a batch slot; also the largest n one request may ask for
     timeout: float | None = None  # seconds from acceptance to the last image (504 past it)
     max_body_bytes: int = 64 * 1024
+    step_timeout: float | None = 300.0  # seconds one batched step may take before the watchdog restarts the core
 
 
 class HTTPError(Exception):
@@ -78,7 +80,11 @@ class AppState:
         self.sampler = sampler
         self.batch_invariant = bool(probe_batch_invariance(sampler.backend, sampler.spec))
         self.batcher = self.batcher_class(
-            sampler.parts, self.settings.max_batch, self.settings.max_queue, on_step=self.metrics.observe_step
+            sampler.parts,
+            self.settings.max_batch,
+            self.settings.max_queue,
+            on_step=self.metrics.observe_step,
+            step_timeout=self.settings.step_timeout,
         )
         self.status = "ok"
 
@@ -263,12 +269,17 @@ def add_routes(app, state):
 
     @app.get("/healthz")
     async def healthz():
+        if state.status == "ok" and not state.batcher.worker_alive:
+            state.status, state.error = "failed", "the batcher's worker thread stopped"
         if state.status != "ok":
             body = {"status": state.status} | ({"error": state.error} if state.error else {})
             return JSONResponse(body, status_code=503)
-        s = state.sampler
+        s, b = state.sampler, state.batcher
         return {
             "status": "ok",
+            "worker_alive": True,
+            "restarts": b.restarts,
+            "last_failure": b.last_failure,
             "model": s.model.sha256,
             "backend": s.backend.name,
             "precision": s.backend.precision,

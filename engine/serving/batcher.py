@@ -35,6 +35,10 @@ class BatcherClosed(RuntimeError):
     """The batcher no longer takes requests (it is draining or closed)."""
 
 
+class StepStuck(RuntimeError):
+    """A step ran past the watchdog's limit: its requests failed and the core restarted with a new worker."""
+
+
 @dataclass(frozen=True)
 class Result:
     """A finished request: uint8 (n, H, W, C) images and one record per image (Sampler's records)."""
@@ -67,9 +71,14 @@ def preview_steps(evaluations, previews):
 class StepBatcher:
     """Runs many requests' images through shared forwards; thread-safe `submit`, one worker thread."""
 
-    def __init__(self, parts, max_batch=64, max_queue=1024, on_step=None, clock=time.monotonic):
-        """clock: seconds for request timeouts (a test's clock can stand in for time.monotonic)."""
+    def __init__(self, parts, max_batch=64, max_queue=1024, on_step=None, clock=time.monotonic, step_timeout=None):
+        """clock: seconds for request timeouts (a test's clock can stand in for time.monotonic).
+
+        step_timeout: seconds one step may take; past it a watchdog fails the requests in that batch (StepStuck),
+        keeps the queued ones and starts a new worker on a new batch (the stuck thread's result is discarded).
+        """
         max_batch, max_queue = integer("max_batch", max_batch, 1), integer("max_queue", max_queue, 1)
+        self.step_timeout = None if step_timeout is None else real("step_timeout", step_timeout)
         self.parts, self.spec, self.max_batch, self.max_queue = parts, parts.spec, max_batch, max_queue
         self.on_step = on_step  # on_step(rows, seconds) after every step (metrics)
         self.clock = clock
@@ -83,8 +92,24 @@ class StepBatcher:
             collections.Counter()
         )  # submitted, rejected, completed, failed, cancelled, timed_out, images, steps
         self._step_seconds = 0.0
-        self._worker = threading.Thread(target=self._run, name="ddengine-batcher", daemon=True)
+        self._generation = 0  # bumped by a restart: a worker of an older generation stops touching the state
+        self._step_started = None  # time.monotonic() of the running step's start
+        self.last_failure = None  # {"time": unix seconds, "error": message} of the last failed request
+        self.restarts = 0
+        self._start_worker()
+        if self.step_timeout is not None:
+            threading.Thread(target=self._watch, name="ddengine-watchdog", daemon=True).start()
+
+    def _start_worker(self):
+        self._worker = threading.Thread(
+            target=self._run, args=(self._generation,), name="ddengine-batcher", daemon=True
+        )
         self._worker.start()
+
+    @property
+    def worker_alive(self):
+        """Whether the worker thread runs (it only ends on close)."""
+        return self._worker.is_alive()
 
     # --- the caller's side -------------------------------------------------------------------------------
     def submit(self, request, timeout=None, previews=0, on_preview=None):
@@ -154,11 +179,39 @@ class StepBatcher:
         self._worker.join(timeout)
 
     # --- the worker's side -------------------------------------------------------------------------------
-    def _run(self):
+    def _watch(self):
+        """The watchdog: a step running past step_timeout restarts the core (called on its own thread)."""
+        period = min(1.0, self.step_timeout / 4)
+        while True:
+            time.sleep(period)
+            with self._cv:
+                if self._closing and not self._worker.is_alive():
+                    return
+                started = self._step_started
+                if started is not None and time.monotonic() - started > self.step_timeout:
+                    self._restart(f"a step ran past the watchdog's {self.step_timeout:g} s; the core was restarted")
+
+    def _restart(self, message):
+        """Abandon the stuck worker and its batch: fail the requests in it, keep the queue, start a new worker."""
+        self._generation += 1
+        self._step_started = None
+        stuck, self._batch = self._batch, None
+        for job in {tag[0] for tag in (stuck.tags[: stuck.n] if stuck is not None else [])}:
+            self._fail(job, StepStuck(message))
+        for job in [j for j in self._queue if j.admitted]:  # partly admitted: its first images were in the batch
+            self._fail(job, StepStuck(message))
+        self.restarts += 1
+        self._start_worker()
+
+    def _run(self, generation):
         while True:
             with self._cv:
+                if generation != self._generation:
+                    return
                 while not self._queue and not self.active_images and not self._closing:
                     self._cv.wait()
+                if generation != self._generation:
+                    return
                 if self._abort:
                     for job in list(self._jobs):
                         self._fail(job, BatcherClosed("the batcher was closed before this request finished"))
@@ -167,7 +220,7 @@ class StepBatcher:
                 self._drop_abandoned()
                 self._admit()
             if self.active_images:
-                self._step()
+                self._step(generation)
 
     def _admit(self):
         """Images of queued jobs, first in first out, into the free slots (called with the lock held)."""
@@ -201,16 +254,23 @@ class StepBatcher:
             self._batch = ImageBatch(self.parts.backend, self.spec, self.max_batch, threads=self.parts.threads)
         return self._batch
 
-    def _step(self):
+    def _step(self, generation):
         batch, start = self._batch, time.perf_counter()
         rows = batch.rows
+        self._step_started = time.monotonic()
         try:
             finished = batch.step()
         except Exception as err:  # a backend failure fails the images in flight, not the server
             with self._cv:
-                for job in {tag[0] for tag in batch.tags[: batch.n]}:
-                    self._fail(job, err)
+                if generation == self._generation:
+                    self._step_started = None
+                    for job in {tag[0] for tag in batch.tags[: batch.n]}:
+                        self._fail(job, err)
             return
+        with self._cv:
+            if generation != self._generation:  # the watchdog gave this step up: its batch is gone
+                return
+            self._step_started = None
         seconds = time.perf_counter() - start
         self.stats["steps"] += 1
         self._step_seconds += seconds
@@ -286,6 +346,7 @@ class StepBatcher:
     def _fail(self, job, err):
         if job in self._jobs:
             self.stats["failed"] += 1
+            self.last_failure = {"time": time.time(), "error": f"{type(err).__name__}: {err}"}
         self._remove(job)
         if not job.future.done():
             job.future.set_exception(err)

@@ -253,6 +253,9 @@ def test_healthz_is_503_while_loading_then_200_then_503_while_draining(cond):
             time.sleep(0.01)
         assert client.get("/healthz").json() == {
             "status": "ok",
+            "worker_alive": True,
+            "restarts": 0,
+            "last_failure": None,
             "model": cond.model.sha256,
             "backend": "ort-cpu",
             "precision": "fp32",
