@@ -80,6 +80,14 @@ def check_png_channels(channels, fmt, grid, trajectory):
 @param_option("negative_prompt", "--negative-prompt", multiple=True, default=(), show_default=False)
 @param_option("guidance", "--guidance", type=float)
 @click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Image-to-image: a PNG/JPEG at the model's size to start from (repeatable: cycled over the images).",
+)
+@param_option("strength", "--strength", type=float)
+@click.option(
     "--height", type=int, default=None, help="Image height in pixels: must be the size the model was exported for."
 )
 @click.option(
@@ -124,6 +132,8 @@ def sample(
     prompt,
     negative_prompt,
     guidance,
+    images,
+    strength,
     height,
     width,
     out,
@@ -139,6 +149,7 @@ def sample(
     from ddengine.runtime.params import SamplingParams
 
     check_output_names(out, grid)
+    check_inputs_outside(images, out, overwrite)
     params = usage_errors(
         SamplingParams.build,
         n=n,
@@ -151,6 +162,8 @@ def sample(
         spacing=spacing,
         prompt=list(prompt) or None,
         negative_prompt=list(negative_prompt) or None,
+        image=[path.read_bytes() for path in images] or None,
+        strength=strength,
     )
     sampler = open_sampler(model, scheduler_config, backend, threads, precision)
     check_size(sampler, height, width)
@@ -228,13 +241,22 @@ def check_size(sampler, height, width):
     )
 
 
+def check_inputs_outside(images, out, overwrite):
+    """--overwrite replaces a run's files in --out: an --image there could be one of them."""
+    inside = [p for p in images if out.resolve() in p.resolve().parents]
+    if inside and overwrite:
+        raise click.UsageError(
+            f"--image {inside[0]} lies in --out {out}, which --overwrite may clear; copy it out first"
+        )
+
+
 def write_run(sampler, request, folder, grid_path, fmt, quiet, stop):
     """Sample chunk by chunk; each image file lands, then its manifest line. Returns the number of failed images."""
     from ddengine.runtime.output import class_grid, encode, save_image, trajectory_strip
 
     kept, kept_classes, failed = [], [], 0
     with progress_bar(quiet, "sampling") as bar:
-        task = bar.add_task("sampling", total=request.n * request.steps)
+        task = bar.add_task("sampling", total=request.n * len(sampler.plan(request)))
 
         def progress(done, total):
             stop.check()
@@ -265,7 +287,7 @@ def write_run(sampler, request, folder, grid_path, fmt, quiet, stop):
                     },
                     files,
                 )
-        bar.update(task, completed=request.n * request.steps)
+        bar.update(task, completed=request.n * len(sampler.plan(request)))
     if grid_path is not None and kept:
         save_image(grid_path, class_grid(np.stack(kept), None if request.classes is None else kept_classes))
     return failed

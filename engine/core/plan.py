@@ -10,7 +10,7 @@ import numpy as np
 
 from ddengine.core.rows import AM, AX, B0, BM, BX, CLIP, NUM_COLUMNS, P0, PE, PX, SIGMA, blank_row, is_multistep
 from ddengine.core.schedule import SchedulerConfig
-from ddengine.core.solvers import SOLVERS, SolverOptions
+from ddengine.core.solvers import SOLVERS, SolverOptions, start_abar
 from ddengine.core.timesteps import check_steps, check_timesteps, inference_timesteps
 
 Method = Literal["ddim", "ddpm", "dpmpp-2m", "dpmpp-3m", "unipc", "euler", "euler-a", "plms"]
@@ -20,7 +20,7 @@ METHODS = get_args(Method)
 @dataclass(frozen=True, eq=False)
 class StepPlan:
     """The sampling schedule: model timesteps (int64, or float64 where fractional) and coefficient rows float64[n, 25]
-    (read-only); x_T = init_scale * the seed's normals."""
+    (read-only); x_T = init_scale * the seed's normals, or an image noised to start_abar (image-to-image)."""
 
     timesteps: np.ndarray
     coeffs: np.ndarray
@@ -28,6 +28,7 @@ class StepPlan:
     method: str
     eta: float
     init_scale: float = 1.0
+    start_abar: float = 0.0  # alphas_cumprod an image is noised to before the first row (image-to-image)
 
     def __post_init__(self):
         ts = np.asarray(self.timesteps)
@@ -59,10 +60,19 @@ class StepPlan:
 
 
 def make_plan(
-    config, steps=None, *, method="ddim", eta=0.0, timesteps=None, use_clipped_model_output=False, options=None
+    config,
+    steps=None,
+    *,
+    method="ddim",
+    eta=0.0,
+    timesteps=None,
+    use_clipped_model_output=False,
+    options=None,
+    start=0,
 ):
     """Coefficient rows for `steps` (or explicit DDPM `timesteps`) of DDIM (Song et al. 2020), DDPM (Ho et al. 2020)
-    or a solver of engine/core/solvers/ (with its SolverOptions)."""
+    or a solver of engine/core/solvers/ (with its SolverOptions); from step `start` on (image-to-image, as diffusers'
+    img2img pipelines run `timesteps[start:]` after set_begin_index)."""
     if isinstance(config, dict):
         config = SchedulerConfig.from_dict(config)
     if not isinstance(config, SchedulerConfig):
@@ -73,7 +83,10 @@ def make_plan(
     if method in SOLVERS:
         if timesteps is not None:
             raise ValueError(f"explicit timesteps are supported for method 'ddpm' only, got method {method!r}")
-        return _solver_plan(config, check_steps(steps, config.num_train_timesteps), method, options or SolverOptions())
+        steps = check_steps(steps, config.num_train_timesteps)
+        return _solver_plan(
+            config, steps, method, options or SolverOptions(), _start(start, steps + (method == "plms"))
+        )
     if not isinstance(use_clipped_model_output, (bool, np.bool_)):
         raise ValueError(f"use_clipped_model_output must be True or False, got {use_clipped_model_output!r}")
     T = config.num_train_timesteps
@@ -87,19 +100,36 @@ def make_plan(
     else:
         prevs = list(ts[1:]) + [-1]
         rows = [_ddpm_row(config, abar, t, p) for t, p in zip(ts, prevs)]
-    coeffs = np.array(rows, dtype=np.float64)
+    start = _start(start, len(ts))
+    coeffs = np.array(rows, dtype=np.float64)[start:]
+    ts = ts[start:]
     _check_finite(coeffs, ts)
     clip = float(config.clip_sample_range) if config.clip_sample else None
     coeffs[:, CLIP] = clip or 0.0
-    return StepPlan(timesteps=ts, coeffs=coeffs, clip=clip, method=method, eta=eta)
+    return StepPlan(timesteps=ts, coeffs=coeffs, clip=clip, method=method, eta=eta, start_abar=float(abar[ts[0]]))
 
 
-def _solver_plan(config, steps, method, options):
+def _start(start, length):
+    """The first step run: an integer in [0, length)."""
+    if isinstance(start, (bool, np.bool_)) or not isinstance(start, (int, np.integer)) or not 0 <= start < length:
+        raise ValueError(f"start must be an integer in [0, {length - 1}] (the steps' indices), got {start!r}")
+    return int(start)
+
+
+def _solver_plan(config, steps, method, options, start):
     """The StepPlan of a multistep or sigma-space solver; its rows never clip (the diffusers classes do not)."""
     abar = config.alphas_cumprod()
-    timesteps, coeffs, init_scale = SOLVERS[method][1](config, abar, steps, options)
+    timesteps, coeffs, init_scale = SOLVERS[method][1](config, abar, steps, options, start)
     _check_finite(coeffs, timesteps)
-    return StepPlan(timesteps=timesteps, coeffs=coeffs, clip=None, method=method, eta=0.0, init_scale=init_scale)
+    return StepPlan(
+        timesteps=timesteps,
+        coeffs=coeffs,
+        clip=None,
+        method=method,
+        eta=0.0,
+        init_scale=init_scale,
+        start_abar=start_abar(method, config, abar, steps, options, start),
+    )
 
 
 def _check_eta(eta, method):

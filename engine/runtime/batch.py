@@ -49,8 +49,10 @@ class ImageBatch:
         """The images' latents x_t (a view: the first rows of the forward input)."""
         return self.x_in[: self.n]
 
-    def admit(self, plan, seeds, conditioning, tags):
-        """Add images at step 0 of `plan` (x_T from their seeds) with their Conditioning (engine/core/guidance.py)."""
+    def admit(self, plan, seeds, conditioning, tags, init=(None, None)):
+        """Add images at step 0 of `plan` with their Conditioning (engine/core/guidance.py): x_T from their seeds, or
+        init = (images, noise) (engine/runtime/init_state.py): the caller's noise instead of the seeds', and an image
+        noised to plan.start_abar (image-to-image)."""
         k = len(seeds)
         if self.n + k > self.capacity:
             raise ValueError(f"cannot admit {k} images into a batch of {self.n} with capacity {self.capacity}")
@@ -65,7 +67,7 @@ class ImageBatch:
         first = self._plan_offset(plan)
         new = slice(self.n, self.n + k)
         seeds = np.ascontiguousarray(seeds, dtype=np.uint64)
-        fused.fill_noise(self.x_in[new], seeds, self.threads, plan.init_scale)
+        self._start(plan, new, seeds, *init)
         if plan.multistep:
             if self.slots is None:
                 self.slots = np.empty((self.capacity, SLOTS, *self.spec.image_shape), dtype=np.float32)
@@ -83,6 +85,18 @@ class ImageBatch:
         self.n += k
         self._layout()
         return new
+
+    def _start(self, plan, new, seeds, images, noise):
+        """x of the admitted images: init_scale z, or sqrt(abar) x0 + sqrt(1 - abar) z from an image (z: the seeds'
+        normals or the caller's noise)."""
+        scale = plan.init_scale if images is None else 1.0
+        if noise is None:
+            fused.fill_noise(self.x_in[new], seeds, self.threads, scale)
+        else:
+            np.multiply(noise, np.float32(scale), out=self.x_in[new])
+        if images is not None:
+            a, b = np.float32(np.sqrt(plan.start_abar)), np.float32(np.sqrt(1.0 - plan.start_abar))
+            self.x_in[new] = a * images + b * self.x_in[new]
 
     def forward(self):
         """The U-Net forward of every row: per-row timesteps and conditioning, guided rows copied from their images."""

@@ -9,21 +9,28 @@ import math
 import numbers
 import operator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 from ddengine.core.plan import METHODS, Method
 from ddengine.core.quoting import shown
 from ddengine.core.schedule import SchedulerConfigError
 from ddengine.core.timesteps import SPACINGS, Spacing, nonempty_list
+from ddengine.runtime.init_state import InitError, InitState, bind_init, start_step
 
 SEED_LIMIT = 2**64
 MAX_IMAGES = 10_000_000  # per request: its seeds and labels (80 MB each) are made up front
 UNORDERED = (dict, set, frozenset)  # no order to give image i its seed or class
 MAX_PROMPT_CHARS = 10_000
 CLASSES_EXPECTED = "an int, a non-empty list of ints or 'all'"
+IMAGE_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "contentEncoding": "base64"},
+        {"type": "array", "items": {"type": "string", "contentEncoding": "base64"}},
+    ]
+}
 DEFAULT_STEPS = 50
 DEFAULT_METHOD = "ddim"
 
@@ -35,7 +42,7 @@ class InvalidParameterError(ValueError):
 class SamplingParams(BaseModel):
     """What to sample, independent of any model: `SamplingParams.build(n=4, steps=20, classes=[1, 2])`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     n: int = Field(1, ge=1, le=MAX_IMAGES, description=f"Number of images (at most {MAX_IMAGES:,}).")
     steps: int | None = Field(
@@ -69,6 +76,17 @@ class SamplingParams(BaseModel):
     )
     negative_prompt: str | list[str] | None = Field(
         None, description='The prompt guidance steers away from (default: none, "").'
+    )
+    image: Annotated[Any, WithJsonSchema(IMAGE_SCHEMA)] = Field(
+        None,
+        description="Image-to-image: the image(s) to start from, at the model's size (JSON: base64 PNG/JPEG; Python: "
+        "uint8 HxWxC arrays or PIL images), one for all or one per image.",
+    )
+    strength: float | None = Field(
+        None, description="Image-to-image: how much of the schedule runs, in (0, 1] (default 0.8, as diffusers)."
+    )
+    latents: Annotated[Any, WithJsonSchema({"type": "array", "description": "(n, C, H, W) numbers"})] = Field(
+        None, description="The initial noise, (n, C, H, W) (diffusers' latents=): instead of the seeds' normals."
     )
 
     def __init__(self, **fields):
@@ -120,6 +138,13 @@ class SamplingParams(BaseModel):
     @classmethod
     def _real(cls, value, info):
         return None if value is None and info.field_name == "guidance" else real(info.field_name, value)
+
+    @field_validator("strength", mode="before")
+    @classmethod
+    def _strength(cls, value):
+        if value is not None and not 0 < real("strength", value) <= 1:
+            raise InvalidParameterError(f"strength must be in (0, 1], got {shown(value)}")
+        return value
 
     @field_validator("method", "spacing", mode="before")
     @classmethod
@@ -207,6 +232,15 @@ class SamplingParams(BaseModel):
             if self.seeds is None
             else np.array(self.seeds, dtype=np.uint64)
         )
+        try:
+            init = bind_init(spec, self.n, self.image, self.strength, self.latents)
+        except InitError as err:
+            raise InvalidParameterError(str(err)) from None
+        if init is not None and init.strength is not None and start_step(steps, init.strength) >= steps:
+            raise InvalidParameterError(
+                f"strength {init.strength} runs none of the {steps} steps (int(steps * strength) = 0); "
+                f"use strength >= {1 / steps:.3g} or more steps"
+            )
         return Request(
             steps=steps,
             method=method,
@@ -219,6 +253,7 @@ class SamplingParams(BaseModel):
             trajectory=k,
             prompts=prompts,
             negative_prompts=negatives,
+            init=init,
         )
 
 
@@ -237,23 +272,32 @@ class Request:
     trajectory: int  # 0 = none, else a snapshot every `trajectory` steps
     prompts: tuple | None = None  # text-to-image models: one prompt per image
     negative_prompts: tuple | None = None  # and the prompt of its unconditional half ("" when none is given)
+    init: InitState | None = None  # an image and/or the caller's noise to start from (None: the seeds' noise)
 
     @property
     def n(self):
         return len(self.seeds)
 
     @property
+    def start(self):
+        """The first step index that runs: 0, or the image-to-image strength's (diffusers' get_timesteps)."""
+        strength = None if self.init is None else self.init.strength
+        return 0 if strength is None else start_step(self.steps, strength)
+
+    @property
     def plan_key(self):
-        return (self.steps, self.method, self.eta, self.spacing)
+        return (self.steps, self.method, self.eta, self.spacing, self.start)
 
     def params(self):
         """The request's parameters as a manifest records them (JSON types)."""
+        started = {} if self.init is None else {"strength": self.init.strength, "latents": self.init.noise is not None}
         return {
             "steps": self.steps,
             "method": self.method,
             "eta": self.eta,
             "guidance": self.guidance,
             "spacing": self.spacing,
+            **started,
         }
 
 

@@ -132,7 +132,14 @@ def step_plan(spec, request):
 
     config = spec.schedule if request.spacing is None else replace(spec.schedule, timestep_spacing=request.spacing)
     try:
-        return make_plan(config, request.steps, method=request.method, eta=request.eta, options=spec.solver_options)
+        return make_plan(
+            config,
+            request.steps,
+            method=request.method,
+            eta=request.eta,
+            options=spec.solver_options,
+            start=request.start,
+        )
     except ValueError as err:
         raise InvalidParameterError(str(err)) from None
 

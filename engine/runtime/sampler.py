@@ -89,7 +89,7 @@ class Sampler:
     def chunks(self, request, *, progress=None, callback=None, timers=None):
         """Yield each Chunk of `request.batch_size` images as soon as it is sampled."""
         plan, b = self.parts.plan(request), request.batch_size
-        total = request.n * request.steps
+        total = request.n * len(plan)  # model evaluations: PLMS makes steps + 1, image-to-image fewer
         for start in range(0, request.n, b):
             part = slice(start, min(start + b, request.n))
             seeds = np.ascontiguousarray(request.seeds[part])
@@ -97,16 +97,18 @@ class Sampler:
 
             def on_step(i, *_, start=start, k=part.stop - part.start):
                 if progress is not None:
-                    progress(start * request.steps + (i + 1) * k, total)
+                    progress(start * len(plan) + (i + 1) * k, total)
 
             trajectory: list | None = [] if request.trajectory else None
-            if self.device_loop is not None and trajectory is None and callback is None:
+            host = trajectory is not None or callback is not None or request.init is not None
+            if self.device_loop is not None and not host:
                 x, bad = self.device_loop.denoise(plan, seeds, conditioning, on_step=on_step, timers=timers)
-            else:  # per-step host access (trajectory, callback) or a CPU backend
+            else:  # per-step host access (trajectory, callback), a start of the caller's, or a CPU backend
                 step_hook = on_step if callback is None else _with_callback(on_step, callback, start)
                 snapshots = None if trajectory is None else Snapshots(trajectory, len(plan), request.trajectory)
+                init = (None, None) if request.init is None else request.init.part(part)
                 x, bad = self.host_loop.denoise(
-                    plan, seeds, conditioning, on_step=step_hook, snapshots=snapshots, timers=timers
+                    plan, seeds, conditioning, on_step=step_hook, snapshots=snapshots, timers=timers, init=init
                 )
             yield self.parts.finish(request, part, x, bad, trajectory)
 

@@ -242,6 +242,7 @@ class StepBatcher:
             job.request.seeds[part],
             job.conditioning.part(part),
             [(job, i) for i in range(part.start, part.stop)],
+            (None, None) if job.request.init is None else job.request.init.part(part),
         )
         job.admitted += k
         self._queued_images -= k

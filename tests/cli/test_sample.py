@@ -611,3 +611,18 @@ def test_running_out_of_memory_is_one_line_naming_what_did_not_fit(tmp_path, con
         "Error: out of memory: Unable to allocate 7.45 GiB for an array with shape (1000000000,) and data type "
         "float64; sample fewer images at once (--batch-size, --n)"
     )
+
+
+def test_image_to_image_from_a_png_and_an_input_the_run_may_clear_is_refused(tmp_path, cond_model):
+    picture = np.add.outer(np.arange(8), np.arange(8)).astype(np.uint8)[:, :, None].repeat(3, axis=2) * 17
+    source = tmp_path / "start.png"
+    Image.fromarray(picture).save(source)
+    out = tmp_path / "out"
+    args = ("sample", "--model", cond_model, *CPU, "--n", 2, "--steps", 6, "--class", 1, "--image", source)
+    result = run(*args, "--strength", 0.5, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    want, _ = Sampler(cond_model, backend="ort-cpu").sample(2, steps=6, classes=1, image=picture, strength=0.5)
+    got = np.stack([np.asarray(Image.open(out / r["file"])) for r in records(out)])
+    assert np.array_equal(got, want) and {r["strength"] for r in records(out)} == {0.5}
+    inside = run(*args[:-1], out / "00000.png", "--out", out, "--overwrite", "--quiet")
+    assert inside.exit_code == 2 and "lies in --out" in inside.output and (out / "00000.png").exists()

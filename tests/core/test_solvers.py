@@ -137,7 +137,9 @@ def test_solver_follows_diffusers(method, steps, spacing, prediction, karras, sc
     noises = [rng.standard_normal(SHAPE).astype(np.float32) for _ in range(steps + 1)]
     sched = oracle(cls_name, config, **keys)
     ts, inputs, final = run_oracle(sched, steps, z, noises, prediction, monkeypatch)
-    timesteps, rows, init_scale = build(config, config.alphas_cumprod(), steps, SolverOptions(use_karras_sigmas=karras))
+    timesteps, rows, init_scale = build(
+        config, config.alphas_cumprod(), steps, SolverOptions(use_karras_sigmas=karras), 0
+    )
     np.testing.assert_array_equal(timesteps, ts.astype(timesteps.dtype))
     assert np.array_equal(timesteps, ts)  # the model sees diffusers' timesteps exactly
     ours_inputs, ours = run_rows(timesteps, rows, init_scale, z, noises, prediction)
@@ -150,4 +152,4 @@ def test_solver_follows_diffusers(method, steps, spacing, prediction, karras, sc
 def test_plms_refuses_sample_prediction():
     config = SchedulerConfig(prediction_type="sample")
     with pytest.raises(ValueError, match="'plms'.*'sample'"):
-        SOLVERS["plms"][1](config, config.alphas_cumprod(), 10, SolverOptions())
+        SOLVERS["plms"][1](config, config.alphas_cumprod(), 10, SolverOptions(), 0)

@@ -186,7 +186,7 @@ def test_every_bad_field_is_named_in_one_message():
     assert str(err.value) == (
         "n must be an integer, got 2.0; steps must be >= 1, got 0; unknown field 'colour' "
         "(expected some of: n, steps, method, eta, seed, seeds, classes, guidance, spacing, prompt, "
-        "negative_prompt)"
+        "negative_prompt, image, strength, latents)"
     )
 
 
@@ -206,6 +206,9 @@ def test_the_json_schema_is_the_fields_with_their_defaults_and_bounds():
         "spacing",
         "prompt",
         "negative_prompt",
+        "image",
+        "strength",
+        "latents",
     ]
     assert props["steps"]["default"] is None and props["steps"]["anyOf"][0]["minimum"] == 1
     assert "recommended steps" in props["steps"]["description"]

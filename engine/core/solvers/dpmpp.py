@@ -45,20 +45,22 @@ def multistep_sigmas(config, abar, steps, options, *, round_karras_t):
     return timesteps, as_float32(np.concatenate([picked, [final_sigma(abar, options.final_sigmas_type)]]))
 
 
-def dpmpp_plan(config, abar, steps, options, order):
-    """(timesteps, rows, init_scale 1.0) of DPM-Solver++(order M) with diffusers' lower-order warm-up and final steps."""
+def dpmpp_plan(config, abar, steps, options, order, start=0):
+    """(timesteps, rows, init_scale 1.0) of DPM-Solver++(order M) with diffusers' lower-order warm-up and final steps;
+    from step `start` on (image-to-image: diffusers' set_begin_index, the warm-up restarting there)."""
     round_t = config.beta_schedule != "squaredcos_cap_v2"  # diffusers keeps fractional Karras t for the cosine schedule
     timesteps, sigmas = multistep_sigmas(config, abar, steps, options, round_karras_t=round_t)
     n = len(timesteps)
     rows = []
-    for i in range(n):
+    for i in range(start, n):
         final = i == n - 1 and (
             options.euler_at_final or (options.lower_order_final and n < 15) or options.final_sigmas_type == "zero"
         )
         second = i == n - 2 and options.lower_order_final and n < 15
-        used = 1 if (order == 1 or i < 1 or final) else 2 if (order == 2 or i < 2 or second) else 3
+        done = i - start  # updates since the (re)start: the history it has
+        used = 1 if (order == 1 or done < 1 or final) else 2 if (order == 2 or done < 2 or second) else 3
         rows.append(_row(config.prediction_type, sigmas, i, used))
-    return timesteps, np.array(rows, dtype=np.float64), 1.0
+    return timesteps[start:], np.array(rows, dtype=np.float64), 1.0
 
 
 def _row(prediction_type, sigmas, i, order):

@@ -41,13 +41,16 @@ def euler_sigmas(config, abar, steps, options, ancestral):
     return as_float32(timesteps), as_float32(np.concatenate([picked, [last]]))
 
 
-def euler_plan(config, abar, steps, options, ancestral=False):
-    """(timesteps float64, rows, init_scale): x_T = init_noise_sigma z / sqrt(sigma_max^2 + 1) on the engine's x."""
+def euler_plan(config, abar, steps, options, ancestral=False, start=0):
+    """(timesteps float64, rows, init_scale): x_T = init_noise_sigma z / sqrt(sigma_max^2 + 1) on the engine's x;
+    from step `start` on (image-to-image)."""
     timesteps, sigmas = euler_sigmas(config, abar, steps, options, ancestral)
-    rows = [_row(config.prediction_type, float(sigmas[i]), float(sigmas[i + 1]), ancestral) for i in range(steps)]
+    rows = [
+        _row(config.prediction_type, float(sigmas[i]), float(sigmas[i + 1]), ancestral) for i in range(start, steps)
+    ]
     top = float(np.float32(sigmas.max()))
     noise_sigma = top if config.timestep_spacing in ("linspace", "trailing") else math.sqrt(top * top + 1.0)
-    return timesteps, np.array(rows, dtype=np.float64), noise_sigma / math.sqrt(float(sigmas[0]) ** 2 + 1.0)
+    return timesteps[start:], np.array(rows, dtype=np.float64), noise_sigma / math.sqrt(float(sigmas[0]) ** 2 + 1.0)
 
 
 def _row(prediction_type, sigma, sigma_next, ancestral):

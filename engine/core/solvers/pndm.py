@@ -19,8 +19,9 @@ def plms_timesteps(config, steps):
     return np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1].astype(np.int64)
 
 
-def plms_plan(config, abar, steps, options=None):
-    """(timesteps, rows, init_scale 1.0) of PLMS; `options` (the sigma-space solvers' keys) do not apply."""
+def plms_plan(config, abar, steps, options=None, start=0):
+    """(timesteps, rows, init_scale 1.0) of PLMS; `options` (the sigma-space solvers' keys) do not apply. From entry
+    `start` of its timesteps on (image-to-image: PNDMScheduler's counter and history restart there)."""
     if config.prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(
             f"method 'plms' (PNDMScheduler) supports prediction_type 'epsilon' or 'v_prediction', "
@@ -30,6 +31,7 @@ def plms_plan(config, abar, steps, options=None):
     ratio = config.num_train_timesteps // steps
     _check_reads(abar, [*timesteps, *(timesteps[1:2] + ratio)])
     final = 1.0 if config.set_alpha_to_one else float(abar[0])
+    timesteps = timesteps[start:]
     rows = [_row(config.prediction_type, abar, final, timesteps, ratio, c) for c in range(len(timesteps))]
     return timesteps, np.array(rows, dtype=np.float64), 1.0
 

@@ -10,21 +10,24 @@ from ddengine.core.solvers.common import log_snr, slot, vp, x0_row
 from ddengine.core.solvers.dpmpp import multistep_sigmas
 
 
-def unipc_plan(config, abar, steps, options, order=2):
-    """(timesteps, rows, init_scale 1.0) of UniPC-`order` with diffusers' warm-up and lower_order_final orders."""
+def unipc_plan(config, abar, steps, options, order=2, start=0):
+    """(timesteps, rows, init_scale 1.0) of UniPC-`order` with diffusers' warm-up and lower_order_final orders; from
+    step `start` on (image-to-image: the warm-up restarts there, and its first step has no corrector)."""
     timesteps, sigmas = multistep_sigmas(config, abar, steps, options, round_karras_t=True)
     if options.use_karras_sigmas and options.final_sigmas_type == "sigma_min":
         sigmas[-1] = sigmas[-2]  # diffusers ends a Karras ramp on its own last sigma, not the training sigma_min
     n = len(timesteps)
-    orders = [min(order, i + 1, n - i if options.lower_order_final else order) for i in range(n)]
+    orders = [min(order, i - start + 1, n - i if options.lower_order_final else order) for i in range(n)]
     if orders[-1] > 1 and sigmas[-1] == 0:
         raise ValueError(
             "method 'unipc' with lower_order_final=False and final_sigmas_type 'zero': the last second-order update "
             "divides by r = (lambda_s1 - lambda_s0) / h = 0 (h = inf at sigma 0; inf/nan in diffusers); "
             "use lower_order_final=True or final_sigmas_type 'sigma_min'"
         )
-    rows = [_row(config.prediction_type, sigmas, i, orders[i], orders[i - 1] if i else 0) for i in range(n)]
-    return timesteps, np.array(rows, dtype=np.float64), 1.0
+    rows = [
+        _row(config.prediction_type, sigmas, i, orders[i], orders[i - 1] if i > start else 0) for i in range(start, n)
+    ]
+    return timesteps[start:], np.array(rows, dtype=np.float64), 1.0
 
 
 def _row(prediction_type, sigmas, i, order, corrector_order):
