@@ -86,6 +86,13 @@ def check_png_channels(channels, fmt, grid, trajectory):
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Image-to-image: a PNG/JPEG at the model's size to start from (repeatable: cycled over the images).",
 )
+@click.option(
+    "--mask",
+    "masks",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Inpainting, with --image: white pixels are repainted, black kept (repeatable: cycled over the images).",
+)
 @param_option("strength", "--strength", type=float)
 @click.option(
     "--height", type=int, default=None, help="Image height in pixels: must be the size the model was exported for."
@@ -133,6 +140,7 @@ def sample(
     negative_prompt,
     guidance,
     images,
+    masks,
     strength,
     height,
     width,
@@ -149,7 +157,7 @@ def sample(
     from ddengine.runtime.params import SamplingParams
 
     check_output_names(out, grid)
-    check_inputs_outside(images, out, overwrite)
+    check_inputs_outside((*images, *masks), out, overwrite)
     params = usage_errors(
         SamplingParams.build,
         n=n,
@@ -163,6 +171,7 @@ def sample(
         prompt=list(prompt) or None,
         negative_prompt=list(negative_prompt) or None,
         image=[path.read_bytes() for path in images] or None,
+        mask=[path.read_bytes() for path in masks] or None,
         strength=strength,
     )
     sampler = open_sampler(model, scheduler_config, backend, threads, precision)

@@ -10,7 +10,7 @@ import numpy as np
 
 from ddengine.core.rows import AM, AX, B0, BM, BX, CLIP, NUM_COLUMNS, P0, PE, PX, SIGMA, blank_row, is_multistep
 from ddengine.core.schedule import SchedulerConfig
-from ddengine.core.solvers import SOLVERS, SolverOptions, start_abar
+from ddengine.core.solvers import SOLVERS, SolverOptions, noise_levels
 from ddengine.core.timesteps import check_steps, check_timesteps, inference_timesteps
 
 Method = Literal["ddim", "ddpm", "dpmpp-2m", "dpmpp-3m", "unipc", "euler", "euler-a", "plms"]
@@ -20,7 +20,7 @@ METHODS = get_args(Method)
 @dataclass(frozen=True, eq=False)
 class StepPlan:
     """The sampling schedule: model timesteps (int64, or float64 where fractional) and coefficient rows float64[n, 25]
-    (read-only); x_T = init_scale * the seed's normals, or an image noised to start_abar (image-to-image)."""
+    (read-only); x_T = init_scale * the seed's normals, or an image noised to levels[0] (image-to-image)."""
 
     timesteps: np.ndarray
     coeffs: np.ndarray
@@ -28,7 +28,7 @@ class StepPlan:
     method: str
     eta: float
     init_scale: float = 1.0
-    start_abar: float = 0.0  # alphas_cumprod an image is noised to before the first row (image-to-image)
+    levels: tuple = ()  # alphas_cumprod before each row and 1.0 after the last: an image noised to the step's level
 
     def __post_init__(self):
         ts = np.asarray(self.timesteps)
@@ -43,6 +43,11 @@ class StepPlan:
 
     def __len__(self):
         return len(self.timesteps)
+
+    @property
+    def start_abar(self):
+        """The noise level an image starts at (image-to-image): levels[0]."""
+        return self.levels[0]
 
     @property
     def integer_timesteps(self):
@@ -106,7 +111,8 @@ def make_plan(
     _check_finite(coeffs, ts)
     clip = float(config.clip_sample_range) if config.clip_sample else None
     coeffs[:, CLIP] = clip or 0.0
-    return StepPlan(timesteps=ts, coeffs=coeffs, clip=clip, method=method, eta=eta, start_abar=float(abar[ts[0]]))
+    levels = (*(float(abar[t]) for t in ts), 1.0)
+    return StepPlan(timesteps=ts, coeffs=coeffs, clip=clip, method=method, eta=eta, levels=levels)
 
 
 def _start(start, length):
@@ -128,7 +134,7 @@ def _solver_plan(config, steps, method, options, start):
         method=method,
         eta=0.0,
         init_scale=init_scale,
-        start_abar=start_abar(method, config, abar, steps, options, start),
+        levels=(*noise_levels(method, config, abar, steps, options)[start:].tolist(), 1.0),
     )
 
 

@@ -13,6 +13,7 @@ from ddengine.core.guidance import NO_UNCOND, layout_rows, uncond_rows
 from ddengine.core.rows import NUM_COLUMNS, SLOTS
 from ddengine.kernels import host as fused
 from ddengine.kernels.host import IMAGE_DTYPE
+from ddengine.runtime.init_state import Start
 
 
 class ImageBatch:
@@ -25,6 +26,8 @@ class ImageBatch:
         self.out = np.empty_like(self.x_in)
         self.slots = None  # (capacity, SLOTS, *image_shape) once a multistep plan is admitted
         self.x0 = None  # (capacity, *image_shape) once keep_x0() asks for the kernel's x0
+        self.known = self.z0 = self.masks = None  # inpainting's known images, their z and masks, once admitted
+        self.inpaint_plans = [None] * capacity  # the plan of an image being inpainted (its levels), else None
         self.t_in = np.empty(rows, dtype=np.float64 if np.dtype(spec.io["timestep"].dtype).kind == "f" else np.int64)
         roles = [r for r in spec.roles() if r not in ("sample", "timestep")]  # class_labels, encoder_hidden_states
         self.inputs = {r: np.empty(spec.io[r].at(rows), dtype=spec.io[r].dtype) for r in roles}
@@ -49,10 +52,10 @@ class ImageBatch:
         """The images' latents x_t (a view: the first rows of the forward input)."""
         return self.x_in[: self.n]
 
-    def admit(self, plan, seeds, conditioning, tags, init=(None, None)):
+    def admit(self, plan, seeds, conditioning, tags, start=None):
         """Add images at step 0 of `plan` with their Conditioning (engine/core/guidance.py): x_T from their seeds, or
-        init = (images, noise) (engine/runtime/init_state.py): the caller's noise instead of the seeds', and an image
-        noised to plan.start_abar (image-to-image)."""
+        as `start` says (engine/runtime/init_state.py Start): the caller's noise instead of the seeds', an image
+        noised to plan.start_abar (image-to-image), a known image and mask to blend after every step (inpainting)."""
         k = len(seeds)
         if self.n + k > self.capacity:
             raise ValueError(f"cannot admit {k} images into a batch of {self.n} with capacity {self.capacity}")
@@ -67,7 +70,9 @@ class ImageBatch:
         first = self._plan_offset(plan)
         new = slice(self.n, self.n + k)
         seeds = np.ascontiguousarray(seeds, dtype=np.uint64)
-        self._start(plan, new, seeds, *init)
+        start = start or Start()
+        self._start(plan, new, seeds, start.images, start.noise)
+        self._keep_known(plan, new, seeds, start)
         if plan.multistep:
             if self.slots is None:
                 self.slots = np.empty((self.capacity, SLOTS, *self.spec.image_shape), dtype=np.float32)
@@ -98,6 +103,35 @@ class ImageBatch:
             a, b = np.float32(np.sqrt(plan.start_abar)), np.float32(np.sqrt(1.0 - plan.start_abar))
             self.x_in[new] = a * images + b * self.x_in[new]
 
+    def _keep_known(self, plan, new, seeds, start):
+        """Inpainting: keep each admitted image's known image, mask and initial noise z for the blends."""
+        if start.masks is None and self.known is None:
+            return
+        if self.known is None:
+            shape = (self.capacity, *self.spec.image_shape)
+            self.known, self.z0 = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            self.masks = np.ones((self.capacity, 1, *self.spec.image_shape[1:]), np.float32)
+        if start.masks is None:
+            self.masks[new] = 1.0  # all repainted: no blend
+            self.inpaint_plans[new] = [None] * (new.stop - new.start)
+            return
+        self.known[new], self.masks[new] = start.known, start.masks
+        if start.noise is None:
+            fused.fill_noise(self.z0[new], seeds, self.threads, 1.0)
+        else:
+            self.z0[new] = start.noise
+        self.inpaint_plans[new] = [plan] * (new.stop - new.start)
+
+    def _blend(self):
+        """Inpainting (diffusers' StableDiffusionInpaintPipeline): x = (1 - m) noised(known, next level) + m x."""
+        n = self.n
+        for j in np.flatnonzero([p is not None for p in self.inpaint_plans[:n]]):
+            plan = self.inpaint_plans[j]
+            level = plan.levels[len(plan) - int(self.remaining[j])]
+            a, b = np.float32(np.sqrt(level)), np.float32(np.sqrt(1.0 - level))
+            m = self.masks[j]
+            self.x_in[j] = (1 - m) * (a * self.known[j] + b * self.z0[j]) + m * self.x_in[j]
+
     def forward(self):
         """The U-Net forward of every row: per-row timesteps and conditioning, guided rows copied from their images."""
         n, g = self.n, len(self.guided)
@@ -123,6 +157,8 @@ class ImageBatch:
         fused.step(self.x_in[:n], self.out[: self.rows], self.table, self.images[:n], slots, x0, self.threads)
         fused.advance(self.images[:n])
         self.remaining[:n] -= 1
+        if self.known is not None:
+            self._blend()
         return np.flatnonzero(self.remaining[:n] == 0)
 
     def step(self):
@@ -140,6 +176,10 @@ class ImageBatch:
         self.x_in[:m], self.images[:m], self.remaining[:m] = self.x_in[keep], self.images[keep], self.remaining[keep]
         if self.slots is not None:
             self.slots[:m] = self.slots[keep]
+        if self.known is not None:
+            for store in (self.known, self.z0, self.masks):
+                store[:m] = store[keep]
+            self.inpaint_plans[:m] = [self.inpaint_plans[s] for s in keep]
         for store in (self.own, self.uncond):
             for values in store.values():
                 values[:m] = values[keep]

@@ -1,6 +1,9 @@
 """Where sampling starts: the seed's noise (text- or class-to-image), the caller's own `latents` (diffusers'
 `latents=`), or an image noised to the strength's first step (image-to-image, as diffusers' img2img pipelines:
-x = sqrt(abar) x0 + sqrt(1 - abar) z with the engine's Philox z, or the caller's latents as z)."""
+x = sqrt(abar) x0 + sqrt(1 - abar) z with the engine's Philox z, or the caller's latents as z). With a mask,
+inpainting as diffusers' StableDiffusionInpaintPipeline for 4-channel U-Nets: after every step the kept region
+(mask 0) is the image noised to the next step's level with the same z, the masked region (1) is the sample's; at
+strength 1 it starts from pure noise."""
 
 import base64
 import binascii
@@ -80,25 +83,47 @@ def to_channels(images, channels):
 
 
 @dataclass(frozen=True)
+class Start:
+    """The start of some images (ImageBatch.admit): the images to noise (None: pure noise), the caller's noise
+    (None: the seeds'), and for inpainting the known images and their masks (1 = repaint), each (k, ...) or None."""
+
+    images: np.ndarray | None = None
+    noise: np.ndarray | None = None
+    known: np.ndarray | None = None
+    masks: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
 class InitState:
-    """A request's start: the distinct images in model range (k, C, H, W) float32, image i is images[i % k], and/or
-    the caller's noise (n, C, H, W); strength as diffusers' (the fraction of the steps that run)."""
+    """A request's start: the distinct images in model range (k, C, H, W) float32 (image i is images[i % k]), their
+    masks (j, 1, H, W) of 0/1 (mask i % j), the caller's noise (n, C, H, W); strength as diffusers'."""
 
     images: np.ndarray | None
     noise: np.ndarray | None
     strength: float | None
+    masks: np.ndarray | None = None
+
+    def record(self):
+        """What a manifest records of the start."""
+        return {"strength": self.strength, "latents": self.noise is not None, "inpainting": self.masks is not None}
 
     def part(self, images):
-        """(images, noise) of the request's images `images` (a slice), each None where the request has none."""
+        """The Start of the request's images `images` (a slice)."""
         index = np.arange(images.start, images.stop)
         own = None if self.images is None else self.images[index % len(self.images)]
-        return own, None if self.noise is None else self.noise[images]
+        noise = None if self.noise is None else self.noise[images]
+        if self.masks is None:
+            return Start(own, noise)
+        masks = self.masks[index % len(self.masks)]
+        return Start(None if self.strength == 1 else own, noise, own, masks)
 
 
-def bind_init(spec, n, image, strength, latents):
+def bind_init(spec, n, image, strength, latents, mask=None):
     """The InitState of a request for a model (None: the seed's noise), every part checked against the model."""
     if image is None and strength is not None:
         raise InitError(f"strength={shown(strength)} needs an image (image-to-image)")
+    if image is None and mask is not None:
+        raise InitError("mask needs the image it masks (inpainting: image= and mask=)")
     if image is None and latents is None:
         return None
     images = None
@@ -112,7 +137,25 @@ def bind_init(spec, n, image, strength, latents):
         if len(images) not in (1, n):
             raise InitError(f"give one image or n = {n} images, got {len(images)}")
     noise = None if latents is None else _latents(spec, n, latents)
-    return InitState(images, noise, None if image is None else (DEFAULT_STRENGTH if strength is None else strength))
+    masks = None if mask is None else _masks(spec, n, mask)
+    if strength is None and image is not None:
+        strength = 1.0 if masks is not None else DEFAULT_STRENGTH  # diffusers' inpainting and img2img defaults
+    return InitState(images, noise, strength, masks)
+
+
+def _masks(spec, n, mask):
+    """0/1 float32 (j, 1, H, W): a pixel is repainted where the mask is >= 50% white (diffusers' binarisation)."""
+    try:
+        grey = to_channels(uint8_images(mask), 1)
+    except InitError as err:
+        raise InitError(str(err).replace("image", "mask", 1)) from None
+    if grey.shape[1:3] != (spec.height, spec.width):
+        raise InitError(
+            f"mask must be {spec.width}x{spec.height} (the image's size), got {grey.shape[2]}x{grey.shape[1]}"
+        )
+    if len(grey) not in (1, n):
+        raise InitError(f"give one mask or n = {n} masks, got {len(grey)}")
+    return (grey.astype(np.float32) / 255 >= 0.5).astype(np.float32).transpose(0, 3, 1, 2).copy()
 
 
 def _model_range(spec, images):

@@ -19,12 +19,12 @@ class HostLoop:
     def __init__(self, backend, spec, threads=0):
         self.backend, self.spec, self.threads = backend, spec, threads
 
-    def denoise(self, plan, seeds, conditioning, on_step=None, snapshots=None, timers=None, init=(None, None)):
-        """Sample one chunk (its Conditioning, engine/core/guidance.py; init: ImageBatch.admit's): on_step(i, t, x)
+    def denoise(self, plan, seeds, conditioning, on_step=None, snapshots=None, timers=None, start=None):
+        """Sample one chunk (its Conditioning, engine/core/guidance.py; start: ImageBatch.admit's): on_step(i, t, x)
         after each step; snapshots.take(i, t, x_t, x0) after the steps snapshots.wants(i), with the kernel's x0."""
         n = len(seeds)
         batch = ImageBatch(self.backend, self.spec, n, threads=self.threads)
-        batch.admit(plan, seeds, conditioning, list(range(n)), init)
+        batch.admit(plan, seeds, conditioning, list(range(n)), start)
         if snapshots is not None:
             batch.keep_x0()
         clock = time.perf_counter

@@ -85,6 +85,11 @@ class SamplingParams(BaseModel):
     strength: float | None = Field(
         None, description="Image-to-image: how much of the schedule runs, in (0, 1] (default 0.8, as diffusers)."
     )
+    mask: Annotated[Any, WithJsonSchema(IMAGE_SCHEMA)] = Field(
+        None,
+        description="Inpainting, with image: white (>= 50%) pixels are repainted, black ones kept (diffusers' "
+        "mask_image); one for all or one per image. strength defaults to 1 with a mask.",
+    )
     latents: Annotated[Any, WithJsonSchema({"type": "array", "description": "(n, C, H, W) numbers"})] = Field(
         None, description="The initial noise, (n, C, H, W) (diffusers' latents=): instead of the seeds' normals."
     )
@@ -233,7 +238,7 @@ class SamplingParams(BaseModel):
             else np.array(self.seeds, dtype=np.uint64)
         )
         try:
-            init = bind_init(spec, self.n, self.image, self.strength, self.latents)
+            init = bind_init(spec, self.n, self.image, self.strength, self.latents, self.mask)
         except InitError as err:
             raise InvalidParameterError(str(err)) from None
         if init is not None and init.strength is not None and start_step(steps, init.strength) >= steps:
@@ -290,7 +295,7 @@ class Request:
 
     def params(self):
         """The request's parameters as a manifest records them (JSON types)."""
-        started = {} if self.init is None else {"strength": self.init.strength, "latents": self.init.noise is not None}
+        started = {} if self.init is None else self.init.record()
         return {
             "steps": self.steps,
             "method": self.method,

@@ -106,9 +106,9 @@ class Sampler:
             else:  # per-step host access (trajectory, callback), a start of the caller's, or a CPU backend
                 step_hook = on_step if callback is None else _with_callback(on_step, callback, start)
                 snapshots = None if trajectory is None else Snapshots(trajectory, len(plan), request.trajectory)
-                init = (None, None) if request.init is None else request.init.part(part)
+                begin = None if request.init is None else request.init.part(part)
                 x, bad = self.host_loop.denoise(
-                    plan, seeds, conditioning, on_step=step_hook, snapshots=snapshots, timers=timers, init=init
+                    plan, seeds, conditioning, on_step=step_hook, snapshots=snapshots, timers=timers, start=begin
                 )
             yield self.parts.finish(request, part, x, bad, trajectory)
 

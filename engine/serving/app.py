@@ -1,6 +1,7 @@
 """HTTP serving: `create_app(sampler_or_loader, Settings())` -> a FastAPI app around one StepBatcher.
 
-    POST /v1/images/generations  OpenAI's images API (engine/serving/openai_api.py; the `openai` SDK works unchanged).
+    POST /v1/images/generations, /v1/images/edits  OpenAI's images API (engine/serving/openai_api.py; the `openai`
+      SDK works unchanged).
     POST /v1/images  a SamplingParams (engine/runtime/params.py): {"n", "steps", "method", "eta", "seed" | "seeds",
                       "classes", "guidance", "spacing", "prompt", "negative_prompt" (text-to-image models)}
       200 {"model", "backend", "precision", parameters..., "images": [{"index", "seed", "class", "status", "error",
@@ -30,8 +31,10 @@ from ddengine.runtime.output import encode_png
 from ddengine.runtime.params import InvalidParameterError, SamplingParams, integer
 from ddengine.serving.batcher import BatcherClosed, QueueFull, StepBatcher
 from ddengine.serving.openai_api import (
+    ImageEditRequest,
     ImageGenerationRequest,
     OpenAIError,
+    parse_edit,
     parse_generation,
     sampling_params,
     sse,
@@ -267,6 +270,20 @@ def add_routes(app, state):
         finally:
             state.metrics.observe_request(status, time.perf_counter() - start)
 
+    @app.post("/v1/images/edits", openapi_extra=edit_body_schema())
+    async def images_edits(request: Request):
+        """OpenAI's image edits (engine/serving/openai_api.py): image-to-image, and inpainting with a mask."""
+        start, status = time.perf_counter(), 500
+        try:
+            response = await generate_openai(state, request, edit=True)
+            status = response.status_code
+            return response
+        except OpenAIError as err:
+            status = err.status
+            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        finally:
+            state.metrics.observe_request(status, time.perf_counter() - start)
+
     @app.get("/healthz")
     async def healthz():
         if state.status == "ok" and not state.batcher.worker_alive:
@@ -311,14 +328,16 @@ async def generate(state, request):
     return JSONResponse(await asyncio.to_thread(response_body, result))
 
 
-async def generate_openai(state, request):
-    """POST /v1/images/generations: as generate, with OpenAI's body, errors and response."""
+async def generate_openai(state, request, edit=False):
+    """POST /v1/images/generations (or /edits: a multipart form): as generate, with OpenAI's body, errors and
+    response."""
     try:
-        body = parse_generation(await read_body(request, state.settings.max_body_bytes))
+        raw = await read_body(request, state.settings.max_body_bytes)
+        body, images, mask = await parse_edit(raw, request.headers) if edit else (parse_generation(raw), None, None)
         if state.status != "ok":
             raise not_serving(state)
         spec = state.sampler.spec
-        sampling = validate(state, sampling_params(body, spec))
+        sampling = validate(state, sampling_params(body, spec, images, mask))
     except HTTPError as err:
         raise OpenAIError(400 if err.status == 422 else err.status, err.message, headers=err.headers) from None
     loop, previews = asyncio.get_running_loop(), asyncio.Queue()
@@ -408,6 +427,15 @@ def request_body_schema(model=SamplingParams):
             "content": {"application/json": {"schema": model.model_json_schema()}},
         }
     }
+
+
+def edit_body_schema():
+    """The OpenAPI requestBody of POST /v1/images/edits: a multipart form of files and ImageEditRequest's fields."""
+    fields = ImageEditRequest.model_json_schema()
+    files = {"type": "string", "format": "binary"}
+    fields["properties"] |= {"image": files, "mask": files}
+    fields["required"] = [*fields.get("required", []), "image"]
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": fields}}}}
 
 
 def parse_body(raw):

@@ -237,13 +237,17 @@ class StepBatcher:
         part = slice(job.admitted, job.admitted + k)
         if job.preview_at:
             batch.keep_x0()
-        batch.admit(
-            job.plan,
-            job.request.seeds[part],
-            job.conditioning.part(part),
-            [(job, i) for i in range(part.start, part.stop)],
-            (None, None) if job.request.init is None else job.request.init.part(part),
-        )
+        try:
+            batch.admit(
+                job.plan,
+                job.request.seeds[part],
+                job.conditioning.part(part),
+                [(job, i) for i in range(part.start, part.stop)],
+                None if job.request.init is None else job.request.init.part(part),
+            )
+        except Exception as err:  # the request fails, the worker goes on (the next _admit takes the next job)
+            self._fail(job, err)
+            return 0
         job.admitted += k
         self._queued_images -= k
         if job.admitted == job.request.n:

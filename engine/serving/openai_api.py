@@ -1,4 +1,6 @@
-"""OpenAI's images API over the engine: POST /v1/images/generations, as the `openai` SDK's `images.generate` calls it.
+"""OpenAI's images API over the engine: POST /v1/images/generations and /v1/images/edits, as the `openai` SDK's
+`images.generate` and `images.edit` call them (an edit's form: image files, an optional mask whose transparent
+pixels are the area to repaint, and the generation's fields plus strength).
 
 The body is OpenAI's (prompt, model, n, size, response_format, output_format, output_compression, user, stream,
 partial_images, and quality/style/moderation/background, accepted as OpenAI does) plus the engine's options at the
@@ -10,10 +12,12 @@ answers failures with `x-should-retry: false`.
 """
 
 import base64
+import io
 import json
 import time
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ddengine.core.quoting import shown
@@ -88,13 +92,64 @@ def parse_generation(raw):
         raise OpenAIError(400, message, param=param, code="invalid_value") from None
 
 
+class ImageEditRequest(ImageGenerationRequest):
+    """The form fields of POST /v1/images/edits besides the files: the generation's, plus the engine's strength."""
+
+    strength: float | None = Field(
+        None, description="Engine: how much of the schedule runs (default 0.8, 1 with a mask)."
+    )
+
+
+async def parse_edit(raw, headers):
+    """(ImageEditRequest, [image bytes], mask bytes or None) of OpenAI's multipart form; problems are 400s."""
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def chunks():
+        yield raw
+
+    try:
+        form = await MultiPartParser(headers, chunks()).parse()
+    except MultiPartException as err:
+        raise OpenAIError(400, f"the body must be multipart/form-data: {err.message}") from None
+    images = [await f.read() for key in ("image", "image[]") for f in form.getlist(key) if hasattr(f, "read")]
+    if not images:
+        raise OpenAIError(400, "image is required: one or more PNG/JPEG files (form field image or image[])", "image")
+    mask = form.get("mask")
+    fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]", "mask") and isinstance(v, str)}
+    try:
+        body = ImageEditRequest.model_validate(fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = ".".join(map(str, first["loc"])) or None
+        message = describe(err) if first["type"] != "extra_forbidden" else _unknown_field(param)
+        raise OpenAIError(400, message, param=param, code="invalid_value") from None
+    return body, images, None if mask is None or not hasattr(mask, "read") else await mask.read()
+
+
+def alpha_mask(data):
+    """OpenAI's mask (a PNG whose fully transparent pixels are the area to edit) as ours: white = repaint."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            if "A" not in picture.getbands() and "transparency" not in picture.info:
+                raise OpenAIError(
+                    400, "mask must be a PNG with an alpha channel (transparent pixels are the area to edit)", "mask"
+                )
+            alpha = np.asarray(picture.convert("RGBA"))[:, :, 3]
+    except (UnidentifiedImageError, OSError) as err:
+        raise OpenAIError(400, f"mask is not a readable PNG: {err}", "mask") from None
+    return np.where(alpha < 128, 255, 0).astype(np.uint8)
+
+
 def _unknown_field(name):
     known = [f for f in ImageGenerationRequest.model_fields]
     return f"unknown field {name!r}; this endpoint takes {', '.join(known)}"
 
 
-def sampling_params(body, spec):
-    """The SamplingParams of an OpenAI body for a model: the prompt as a class name or prompt, the size checked."""
+def sampling_params(body, spec, images=None, mask=None):
+    """The SamplingParams of an OpenAI body for a model: the prompt as a class name or prompt, the size checked;
+    an edit's images (and mask: inpainting) start the sampling."""
     if body.response_format == "url":
         raise OpenAIError(
             400, "response_format 'url' is not served (this server keeps no files); use 'b64_json'", "response_format"
@@ -104,6 +159,9 @@ def sampling_params(body, spec):
     check_size(body.size, spec)
     fields = {k: getattr(body, k) for k in ENGINE_FIELDS if getattr(body, k) is not None}
     fields |= prompt_fields(body.prompt, spec)
+    if images is not None:
+        fields |= {"image": images, "strength": body.strength}
+        fields |= {} if mask is None else {"mask": alpha_mask(mask)}
     try:
         return SamplingParams.build(n=body.n, **fields)
     except InvalidParameterError as err:

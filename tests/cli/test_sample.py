@@ -626,3 +626,14 @@ def test_image_to_image_from_a_png_and_an_input_the_run_may_clear_is_refused(tmp
     assert np.array_equal(got, want) and {r["strength"] for r in records(out)} == {0.5}
     inside = run(*args[:-1], out / "00000.png", "--out", out, "--overwrite", "--quiet")
     assert inside.exit_code == 2 and "lies in --out" in inside.output and (out / "00000.png").exists()
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.where(np.arange(8)[:, None] < 4, 255, 0).astype(np.uint8).repeat(8, axis=1)).save(mask)
+    result = run(*args, "--mask", mask, "--out", tmp_path / "inpainted", "--quiet")
+    assert result.exit_code == 0, result.output
+    want, _ = Sampler(cond_model, backend="ort-cpu").sample(
+        2, steps=6, classes=1, image=picture, mask=np.asarray(Image.open(mask))
+    )
+    got = np.stack(
+        [np.asarray(Image.open(tmp_path / "inpainted" / r["file"])) for r in records(tmp_path / "inpainted")]
+    )
+    assert np.array_equal(got, want)

@@ -186,7 +186,7 @@ def test_every_bad_field_is_named_in_one_message():
     assert str(err.value) == (
         "n must be an integer, got 2.0; steps must be >= 1, got 0; unknown field 'colour' "
         "(expected some of: n, steps, method, eta, seed, seeds, classes, guidance, spacing, prompt, "
-        "negative_prompt, image, strength, latents)"
+        "negative_prompt, image, strength, mask, latents)"
     )
 
 
@@ -208,6 +208,7 @@ def test_the_json_schema_is_the_fields_with_their_defaults_and_bounds():
         "negative_prompt",
         "image",
         "strength",
+        "mask",
         "latents",
     ]
     assert props["steps"]["default"] is None and props["steps"]["anyOf"][0]["minimum"] == 1

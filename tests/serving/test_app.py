@@ -133,7 +133,7 @@ def test_concurrent_http_requests_share_batches_and_stay_exact(cond):
         (
             '{"n": 1, "batch_size": 4}',
             "unknown field 'batch_size' (expected some of: n, steps, method, eta, seed, seeds, "
-            "classes, guidance, spacing, prompt, negative_prompt, image, strength, latents)",
+            "classes, guidance, spacing, prompt, negative_prompt, image, strength, mask, latents)",
         ),
         ('{"n": 0}', "n must be in [1, 10000000], got 0"),
         ('{"n": -5}', "n must be in [1, 10000000], got -5"),

@@ -74,3 +74,26 @@ def test_healthz_reports_the_last_failure_and_the_next_request_is_served(sampler
         health = http.get("/healthz").json()
     assert health["status"] == "ok" and health["worker_alive"] and health["restarts"] == 0
     assert health["last_failure"]["error"] == "RuntimeError: forward failed (injected)"
+
+
+def test_a_request_whose_admission_fails_fails_alone(sampler, monkeypatch):
+    from ddengine.runtime.batch import ImageBatch
+
+    real, calls = ImageBatch.admit, []
+
+    def admit(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("admission failed (injected)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageBatch, "admit", admit)
+    batcher = StepBatcher(sampler.parts, max_batch=2, max_queue=8)
+    try:
+        with pytest.raises(RuntimeError, match="admission failed"):
+            batcher.submit(sampler.request(1, steps=3, classes=0)).result(10)
+        got = batcher.submit(sampler.request(1, steps=3, seed=5, classes=1)).result(10)
+        want, _ = sampler.sample(1, steps=3, seed=5, classes=1)
+        assert np.array_equal(got.images, want) and batcher.worker_alive
+    finally:
+        batcher.close()

@@ -201,3 +201,50 @@ def test_the_schema_and_docs_are_served(server):
     assert body["required"] == ["prompt"]
     assert httpx.get(f"{url}/docs").status_code == 200
     assert json.loads(json.dumps(schema))  # plain JSON
+
+
+def png_bytes(array, mode=None):
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def start_image():
+    return (np.add.outer(np.arange(8), np.arange(8)) * 17).astype(np.uint8)
+
+
+def test_an_edit_with_openais_alpha_mask_is_inpainting_of_the_transparent_area(server, named, start_image):
+    _, url = server
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 3] = 255
+    rgba[2:6, 1:5, 3] = 0  # transparent: the area to edit
+    response = client(url).images.edit(
+        image=("start.png", png_bytes(start_image), "image/png"),
+        mask=("mask.png", png_bytes(rgba, "RGBA"), "image/png"),
+        prompt="dress",
+        n=2,
+        extra_body={"seed": 4, "steps": 5},
+    )
+    white = np.where(rgba[..., 3] == 0, 255, 0).astype(np.uint8)  # our convention: white = repaint
+    want, _ = named.sample(2, classes=3, seed=4, steps=5, image=start_image[:, :, None], mask=white)
+    got = np.stack([decode(d.b64_json) for d in response.data])
+    assert np.array_equal(got, want)
+    kept = rgba[..., 3] == 255
+    assert np.abs(got[:, kept, 0].astype(int) - start_image[kept]).max() <= 1  # the opaque area stays the image
+
+
+def test_an_edit_without_mask_is_image_to_image_and_a_mask_needs_alpha(server, named, start_image):
+    _, url = server
+    response = client(url).images.edit(
+        image=("start.png", png_bytes(start_image), "image/png"), prompt="7", extra_body={"steps": 10, "strength": 0.5}
+    )
+    want, _ = named.sample(1, classes=7, steps=10, image=start_image[:, :, None], strength=0.5)
+    assert np.array_equal(decode(response.data[0].b64_json)[None], want)
+    with pytest.raises(openai.BadRequestError) as err:
+        client(url).images.edit(
+            image=("start.png", png_bytes(start_image), "image/png"),
+            mask=("mask.png", png_bytes(start_image), "image/png"),
+            prompt="bag",
+        )
+    assert "mask must be a PNG with an alpha channel" in err.value.body["message"] and err.value.body["param"] == "mask"

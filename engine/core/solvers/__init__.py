@@ -1,6 +1,8 @@
 """The multistep and sigma-space solvers, each a float64 table builder over engine/core/rows.py: its diffusers class,
 and `build(config, abar, steps, options, start) -> (timesteps, rows, init_scale)` (the steps from `start` on)."""
 
+import numpy as np
+
 from ddengine.core.solvers.common import SolverOptions
 from ddengine.core.solvers.dpmpp import dpmpp_plan, multistep_sigmas
 from ddengine.core.solvers.euler import euler_plan, euler_sigmas
@@ -21,16 +23,17 @@ SOLVERS = {
 }
 
 
-def start_abar(method, config, abar, steps, options, start):
-    """alphas_cumprod of the noise level step `start` begins at, as the method's diffusers class `add_noise`s an
-    image to it (image-to-image): abar[t] for PLMS, 1 / (1 + sigma^2) of its sigma schedule for the others."""
+def noise_levels(method, config, abar, steps, options):
+    """alphas_cumprod of the noise level each step of the whole schedule begins at, as the method's diffusers class
+    `add_noise`s an image to it (image-to-image, inpainting): abar[t] for PLMS, 1 / (1 + sigma^2) of the sigma
+    schedule for the others."""
     if method == "plms":
-        return float(abar[int(plms_timesteps(config, steps)[start])])
+        return abar[plms_timesteps(config, steps)].astype(np.float64)
     if method in ("euler", "euler-a"):
-        sigma = float(euler_sigmas(config, abar, steps, options, method == "euler-a")[1][start])
+        sigmas = euler_sigmas(config, abar, steps, options, method == "euler-a")[1][:-1]
     else:
-        sigma = float(multistep_sigmas(config, abar, steps, options, round_karras_t=True)[1][start])
-    return 1.0 / (1.0 + sigma * sigma)
+        sigmas = multistep_sigmas(config, abar, steps, options, round_karras_t=True)[1][:-1]
+    return 1.0 / (1.0 + sigmas.astype(np.float64) ** 2)
 
 
-__all__ = ["SOLVERS", "SolverOptions", "start_abar"]
+__all__ = ["SOLVERS", "SolverOptions", "noise_levels"]
