@@ -71,11 +71,17 @@ DD_FN int dd_write_slot(const float *row)
     return w == 0.0f ? 0 : w == 1.0f ? 1 : w == 2.0f ? 2 : -1;
 }
 
+/* Whether a multistep row reads slot L, or H_k (k = 0..2): its coefficients there are non-zero. A slot the row
+ * does not read counts as 0 and is never loaded (the C kernel points it at zeros: no memory traffic). */
+DD_FN int dd_reads_l(const float *row) { return row[DD_SL] != 0.0f; }
+DD_FN int dd_reads_h(const float *row, int k) { return row[DD_SH0 + k] != 0.0f || row[DD_PH0 + k] != 0.0f; }
+
 /* dd_step_terms, then the element's slots l, h[0..2] updated in place. */
 DD_FN float dd_step_slots(float x, float m, float x0, const float *row, float *l, float *h0, float *h1, float *h2)
 {
     float d, s;
-    float y = dd_step_terms(x, m, x0, row, *l, *h0, *h1, *h2, &d, &s);
+    float y = dd_step_terms(x, m, x0, row, dd_reads_l(row) ? *l : 0.0f, dd_reads_h(row, 0) ? *h0 : 0.0f,
+                            dd_reads_h(row, 1) ? *h1 : 0.0f, dd_reads_h(row, 2) ? *h2 : 0.0f, &d, &s);
     if (row[DD_WRITE_S] != 0.0f)
         *l = s;
     const int w = dd_write_slot(row);

@@ -144,8 +144,13 @@ step_loop(float *restrict x, const float *restrict c, const float *restrict u, c
 {
     float row[DD_NUM_COLUMNS];
     memcpy(row, table_row, sizeof(row));
-    /* the slots are read in the loop and written after it from d_new/s_new: a branch-free, vectorizable body */
-    const float *restrict l = sl.l, *restrict h0 = sl.h0, *restrict h1 = sl.h1, *restrict h2 = sl.h2;
+    /* the slots are read in the loop and written after it from d_new/s_new: a branch-free, vectorizable body; a
+     * slot the row does not read is the zero block (cache-resident), so a 2M row streams one history slot, not four */
+    static const float zeros[DD_BLOCK];
+    const float *restrict l = multi && dd_reads_l(row) ? sl.l : zeros;
+    const float *restrict h0 = multi && dd_reads_h(row, 0) ? sl.h0 : zeros;
+    const float *restrict h1 = multi && dd_reads_h(row, 1) ? sl.h1 : zeros;
+    const float *restrict h2 = multi && dd_reads_h(row, 2) ? sl.h2 : zeros;
     float *restrict x0o = sl.x0;
     float d_new[multi ? DD_BLOCK : 1], s_new[multi ? DD_BLOCK : 1];
     dd_u32 bad = 0;
