@@ -70,3 +70,25 @@ def test_default_model_samples_deterministically_and_batch_invariantly():
     b, _ = exact.sample(3, steps=3, seed=1, classes=[0, 1, 2], guidance=2.0, batch_size=1)
     assert [r["status"] for r in records] == ["ok"] * 3
     assert np.array_equal(a, b) and not np.array_equal(a[0], a[1])
+
+
+def test_the_shipped_models_recommended_sampler_is_the_one_its_measurement_picks():
+    """bench/bench_steps.py's rule over the committed FID grid gives the pair the metadata stores, and requests that
+    give neither steps nor method use it."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec_ = importlib.util.spec_from_file_location("bench_steps", root / "bench" / "bench_steps.py")
+    bench_steps = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench_steps)
+    grid = json.loads((root / "bench" / "results" / "steps_amd-epyc.json").read_text())
+    picked = bench_steps.recommended(grid["rows"])
+    from ddengine import Sampler
+
+    sampler = Sampler()
+    assert (sampler.spec.recommended_method, sampler.spec.recommended_steps) == (picked["method"], picked["steps"])
+    request = sampler.request(1, classes=7)
+    assert (request.method, request.steps) == (picked["method"], picked["steps"])
+    assert sampler.spec.class_names[7] == "Sneaker"
