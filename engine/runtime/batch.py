@@ -14,6 +14,7 @@ from ddengine.core.rows import NUM_COLUMNS, SLOTS
 from ddengine.kernels import host as fused
 from ddengine.kernels.host import IMAGE_DTYPE
 from ddengine.runtime.init_state import Start
+from ddengine.runtime.inpainting import Inpainting
 
 
 class ImageBatch:
@@ -26,8 +27,7 @@ class ImageBatch:
         self.out = np.empty_like(self.x_in)
         self.slots = None  # (capacity, SLOTS, *image_shape) once a multistep plan is admitted
         self.x0 = None  # (capacity, *image_shape) once keep_x0() asks for the kernel's x0
-        self.known = self.z0 = self.masks = None  # inpainting's known images, their z and masks, once admitted
-        self.inpaint_plans = [None] * capacity  # the plan of an image being inpainted (its levels), else None
+        self.inpainting: Inpainting | None = None  # once a masked image is admitted (engine/runtime/inpainting.py)
         self.t_in = np.empty(rows, dtype=np.float64 if np.dtype(spec.io["timestep"].dtype).kind == "f" else np.int64)
         roles = [r for r in spec.roles() if r not in ("sample", "timestep")]  # class_labels, encoder_hidden_states
         self.inputs = {r: np.empty(spec.io[r].at(rows), dtype=spec.io[r].dtype) for r in roles}
@@ -72,7 +72,10 @@ class ImageBatch:
         seeds = np.ascontiguousarray(seeds, dtype=np.uint64)
         start = start or Start()
         self._start(plan, new, seeds, start.images, start.noise)
-        self._keep_known(plan, new, seeds, start)
+        if start.masks is not None and self.inpainting is None:
+            self.inpainting = Inpainting(self.capacity, self.spec.image_shape)
+        if self.inpainting is not None:
+            self.inpainting.admit(plan, new, seeds, start, self.threads)
         if plan.multistep:
             if self.slots is None:
                 self.slots = np.empty((self.capacity, SLOTS, *self.spec.image_shape), dtype=np.float32)
@@ -103,35 +106,6 @@ class ImageBatch:
             a, b = np.float32(np.sqrt(plan.start_abar)), np.float32(np.sqrt(1.0 - plan.start_abar))
             self.x_in[new] = a * images + b * self.x_in[new]
 
-    def _keep_known(self, plan, new, seeds, start):
-        """Inpainting: keep each admitted image's known image, mask and initial noise z for the blends."""
-        if start.masks is None and self.known is None:
-            return
-        if self.known is None:
-            shape = (self.capacity, *self.spec.image_shape)
-            self.known, self.z0 = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-            self.masks = np.ones((self.capacity, 1, *self.spec.image_shape[1:]), np.float32)
-        if start.masks is None:
-            self.masks[new] = 1.0  # all repainted: no blend
-            self.inpaint_plans[new] = [None] * (new.stop - new.start)
-            return
-        self.known[new], self.masks[new] = start.known, start.masks
-        if start.noise is None:
-            fused.fill_noise(self.z0[new], seeds, self.threads, 1.0)
-        else:
-            self.z0[new] = start.noise
-        self.inpaint_plans[new] = [plan] * (new.stop - new.start)
-
-    def _blend(self):
-        """Inpainting (diffusers' StableDiffusionInpaintPipeline): x = (1 - m) noised(known, next level) + m x."""
-        n = self.n
-        for j in np.flatnonzero([p is not None for p in self.inpaint_plans[:n]]):
-            plan = self.inpaint_plans[j]
-            level = plan.levels[len(plan) - int(self.remaining[j])]
-            a, b = np.float32(np.sqrt(level)), np.float32(np.sqrt(1.0 - level))
-            m = self.masks[j]
-            self.x_in[j] = (1 - m) * (a * self.known[j] + b * self.z0[j]) + m * self.x_in[j]
-
     def forward(self):
         """The U-Net forward of every row: per-row timesteps and conditioning, guided rows copied from their images."""
         n, g = self.n, len(self.guided)
@@ -157,8 +131,8 @@ class ImageBatch:
         fused.step(self.x_in[:n], self.out[: self.rows], self.table, self.images[:n], slots, x0, self.threads)
         fused.advance(self.images[:n])
         self.remaining[:n] -= 1
-        if self.known is not None:
-            self._blend()
+        if self.inpainting is not None:
+            self.inpainting.blend(self.x_in[:n], self.remaining[:n])
         return np.flatnonzero(self.remaining[:n] == 0)
 
     def step(self):
@@ -176,10 +150,8 @@ class ImageBatch:
         self.x_in[:m], self.images[:m], self.remaining[:m] = self.x_in[keep], self.images[keep], self.remaining[keep]
         if self.slots is not None:
             self.slots[:m] = self.slots[keep]
-        if self.known is not None:
-            for store in (self.known, self.z0, self.masks):
-                store[:m] = store[keep]
-            self.inpaint_plans[:m] = [self.inpaint_plans[s] for s in keep]
+        if self.inpainting is not None:
+            self.inpainting.keep(keep)
         for store in (self.own, self.uncond):
             for values in store.values():
                 values[:m] = values[keep]

@@ -144,6 +144,12 @@ def step_plan(spec, request):
         raise InvalidParameterError(str(err)) from None
 
 
+def preview_steps(evaluations, previews):
+    """{steps done: k} for `previews` previews spread evenly over a plan's model evaluations (none at the end)."""
+    at = {max(1, round(k * evaluations / (previews + 1))) for k in range(1, previews + 1)}
+    return {step: k for k, step in enumerate(sorted(s for s in at if s < evaluations))}
+
+
 def to_uint8(x, value_range=(-1.0, 1.0)):
     """NCHW floats in value_range -> NHWC uint8: (x - lo)/(hi - lo) clipped to [0, 1], *255, rounded."""
     lo, hi = value_range

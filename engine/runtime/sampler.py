@@ -11,8 +11,8 @@ import numpy as np
 
 from ddengine.runtime.capacity import check_memory, parse_threads
 from ddengine.runtime.loop import HostLoop
-from ddengine.runtime.params import InvalidParameterError, SamplingParams
-from ddengine.runtime.parts import Chunk, open_parts, to_uint8
+from ddengine.runtime.params import InvalidParameterError, SamplingParams, integer
+from ddengine.runtime.parts import Chunk, open_parts, preview_steps, to_uint8
 
 __all__ = ["Sampler", "SamplingParams", "Chunk", "InvalidParameterError", "to_uint8"]
 
@@ -46,22 +46,47 @@ class Sampler:
     def __exit__(self, *exc):
         self.close()
 
-    def sample(self, params=None, /, *, batch_size=16, trajectory=False, progress=None, callback=None, **fields):
+    def sample(
+        self,
+        params=None,
+        /,
+        *,
+        batch_size=16,
+        trajectory=False,
+        progress=None,
+        callback=None,
+        previews=0,
+        on_preview=None,
+        **fields,
+    ):
         """Generate images: uint8 (n, H, W, C) and one record per image (index, seed, class, status, error, ...).
 
         `params`: a SamplingParams, or n with the other SamplingParams fields as keywords (steps, method, eta, seed,
         seeds, classes, guidance, spacing, prompt, negative_prompt). Image i uses seeds[i] (default seed + i) and is
         bit-identical whatever `batch_size`. `progress(done, total)` is called after every step; `callback(step,
         timestep, x, first_index)` sees each chunk's latents after each step; `trajectory=k` adds x_t and
-        predicted-x0 snapshots every k steps.
+        predicted-x0 snapshots every k steps; `on_preview(k, images, first_index)` gets `previews` uint8 previews
+        per chunk, decoded from the fused kernel's x0 and spread over the steps (the server's streamed previews).
         """
         request = self.request(params, batch_size=batch_size, trajectory=trajectory, **fields)
-        return self.run(request, progress=progress, callback=callback)
+        return self.run(request, progress=progress, callback=callback, previews=(previews, on_preview))
 
-    def stream(self, params=None, /, *, batch_size=16, trajectory=False, progress=None, callback=None, **fields):
+    def stream(
+        self,
+        params=None,
+        /,
+        *,
+        batch_size=16,
+        trajectory=False,
+        progress=None,
+        callback=None,
+        previews=0,
+        on_preview=None,
+        **fields,
+    ):
         """Like `sample`, but yields each finished Chunk (start, images, records) instead of keeping them all."""
         request = self.request(params, batch_size=batch_size, trajectory=trajectory, **fields)
-        return self.chunks(request, progress=progress, callback=callback)
+        return self.chunks(request, progress=progress, callback=callback, previews=(previews, on_preview))
 
     def request(self, params=None, /, *, batch_size=16, trajectory=False, **fields):
         """A SamplingParams (or n and its fields) checked against this model and machine (InvalidParameterError)."""
@@ -79,16 +104,21 @@ class Sampler:
         """The StepPlan of a validated request (made once per steps, method, eta and spacing)."""
         return self.parts.plan(request)
 
-    def run(self, request, *, progress=None, callback=None, timers=None):
+    def run(self, request, *, progress=None, callback=None, timers=None, previews=(0, None)):
         """Sample a validated request; all images at once (see `chunks` for a stream)."""
         check_memory(self.model, request, keep_images=True, image_elements=int(np.prod(self.image_shape)))
-        chunks = list(self.chunks(request, progress=progress, callback=callback, timers=timers))
+        chunks = list(self.chunks(request, progress=progress, callback=callback, timers=timers, previews=previews))
         images = np.concatenate([c.images for c in chunks])
         return images, [r for c in chunks for r in c.records]
 
-    def chunks(self, request, *, progress=None, callback=None, timers=None):
+    def chunks(self, request, *, progress=None, callback=None, timers=None, previews=(0, None)):
         """Yield each Chunk of `request.batch_size` images as soon as it is sampled."""
         plan, b = self.parts.plan(request), request.batch_size
+        count, on_preview = integer("previews", previews[0], 0), previews[1]
+        if count and on_preview is None:
+            raise InvalidParameterError("previews needs on_preview(k, images, first_index) to receive them")
+        if count and request.trajectory:
+            raise InvalidParameterError("previews and trajectory snapshots cannot be asked together; pick one")
         total = request.n * len(plan)  # model evaluations: PLMS makes steps + 1, image-to-image fewer
         for start in range(0, request.n, b):
             part = slice(start, min(start + b, request.n))
@@ -100,12 +130,16 @@ class Sampler:
                     progress(start * len(plan) + (i + 1) * k, total)
 
             trajectory: list | None = [] if request.trajectory else None
-            host = trajectory is not None or callback is not None or request.init is not None
+            host = trajectory is not None or callback is not None or request.init is not None or count
             if self.device_loop is not None and not host:
                 x, bad = self.device_loop.denoise(plan, seeds, conditioning, on_step=on_step, timers=timers)
-            else:  # per-step host access (trajectory, callback), a start of the caller's, or a CPU backend
+            else:  # per-step host access (trajectory, callback, previews), a start of the caller's, or a CPU backend
                 step_hook = on_step if callback is None else _with_callback(on_step, callback, start)
-                snapshots = None if trajectory is None else Snapshots(trajectory, len(plan), request.trajectory)
+                snapshots: Snapshots | Previews | None = None
+                if trajectory is not None:
+                    snapshots = Snapshots(trajectory, len(plan), request.trajectory)
+                if count:
+                    snapshots = Previews(self.parts, request, preview_steps(len(plan), count), on_preview, start)
                 begin = None if request.init is None else request.init.part(part)
                 x, bad = self.host_loop.denoise(
                     plan, seeds, conditioning, on_step=step_hook, snapshots=snapshots, timers=timers, start=begin
@@ -119,6 +153,19 @@ def _with_callback(on_step, callback, first_index):
         callback(i, t, x, first_index)
 
     return hook
+
+
+class Previews:
+    """A chunk's previews, in the loop's snapshot interface: after each preview step, the kernel's x0 decoded."""
+
+    def __init__(self, parts, request, at, on_preview, first_index):
+        self.parts, self.request, self.at, self.on_preview, self.first = parts, request, at, on_preview, first_index
+
+    def wants(self, i):
+        return i + 1 in self.at
+
+    def take(self, i, t, x_t, x0):
+        self.on_preview(self.at[i + 1], self.parts.preview(self.request, x0), self.first)
 
 
 class Snapshots:

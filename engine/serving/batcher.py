@@ -21,6 +21,7 @@ import numpy as np
 
 from ddengine.runtime.batch import ImageBatch
 from ddengine.runtime.params import InvalidParameterError, Request, integer, real
+from ddengine.runtime.parts import preview_steps
 
 
 class QueueFull(RuntimeError):
@@ -60,12 +61,6 @@ class _Job:
         self.on_preview = on_preview
         self.preview_at = preview_steps(len(plan), previews)  # steps done -> preview number
         self.previews = collections.defaultdict(dict)  # preview number -> {index: the kernel's x0 then}
-
-
-def preview_steps(evaluations, previews):
-    """{steps done: k} for `previews` previews spread evenly over a plan's model evaluations (none at the end)."""
-    at = {max(1, round(k * evaluations / (previews + 1))) for k in range(1, previews + 1)}
-    return {step: k for k, step in enumerate(sorted(s for s in at if s < evaluations))}
 
 
 class StepBatcher:

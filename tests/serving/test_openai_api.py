@@ -163,6 +163,18 @@ def test_streaming_sends_previews_from_the_kernels_x0_then_the_final_image(serve
         assert np.abs(got - x0_oracle(named, 4, 3, 6, done)).max() <= 1
 
 
+def test_the_python_api_gives_the_same_previews_as_the_stream(server, named):
+    _, url = server
+    events = list(
+        client(url).images.generate(prompt="coat", stream=True, partial_images=2, extra_body={"seed": 3, "steps": 6})
+    )
+    got = []
+    named.sample(1, classes=4, seed=3, steps=6, previews=2, on_preview=lambda k, images, first: got.append((k, images)))
+    assert [k for k, _ in got] == [0, 1]
+    for (_, images), event in zip(got, events[:2]):
+        assert np.array_equal(images[0], decode(event.b64_json))  # the host loop's and the batcher's previews
+
+
 def test_a_failing_decode_ends_its_request_with_a_500_and_the_server_goes_on(named):
     app = create_app(named, Settings(max_batch=4, max_queue=8))
     decoder = named.parts.decoder
