@@ -3,7 +3,8 @@
     POST /v1/images/generations, /v1/images/edits  OpenAI's images API (engine/serving/openai_api.py; the `openai`
       SDK works unchanged).
     POST /v1/images  a SamplingParams (engine/runtime/params.py): {"n", "steps", "method", "eta", "seed" | "seeds",
-                      "classes", "guidance", "spacing", "prompt", "negative_prompt" (text-to-image models)}
+                      "classes", "guidance", "spacing", "prompt", "negative_prompt", "image", "mask", "strength"}
+      ?stream=true[&previews=K]: Server-Sent Events instead, progress per step, K previews, then the result.
       200 {"model", "backend", "precision", parameters..., "images": [{"index", "seed", "class", "status", "error",
           "png"}]} (a non-finite image has status "error" and png null), 413 body too large, 422 invalid parameters,
       503 queue full (Retry-After) / loading / draining, 504 past the request timeout, 500 the backend failed.
@@ -311,21 +312,73 @@ def add_routes(app, state):
 
 
 async def generate(state, request):
-    """POST /v1/images: parse, validate, queue, wait (cancelling if the client leaves), encode."""
+    """POST /v1/images: parse, validate, queue, wait (cancelling if the client leaves), encode; with ?stream=true,
+    Server-Sent Events instead: progress after every step, ?previews=K previews, then the result."""
+    stream, previews = stream_query(request)
     body = parse_body(await read_body(request, state.settings.max_body_bytes))
     if state.status != "ok":
         raise not_serving(state)
     sampling = validate(state, body)
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+    def send(event, data):  # from the worker thread
+        loop.call_soon_threadsafe(events.put_nowait, (event, data))
+
     try:
-        future = state.batcher.submit(sampling, timeout=state.settings.timeout)
+        future = state.batcher.submit(
+            sampling,
+            timeout=state.settings.timeout,
+            previews=previews,
+            on_preview=lambda k, images: send("preview", (k, images)),
+            on_progress=(lambda done, total: send("progress", {"done": done, "total": total})) if stream else None,
+        )
     except QueueFull as err:
         raise HTTPError(503, str(err), {"Retry-After": str(err.retry_after)}) from None
     except BatcherClosed as err:
         raise HTTPError(503, str(err)) from None
+    if stream:
+        return StreamingResponse(native_events(future, events), media_type="text/event-stream")
     result = await wait_for(future, request)
     if result is None:
         return Response(status_code=CLIENT_GONE)
     return JSONResponse(await asyncio.to_thread(response_body, result))
+
+
+def stream_query(request):
+    """(stream, previews) of POST /v1/images' query string; previews (0-10) need stream."""
+    stream = request.query_params.get("stream", "false").lower()
+    if stream not in ("true", "false", "1", "0"):
+        raise HTTPError(422, f"stream must be true or false, got {stream!r}")
+    raw = request.query_params.get("previews", "0")
+    if not raw.isdigit() or int(raw) > 10:
+        raise HTTPError(422, f"previews must be an integer in [0, 10], got {raw!r}")
+    if int(raw) and stream in ("false", "0"):
+        raise HTTPError(422, "previews need stream=true")
+    return stream in ("true", "1"), int(raw)
+
+
+async def native_events(future, events):
+    """POST /v1/images?stream=true: `progress` ({done, total}) events, `preview` ({k, images: [png]}) events, then
+    `result` (the non-streamed body) or `error` ({error}); leaving early cancels the images."""
+    waiter = asyncio.wrap_future(future)
+    try:
+        while True:
+            getter = asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                break
+            event, data = getter.result()
+            if event == "preview":
+                k, images = data
+                data = {"k": k, "images": await asyncio.to_thread(lambda images=images: [b64_png(i) for i in images])}
+            yield sse(event, data)
+        try:
+            yield sse("result", await asyncio.to_thread(response_body, outcome(waiter)))
+        except HTTPError as err:
+            yield sse("error", {"error": err.message, "status": err.status})
+    finally:
+        future.cancel()
 
 
 async def generate_openai(state, request, edit=False):
@@ -487,6 +540,11 @@ def outcome(waiter):
         raise HTTPError(500, f"sampling failed: {err}") from None
 
 
+def b64_png(image):
+    """The base64 text of an image's PNG."""
+    return base64.b64encode(encode_png(image)).decode("ascii")
+
+
 def response_body(result):
     """The JSON of a finished request: the records' shared fields once, then each image with its PNG."""
     first = result.records[0]
@@ -502,7 +560,7 @@ def response_body(result):
             "status": r["status"],
             "error": r["error"],
             **{k: r[k] for k in ("prompt", "negative_prompt") if k in r},
-            "png": base64.b64encode(encode_png(image)).decode("ascii") if r["status"] == "ok" else None,
+            "png": b64_png(image) if r["status"] == "ok" else None,
         }
         for image, r in zip(result.images, result.records)
     ]

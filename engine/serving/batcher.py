@@ -51,14 +51,15 @@ class Result:
 class _Job:
     """One submitted request while its images are queued, active or done."""
 
-    def __init__(self, request, plan, conditioning, deadline, submitted, previews=0, on_preview=None):
+    def __init__(self, request, plan, conditioning, deadline, submitted, previews=0, on_preview=None, on_progress=None):
         self.request, self.plan, self.conditioning = request, plan, conditioning
         self.deadline, self.submitted = deadline, submitted
         self.future = Future()
         self.admitted = 0  # images handed to the batch so far (in index order)
         self.nonfinite_step = np.full(request.n, -1, dtype=np.int64)
         self.finished = {}  # index -> x_0
-        self.on_preview = on_preview
+        self.on_preview, self.on_progress = on_preview, on_progress
+        self.evaluations = 0  # (image, step) model evaluations done, for on_progress
         self.preview_at = preview_steps(len(plan), previews)  # steps done -> preview number
         self.previews = collections.defaultdict(dict)  # preview number -> {index: the kernel's x0 then}
 
@@ -107,11 +108,12 @@ class StepBatcher:
         return self._worker.is_alive()
 
     # --- the caller's side -------------------------------------------------------------------------------
-    def submit(self, request, timeout=None, previews=0, on_preview=None):
+    def submit(self, request, timeout=None, previews=0, on_preview=None, on_progress=None):
         """Queue a validated Request (Sampler.request); returns a Future of Result.
 
         previews: that many previews spread over the steps, each `on_preview(k, images)` (uint8, decoded from the
-        kernel's x0 of every image of the request; called on the worker thread, so keep it short).
+        kernel's x0 of every image of the request; called on the worker thread, so keep it short);
+        on_progress(done, total) after every step with the request's model evaluations done and in all.
         Raises QueueFull (over max_queue), BatcherClosed (draining or closed) or InvalidParameterError (not a
         Request, a timeout that is not a finite number >= 0, trajectory snapshots).
         """
@@ -124,7 +126,8 @@ class StepBatcher:
         plan, conditioning = self.parts.plan(request), self.parts.conditioner.condition(request)
         now = self.clock()
         previews = integer("previews", previews, 0)
-        job = _Job(request, plan, conditioning, None if timeout is None else now + timeout, now, previews, on_preview)
+        deadline = None if timeout is None else now + timeout
+        job = _Job(request, plan, conditioning, deadline, now, previews, on_preview, on_progress)
         with self._cv:
             if self._closing:
                 raise BatcherClosed("the batcher is shutting down and takes no new requests")
@@ -186,15 +189,15 @@ class StepBatcher:
                 if started is not None and time.monotonic() - started > self.step_timeout:
                     self._restart(f"a step ran past the watchdog's {self.step_timeout:g} s; the core was restarted")
 
-    def _restart(self, message):
-        """Abandon the stuck worker and its batch: fail the requests in it, keep the queue, start a new worker."""
+    def _restart(self, message, error=StepStuck):
+        """Abandon the worker and its batch: fail the requests in it (`error`), keep the queue, start a new worker."""
         self._generation += 1
         self._step_started = None
         stuck, self._batch = self._batch, None
         for job in {tag[0] for tag in (stuck.tags[: stuck.n] if stuck is not None else [])}:
-            self._fail(job, StepStuck(message))
+            self._fail(job, error(message))
         for job in [j for j in self._queue if j.admitted]:  # partly admitted: its first images were in the batch
-            self._fail(job, StepStuck(message))
+            self._fail(job, error(message))
         self.restarts += 1
         self._start_worker()
 
@@ -215,7 +218,13 @@ class StepBatcher:
                 self._drop_abandoned()
                 self._admit()
             if self.active_images:
-                self._step(generation)
+                try:
+                    self._step(generation)
+                except Exception as err:  # a fault of the worker's own: the batch's requests fail, the worker goes on
+                    with self._cv:
+                        if generation == self._generation:
+                            message = f"the step failed ({type(err).__name__}: {err}); the core was restarted"
+                            self._restart(message, RuntimeError)
 
     def _admit(self):
         """Images of queued jobs, first in first out, into the free slots (called with the lock held)."""
@@ -276,6 +285,7 @@ class StepBatcher:
         self._step_seconds += seconds
         if self.on_step is not None:
             self.on_step(rows, seconds)
+        self._progress(batch)
         if batch.x0 is not None:
             self._previews(batch)
         if len(finished):
@@ -283,6 +293,14 @@ class StepBatcher:
             with self._cv:
                 for j, (job, index) in enumerate(tags):
                     self._collect(job, index, x[j], nonfinite_step[j])
+
+    def _progress(self, batch):
+        """Tell each request in the step how far it is (its images' evaluations so far, of n x the plan's)."""
+        counts = collections.Counter(job for job, _ in batch.tags[: batch.n] if job.on_progress is not None)
+        for job, k in counts.items():
+            job.evaluations += k
+            total = job.request.n * len(job.plan)
+            self._contained(job, lambda job=job, total=total: job.on_progress(job.evaluations, total))
 
     def _previews(self, batch):
         """Keep the kernel's x0 of images at a preview step; a request's preview is sent once all its images have it."""
@@ -294,7 +312,8 @@ class StepBatcher:
                 continue
             job.previews[k][index] = batch.x0[s].copy()
             if len(job.previews[k]) == job.request.n:
-                ready.append((job, k, np.stack([job.previews.pop(k)[i] for i in range(job.request.n)])))
+                x0 = job.previews.pop(k)
+                ready.append((job, k, np.stack([x0[i] for i in range(job.request.n)])))
         for job, k, x0 in ready:  # after the scan: a failing one retires its images from the batch
             if job in self._jobs:
                 self._contained(job, lambda job=job, k=k, x0=x0: job.on_preview(k, self.parts.preview(job.request, x0)))

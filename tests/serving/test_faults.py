@@ -97,3 +97,17 @@ def test_a_request_whose_admission_fails_fails_alone(sampler, monkeypatch):
         assert np.array_equal(got.images, want) and batcher.worker_alive
     finally:
         batcher.close()
+
+
+def test_a_fault_in_the_workers_own_output_stage_restarts_the_core_instead_of_killing_it(sampler, monkeypatch):
+    batcher = StepBatcher(sampler.parts, max_batch=2, max_queue=8)
+    monkeypatch.setattr(batcher, "_progress", lambda batch: 1 / 0)  # a bug of the worker's, not of a request
+    try:
+        with pytest.raises(RuntimeError, match="the step failed .ZeroDivisionError"):
+            batcher.submit(sampler.request(1, steps=3, classes=0)).result(10)
+        monkeypatch.undo()
+        got = batcher.submit(sampler.request(1, steps=3, seed=2, classes=1)).result(10)
+        want, _ = sampler.sample(1, steps=3, seed=2, classes=1)
+        assert np.array_equal(got.images, want) and batcher.restarts == 1 and batcher.worker_alive
+    finally:
+        batcher.close()

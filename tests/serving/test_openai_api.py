@@ -260,3 +260,26 @@ def test_an_edit_without_mask_is_image_to_image_and_a_mask_needs_alpha(server, n
             prompt="bag",
         )
     assert "mask must be a PNG with an alpha channel" in err.value.body["message"] and err.value.body["param"] == "mask"
+
+
+def test_the_native_endpoint_streams_progress_previews_and_the_result(server, named):
+    import httpx
+
+    _, url = server
+    body = {"n": 2, "steps": 6, "seed": 3, "classes": [4, 4]}
+    with httpx.stream("POST", f"{url}/v1/images?stream=true&previews=2", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [
+            (block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\n")[1].removeprefix("data: ")))
+            for block in response.read().decode().strip().split("\n\n")
+        ]
+    progress = [data for kind, data in events if kind == "progress"]
+    assert [p["done"] for p in progress] == [2 * k for k in range(1, 7)] and {p["total"] for p in progress} == {12}
+    previews = [data for kind, data in events if kind == "preview"]
+    assert [p["k"] for p in previews] == [0, 1]
+    got = []
+    named.sample(2, classes=4, seed=3, steps=6, previews=2, on_preview=lambda k, images, first: got.append(images))
+    assert np.array_equal(np.stack([decode(png) for png in previews[0]["images"]]), got[0])
+    kind, result = events[-1]
+    want, _ = named.sample(**body)
+    assert kind == "result" and np.array_equal(np.stack([decode(i["png"]) for i in result["images"]]), want)
