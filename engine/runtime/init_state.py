@@ -69,7 +69,8 @@ def _describe(value):
 
 
 def to_channels(images, channels):
-    """uint8 images with `channels` channels: grey <-> RGB as Pillow converts (ITU-R 601-2 luma), alpha dropped."""
+    """uint8 images with `channels` channels: grey <-> RGB as Pillow converts (ITU-R 601-2 luma, its integer
+    rounding), alpha dropped."""
     have = images.shape[-1]
     if have == channels:
         return images
@@ -77,8 +78,8 @@ def to_channels(images, channels):
     if channels == 3:
         return rgb
     if channels == 1:
-        luma = (rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114 + 500) // 1000
-        return luma.astype(np.uint8)[..., None]
+        r, g, b = (rgb[..., k].astype(np.uint32) for k in range(3))
+        return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[..., None]  # Pillow's "L"
     raise InitError(f"a {channels}-channel model takes images of {channels} channels, got {have}")
 
 

@@ -183,3 +183,21 @@ def test_the_native_http_endpoint_takes_a_base64_image(model, image):
             response = http.post("/v1/images", json=body)
     assert response.status_code == 200, response.text
     assert np.array_equal(np.stack([decode(i["png"]) for i in response.json()["images"]]), want)
+
+
+def test_an_rgb_image_and_mask_on_a_grey_model_convert_as_pillows_luma(model):
+    from PIL import Image
+
+    _, path = model
+    rgb = np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    grey = np.asarray(Image.fromarray(rgb).convert("L"))[:, :, None]  # the oracle: Pillow's own conversion
+    mask = np.zeros((8, 8, 3), np.uint8)
+    mask[:4] = (255, 200, 30)  # a coloured mask: its luma (>= 50%) marks the repainted rows
+    with Sampler(path, backend="ort-cpu") as sampler:
+        kwargs = dict(steps=6, seed=1, classes=1, guidance=1.0)
+        assert np.array_equal(sampler.sample(1, image=rgb, **kwargs)[0], sampler.sample(1, image=grey, **kwargs)[0])
+        got, _ = sampler.sample(1, image=rgb, mask=mask, **kwargs)
+        want, _ = sampler.sample(
+            1, image=grey, mask=np.where(np.arange(8)[:, None] < 4, 255, 0).astype(np.uint8).repeat(8, 1), **kwargs
+        )
+    assert np.array_equal(got, want)
