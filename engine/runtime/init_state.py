@@ -58,7 +58,11 @@ def _decode(data):
         with Image.open(io.BytesIO(data)) as picture:
             picture.load()
             return np.asarray(picture.convert("RGBA" if picture.mode in ("RGBA", "LA", "P") else picture.mode))
-    except (UnidentifiedImageError, OSError) as err:
+    except UnidentifiedImageError:
+        raise InitError(
+            f"image bytes are not a readable PNG or JPEG file ({len(data)} bytes in no known format)"
+        ) from None
+    except OSError as err:
         raise InitError(f"image bytes are not a readable PNG or JPEG file: {err}") from None
 
 

@@ -205,7 +205,7 @@ def prompt_fields(prompt, spec):
 def _param_of(message):
     """The body field an engine message is about (it starts with the field's name)."""
     head = message.split(" ", 1)[0].rstrip(":=")
-    return head if head in ImageGenerationRequest.model_fields or head == "classes" else None
+    return head if head in ImageEditRequest.model_fields or head in ("classes", "image", "mask") else None
 
 
 def encode_images(images, body):

@@ -151,7 +151,10 @@ def test_img2img_and_inpainting_requests_in_the_batcher_equal_solo_sampling(mode
         (dict(image="image", strength=0.05), "strength 0.05 runs none of the 10 steps"),
         (dict(image=np.zeros((4, 4, 1), np.uint8)), "image must be 8x8 (W x H, the size this model makes), got 4x4"),
         (dict(image=np.zeros((8, 8, 1), np.float32)), "image must be a uint8 (H, W, C)"),
-        (dict(image="bm90IGFuIGltYWdl"), "image bytes are not a readable PNG or JPEG file"),
+        (
+            dict(image="bm90IGFuIGltYWdl"),
+            "image bytes are not a readable PNG or JPEG file (12 bytes in no known format)",
+        ),
         (dict(latents=np.zeros((3, 1, 8, 8))), "latents must be a float array of shape (1, 1, 8, 8)"),
         (dict(latents=np.full((1, 1, 8, 8), np.nan)), "latents must be finite numbers"),
     ],
