@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ddengine.cli.common import open_sampler, schedule_options, usage_errors
+from ddengine.cli.common import check_output_files, open_sampler, schedule_options, usage_errors
 
 
 @click.command()
@@ -81,9 +81,7 @@ def bench(
         raise click.UsageError(
             "--plot needs matplotlib, which is not installed (pip install 'ddengine[bench]' or pip install matplotlib)"
         )
-    for path in (json_path, plot_path):
-        if path is not None and not path.resolve().parent.is_dir():
-            raise click.UsageError(f"output folder {path.parent} does not exist")
+    check_output_files(**{"--json": json_path, "--plot": plot_path})
     batches = batches or (1, 16, 64)
     auto = auto_choice()
     backends = backends or default_backends(auto, available_backends(), CPU_BACKENDS)

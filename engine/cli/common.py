@@ -90,6 +90,21 @@ def open_sampler(model, scheduler_config, backend, threads=None, precision="auto
     )
 
 
+def check_output_files(**paths):
+    """Each given output file (option name -> path or None): its folder exists and its name fits the file system."""
+    from ddengine.files.atomic import OutputError, check_name
+
+    for option, path in paths.items():
+        if path is None:
+            continue
+        try:
+            check_name(path, option)
+        except OutputError as err:
+            raise click.UsageError(str(err)) from None
+        if not Path(path).resolve().parent.is_dir():
+            raise click.UsageError(f"{option} {path}: output folder {Path(path).parent} does not exist")
+
+
 def usage_errors(fn, *args, **kwargs):
     """fn(*args, **kwargs), with the engine's input errors raised as click.UsageError (exit 2, no traceback)."""
     from ddengine.backends import BackendError

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ddengine.cli.common import PRECISIONS, open_sampler, progress_bar, usage_errors
+from ddengine.cli.common import PRECISIONS, check_output_files, open_sampler, progress_bar, usage_errors
 from ddengine.core.plan import METHODS
 
 
@@ -104,9 +104,7 @@ def eval_cmd(
     from ddengine.quality.fashion_mnist import DataError
     from ddengine.runtime.output import class_grid, image_format, save_image
 
-    for path in (grid_path, json_path):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise click.UsageError(f"output folder {Path(path).parent} does not exist")
+    check_output_files(**{"--grid": grid_path, "--json": json_path})
     if grid_path is not None:
         usage_errors(image_format, grid_path)
     sampler = open_sampler(model_path, scheduler_config, backend, threads, precision)

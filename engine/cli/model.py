@@ -331,6 +331,12 @@ def _export_pipeline(folder, out_dir, fp16, height, width):
             _fail(f"{name} must be a positive number of pixels, got {value}")
     import os
 
+    from ddengine.files.atomic import OutputError, check_name
+
+    try:
+        check_name(out_dir, "-o")
+    except OutputError as err:
+        _fail(str(err))
     if out_dir.exists() and not out_dir.is_dir():
         _fail(f"-o {out_dir} is a file; a pipeline exports to a folder (MODEL_DIR)")
     parent = out_dir.absolute().parent  # the parts are written next to MODEL_DIR, then renamed into place
@@ -382,9 +388,15 @@ def _check_outputs_spare_inputs(out_path, inputs):
 
 
 def _check_writable(path):
-    """Fail before any work when the output folder is missing or not writable."""
+    """Fail before any work when the output folder is missing or not writable, or the name too long for it."""
     import os
 
+    from ddengine.files.atomic import OutputError, check_name
+
+    try:
+        check_name(path, "-o")
+    except OutputError as err:
+        _fail(str(err))
     folder = Path(path).parent
     if not folder.is_dir():
         _fail(f"output folder {folder} does not exist")

@@ -221,10 +221,17 @@ def folder_name(value):
 
 
 def check_output_names(out, grid):
-    """--grid's extension must name an image format (checked before anything is loaded)."""
-    from ddengine.files.atomic import OutputError
+    """--out and --grid fit the file system, and --grid's extension names an image format (checked before anything
+    is loaded)."""
+    from ddengine.files.atomic import OutputError, check_name
     from ddengine.runtime.output import image_format
 
+    for path, hint in ((out, "--out"), (grid, "--grid")):
+        try:
+            if path is not None:
+                check_name(path, hint)
+        except OutputError as err:
+            raise click.BadParameter(str(err), param_hint=hint) from None
     if grid is not None:
         try:
             image_format(grid)

@@ -24,9 +24,34 @@ FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp's ow
 DIR_MODE = 0o777 & ~_umask()  # what mkdir() would give a new folder (mkdtemp's own is 0o700)
 
 
+def check_name(path, what="output path"):
+    """OutputError when a component of `path` is longer than its file system takes (checked before any work)."""
+    path = Path(path)
+    existing = next((p for p in [path, *path.parents] if _exists(p)), Path("."))
+    try:
+        name_max = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            shown = part if len(part) <= 40 else f"{part[:20]}...{part[-12:]}"
+            raise OutputError(
+                f"{what} {shown!r}: a file name of {size} bytes; this file system takes at most {name_max}"
+            )
+
+
+def _exists(path):
+    try:
+        return path.exists()
+    except OSError:  # a name too long to even look up
+        return False
+
+
 def atomic_write_via(path, write):
     """Call write(tmp_path) on a temp file next to `path`, fsync it, then os.replace it in (never a partial file)."""
     path = Path(path)
+    check_name(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddengine.files.atomic import FILE_MODE, OutputError
+from ddengine.files.atomic import FILE_MODE, OutputError, check_name
 
 MANIFEST = "manifest.jsonl"
 OUTPUT_NAME = re.compile(r"^\d{5,}(_trajectory)?\.(png|npy)$")
@@ -120,6 +120,7 @@ class OutputFolder:
 
     def __init__(self, folder, overwrite=False):
         self.folder = Path(folder)
+        check_name(self.folder, "--out")
         if self.folder.exists() and not self.folder.is_dir():
             raise OutputError(f"--out {self.folder} is a file; expected a folder (it is created if missing)")
         earlier = earlier_run(self.folder)

@@ -637,3 +637,20 @@ def test_image_to_image_from_a_png_and_an_input_the_run_may_clear_is_refused(tmp
         [np.asarray(Image.open(tmp_path / "inpainted" / r["file"])) for r in records(tmp_path / "inpainted")]
     )
     assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("sample", "--class", 1, "--n", 1, "--steps", 2, "--out", "LONG"),
+        ("sample", "--class", 1, "--n", 1, "--steps", 2, "--out", "OUT", "--grid", "LONG.png"),
+        ("bench", "--steps", 2, "--batch", 1, "--no-baselines", "--json", "LONG.json"),
+    ],
+)
+def test_a_file_name_too_long_for_the_file_system_is_refused_before_any_work(tmp_path, cond_model, args):
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    long = str(tmp_path / ("n" * (limit + 1)))
+    given = [str(a).replace("LONG", long).replace("OUT", str(tmp_path / "out")) for a in args]
+    result = run(*given[:1], "--model", cond_model, *CPU, *given[1:])
+    assert result.exit_code == 2 and f"this file system takes at most {limit}" in result.output
+    assert "Traceback" not in result.output and sorted(os.listdir(tmp_path)) == []
