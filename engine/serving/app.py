@@ -226,11 +226,16 @@ def create_app(sampler_or_loader, settings=None, *, background_load=False, batch
 
 
 def add_error_handlers(app):
-    """Every error as {"error": message}: ours, FastAPI's validation and Starlette's 404/405."""
+    """Every error as {"error": message}: ours, FastAPI's validation and Starlette's 404/405; OpenAI's routes in
+    OpenAI's shape."""
 
     @app.exception_handler(HTTPError)
     async def http_error(request, err):
         return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request, err):
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(HTTPException)
     async def starlette_error(request, err):
@@ -246,44 +251,17 @@ def add_error_handlers(app):
 def add_routes(app, state):
     @app.post("/v1/images", openapi_extra=request_body_schema())
     async def images(request: Request):
-        start, status = time.perf_counter(), 500
-        try:
-            response = await generate(state, request)
-            status = response.status_code
-            return response
-        except HTTPError as err:
-            status = err.status
-            raise
-        finally:
-            state.metrics.observe_request(status, time.perf_counter() - start)
+        return await observed(state, generate(state, request))
 
     @app.post("/v1/images/generations", openapi_extra=request_body_schema(ImageGenerationRequest))
     async def images_generations(request: Request):
         """OpenAI's images API (engine/serving/openai_api.py): what the `openai` SDK's images.generate sends."""
-        start, status = time.perf_counter(), 500
-        try:
-            response = await generate_openai(state, request)
-            status = response.status_code
-            return response
-        except OpenAIError as err:
-            status = err.status
-            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-        finally:
-            state.metrics.observe_request(status, time.perf_counter() - start)
+        return await observed(state, generate_openai(state, request))
 
     @app.post("/v1/images/edits", openapi_extra=edit_body_schema())
     async def images_edits(request: Request):
         """OpenAI's image edits (engine/serving/openai_api.py): image-to-image, and inpainting with a mask."""
-        start, status = time.perf_counter(), 500
-        try:
-            response = await generate_openai(state, request, edit=True)
-            status = response.status_code
-            return response
-        except OpenAIError as err:
-            status = err.status
-            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-        finally:
-            state.metrics.observe_request(status, time.perf_counter() - start)
+        return await observed(state, generate_openai(state, request, edit=True))
 
     @app.get("/healthz")
     async def healthz():
@@ -309,6 +287,20 @@ def add_routes(app, state):
     @app.get("/metrics")
     async def metrics():
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+async def observed(state, work):
+    """Await a POST's response; its status code and latency go to the request metrics (errors included)."""
+    start, status = time.perf_counter(), 500
+    try:
+        response = await work
+        status = response.status_code
+        return response
+    except (HTTPError, OpenAIError) as err:
+        status = err.status
+        raise
+    finally:
+        state.metrics.observe_request(status, time.perf_counter() - start)
 
 
 async def generate(state, request):
@@ -357,18 +349,23 @@ def stream_query(request):
     return stream in ("true", "1"), int(raw)
 
 
+async def queued_until_done(waiter, queue):
+    """Yield what the worker puts on `queue` until the request's `waiter` (an asyncio future) is done."""
+    while True:
+        getter = asyncio.ensure_future(queue.get())
+        done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if getter not in done:
+            getter.cancel()
+            return
+        yield getter.result()
+
+
 async def native_events(future, events):
     """POST /v1/images?stream=true: `progress` ({done, total}) events, `preview` ({k, images: [png]}) events, then
     `result` (the non-streamed body) or `error` ({error}); leaving early cancels the images."""
     waiter = asyncio.wrap_future(future)
     try:
-        while True:
-            getter = asyncio.ensure_future(events.get())
-            done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in done:
-                getter.cancel()
-                break
-            event, data = getter.result()
+        async for event, data in queued_until_done(waiter, events):
             if event == "preview":
                 k, images = data
                 data = {"k": k, "images": await asyncio.to_thread(lambda images=images: [b64_png(i) for i in images])}
@@ -414,9 +411,9 @@ async def generate_openai(state, request, edit=False):
         raise OpenAIError(err.status, err.message, retry=False) from None
     if result is None:
         return Response(status_code=CLIENT_GONE)
-    failed = [r for r in result.records if r["status"] != "ok"]
+    failed = failure(result)
     if failed:
-        raise OpenAIError(500, f"image {failed[0]['index']} failed: {failed[0]['error']}", retry=False)
+        raise OpenAIError(500, failed, retry=False)
     return JSONResponse(await asyncio.to_thread(openai_response, result.images, body, spec))
 
 
@@ -425,13 +422,7 @@ async def openai_events(future, previews, body, spec):
     error event); leaving early (the client went away) cancels its images."""
     waiter = asyncio.wrap_future(future)
     try:
-        while True:
-            getter = asyncio.ensure_future(previews.get())
-            done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in done:
-                getter.cancel()
-                break
-            k, images = getter.result()
+        async for k, images in queued_until_done(waiter, previews):
             for image in images:
                 yield await asyncio.to_thread(stream_event, "partial_image", image, body, spec, k)
         try:
@@ -439,14 +430,20 @@ async def openai_events(future, previews, body, spec):
         except HTTPError as err:
             yield sse("error", OpenAIError(err.status, err.message).body())
             return
-        failed = [r for r in result.records if r["status"] != "ok"]
+        failed = failure(result)
         if failed:
-            yield sse("error", OpenAIError(500, f"image {failed[0]['index']} failed: {failed[0]['error']}").body())
+            yield sse("error", OpenAIError(500, failed).body())
             return
         for image in result.images:
             yield await asyncio.to_thread(stream_event, "completed", image, body, spec)
     finally:
         future.cancel()
+
+
+def failure(result):
+    """The message of a finished request's first failed image, or None (OpenAI's API has no per-image status)."""
+    failed = [r for r in result.records if r["status"] != "ok"]
+    return f"image {failed[0]['index']} failed: {failed[0]['error']}" if failed else None
 
 
 def not_serving(state):

@@ -83,8 +83,13 @@ def parse_generation(raw):
         raise OpenAIError(400, f"the body must be a JSON object: {err}") from None
     if not isinstance(data, dict):
         raise OpenAIError(400, f"the body must be a JSON object, got {type(data).__name__}")
+    return validated(ImageGenerationRequest, data)
+
+
+def validated(model, data):
+    """model.model_validate(data), a problem an OpenAIError 400 naming its field."""
     try:
-        return ImageGenerationRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         param = ".".join(map(str, first["loc"])) or None
@@ -116,13 +121,7 @@ async def parse_edit(raw, headers):
         raise OpenAIError(400, "image is required: one or more PNG/JPEG files (form field image or image[])", "image")
     mask = form.get("mask")
     fields = {k: v for k, v in form.multi_items() if k not in ("image", "image[]", "mask") and isinstance(v, str)}
-    try:
-        body = ImageEditRequest.model_validate(fields)
-    except ValidationError as err:
-        first = err.errors()[0]
-        param = ".".join(map(str, first["loc"])) or None
-        message = describe(err) if first["type"] != "extra_forbidden" else _unknown_field(param)
-        raise OpenAIError(400, message, param=param, code="invalid_value") from None
+    body = validated(ImageEditRequest, fields)
     return body, images, None if mask is None or not hasattr(mask, "read") else await mask.read()
 
 

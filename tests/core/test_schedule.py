@@ -76,20 +76,24 @@ def test_trained_betas_used_verbatim_as_float32():
     assert isinstance(cfg.trained_betas, tuple) and hash(cfg)
 
 
+# Stable Diffusion 1.x's scheduler/scheduler_config.json, as its pipeline folders ship it.
+SD1_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+
 def test_from_dict_reads_a_diffusers_scheduler_config(recwarn):
-    sd = {
-        "_class_name": "PNDMScheduler",
-        "_diffusers_version": "0.6.0",
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "num_train_timesteps": 1000,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "trained_betas": None,
-        "clip_sample": False,
-    }
+    sd = SD1_SCHEDULER
     cfg = SchedulerConfig.from_dict(json.loads(json.dumps(sd)))
     assert not [
         w for w in recwarn if issubclass(w.category, UserWarning)

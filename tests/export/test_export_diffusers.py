@@ -117,20 +117,8 @@ def test_a_folders_solver_class_and_keys_are_kept_so_it_samples_with_its_own_sch
     """Stable Diffusion 1.x's scheduler_config.json (PNDM, skip_prk_steps): the stored schedule selects plms."""
     from ddengine.core.solvers.classes import class_method
     from ddengine.export.diffusers_export import scheduler_from
+    from tests.core.test_schedule import SD1_SCHEDULER
 
-    sd1 = {
-        "_class_name": "PNDMScheduler",
-        "_diffusers_version": "0.7.0.dev0",
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "num_train_timesteps": 1000,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "trained_betas": None,
-        "clip_sample": False,
-    }
-    (tmp_path / "scheduler_config.json").write_text(json.dumps(sd1))
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(SD1_SCHEDULER))
     stored = scheduler_from(tmp_path / "scheduler_config.json")
     assert class_method(stored) == "plms" and stored["steps_offset"] == 1 and "_diffusers_version" not in stored
