@@ -1,8 +1,8 @@
 """A saved diffusers UNet2DModel (+ scheduler_config.json) -> the same self-describing ONNX as our own U-Net."""
 
-import json
 from pathlib import Path
 
+from ddengine.files.bounded_json import read_bounded_json
 from ddengine.nets.twin import save_twin, twin_path
 
 from .onnx_export import export_module, spec_for
@@ -66,9 +66,9 @@ def scheduler_from(path, num_train_timesteps=None):
     from ddengine.core.schedule import SOLVER_KEYS, SchedulerConfig, SchedulerConfigError
 
     try:
-        raw = json.loads(Path(path).read_text())
+        raw = read_bounded_json(path, f"scheduler config {path}")
         return {**SchedulerConfig.from_dict(raw).to_dict(), **{k: raw[k] for k in SOLVER_KEYS if k in raw}}
-    except (OSError, json.JSONDecodeError, SchedulerConfigError, TypeError) as err:
+    except (OSError, ValueError, SchedulerConfigError, TypeError) as err:  # ValueError: bad JSON
         raise DiffusersExportError(f"{path}: unusable scheduler config: {err}") from None
 
 
@@ -76,8 +76,8 @@ def export_diffusers(folder, out_path, fp16=False):
     """`ddengine export --diffusers DIR -o OUT`: class ids 0..K-2 are classes and K-1 the null class (K = num_class_embeds)."""
     unet_dir, sched_path = find_folders(folder)
     try:
-        cfg = json.loads((unet_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        cfg = read_bounded_json(unet_dir / "config.json", "config.json")
+    except (OSError, ValueError) as err:
         raise DiffusersExportError(f"{unet_dir / 'config.json'}: {err}") from None
     check_config(cfg)
     scheduler = scheduler_from(sched_path)

@@ -6,7 +6,6 @@ MODEL_DIR, verifies every part against torch on ONNX Runtime, and only then rena
 Parts too large for one protobuf (2 GB) keep their weights in ONNX external data (PART.onnx.data).
 """
 
-import json
 import os
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ddengine.files.atomic import DIR_MODE
+from ddengine.files.bounded_json import read_bounded_json
 from ddengine.model.pipeline_spec import DEFAULT_FILES, PipelineSpec
 
 from .onnx_export import ExportError, export_graph, spec_for, verify_file
@@ -51,8 +51,8 @@ def read_index(folder):
     """model_index.json, checked: a StableDiffusionPipeline with the parts we run and none we do not."""
     path = Path(folder) / "model_index.json"
     try:
-        index = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        index = read_bounded_json(path, "model_index.json")
+    except (OSError, ValueError) as err:
         raise PipelineExportError(f"{path}: {err}") from None
     if not isinstance(index, dict):
         raise PipelineExportError(f"{path}: expected a JSON object, got {type(index).__name__}")
@@ -79,8 +79,8 @@ def read_config(folder, part):
     """PART/config.json of a pipeline folder, read before any weights are."""
     path = Path(folder) / part / "config.json"
     try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        config = read_bounded_json(path, "config.json")
+    except (OSError, ValueError) as err:
         raise PipelineExportError(f"{path}: {err}") from None
     if not isinstance(config, dict):
         raise PipelineExportError(f"{path}: expected a JSON object, got {type(config).__name__}")

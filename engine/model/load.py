@@ -15,6 +15,7 @@ import onnx
 from onnx import helper
 
 from ddengine.core.schedule import SchedulerConfigError, with_sampling_overrides
+from ddengine.files.bounded_json import JSONLimitError, read_bounded_json
 from ddengine.model import onnx_wire
 from ddengine.model.spec import DYNAMIC, INPUT_ROLES, METADATA_KEY, OUTPUT_ROLE, ModelSpec, ModelSpecError, TensorSpec
 
@@ -74,16 +75,16 @@ def read_scheduler_config(path):
     if isinstance(path, dict):
         return _checked_scheduler_config(dict(path), "scheduler config (a dict)")
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"scheduler config {path} is a folder; expected a scheduler_config.json file")
     try:
-        config = json.loads(path.read_text())
-    except IsADirectoryError:
-        raise ModelError(f"scheduler config {path} is a folder; expected a scheduler_config.json file") from None
+        config = read_bounded_json(path, f"scheduler config {path}")
     except OSError as err:
         raise ModelError(f"cannot read scheduler config {path}: {err.strerror}") from None
+    except JSONLimitError as err:
+        raise ModelError(str(err)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelError(f"scheduler config {path} is not valid JSON: {err}") from None
-    except RecursionError:
-        raise ModelError(f"scheduler config {path} is nested too deeply to be a scheduler config") from None
     if not isinstance(config, dict):
         raise ModelError(f"scheduler config {path} must be a JSON object, got {type(config).__name__}")
     return _checked_scheduler_config(config, f"scheduler config {path}")

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ddengine.core.quoting import shown
+from ddengine.files.bounded_json import JSONLimitError, read_bounded_json
 from ddengine.model.load import ModelError
 
 PIPELINE_FILE = "pipeline.json"
@@ -99,7 +100,9 @@ class PipelineSpec:
         """The spec of a model folder, with every part checked to exist."""
         path = Path(folder) / PIPELINE_FILE
         try:
-            data = json.loads(path.read_text())
+            data = read_bounded_json(path, str(path))
+        except JSONLimitError as err:
+            raise PipelineSpecError(str(err)) from None
         except FileNotFoundError:
             raise PipelineSpecError(
                 f"{folder} has no {PIPELINE_FILE}: not a ddengine text-to-image model folder "
@@ -107,8 +110,6 @@ class PipelineSpec:
             ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise PipelineSpecError(f"{path} is unreadable: {err}") from None
-        except RecursionError:
-            raise PipelineSpecError(f"{path} is nested too deeply to be a {PIPELINE_FILE}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
             raise PipelineSpecError(f"{path} is not a {FORMAT} file of version {FORMAT_VERSION}")
         known = {f.name for f in fields(cls)}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 
 from ddengine.core.quoting import shown
+from ddengine.files.bounded_json import JSONLimitError, parse_bounded_json
 
 METADATA_KEY = "ddengine"
 MAX_CLASS_NAME = 100
@@ -151,11 +152,11 @@ class ModelSpec:
     def from_json(cls, text):
         """Parse the metadata entry, naming what is wrong when it cannot be used."""
         try:
-            data = json.loads(text)
+            data = parse_bounded_json(text, f"'{METADATA_KEY}' metadata")
+        except JSONLimitError as err:
+            raise ModelSpecError(str(err)) from None
         except json.JSONDecodeError as err:
             raise ModelSpecError(f"'{METADATA_KEY}' metadata is not valid JSON: {err}") from None
-        except RecursionError:
-            raise ModelSpecError(f"'{METADATA_KEY}' metadata is nested too deeply to be a spec") from None
         if not isinstance(data, dict):
             raise ModelSpecError(f"'{METADATA_KEY}' metadata must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version")

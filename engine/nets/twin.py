@@ -9,6 +9,8 @@ class_labels) -> model output, the engine's input contract.
 import json
 from pathlib import Path
 
+from ddengine.files.bounded_json import JSONLimitError, parse_bounded_json
+
 TWIN_KEY = "ddengine_twin"
 TWIN_FORMAT = 1
 SUFFIX = ".safetensors"
@@ -55,8 +57,10 @@ def read_tagged(path, key, what, hint=""):
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
     try:
-        return (None if entry is None else json.loads(entry)), tensors
-    except json.JSONDecodeError as err:
+        return (None if entry is None else parse_bounded_json(entry, f"'{key}' metadata")), tensors
+    except JSONLimitError as err:
+        raise ValueError(f"{path}: {err}") from None
+    except ValueError as err:
         raise ValueError(f"{path}: its '{key}' metadata is not valid JSON: {err}") from None
 
 

@@ -173,7 +173,7 @@ def test_height_of_a_class_model_is_its_fixed_size(cond_model, tmp_path):
             ),
             "leads out of",  # an absolute path outside MODEL_DIR is not loaded
         ),
-        (lambda m: (m / "pipeline.json").write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+        (lambda m: (m / "pipeline.json").write_text("[" * 100_000 + "]" * 100_000), "nested more than 32 levels deep"),
     ],
 )
 def test_a_damaged_model_dir_exits_2_naming_the_problem(model_copy, tmp_path, damage, message):

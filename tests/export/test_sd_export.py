@@ -139,6 +139,15 @@ def test_other_pipeline_classes_are_refused(tiny_sd, tmp_path):
         export_pipeline(folder, tmp_path / "out")
 
 
+@pytest.mark.parametrize("damaged", ["model_index.json", "unet/config.json"])
+def test_a_config_nested_too_deep_is_a_clear_error(tiny_sd, tmp_path, damaged):
+    folder = refusing_folder(tiny_sd.pipeline, tmp_path / "pipe")
+    (folder / damaged).write_text("[" * 100_000 + "]" * 100_000)  # past the interpreter's recursion limit
+    with pytest.raises(PipelineExportError, match=r"json is nested more than 32 levels deep"):
+        export_pipeline(folder, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_failed_verification_leaves_nothing(tiny_sd, tmp_path, monkeypatch):
     from ddengine.export import sd_export
 

@@ -374,7 +374,18 @@ def test_a_partial_scheduler_config_may_not_change_the_training_schedule(uncond_
 def test_a_config_nested_too_deep_or_a_huge_schedule_is_a_clear_error(tmp_path, uncond_model):
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(ModelError, match="nested too deeply to be a scheduler config"):
+    with pytest.raises(ModelError, match="deep.json is nested more than 32 levels deep"):
         load_model(uncond_model, deep)
     with pytest.raises(ModelError, match=r"num_train_timesteps must be an integer in \[1, 100000\], got 1000000000"):
         load_model(uncond_model, {"num_train_timesteps": 10**9, "beta_schedule": "linear"})
+
+
+def test_a_scheduler_config_too_large_or_with_a_huge_string_is_refused_by_its_bound(tmp_path, uncond_model):
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"beta_schedule": "linear", "comment": " " * (5 << 20)}))
+    with pytest.raises(ModelError, match=r"big.json is 5,242,\d+ bytes; expected at most 4,194,304"):
+        load_model(uncond_model, big)
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps({"prediction_type": "x" * 100_000}))
+    with pytest.raises(ModelError, match=r"long.json holds a string of 100,000 characters"):
+        load_model(uncond_model, long)

@@ -136,5 +136,7 @@ def test_from_json_refusals():
 
 
 def test_metadata_nested_too_deep_is_a_clear_error():
-    with pytest.raises(ModelSpecError, match="metadata is nested too deeply to be a spec"):
+    with pytest.raises(ModelSpecError, match="metadata is nested more than 32 levels deep"):
         ModelSpec.from_json("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelSpecError, match="metadata holds a string of 100,000 characters"):
+        ModelSpec.from_json(json.dumps({"format_version": 1, "prediction_type": "x" * 100_000}))
