@@ -188,7 +188,7 @@ def sample(
     if grid is not None and not (grid.resolve().parent.is_dir() or grid.resolve().parent == out.resolve()):
         raise click.UsageError(f"--grid {grid}: folder {grid.parent} does not exist (only --out is created)")
     usage_errors(check_space, out, request.n, int(np.prod(sampler.image_shape)) * (1 if fmt == "png" else 4))
-    folder = usage_errors(OutputFolder, out, overwrite)
+    folder = usage_errors(OutputFolder, out, overwrite, grid)
     with StopOnSignal() as stop:
         try:
             failed = write_run(sampler, request, folder, grid, fmt, quiet, stop)
@@ -268,7 +268,7 @@ def check_inputs_outside(images, out, overwrite):
 
 def write_run(sampler, request, folder, grid_path, fmt, quiet, stop):
     """Sample chunk by chunk; each image file lands, then its manifest line. Returns the number of failed images."""
-    from ddengine.runtime.output import class_grid, encode, save_image, trajectory_strip
+    from ddengine.runtime.output import class_grid, encode, encode_png, image_format, trajectory_strip
 
     kept, kept_classes, failed = [], [], 0
     with progress_bar(quiet, "sampling") as bar:
@@ -305,5 +305,6 @@ def write_run(sampler, request, folder, grid_path, fmt, quiet, stop):
                 )
         bar.update(task, completed=request.n * len(sampler.plan(request)))
     if grid_path is not None and kept:
-        save_image(grid_path, class_grid(np.stack(kept), None if request.classes is None else kept_classes))
+        picture = class_grid(np.stack(kept), None if request.classes is None else kept_classes)
+        folder.write_grid(grid_path, encode_png(picture, image_format(grid_path)))
     return failed

@@ -5,7 +5,8 @@ place, and only then gets its manifest line (one append). A failed append unlink
 folder never holds an image its manifest does not list, nor a temp file after a crash. Each line records its
 files' sha256. A folder holding an earlier run is refused unless overwrite=True, which first removes what that run
 wrote and nothing else: a listed file whose content changed, and a file named like an output that no manifest
-lists, are refused by name.
+lists, are refused by name. A --grid gets its own manifest line (its path relative to the folder and its sha256), so
+the next --overwrite replaces it or removes it with the run, and a grid never lands on a file it did not write.
 """
 
 import hashlib
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ddengine.files.atomic import FILE_MODE, OutputError, check_name
+from ddengine.runtime.output import IMAGE_FORMATS
 
 MANIFEST = "manifest.jsonl"
 OUTPUT_NAME = re.compile(r"^\d{5,}(_trajectory)?\.(png|npy)$")
@@ -52,6 +54,7 @@ class EarlierRun:
     manifest: Path | None = None
     ours: list = field(default_factory=list)
     refused: list = field(default_factory=list)  # (path, why)
+    grid: Path | None = None  # the grid its manifest records, when that file is still there
 
     def __bool__(self):
         return bool(self.manifest or self.ours or self.refused)
@@ -65,12 +68,14 @@ def earlier_run(folder):
     if not folder.is_dir():
         return run
     manifest = folder / MANIFEST
-    listed = _listed(manifest) if manifest.is_file() else {}
+    listed, grids = _listed(manifest) if manifest.is_file() else ({}, {})
     run.manifest = manifest if manifest.is_file() else None
-    for name, digest in listed.items():
+    for name, digest in [*listed.items(), *grids.items()]:
         path = folder / name
         if not path.is_file():
             continue
+        if name in grids:
+            run.grid = path
         if digest is None:
             run.refused.append((path, "its manifest line records no sha256"))
         elif _sha256(path) != digest:
@@ -92,12 +97,14 @@ def _sha256(path):
 
 
 def _listed(manifest):
-    """{file name: its recorded sha256 or None} of what a manifest lists (lines that do not parse are skipped)."""
+    """({file name: its recorded sha256 or None}, {grid path relative to the folder: its sha256 or None}) of what a
+    manifest lists (lines that do not parse are skipped; a grid must name an image file)."""
     names: dict[str, str | None] = {}
+    grids: dict[str, str | None] = {}
     try:
         lines = manifest.read_text(errors="replace").splitlines()
     except OSError:
-        return names
+        return names, grids
     for line in lines:
         try:
             record = json.loads(line)
@@ -112,18 +119,42 @@ def _listed(manifest):
             if isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
                 digest = digests.get(name)
                 names[name] = digest if isinstance(digest, str) else None
-    return names
+        grid = record.get("grid")
+        if isinstance(grid, str) and Path(grid).suffix.lower() in IMAGE_FORMATS:
+            digest = digests.get(grid)
+            grids[grid] = digest if isinstance(digest, str) else None
+    return names, grids
+
+
+def check_grid_target(folder, grid, earlier, overwrite):
+    """--grid may not be --out, one of the run's own files or any existing file, except the grid of the run that
+    --overwrite replaces (its manifest recorded it, content unchanged)."""
+    where = grid.resolve()
+    if where == folder.resolve():
+        raise OutputError(f"--grid {grid} is the --out folder itself; name an image file")
+    if where.parent == folder.resolve() and (where.name == MANIFEST or OUTPUT_NAME.match(where.name)):
+        raise OutputError(f"--grid {grid} is named like one of the run's own files in {folder}; choose another name")
+    if not grid.exists():
+        return
+    if overwrite and earlier.grid is not None and earlier.grid.resolve() == where and earlier.grid in earlier.ours:
+        return
+    raise OutputError(
+        f"--grid {grid} exists and is not a grid that {folder / MANIFEST} records (--overwrite replaces only "
+        "such a grid); choose another name or move the file"
+    )
 
 
 class OutputFolder:
     """A folder being written: `write(name, data)` per file, `add(record)` per manifest line, `close()` at the end."""
 
-    def __init__(self, folder, overwrite=False):
+    def __init__(self, folder, overwrite=False, grid=None):
         self.folder = Path(folder)
         check_name(self.folder, "--out")
         if self.folder.exists() and not self.folder.is_dir():
             raise OutputError(f"--out {self.folder} is a file; expected a folder (it is created if missing)")
         earlier = earlier_run(self.folder)
+        if grid is not None:
+            check_grid_target(self.folder, Path(grid), earlier, overwrite)
         if earlier and not overwrite:
             images = len(earlier.ours) + len(earlier.refused)
             raise OutputError(
@@ -191,6 +222,22 @@ class OutputFolder:
         from a user's); if the line cannot be written, they are removed."""
         if files:
             record = {**record, "sha256": {name: self._digests.pop(name) for name in files}}
+        self._append(record, [self.folder / name for name in files])
+        self.files += len(files)
+
+    def write_grid(self, path, data):
+        """Write the grid atomically, then its manifest line (path relative to the folder, sha256)."""
+        from ddengine.files.atomic import atomic_write
+
+        name = os.path.relpath(Path(path).resolve(), self.folder.resolve())
+        try:
+            atomic_write(path, data)
+        except OSError as err:
+            raise OutputError(f"cannot write --grid {path}: {err.strerror or err}") from None
+        self._append({"grid": name, "sha256": {name: hashlib.sha256(data).hexdigest()}}, [Path(path)])
+
+    def _append(self, record, paths):
+        """Append one manifest line; if it cannot be written, the files at `paths` it would list are removed."""
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
         try:
             if self._manifest is None:
@@ -202,14 +249,13 @@ class OutputFolder:
                 os.ftruncate(self._manifest, size)
                 raise
         except OSError as err:
-            for name in files:
-                (self.folder / name).unlink(missing_ok=True)
+            for path in paths:
+                path.unlink(missing_ok=True)
             if self._manifest is not None and os.fstat(self._manifest).st_size == 0:
                 os.close(self._manifest)
                 self._manifest = None
                 self.manifest_path.unlink(missing_ok=True)
             raise OutputError(f"cannot append to {self.manifest_path}: {err.strerror or err}") from None
-        self.files += len(files)
 
     @property
     def has_manifest(self):

@@ -29,7 +29,15 @@ def run(*args):
 
 
 def records(folder):
-    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    """The manifest's image lines (a --grid has a line of its own, `grid_record`)."""
+    lines = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    return [r for r in lines if "grid" not in r]
+
+
+def grid_record(folder):
+    lines = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    (grid,) = [r for r in lines if "grid" in r]
+    return grid
 
 
 def assert_manifest_lists_exactly_the_files(folder):
@@ -86,6 +94,10 @@ def test_sample_writes_images_manifest_grid_and_strips(tmp_path, cond_model):
         )  # steps 0, 2, 3; x_t over x0
     assert_manifest_lists_exactly_the_files(out)
     assert Image.open(grid).size == (2 * 10 + 2, 4 * 10 + 2)  # 4 classes, one row each; class 0 has 2 images
+    assert grid_record(out) == {
+        "grid": "../grid.png",
+        "sha256": {"../grid.png": hashlib.sha256(grid.read_bytes()).hexdigest()},
+    }
 
 
 def test_grid_has_one_row_per_class(tmp_path, cond_model):
@@ -370,6 +382,60 @@ def test_an_earlier_run_is_refused_untouched_and_overwrite_replaces_only_it(tmp_
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(out)) == ["00000.png", "manifest.jsonl", "notes.txt"]
     assert [r["seed"] for r in records(out)] == [9]
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("name", ["00001.png", "00007.png", "00000_trajectory.png"])
+def test_a_grid_named_like_one_of_the_runs_own_files_is_refused_before_any_work(tmp_path, uncond_model, name):
+    out = tmp_path / "out"
+    args = ("sample", "--model", uncond_model, "--n", 3, "--steps", 2, "--out", out, "--quiet")
+    result = run(*args, "--grid", out / name)
+    assert result.exit_code == 2 and f"--grid {out / name} is named like one of the run's own files" in result.output
+    assert not out.exists()
+    result = run("sample", "--model", uncond_model, "--out", tmp_path / "g.png", "--grid", tmp_path / "g.png")
+    assert result.exit_code == 2 and "is the --out folder itself" in result.output
+
+
+def test_a_grid_never_replaces_a_file_it_did_not_write(tmp_path, uncond_model):
+    out, mine = tmp_path / "out", tmp_path / "mine.png"
+    mine.write_bytes(b"the user's picture")
+    args = ("sample", "--model", uncond_model, "--n", 2, "--steps", 2, "--quiet", "--grid", mine)
+    for extra in ((), ("--overwrite",)):
+        result = run(*args, "--out", out, *extra)
+        assert result.exit_code == 2 and f"--grid {mine} exists and is not a grid that" in result.output
+        assert mine.read_bytes() == b"the user's picture" and not out.exists()
+    assert run(*args[:-2], "--out", out).exit_code == 0  # a run with no grid: its manifest records none
+    result = run(*args, "--out", out, "--overwrite")
+    assert result.exit_code == 2 and mine.read_bytes() == b"the user's picture"
+
+
+def test_overwrite_replaces_the_earlier_runs_grid_and_never_leaves_it_behind(tmp_path, uncond_model):
+    out, grid, other = tmp_path / "out", tmp_path / "grid.png", tmp_path / "out" / "other.png"
+    args = ("sample", "--model", uncond_model, "--n", 2, "--steps", 2, "--out", out, "--quiet")
+    assert run(*args, "--grid", grid).exit_code == 0
+    first = grid.read_bytes()
+    assert run(*args, "--grid", grid, "--seed", 5).exit_code == 2  # no --overwrite: refused, kept
+    assert grid.read_bytes() == first
+    assert run(*args, "--grid", grid, "--seed", 5, "--overwrite").exit_code == 0  # the recorded grid is replaced
+    assert grid.read_bytes() != first and grid_record(out)["grid"] == "../grid.png"
+    assert run(*args, "--grid", other, "--overwrite").exit_code == 0  # another grid: the earlier one goes
+    assert not grid.exists() and sorted(os.listdir(out)) == ["00000.png", "00001.png", "manifest.jsonl", "other.png"]
+    assert run(*args, "--overwrite").exit_code == 0  # no grid this time: nothing of the earlier run stays
+    assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "manifest.jsonl"]
+
+
+def test_a_grid_changed_since_it_was_written_stops_overwrite_by_name(tmp_path, uncond_model):
+    out, grid = tmp_path / "out", tmp_path / "grid.png"
+    args = ("sample", "--model", uncond_model, "--n", 2, "--steps", 2, "--out", out, "--quiet")
+    assert run(*args, "--grid", grid).exit_code == 0
+    grid.write_bytes(b"edited by the user")
+    before = snapshot(out)
+    result = run(*args, "--overwrite")
+    assert result.exit_code == 2 and "grid.png (changed since this engine wrote it)" in result.output
+    assert grid.read_bytes() == b"edited by the user" and snapshot(out) == before
 
 
 def test_png_outputs_need_1_3_or_4_channels(tmp_path):

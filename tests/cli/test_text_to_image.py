@@ -88,7 +88,7 @@ def test_sample_defaults_to_the_exported_guidance_and_no_negative_prompt(tiny_sd
         *sample_args(tiny_sd.model, tmp_path / "out", "--n", 1, "--prompt", "a cat", "--grid", tmp_path / "grid.png")
     )
     assert result.exit_code == 0, result.output
-    record = json.loads((tmp_path / "out" / "manifest.jsonl").read_text())
+    record = json.loads((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()[0])  # then the grid's line
     assert record["guidance"] == 7.5 and record["negative_prompt"] == "" and record["class"] is None
     image = np.asarray(Image.open(tmp_path / "out" / record["file"]))
     assert np.array_equal(
