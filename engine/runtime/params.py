@@ -19,9 +19,10 @@ from ddengine.core.quoting import shown
 from ddengine.core.schedule import SchedulerConfigError
 from ddengine.core.timesteps import SPACINGS, Spacing, nonempty_list
 from ddengine.runtime.init_state import InitError, InitState, bind_init, start_step
+from ddengine.runtime.per_image import PerImage, cycled, seed_range
 
 SEED_LIMIT = 2**64
-MAX_IMAGES = 10_000_000  # per request: its seeds and labels (80 MB each) are made up front
+MAX_IMAGES = 10_000_000  # per request (its seeds and labels are made per chunk; the bound keeps seed + i in 64 bits)
 UNORDERED = (dict, set, frozenset)  # no order to give image i its seed or class
 MAX_PROMPT_CHARS = 10_000
 CLASSES_EXPECTED = "an int, a non-empty list of ints or 'all'"
@@ -232,11 +233,7 @@ class SamplingParams(BaseModel):
         labels = bind_classes(spec, self.n, self.classes)
         prompts, negatives = bind_prompts(spec, self.n, self.prompt, self.negative_prompt)
         guidance = bind_guidance(spec, self.guidance, labels is not None or prompts is not None)
-        seeds = (
-            np.arange(self.n, dtype=np.uint64) + np.uint64(self.seed)
-            if self.seeds is None
-            else np.array(self.seeds, dtype=np.uint64)
-        )
+        seeds = seed_range(self.seed, self.n) if self.seeds is None else cycled(self.seeds, self.n, np.uint64)
         try:
             init = bind_init(spec, self.n, self.image, self.strength, self.latents, self.mask)
         except InitError as err:
@@ -269,14 +266,14 @@ class Request:
     steps: int
     method: str
     eta: float
-    seeds: np.ndarray  # uint64 (n,)
-    classes: np.ndarray | None  # int64 (n,) or None (the model's null class / unconditional)
+    seeds: PerImage  # uint64 per image, made per chunk (engine/runtime/per_image.py)
+    classes: PerImage | None  # int64 per image, or None (the model's null class / unconditional)
     guidance: float | None  # the scale used (the model's recommended one when not given); None: no guidance
     batch_size: int
     spacing: str | None
     trajectory: int  # 0 = none, else a snapshot every `trajectory` steps
-    prompts: tuple | None = None  # text-to-image models: one prompt per image
-    negative_prompts: tuple | None = None  # and the prompt of its unconditional half ("" when none is given)
+    prompts: PerImage | None = None  # text-to-image models: one prompt per image
+    negative_prompts: PerImage | None = None  # and the prompt of its unconditional half ("" when none is given)
     init: InitState | None = None  # an image and/or the caller's noise to start from (None: the seeds' noise)
 
     @property
@@ -362,8 +359,7 @@ def bind_classes(spec, n, classes):
     if not spec.conditional:
         raise InvalidParameterError(f"classes={shown(classes)} given but the model is unconditional (num_classes = 0)")
     given = range(spec.num_classes) if classes == "all" else [classes] if isinstance(classes, int) else classes
-    labels = [integer("class", c, 0, spec.num_classes - 1) for c in given]
-    return np.array([labels[i % len(labels)] for i in range(n)], dtype=np.int64)
+    return cycled([integer("class", c, 0, spec.num_classes - 1) for c in given], n, np.int64)
 
 
 def bind_schedule(spec, steps, method, eta=0.0):
@@ -422,10 +418,7 @@ def bind_prompts(spec, n, prompt, negative_prompt):
         raise InvalidParameterError(
             "this text-to-image model needs prompt (a string, or a list of strings cycled over the images)"
         )
-    return cycled(prompt, n), cycled("" if negative_prompt is None else negative_prompt, n)
-
-
-def cycled(value, n):
-    """A string or a list as n entries, the list cycled."""
-    given = [value] if isinstance(value, str) else value
-    return tuple(given[i % len(given)] for i in range(n))
+    negative = "" if negative_prompt is None else negative_prompt
+    return cycled([prompt] if isinstance(prompt, str) else prompt, n), cycled(
+        [negative] if isinstance(negative, str) else negative, n
+    )

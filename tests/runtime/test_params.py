@@ -45,7 +45,7 @@ def cond(models):
 )
 def test_classes_int_list_cycled_and_all(cond, classes, n, want):
     request = make_request(cond, n, classes=classes)
-    assert request.classes.dtype == np.int64 and request.classes.tolist() == want
+    assert request.classes[:].dtype == np.int64 and request.classes[:].tolist() == want
 
 
 @pytest.mark.parametrize(
@@ -90,8 +90,8 @@ def test_numpy_integers_are_accepted_everywhere(cond):
     )
     assert (request.n, request.steps, request.batch_size) == (2, 4, 2)  # batch_size is capped at n
     assert all(type(v) is int for v in (request.steps, request.batch_size))
-    assert request.seeds.tolist() == [7, 8] and request.seeds.dtype == np.uint64
-    assert make_request(cond, 2, seeds=np.array([5, 2**64 - 1], dtype=np.uint64)).seeds.tolist() == [5, 2**64 - 1]
+    assert request.seeds[:].tolist() == [7, 8] and request.seeds[:].dtype == np.uint64
+    assert make_request(cond, 2, seeds=np.array([5, 2**64 - 1], dtype=np.uint64)).seeds[:].tolist() == [5, 2**64 - 1]
 
 
 @pytest.mark.parametrize(
@@ -117,7 +117,9 @@ def test_seed_refusals(cond, kwargs, message):
 
 
 def test_seed_and_seeds_give_the_same_request(cond):
-    assert make_request(cond, 3, seed=10).seeds.tolist() == make_request(cond, 3, seeds=[10, 11, 12]).seeds.tolist()
+    assert (
+        make_request(cond, 3, seed=10).seeds[:].tolist() == make_request(cond, 3, seeds=[10, 11, 12]).seeds[:].tolist()
+    )
 
 
 def test_guidance_defaults_to_the_recommended_one_only_with_classes(models, cond):
@@ -260,3 +262,21 @@ def test_a_prompt_that_is_not_valid_unicode_is_refused():
         r"surrogate at character 2",
     ):
         SamplingParams.build(prompt=prompt)
+
+
+def test_the_largest_request_binds_without_making_its_per_image_values(cond):
+    import tracemalloc
+
+    from ddengine.runtime.params import MAX_IMAGES
+
+    tracemalloc.start()
+    request = make_request(cond, MAX_IMAGES, seed=5, classes=[3, 1, 2])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20  # eager seeds and labels would take 160 MB
+    middle = slice(MAX_IMAGES // 2, MAX_IMAGES // 2 + 4)
+    assert request.seeds[middle].tolist() == [5 + i for i in range(middle.start, middle.stop)]
+    assert request.classes[middle].tolist() == [[3, 1, 2][i % 3] for i in range(middle.start, middle.stop)]
+    assert int(request.seeds[-1]) == 5 + MAX_IMAGES - 1 and len(request.seeds) == request.n == MAX_IMAGES
+    with pytest.raises(IndexError, match="image index 10000000 is out of range for 10000000 images"):
+        request.seeds[MAX_IMAGES]
