@@ -6,8 +6,10 @@
                       "classes", "guidance", "spacing", "prompt", "negative_prompt", "image", "mask", "strength"}
       ?stream=true[&previews=K]: Server-Sent Events instead, progress per step, K previews, then the result.
       200 {"model", "backend", "precision", parameters..., "images": [{"index", "seed", "class", "status", "error",
-          "png"}]} (a non-finite image has status "error" and png null), 413 body too large, 422 invalid parameters,
-      503 queue full (Retry-After) / loading / draining, 504 past the request timeout, 500 the backend failed.
+          "png"}]} (a non-finite image has status "error" and png null), 400 a body that ended early (the client
+      left, or its chunked framing was malformed: uvicorn answers that 400 itself), 413 body too large, 422 invalid
+      parameters, 503 queue full (Retry-After) / loading / draining, 504 past the request timeout, 500 the backend
+      failed.
       Every error body is {"error": "<one message>"}.
     GET /healthz (200 once loaded, with the worker's liveness, watchdog restarts and the last failed request;
       503 while loading or draining, or if the worker stopped), GET /metrics (Prometheus text),
@@ -27,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ddengine.runtime.output import encode_png
 from ddengine.runtime.params import InvalidParameterError, SamplingParams, integer
@@ -45,6 +48,12 @@ from ddengine.serving.openai_api import response_body as openai_response
 
 DISCONNECT_POLL_S = 0.2  # how often a waiting request checks whether its client is gone
 CLIENT_GONE = 499  # nginx's code for "client closed the request": recorded in metrics, never sent
+# A body that stops before its end: the client left mid-upload, or uvicorn refused its framing (a bad chunk size, say)
+# with its own 400 and closed the connection. The app sees both as a disconnect, so both are 400s (the metrics'
+# code="400"; a server that can still answer sends this message), never a 500 and a traceback.
+INCOMPLETE_BODY = (
+    "the request body ended before it was complete (the client disconnected, or its framing was malformed)"
+)
 
 
 @dataclass(frozen=True)
@@ -455,16 +464,20 @@ def not_serving(state):
 
 
 async def read_body(request, limit):
-    """The request body, refused with 413 past `limit` bytes (by Content-Length, then as it streams in)."""
+    """The request body, refused with 413 past `limit` bytes (by Content-Length, then as it streams in) and with 400
+    if it ends early (INCOMPLETE_BODY); every POST reads its body here."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, f"the body is {int(declared)} bytes; this server takes at most {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"the body is over {limit} bytes, the most this server takes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"the body is over {limit} bytes, the most this server takes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise HTTPError(400, INCOMPLETE_BODY) from None
     return b"".join(chunks)
 
 

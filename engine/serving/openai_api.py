@@ -105,17 +105,28 @@ class ImageEditRequest(ImageGenerationRequest):
     )
 
 
-async def parse_edit(raw, headers):
-    """(ImageEditRequest, [image bytes], mask bytes or None) of OpenAI's multipart form; problems are 400s."""
+async def parse_form(raw, headers):
+    """The multipart form in `raw`; malformed, or cut short before its closing boundary (--boundary--): a 400."""
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     async def chunks():
         yield raw
 
+    parser, ended = MultiPartParser(headers, chunks()), []
+    parser.on_end = lambda: ended.append(True)  # python-multipart calls it at the close delimiter, and only there
     try:
-        form = await MultiPartParser(headers, chunks()).parse()
+        form = await parser.parse()
     except MultiPartException as err:
         raise OpenAIError(400, f"the body must be multipart/form-data: {err.message}") from None
+    if not ended:
+        await form.close()
+        raise OpenAIError(400, "the body must be multipart/form-data: it ends before the form's closing boundary")
+    return form
+
+
+async def parse_edit(raw, headers):
+    """(ImageEditRequest, [image bytes], mask bytes or None) of OpenAI's multipart form; problems are 400s."""
+    form = await parse_form(raw, headers)
     images = [await f.read() for key in ("image", "image[]") for f in form.getlist(key) if hasattr(f, "read")]
     if not images:
         raise OpenAIError(400, "image is required: one or more PNG/JPEG files (form field image or image[])", "image")
