@@ -32,9 +32,10 @@ def check_serve_extra():
 @click.option(
     "--max-batch",
     type=click.IntRange(min=1),
-    default=64,
+    default=16,
     show_default=True,
-    help="Images denoised together per forward (the batch's slots).",
+    help="Images denoised together per forward (the batch's slots); past 16 a CPU step only gets slower "
+    "(docs/serving.md).",
 )
 @click.option(
     "--max-queue",
@@ -126,7 +127,7 @@ def serve(
         limit_concurrency=limit_concurrency,
         log_level=log_level,
         timeout_graceful_shutdown=None,
-        access_log=log_level == "debug",
+        access_log=log_level in ("info", "debug"),  # one line per request, as uvicorn's own default
     )
     server = draining_server()(config, app.state.app_state, drain_timeout)
     try:

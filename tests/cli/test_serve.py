@@ -28,7 +28,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(*args):
+def start_server(*args, stdout=None):
     """A `ddengine serve` subprocess (the shipped model on the exact CPU path); returns (process, base URL)."""
     port = free_port()
     process = subprocess.Popen(
@@ -44,6 +44,7 @@ def start_server(*args):
             "warning",
             *map(str, args),
         ],
+        stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -239,3 +240,16 @@ def test_serve_answers_a_request_like_the_api(cond_model):
     body = response.json()
     assert [(i["seed"], i["class"]) for i in body["images"]] == [(r["seed"], r["class"]) for r in records]
     assert np.array_equal(np.stack([decode(i["png"]) for i in body["images"]]), images)
+
+
+def test_log_level_info_writes_one_access_log_line_per_request(cond_model):
+    process, url = start_server("--model", cond_model, "--log-level", "info", stdout=subprocess.PIPE)
+    try:
+        for seed in (1, 2):
+            assert httpx.post(f"{url}/v1/images", json={"n": 1, "steps": 2, "seed": seed}, timeout=60).status_code == 200
+        assert httpx.post(f"{url}/v1/images", json={"n": 0}, timeout=60).status_code == 422
+    finally:
+        process.send_signal(signal.SIGTERM)
+        log, _ = process.communicate(timeout=60)  # uvicorn writes its access log to stdout
+    posts = [line for line in log.splitlines() if '"POST /v1/images HTTP/1.1"' in line]
+    assert [line.split('" ')[-1] for line in posts] == ["200 OK", "200 OK", "422 Unprocessable Entity"], log
