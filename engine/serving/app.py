@@ -60,7 +60,7 @@ INCOMPLETE_BODY = (
 class Settings:
     """What a server instance is configured with (the CLI's and the Ray deployment's options)."""
 
-    max_batch: int = 64
+    max_batch: int = 16
     max_queue: int = 1024  # images waiting for a batch slot; also the largest n one request may ask for
     timeout: float | None = None  # seconds from acceptance to the last image (504 past it)
     max_body_bytes: int = 64 * 1024

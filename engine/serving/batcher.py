@@ -67,7 +67,7 @@ class _Job:
 class StepBatcher:
     """Runs many requests' images through shared forwards; thread-safe `submit`, one worker thread."""
 
-    def __init__(self, parts, max_batch=64, max_queue=1024, on_step=None, clock=time.monotonic, step_timeout=None):
+    def __init__(self, parts, max_batch=16, max_queue=1024, on_step=None, clock=time.monotonic, step_timeout=None):
         """clock: seconds for request timeouts (a test's clock can stand in for time.monotonic).
 
         step_timeout: seconds one step may take; past it a watchdog fails the requests in that batch (StepStuck),

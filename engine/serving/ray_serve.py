@@ -1,7 +1,7 @@
 """Scale-out on Ray Serve (the `ray` extra): each replica runs the app of engine/serving/app.py, i.e. one Sampler and one
 StepBatcher, behind the same HTTP contract (POST /v1/images, /healthz, /metrics), through Serve's FastAPI ingress.
 
-    serve run ddengine.serving.ray_serve:build_app num_replicas=2 max_batch=64          # one machine or a cluster
+    serve run ddengine.serving.ray_serve:build_app num_replicas=2 max_batch=16          # one machine or a cluster
     serve run ddengine.serving.ray_serve:build_app min_replicas=1 max_replicas=8        # autoscaling
     python: serve.run(deployment(model, num_replicas=2).bind(), route_prefix="/")
 
@@ -89,7 +89,7 @@ class AppArgs(BaseModel):
     backend: str = "auto"
     precision: str = "auto"
     threads: int | None = None
-    max_batch: int = 64
+    max_batch: int = 16
     max_queue: int = 1024
     timeout: float | None = None
     max_body_bytes: int = 64 * 1024

@@ -260,7 +260,7 @@ def test_healthz_is_503_while_loading_then_200_then_503_while_draining(cond):
             "backend": "ort-cpu",
             "precision": "fp32",
             "batch_invariant": True,
-            "max_batch": 64,
+            "max_batch": 16,
             "max_queue": 1024,
         }
         app.state.app_state.begin_drain()
