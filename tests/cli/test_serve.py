@@ -246,7 +246,9 @@ def test_log_level_info_writes_one_access_log_line_per_request(cond_model):
     process, url = start_server("--model", cond_model, "--log-level", "info", stdout=subprocess.PIPE)
     try:
         for seed in (1, 2):
-            assert httpx.post(f"{url}/v1/images", json={"n": 1, "steps": 2, "seed": seed}, timeout=60).status_code == 200
+            assert (
+                httpx.post(f"{url}/v1/images", json={"n": 1, "steps": 2, "seed": seed}, timeout=60).status_code == 200
+            )
         assert httpx.post(f"{url}/v1/images", json={"n": 0}, timeout=60).status_code == 422
     finally:
         process.send_signal(signal.SIGTERM)
