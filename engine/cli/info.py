@@ -5,7 +5,6 @@ from pathlib import Path
 import click
 
 from ddengine.cli.common import schedule_options, usage_errors
-from ddengine.model.pipeline_spec import PipelineSpec
 
 
 @click.command()
@@ -24,13 +23,13 @@ def info(model, scheduler_config, steps, method, eta, spacing):
 
     from ddengine.core.rows import COLUMNS
     from ddengine.core.schedule import SchedulerConfig
-    from ddengine.model.load import load_model
     from ddengine.runtime.params import DEFAULT_METHOD, DEFAULT_STEPS, SamplingParams
     from ddengine.runtime.parts import step_plan
 
     console = Console(soft_wrap=True, width=max(Console().width, 140))
-    described = usage_errors(TextModelFolder if model is not None and model.is_dir() else ModelFile, model)
-    loaded = usage_errors(load_model, described.unet_path, scheduler_config)
+    kind = TextModelFolder if model is not None and model.is_dir() else ModelFile
+    described = usage_errors(kind, model, scheduler_config)
+    loaded = described.unet
     spec = loaded.spec
     classes = 0 if spec.conditional and spec.null_class is None else None
     prompt = "" if spec.text_conditional else None
@@ -82,39 +81,44 @@ def info(model, scheduler_config, steps, method, eta, spacing):
 
 
 class ModelFile:
-    """An ONNX model file (None: the shipped one): the U-Net is all there is, and x is an image."""
+    """An ONNX model file (None: the shipped one), loaded: the U-Net is all there is, and x is an image."""
 
     x = "image"
 
-    def __init__(self, path):
-        self.unet_path = path
+    def __init__(self, path, scheduler_config=None):
+        from ddengine.model.load import load_model
+
+        self.unet = load_model(path, scheduler_config)
 
     def print_parts(self, console, spec):
         pass
 
 
 class TextModelFolder:
-    """A text-to-image MODEL_DIR (engine/model/pipeline_spec.py): x is a latent the VAE decodes."""
+    """A text-to-image MODEL_DIR, checked as `sample` checks it (engine/text/pipeline.py read_text_model): x is a
+    latent the VAE decodes."""
 
     x = "latents"
 
-    def __init__(self, folder):
-        self.folder, self.pipeline = folder, PipelineSpec.read(folder)
-        self.unet_path = self.pipeline.path(folder, "unet")
+    def __init__(self, folder, scheduler_config=None):
+        from ddengine.text.pipeline import read_text_model
+
+        self.model = read_text_model(folder, scheduler_config)
+        self.unet = self.model.unet
 
     def print_parts(self, console, spec):
-        print_pipeline(console, self.folder, self.pipeline, spec)
+        print_pipeline(console, self.model, spec)
 
 
-def print_pipeline(console, folder, pipeline, spec):
+def print_pipeline(console, model, spec):
     """A text-to-image folder: each part, its file and the backend `auto` runs it on; text, latent and image shapes."""
     from rich.markup import escape
 
     from ddengine.backends import auto_choice
     from ddengine.model.load import read_weightless
     from ddengine.text.parts import part_backend
-    from ddengine.text.tokenizer import PromptTokenizer
 
+    folder, pipeline = model.folder, model.spec
     source = pipeline.source
     console.print(
         f"[bold]pipeline[/bold] {folder}  ({source.get('pipeline')}, diffusers {source.get('diffusers')}, "
@@ -131,10 +135,9 @@ def print_pipeline(console, folder, pipeline, spec):
         path = pipeline.path(folder, part)
         size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))  # with its external data
         if part == "tokenizer":
-            tokenizer = usage_errors(PromptTokenizer, path, pipeline.text_length, pipeline.pad_token_id).tokenizer
-            io = f"  {tokenizer.get_vocab_size()} tokens in its vocabulary"
+            io = f"  {model.tokenizer.vocabulary} tokens in its vocabulary"
         else:
-            graph = usage_errors(read_weightless, path).graph
+            graph = read_weightless(path).graph
             io = (
                 "  "
                 + ", ".join(f"{v.name} {_shape(v)}" for v in graph.input)

@@ -190,15 +190,14 @@ def _spec(path, proto, override):
 
 def _spec_from_graph(path, proto, scheduler):
     """A spec for an unconditional ONNX model exported elsewhere: image shape from its `sample` input."""
-    inputs = {i.name: i for i in proto.graph.input}
-    inputs = {k: v for k, v in inputs.items() if k not in {t.name for t in proto.graph.initializer}}
+    inputs, _ = graph_tensors(proto)
     extra = sorted(set(inputs) - {"sample", "timestep"})
     if extra or "sample" not in inputs or "timestep" not in inputs:
         raise ModelError(
             f"model file {path} has no '{METADATA_KEY}' metadata and inputs {sorted(inputs)}; without metadata "
             "only unconditional models with inputs 'sample' and 'timestep' can be described by --scheduler-config"
         )
-    dims = _tensor(inputs["sample"]).shape
+    dims = inputs["sample"].shape
     if len(dims) != 4 or any(d == DYNAMIC for d in dims[1:]):
         raise ModelError(
             f"model file {path}: input 'sample' must have shape (N, C, H, W) with static C, H, W to be used "
@@ -214,6 +213,14 @@ def _spec_from_graph(path, proto, scheduler):
     )
 
 
+def graph_tensors(proto):
+    """({name: TensorSpec} of the graph's inputs that are not initializers, {name: TensorSpec} of its outputs),
+    each in graph order."""
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = {i.name: _tensor(i) for i in proto.graph.input if i.name not in initializers}
+    return inputs, {o.name: _tensor(o) for o in proto.graph.output}
+
+
 def _tensor(value):
     """TensorSpec of a graph input/output (numpy dtype name; DYNAMIC for symbolic or missing dims)."""
     t = value.type.tensor_type
@@ -227,16 +234,14 @@ def _tensor(value):
 
 def graph_io(proto, spec):
     """role -> TensorSpec for the spec's inputs and output; other graph inputs (not initializers) are refused."""
-    initializers = {t.name for t in proto.graph.initializer}
-    inputs = {i.name: i for i in proto.graph.input if i.name not in initializers}
-    outputs = {o.name: o for o in proto.graph.output}
+    inputs, outputs = graph_tensors(proto)
     named = {spec.input_names[r]: r for r in spec.roles()}
     extra = sorted(set(inputs) - set(named))
     if extra:
         raise ModelSpecError(f"the graph has input(s) {extra} the spec does not name (it names {sorted(named)})")
-    io = {role: _tensor(inputs[name]) for name, role in named.items() if name in inputs}
+    io = {role: inputs[name] for name, role in named.items() if name in inputs}
     if spec.output_name in outputs:
-        io[OUTPUT_ROLE] = _tensor(outputs[spec.output_name])
+        io[OUTPUT_ROLE] = outputs[spec.output_name]
     else:
         raise ModelSpecError(
             f"the graph has no output {spec.output_name!r} named by its spec; its outputs are {sorted(outputs)}"

@@ -282,7 +282,7 @@ def check_io(spec, io):
             dims = tensor.shape
             if len(dims) != 4 or any(d not in (DYNAMIC, e) for d, e in zip(dims[1:], spec.image_shape)):
                 raise ModelSpecError(
-                    f"tensor {shown(name)} ({role}) has shape {_show(dims)}; the spec's image is "
+                    f"tensor {shown(name)} ({role}) has shape {show_shape(dims)}; the spec's image is "
                     f"(N, {spec.channels}, {spec.height}, {spec.width})"
                 )
             if dims[0] != DYNAMIC:
@@ -291,10 +291,11 @@ def check_io(spec, io):
                 )
         elif not (tensor.scalar and role == "timestep") and (not tensor.shape or tensor.shape[0] != DYNAMIC):
             raise ModelSpecError(
-                f"input {shown(name)} ({role}) has shape {_show(tensor.shape)}; expected a dynamic batch axis first"
+                f"input {shown(name)} ({role}) has shape {show_shape(tensor.shape)}; expected a dynamic batch axis first"
                 + (" (or a scalar)" if role == "timestep" else "")
             )
 
 
-def _show(dims):
+def show_shape(dims):
+    """A shape as messages write it: (N, 4, 64, 64), N for a dynamic axis."""
     return "(" + ", ".join("N" if d == DYNAMIC else str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"

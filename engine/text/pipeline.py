@@ -1,33 +1,59 @@
 """The parts of a latent text-to-image model (Stable Diffusion's layout) around the engine's loop, torch-free:
-PromptConditioner (the tokenizer and the text encoder, once per distinct prompt; the embedding is one more
-per-row U-Net input) and VaeDecoder (the VAE decoder in batches after the loop). Chosen at load time by
-engine/runtime/parts.py for a model folder (engine/model/pipeline_spec.py).
+read_text_model (the folder, its pipeline.json bound to its graphs by engine/text/binding.py), PromptConditioner
+(the tokenizer and the text encoder, once per distinct prompt; the embedding is one more per-row U-Net input) and
+VaeDecoder (the VAE decoder in batches after the loop). Chosen at load time by engine/runtime/parts.py for a model
+folder (engine/model/pipeline_spec.py).
 """
 
 import collections
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ddengine.core.guidance import Conditioning
-from ddengine.model.load import load_model
+from ddengine.model.load import Model, load_model
 from ddengine.model.pipeline_spec import PipelineSpec
+from ddengine.text.binding import EMBEDDINGS, bind_graphs, bind_tokenizer, read_signatures
 from ddengine.text.parts import OnnxPart
 from ddengine.text.tokenizer import PromptTokenizer
 
-EMBEDDINGS = "encoder_hidden_states"
 CACHED_PROMPTS = 256
+
+
+@dataclass(frozen=True)
+class TextModel:
+    """A model folder whose pipeline.json is bound to its graphs and tokenizer; nothing of it has run yet."""
+
+    folder: Path
+    spec: PipelineSpec
+    unet: Model
+    signatures: dict  # part -> its graph's declared I/O (engine/text/binding.py Signature)
+    tokenizer: PromptTokenizer
+
+    def path(self, part):
+        return self.spec.path(self.folder, part)
+
+
+def read_text_model(folder, scheduler_config=None):
+    """The TextModel of a folder: what `sample` and `info` check before any inference (engine/text/binding.py)."""
+    spec = PipelineSpec.read(folder)
+    signatures = read_signatures(folder, spec)  # before the U-Net loads: a swapped folder is refused by name
+    unet = load_model(spec.path(folder, "unet"), scheduler_config)
+    bind_graphs(spec, signatures, unet.spec)
+    tokenizer = PromptTokenizer(spec.path(folder, "tokenizer"), spec.text_length, spec.pad_token_id)
+    bind_tokenizer(spec, tokenizer.vocabulary)
+    return TextModel(Path(folder), spec, unet, signatures, tokenizer)
 
 
 def open_text_model(folder, scheduler_config=None, backend="auto", precision="auto", threads=None):
     """(the U-Net's Model, its PromptConditioner, its VaeDecoder) of a model folder."""
-    spec = PipelineSpec.read(folder)
-    unet = load_model(spec.path(folder, "unet"), scheduler_config)
-    tokenizer = PromptTokenizer(spec.path(folder, "tokenizer"), spec.text_length, spec.pad_token_id)
+    model = read_text_model(folder, scheduler_config)
     # The text encoder runs once per distinct prompt: exact fp32. The VAE decoder is conv-heavy: the backend asked for.
-    encoder = OnnxPart(spec.path(folder, "text_encoder"), "ort-cpu", "auto", threads)
-    decoder = VaeDecoder(OnnxPart(spec.path(folder, "vae_decoder"), backend, precision, threads), spec, unet.spec)
-    return unet, PromptConditioner(tokenizer, encoder), decoder
+    encoder = OnnxPart(model.path("text_encoder"), "ort-cpu", "auto", threads)
+    decoder = VaeDecoder(OnnxPart(model.path("vae_decoder"), backend, precision, threads), model.spec, model.unet.spec)
+    return model.unet, PromptConditioner(model.tokenizer, encoder), decoder
 
 
 class PromptConditioner:

@@ -26,5 +26,10 @@ class PromptTokenizer:
         self.tokenizer.enable_padding(length=length, pad_id=pad_id, pad_token=self.tokenizer.id_to_token(pad_id) or "")
         self.length = length
 
+    @property
+    def vocabulary(self):
+        """How many tokens the tokenizer knows (added tokens included)."""
+        return self.tokenizer.get_vocab_size()
+
     def __call__(self, prompts):
         return np.array([e.ids for e in self.tokenizer.encode_batch(list(prompts))], dtype=np.int64)

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -9,6 +10,8 @@ from click.testing import CliRunner
 from ddengine.cli import main
 from ddengine.model.load import default_model_path
 from tests.support.tiny_models import SCHEDULER, build_tiny_model
+from tests.support.tiny_pipeline import tiny_sd  # noqa: F401  (the fixture)
+from tests.text.broken_folders import BROKEN
 
 
 def run(*args):
@@ -90,6 +93,17 @@ def test_info_of_a_bad_model_exits_2(tmp_path):
         and "value_range must be two finite numbers" in result.output
         and "Traceback" not in result.output
     )
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_info_of_a_model_dir_its_graphs_disagree_with_exits_2_as_sample_does(tiny_sd, tmp_path, case):
+    """info binds pipeline.json to the graphs as `sample` does (engine/text/pipeline.py read_text_model)."""
+    damage, message = BROKEN[case]
+    model = shutil.copytree(tiny_sd.model, tmp_path / "model")
+    damage(model)
+    result = run("info", model)
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == f"Error: {message}" and "Traceback" not in result.output
 
 
 def test_info_defaults_to_the_shipped_model():

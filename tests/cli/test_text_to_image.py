@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 
 from ddengine.cli import main  # noqa: E402
 from tests.support.tiny_pipeline import IMAGE, LATENT, PROMPTS, TEXT_LENGTH, refusing_folder, tiny_sd  # noqa: E402,F401
+from tests.text.broken_folders import BROKEN  # noqa: E402
 
 
 def run(*args):
@@ -182,7 +183,17 @@ def test_a_damaged_model_dir_exits_2_naming_the_problem(model_copy, tmp_path, da
     assert result.exit_code == 2, result.output
     assert message in result.output and not (tmp_path / "out").exists()
     info = run("info", model_copy)
-    assert info.exit_code == 2 and "Traceback" not in info.output
+    assert info.exit_code == 2 and message in info.output and "Traceback" not in info.output
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_model_dir_its_graphs_disagree_with_exits_2_before_sampling(model_copy, tmp_path, case):
+    damage, message = BROKEN[case]
+    damage(model_copy)
+    result = run(*sample_args(model_copy, tmp_path / "out", "--prompt", "a cat"))
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == f"Error: {message}" and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_info_prints_the_pipeline_then_the_unet(tiny_sd):
