@@ -1,8 +1,9 @@
 """ONNX -> TensorRT engine + manifest (`ddengine build`): strongly typed, one batch profile, a timing cache.
 
-A U-Net (its `ddengine` metadata) gets a profile of model rows, doubled for guidance; the other parts of a
-text-to-image MODEL_DIR (text encoder, VAE decoder) get one from their graph's inputs, axis 0 = prompts or
-images. `build_pipeline` builds all three, each engine PART.plan with its manifest PART.plan.json.
+A U-Net (its `ddengine` metadata) gets a profile of model rows, doubled for guidance. `build_pipeline` builds the
+U-Net of a text-to-image MODEL_DIR as unet.plan; its text encoder and VAE decoder get no engine, since they run
+on the CPU (engine/text/parts.py). Every engine ENGINE.plan has its manifest ENGINE.plan.json and is recorded in
+MODEL.engines.json next to its ONNX, where the tensorrt backend looks for it (engine/backends/trt.py find_engine).
 
 TensorRT 11 removed the FP16 builder flag and weak typing ("Migrating from TensorRT 10.x to 11.x"), so
 precision comes from the ONNX graph itself: fp16 needs the mixed-precision ONNX of `ddengine export --fp16`
@@ -11,8 +12,8 @@ logger's text; the engine and then its manifest are written atomically, and an e
 matches the cache key is reused instead of rebuilt.
 """
 
-import json
 import logging
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from ddengine.backends.trt import checked, engine_io, import_tensorrt, make_logg
 
 log = logging.getLogger(__name__)
 ENGINE_SUFFIX = ".plan"
-PIPELINE_PARTS = ("text_encoder", "unet", "vae_decoder")  # the ONNX parts of a MODEL_DIR (the tokenizer is not one)
+CPU_PARTS = ("text_encoder", "vae_decoder")  # a MODEL_DIR's parts that get no engine: they run on the CPU
 
 
 class BuildError(RuntimeError):
@@ -74,6 +75,8 @@ class BuildResult:
     manifest_path: Path
     reused: bool  # True when a cached engine with the same key was kept
     manifest: dict
+    index_path: Path | None = None  # MODEL.engines.json that records the engine; None when it could not be written
+    index_error: str = ""  # why it could not
 
 
 def parse_batch(text):
@@ -142,94 +145,36 @@ def network_flags(trt):
     return 0 if flag is None else 1 << int(flag)
 
 
-def build_engine(config, *, gpu=None):
-    """Build (or reuse) the engine of a U-Net ONNX for `config`; `gpu` = (name, 'major.minor') overrides the CUDA device query."""
+def build_engine(config, *, gpu=None, rebuild=None):
+    """Build (or reuse) the engine of a U-Net ONNX for `config`; `gpu` = (name, 'major.minor') overrides the CUDA
+    device query; `rebuild`: the command recorded for building it again (default: `ddengine build ONNX [-o ENGINE]`)."""
     from ddengine.model.load import load_model
 
     trt = import_tensorrt()
     model = load_model(config.onnx_path)
-    profile = model.spec.batch_profile(config.batch)
-    return _build(
-        trt,
-        config,
-        model.sha256,
-        profile,
-        lambda: input_shapes(model.spec, profile["engine_batch"], config.onnx_path),
-        model.spec.to_json(),
-        gpu,
-    )
-
-
-def build_part_engine(config, part, *, gpu=None):
-    """Build (or reuse) the engine of a pipeline part without ddengine metadata (text encoder, VAE decoder): the
-    profile's rows are prompts or images, as the runtime batches them (no doubling for guidance)."""
-    from ddengine.model.load import onnx_sha256, read_weightless
-
-    trt = import_tensorrt()
-    proto = read_weightless(config.onnx_path)
-    inputs = graph_inputs(proto)
-    batch = [int(b) for b in config.batch]
-    profile = {"batch": batch, "engine_batch": batch}
-    spec_json = json.dumps(
-        {"part": part, "inputs": {k: {"dtype": d, "shape": list(s)} for k, (d, s) in inputs.items()}}
-    )
-    return _build(
-        trt,
-        config,
-        onnx_sha256(config.onnx_path, proto),
-        profile,
-        lambda: part_shapes(inputs, batch, config.onnx_path),
-        spec_json,
-        gpu,
-    )
+    return _build(trt, config, model, gpu, rebuild or rebuild_command(config.onnx_path, config.engine_path, config))
 
 
 def build_pipeline(folder, engine_dir=None, *, gpu=None, **options):
-    """Engines for the text encoder, U-Net and VAE decoder of a MODEL_DIR, as ENGINE_DIR/PART.plan (default: in
-    MODEL_DIR, where the tensorrt backend looks for unet.plan). `options`: BuildConfig fields. Returns {part: BuildResult}."""
+    """The U-Net engine of a MODEL_DIR as ENGINE_DIR/unet.plan (default: in MODEL_DIR), recorded in
+    MODEL_DIR/unet.engines.json; the CPU_PARTS get none. `options`: BuildConfig fields. Returns {"unet": BuildResult}."""
     from ddengine.model.pipeline_spec import PipelineSpec
 
     spec = PipelineSpec.read(folder)
-    engine_dir = Path(engine_dir) if engine_dir is not None else Path(folder)
-    configs = {
-        part: BuildConfig(
-            onnx_path=spec.path(folder, part), engine_path=engine_dir / f"{part}{ENGINE_SUFFIX}", **options
-        )
-        for part in PIPELINE_PARTS
-    }
-    import_tensorrt()
-    if gpu is None:
-        gpu = device_identity(configs["unet"].device)
-    return {
-        part: build_engine(config, gpu=gpu) if part == "unet" else build_part_engine(config, part, gpu=gpu)
-        for part, config in configs.items()
-    }
+    engine = Path(engine_dir if engine_dir is not None else folder) / f"unet{ENGINE_SUFFIX}"
+    config = BuildConfig(onnx_path=spec.path(folder, "unet"), engine_path=engine, **options)
+    return {"unet": build_engine(config, gpu=gpu, rebuild=rebuild_command(folder, engine_dir, config))}
 
 
-def graph_inputs(proto):
-    """{input name: (ONNX element type name, shape)} of a graph's inputs that are not initializers; -1 = dynamic."""
-    initializers = {t.name for t in proto.graph.initializer}
-    inputs = {}
-    for value in proto.graph.input:
-        if value.name in initializers:
-            continue
-        t = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
-        inputs[value.name] = (onnx.TensorProto.DataType.Name(t.elem_type), dims)
-    return inputs
-
-
-def part_shapes(inputs, batch, path):
-    """{input name: (min, opt, max) shapes}: axis 0 of every input takes the batch, the other axes must be static."""
-    shapes = {}
-    for name, (_, dims) in inputs.items():
-        if not dims or dims[0] != -1 or any(d < 1 for d in dims[1:]):
-            raise BuildError(
-                f"{path}: input {name!r} has shape {list(dims)}; expected a dynamic batch axis first and "
-                "static others (export it with `ddengine export --diffusers`)"
-            )
-        shapes[name] = tuple((rows, *dims[1:]) for rows in batch)
-    return shapes
+def rebuild_command(model, output, config):
+    """The `ddengine build` command line that builds this engine again (absolute paths; no -o for the default)."""
+    words = ["ddengine", "build", str(Path(model).resolve())]
+    if output is not None:
+        words += ["-o", str(Path(output).resolve())]
+    words += ["--precision", config.precision, "--batch", ":".join(map(str, config.batch))]
+    if config.hardware_compat != "none":
+        words += ["--hardware-compat", config.hardware_compat]
+    return shlex.join(words)
 
 
 def device_identity(device):
@@ -240,17 +185,19 @@ def device_identity(device):
     return gpu_properties(device)
 
 
-def _build(trt, config, onnx_sha, profile, shapes, spec_json, gpu):
-    """The engine for `config` from the ONNX hashed `onnx_sha`: reused when its manifest matches the key, else built
-    with the profile `shapes()` gives, then written (engine, then manifest) atomically."""
+def _build(trt, config, model, gpu, rebuild):
+    """The engine for `config` from the loaded ONNX `model`: reused when its manifest matches the key, else built
+    with the model's batch profile, then written (engine, then manifest) atomically; then recorded in the model's
+    engine index."""
     from ddengine import __version__
     from ddengine.model.load import read_weightless
 
+    profile = model.spec.batch_profile(config.batch)
     check_precision(read_weightless(config.onnx_path), config.precision, config.onnx_path)
     if gpu is None:
         gpu = device_identity(config.device)
     key = mf.make_key(
-        onnx_sha256=onnx_sha,
+        onnx_sha256=model.sha256,
         precision=config.precision,
         profile=profile,
         hardware_compat=config.hardware_compat,
@@ -260,13 +207,30 @@ def _build(trt, config, onnx_sha, profile, shapes, spec_json, gpu):
         ddengine_version=__version__,
     )
     engine_path = config.engine
-    if not config.force and mf.cached_engine_ok(engine_path, key):
+    reused = not config.force and mf.cached_engine_ok(engine_path, key)
+    if reused:
         log.info("reusing %s: its manifest matches the cache key", engine_path)
-        return BuildResult(engine_path, mf.manifest_path(engine_path), True, mf.read_manifest(engine_path))
-    engine_bytes, io = serialize_engine(trt, shapes(), config)
-    mf.write_atomic(engine_path, engine_bytes)
-    manifest = mf.write_manifest(engine_path, key, mf.sha256_bytes(engine_bytes), spec_json=spec_json, io=io)
-    return BuildResult(engine_path, mf.manifest_path(engine_path), False, manifest)
+        manifest = mf.read_manifest(engine_path)
+    else:
+        shapes = input_shapes(model.spec, profile["engine_batch"], config.onnx_path)
+        engine_bytes, io = serialize_engine(trt, shapes, config)
+        mf.write_atomic(engine_path, engine_bytes)
+        source = {"onnx_path": str(Path(config.onnx_path).resolve()), "rebuild": rebuild}
+        manifest = mf.write_manifest(
+            engine_path, key, mf.sha256_bytes(engine_bytes), spec_json=model.spec.to_json(), io=io, source=source
+        )
+    index, error = record_engine(config.onnx_path, engine_path)
+    return BuildResult(engine_path, mf.manifest_path(engine_path), reused, manifest, index, error)
+
+
+def record_engine(onnx_path, engine_path):
+    """(index path, "") once the engine is first in its model's index, where the tensorrt backend looks; else
+    (None, why not): the engine stays built and usable by name."""
+    try:
+        return mf.record_engine(onnx_path, engine_path), ""
+    except OSError as err:  # a read-only model folder, a name too long, ...
+        log.warning("could not record %s in %s: %s", engine_path, mf.index_path(onnx_path), err)
+        return None, str(err)
 
 
 def serialize_engine(trt, shapes, config):

@@ -2,7 +2,8 @@
 
 `--backend auto` resolves, on this machine, to the fastest backend that is installed: a GPU provider when there
 is one, else OpenVINO in bf16 where the CPU runs bf16 natively, else ONNX Runtime fp32 (measured faster than
-OpenVINO fp32 on the shipped model at every batch; bench/results).
+OpenVINO fp32 on the shipped model at every batch; bench/results). `tensorrt` loads the engine `ddengine build`
+recorded for the model (engine/backends/trt.py find_engine); `tensorrt:ENGINE.plan` names one.
 
 May import `nets`, `model`, `gpu`, `core` and `files`.
 """
@@ -35,7 +36,8 @@ class Entry:
     needs: str  # an ONNX Runtime provider, a Python package, or "torch+gpu"
     precisions: tuple  # the first is what "auto" means for it
     device: str = "cpu"
-    takes: tuple = ()  # what the factory takes besides (model, name=): "provider" (= needs), "threads", "precision"
+    takes: tuple = ()  # what the factory takes besides (model, name=): "provider" (= needs), "threads", "precision",
+    # "engine" (NAME:ENGINE names the engine file it loads)
 
 
 BACKENDS = {
@@ -61,7 +63,7 @@ BACKENDS = {
         takes=("provider", "threads"),
     ),
     "tensorrt": Entry(
-        "ddengine.backends.trt", "create", "tensorrt", ("fp16", "fp32"), "gpu"
+        "ddengine.backends.trt", "create", "tensorrt", ("fp16", "fp32"), "gpu", takes=("engine",)
     ),  # an engine from `ddengine build`
     "torch-cuda": Entry(
         "ddengine.backends.torch_cuda", "TorchCudaBackend", "torch+gpu", ("fp16", "bf16"), "gpu", takes=("precision",)
@@ -137,6 +139,7 @@ def resolve_backend(name, precision="auto"):
     """(backend name, precision) for a requested pair; "auto" picks per machine; unknown or unavailable names are refused."""
     if not isinstance(name, str):
         raise BackendError(f"backend must be a name, one of {', '.join(['auto', *BACKENDS])}; got {name!r}")
+    name, _ = split_engine(name)
     if name == "auto":
         choice = auto_choice()
         name, precision = choice.name, choice.precision if precision == "auto" else precision
@@ -157,14 +160,25 @@ def resolve_backend(name, precision="auto"):
     return name, precision
 
 
+def split_engine(name):
+    """'tensorrt:ENGINE.plan' -> ('tensorrt', 'ENGINE.plan') for a backend that loads a built engine; else (name, None)."""
+    base, sep, engine = name.partition(":")
+    if sep and engine and base in BACKENDS and "engine" in BACKENDS[base].takes:
+        return base, engine
+    return name, None
+
+
 def create_backend(name, model, *, threads=None, precision="auto"):
-    """Load `model` (a ddengine.model.load.Model) on backend `name` ("auto" or a key of BACKENDS) at `precision`."""
+    """Load `model` (a ddengine.model.load.Model) on backend `name` ("auto", a key of BACKENDS, or NAME:ENGINE for
+    one that loads a built engine) at `precision`."""
+    engine = split_engine(name)[1] if isinstance(name, str) else None
     name, precision = resolve_backend(name, precision)
     entry = BACKENDS[name]
     given = {
         "provider": entry.needs,
         "threads": threads,
         "precision": entry.precisions[0] if precision == "auto" else precision,
+        "engine": engine,
     }
     factory = getattr(importlib.import_module(entry.module), entry.factory)
     return factory(model, name=name, **{option: given[option] for option in entry.takes})

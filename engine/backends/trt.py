@@ -10,6 +10,7 @@ tensorrt and cuda-python are imported lazily, when a backend is created.
 import collections
 import logging
 import queue
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -168,12 +169,48 @@ class TensorRTBackend(Backend):
 
 
 def create(model, *, name="tensorrt", engine=None, device=0):
-    """create_backend-style factory: the engine built from `model` (a ddengine.model.load.Model), default MODEL.plan.
-
-    The engine must have been built from exactly this ONNX file (its content hash is checked against the manifest).
-    """
-    path = Path(engine) if engine is not None else Path(model.path).with_suffix(".plan")
+    """create_backend-style factory: the engine `engine`, else the one `ddengine build` made from `model` (a
+    ddengine.model.load.Model; find_engine). The engine must have been built from exactly this ONNX file (its
+    content hash is checked against the manifest)."""
+    path = Path(engine) if engine is not None else find_engine(model, device)
+    if not path.is_file():
+        raise BackendError(f"TensorRT engine {path} does not exist; build it with `{build_command(model.path)}`")
     return TensorRTBackend(path, model.spec, onnx_sha256=model.sha256, device=device, name=name)
+
+
+def find_engine(model, device=0):
+    """The engine for `model`: the newest its index (MODEL.engines.json) records, then MODEL.plan, whose manifest
+    matches this model and machine; else the newest one's mismatch, or BackendError naming where it looked."""
+    found = [path for path in engine_candidates(model.path) if path.is_file()]
+    if not found:
+        raise BackendError(
+            f"no TensorRT engine for {model.path}: none recorded in {mf.index_path(model.path)} and no "
+            f"{Path(model.path).with_suffix('.plan')}; build one with `{build_command(model.path)}`"
+        )
+    here = runtime_key(import_tensorrt(), device, model.sha256)
+    errors = []
+    for path in found:
+        try:
+            manifest = mf.read_manifest(path)
+            mf.check_manifest(path, manifest, wanted_on_load(manifest["key"], here))
+            return path
+        except BackendError as err:  # ManifestError, EngineMismatchError, an Ampere+ engine on an older GPU
+            errors.append(err)
+    raise errors[0]
+
+
+def engine_candidates(onnx_path):
+    """Where `ddengine build` put engines for `onnx_path`: its index's entries, newest first, then MODEL.plan."""
+    paths = [*mf.read_index(onnx_path), Path(onnx_path).with_suffix(".plan")]
+    return list(dict.fromkeys(path.resolve() for path in paths))
+
+
+def build_command(onnx_path):
+    """`ddengine build MODEL_DIR` for the U-Net of a text-to-image folder, else `ddengine build MODEL.onnx`."""
+    from ddengine.model.pipeline_spec import PIPELINE_FILE
+
+    folder = Path(onnx_path).parent
+    return f"ddengine build {shlex.quote(str(folder if (folder / PIPELINE_FILE).is_file() else onnx_path))}"
 
 
 def engine_io(trt, engine):

@@ -147,8 +147,14 @@ def default_backends(auto, available, cpu_backends):
 
 
 def parse_backend(label):
-    """'openvino:bf16' -> ('openvino', 'bf16'); 'ort-cpu' -> ('ort-cpu', 'auto')."""
+    """'openvino:bf16' -> ('openvino', 'bf16'); 'ort-cpu' -> ('ort-cpu', 'auto'); 'tensorrt:X.plan' (an engine
+    file, not a precision) -> ('tensorrt:X.plan', 'auto')."""
+    from ddengine.backends import BACKENDS
+
     name, _, precision = label.partition(":")
+    entry = BACKENDS.get(name)
+    if precision and entry is not None and "engine" in entry.takes and precision not in entry.precisions:
+        return label, "auto"
     return name, precision or "auto"
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ddengine.backends import trt_manifest as mf
+from ddengine.backends.base import BackendError
 
 KEY = dict(
     onnx_sha256="ab" * 32,
@@ -152,3 +153,40 @@ def test_manifest_is_plain_json_with_engine_hash(tmp_path):
     data = json.loads(mf.manifest_path(engine).read_text())
     assert data["engine_sha256"] == hashlib.sha256(b"PLAN-BYTES").hexdigest()
     assert data["manifest_version"] == mf.MANIFEST_VERSION
+
+
+def test_a_mismatch_names_the_rebuild_command_its_manifest_records(tmp_path):
+    engine = tmp_path / "model.plan"
+    mf.write_atomic(engine, b"PLAN")
+    command = "ddengine build /m/model.onnx -o /e/model.plan --precision fp16 --batch 1:8:16"
+    mf.write_manifest(
+        engine, mf.make_key(**KEY), mf.sha256_bytes(b"PLAN"), spec_json="{}", io={}, source={"rebuild": command}
+    )
+    with pytest.raises(mf.EngineMismatchError) as info:
+        mf.check_manifest(engine, mf.read_manifest(engine), {"gpu_name": "NVIDIA A10"})
+    assert str(info.value) == (
+        f"engine {engine} was built with gpu_name='NVIDIA H100 80GB HBM3' but 'NVIDIA A10' is required here; "
+        f"rebuild it with `{command}`"
+    )
+    assert isinstance(info.value, BackendError)  # the CLI reports it as a usage error, not a traceback
+
+
+def test_the_index_lists_engines_newest_first_once_each_relative_to_the_model(tmp_path):
+    model = tmp_path / "models" / "m.onnx"
+    engines = [tmp_path / "engines" / f"e{i}.plan" for i in range(mf.INDEX_SIZE + 2)]
+    for engine in [engines[0], *engines, engines[3]]:
+        assert mf.record_engine(model, engine) == tmp_path / "models" / "m.engines.json"
+    assert json.loads(mf.index_path(model).read_text())["engines"][:2] == ["../engines/e3.plan", "../engines/e17.plan"]
+    recorded = [p.resolve() for p in mf.read_index(model)]
+    assert recorded == [engines[3], *reversed(engines[4:]), engines[2]]  # INDEX_SIZE = 16 newest, each once
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"index_version": 1, "engines": "e.plan"}', "[]"])
+def test_an_unreadable_index_is_named_and_a_build_starts_it_afresh(tmp_path, content):
+    model = tmp_path / "m.onnx"
+    mf.index_path(model).write_text(content)
+    with pytest.raises(mf.ManifestError, match=r"engine index .*m\.engines\.json .*delete it"):
+        mf.read_index(model)
+    mf.record_engine(model, tmp_path / "e.plan")
+    assert mf.read_index(model) == [tmp_path / "e.plan"]
+    assert mf.read_index(tmp_path / "other.onnx") == []

@@ -10,6 +10,7 @@ import pytest
 
 from ddengine.benchmark import harness as bench
 from ddengine.benchmark.harness import (
+    NOT_MEASURED,
     NUMPY,
     TORCH_UNAVAILABLE,
     engine_name,
@@ -81,6 +82,25 @@ def test_to_row_reports_the_run_closest_to_the_median(uncond_model):
     assert row.seconds == 0.45 and row.runs == [0.9, 0.1, 0.5, 0.45, 0.3]  # median 0.45
     assert (row.batch, row.steps, row.backend) == (4, 5, "ort-cpu")
     assert to_row("y", request, [{"seconds": 0.2}]).forward_s is None  # a runner without timers has no breakdown
+
+
+class UntimedDeviceLoop:
+    """Stands in for a GPU backend's device loop, which takes `timers` and fills none (engine/runtime/device_loop.py)."""
+
+    def __init__(self, host_loop):
+        self.host_loop = host_loop
+
+    def denoise(self, plan, seeds, conditioning, on_step=None, timers=None):
+        return self.host_loop.denoise(plan, seeds, conditioning, on_step=on_step)
+
+
+def test_a_device_loop_s_forward_and_step_are_not_measured_rather_than_0_s(uncond_model):
+    sampler = Sampler(uncond_model, backend="ort-cpu")
+    sampler.device_loop = UntimedDeviceLoop(sampler.host_loop)
+    rows = run_benchmarks({"gpu": sampler}, [2], steps=2, repeats=1, baselines=False)
+    engine = next(r for r in rows if r.name == engine_name("gpu"))
+    assert engine.seconds > 0 and (engine.forward_s, engine.step_s, engine.other_s) == (None, None, None)
+    assert engine.note == NOT_MEASURED and engine.to_dict()["note"].startswith("forward and step not measured")
 
 
 def _timed_order(names, repeats, warmup=1):

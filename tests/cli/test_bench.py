@@ -199,3 +199,33 @@ def test_plot_writes_a_png(tmp_path, uncond_model):
     result = bench("--model", uncond_model, *QUICK, "--plot", tmp_path / "p.png")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class UntimedDeviceLoop:
+    """Stands in for a GPU backend's device loop, which takes `timers` and fills none (engine/runtime/device_loop.py)."""
+
+    def __init__(self, host_loop):
+        self.host_loop = host_loop
+
+    def denoise(self, plan, seeds, conditioning, on_step=None, timers=None):
+        return self.host_loop.denoise(plan, seeds, conditioning, on_step=on_step)
+
+
+def test_a_gpu_backend_s_rows_say_not_measured_instead_of_0_s(tmp_path, uncond_model, monkeypatch):
+    """A device loop (tensorrt, ort-cuda, torch-cuda) fills no forward/step timers: null in the JSON, said in the table."""
+    from ddengine.cli import bench as bench_cli
+
+    def gpu_sampler(*args):
+        sampler = open_sampler(*args)
+        sampler.device_loop = UntimedDeviceLoop(sampler.host_loop)
+        return sampler
+
+    open_sampler = bench_cli.open_sampler
+    monkeypatch.setattr(bench_cli, "open_sampler", gpu_sampler)
+    path = tmp_path / "bench.json"
+    result = bench("--model", uncond_model, *QUICK, "--json", path)
+    assert result.exit_code == 0, result.output
+    engine = next(r for r in json.loads(path.read_text())["rows"] if r["name"] == engine_name("ort-cpu"))
+    assert (engine["forward_s"], engine["step_s"], engine["other_s"]) == (None, None, None) and engine["seconds"] > 0
+    assert engine["note"].startswith("forward and step not measured")
+    assert f"{engine_name('ort-cpu')} (forward and step not measured)" in " ".join(result.output.split())

@@ -2,7 +2,6 @@
 transformers, the oracles), the metadata the runtime reads, refusals that name the part, nothing left behind by a
 failed export, the fp16 variant, and the TensorRT engines of `build_pipeline` against the fake tensorrt."""
 
-import json
 import os
 
 import numpy as np
@@ -201,39 +200,30 @@ def calls(fake, name):
     return [c for c in fake.state.calls if c[0] == name]
 
 
-def test_build_pipeline_makes_an_engine_per_part_with_profiles_from_their_inputs(fake_trt, tiny_sd, tmp_path):
+def test_build_pipeline_makes_one_engine_for_the_unet_with_guidance_rows(fake_trt, tiny_sd, tmp_path):
     from ddengine.export.trt_build import build_pipeline
 
     results = build_pipeline(tiny_sd.model, tmp_path / "engines", precision="fp32", batch=(1, 2, 4))
-    assert sorted(p.name for p in (tmp_path / "engines").iterdir()) == sorted(
-        f"{part}.plan{suffix}" for part in ("text_encoder", "unet", "vae_decoder") for suffix in ("", ".json")
-    )
+    assert sorted(p.name for p in (tmp_path / "engines").iterdir()) == ["unet.plan", "unet.plan.json"]
     shapes = {c[1]: c[2:] for c in calls(fake_trt, "set_shape")}
-    assert shapes["input_ids"] == ((1, TEXT_LENGTH), (2, TEXT_LENGTH), (4, TEXT_LENGTH))  # prompts: no doubling
     assert shapes["sample"] == ((1, 4, LATENT, LATENT), (4, 4, LATENT, LATENT), (8, 4, LATENT, LATENT))  # CFG rows
     assert shapes["encoder_hidden_states"] == (
         (1, TEXT_LENGTH, HIDDEN),
         (4, TEXT_LENGTH, HIDDEN),
         (8, TEXT_LENGTH, HIDDEN),
     )
-    assert shapes["latent"] == ((1, 4, LATENT, LATENT), (2, 4, LATENT, LATENT), (4, 4, LATENT, LATENT))  # images
-    for part, result in results.items():
-        manifest = json.loads(result.manifest_path.read_text())
-        assert manifest["engine_sha256"] and manifest["key"]["precision"] == "fp32"
-        rows = [1, 4, 8] if part == "unet" else [1, 2, 4]
-        assert manifest["key"]["profile"] == {"batch": [1, 2, 4], "engine_batch": rows}, part
-    assert json.loads(results["vae_decoder"].manifest_path.read_text())["spec"]["part"] == "vae_decoder"
+    assert "input_ids" not in shapes and "latent" not in shapes  # the text encoder and VAE decoder run on the CPU
+    assert results["unet"].manifest["key"]["profile"] == {"batch": [1, 2, 4], "engine_batch": [1, 4, 8]}
     again = build_pipeline(tiny_sd.model, tmp_path / "engines", precision="fp32", batch=(1, 2, 4))
-    assert all(r.reused for r in again.values()) and fake_trt.state.builds == 3
+    assert list(again) == ["unet"] and again["unet"].reused and fake_trt.state.builds == 1
 
 
 def test_build_pipeline_fp16_needs_the_fp16_export(fake_trt, tiny_sd, tiny_sd16, tmp_path):
     from ddengine.export.trt_build import BuildError, build_pipeline
 
-    with pytest.raises(BuildError, match=r"text_encoder.onnx is float32; make one with `ddengine export --fp16`"):
+    with pytest.raises(BuildError, match=r"unet.onnx is float32; make one with `ddengine export --fp16`"):
         build_pipeline(tiny_sd.model, tmp_path / "e32")
-    results = build_pipeline(tiny_sd16.model, tmp_path / "e16")
-    assert {r.manifest["key"]["precision"] for r in results.values()} == {"fp16"}
+    assert build_pipeline(tiny_sd16.model, tmp_path / "e16")["unet"].manifest["key"]["precision"] == "fp16"
 
 
 def test_an_export_killed_with_9_leaves_no_staging_folder_behind_the_next_one(tmp_path):

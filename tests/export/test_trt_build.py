@@ -207,3 +207,29 @@ def test_the_exporters_fp16_model_is_accepted_as_fp16(fake_trt, tmp_path):
     dst = tmp_path / "cond16.onnx"
     onnx.save(mixed, str(dst))
     assert build_engine(config(dst, tmp_path, precision="fp16")).manifest["key"]["precision"] == "fp16"
+
+
+def test_the_manifest_records_the_onnx_and_the_command_that_rebuilds_it(fake_trt, onnx16, tmp_path):
+    result = build_engine(config(onnx16, tmp_path, batch=(1, 2, 4), hardware_compat="ampere+"))
+    assert result.manifest["source"] == {
+        "onnx_path": str(onnx16.resolve()),
+        "rebuild": f"ddengine build {onnx16.resolve()} -o {(tmp_path / 'out' / 'model.plan').resolve()} "
+        "--precision fp16 --batch 1:2:4 --hardware-compat ampere+",
+    }
+    assert json.loads(result.manifest_path.read_text())["source"] == result.manifest["source"]
+
+
+def test_each_build_or_reuse_puts_its_engine_first_in_the_model_s_index(fake_trt, onnx16, tmp_path):
+    first = build_engine(config(onnx16, tmp_path))
+    assert first.index_path == tmp_path / "uncond_fp16.engines.json" and first.index_error == ""
+    other = build_engine(BuildConfig(onnx_path=onnx16, engine_path=tmp_path / "other.plan"))
+    assert mf.read_index(onnx16) == [other.index_path.parent / "other.plan", tmp_path / "out" / "model.plan"]
+    again = build_engine(config(onnx16, tmp_path))
+    assert again.reused and mf.read_index(onnx16)[0] == tmp_path / "out" / "model.plan"
+
+
+def test_an_index_that_cannot_be_written_is_reported_and_the_engine_kept(fake_trt, onnx16, tmp_path):
+    mf.index_path(onnx16).mkdir()  # in the index's place: a folder, as unwritable as a read-only model folder
+    result = build_engine(config(onnx16, tmp_path))
+    assert result.index_path is None and "uncond_fp16.engines.json" in result.index_error
+    assert mf.read_manifest(result.engine_path)["engine_sha256"] == mf.sha256_bytes(result.engine_path.read_bytes())
