@@ -19,9 +19,7 @@ from ddengine.cli.common import schedule_options, usage_errors
 def info(model, scheduler_config, steps, method, eta, spacing):
     """Print a model's spec, the schedule the engine will use, and which backend `auto` picks here."""
     from rich.console import Console
-    from rich.table import Table
 
-    from ddengine.core.rows import COLUMNS
     from ddengine.core.schedule import SchedulerConfig
     from ddengine.runtime.params import DEFAULT_METHOD, DEFAULT_STEPS, SamplingParams
     from ddengine.runtime.parts import step_plan
@@ -64,19 +62,15 @@ def info(model, scheduler_config, steps, method, eta, spacing):
     for role, tensor in spec.io.items():
         console.print(f"[bold]io[/bold]      {role:<22} {tensor.name!r} {tensor.dtype} {list(tensor.shape)}")
     console.print("[bold]scheduler[/bold]")
-    for key in sorted(spec.scheduler):
+    for key in sorted(set(spec.scheduler) - unread_keys(spec.scheduler)):
         value = spec.scheduler[key]
         console.print(f"  {key} = {value if not isinstance(value, list) else f'[{len(value)} values]'}")
     unused = SchedulerConfig.unused_keys(spec.scheduler)
     if unused:
         console.print(f"  (not read by any method: {', '.join(unused)})")
-    console.print(f"[bold]plan[/bold]    {request.method}, {len(plan)} steps, eta {plan.eta}, clip {plan.clip}")
+    console.print(f"[bold]plan[/bold]    {request.method}, {len(plan)} steps, eta {plan.eta}")
     console.print(f"  timesteps {plan.timesteps.tolist()}")
-    used = [k for k, name in enumerate(COLUMNS) if (plan.coeffs[:, k] != (-1 if name == "write_d" else 0)).any()]
-    table = Table("step", "t", *(COLUMNS[k] for k in used))  # the columns this plan uses (docs/math.md)
-    for i in sorted({0, 1, len(plan) - 2, len(plan) - 1} & set(range(len(plan)))):
-        table.add_row(str(i), str(plan.timesteps[i]), *(f"{plan.coeffs[i, k]:.6g}" for k in used))
-    console.print(table)
+    console.print(plan_table(plan))
     print_backends(console, loaded)
 
 
@@ -155,6 +149,31 @@ def print_pipeline(console, model, spec):
         f"(VAE scale {pipeline.vae_scale}, scaling factor {pipeline.vae_scaling_factor:g}); "
         f"`ddengine sample --height {height} --width {width}`"
     )
+
+
+def unread_keys(scheduler):
+    """Keys whose value this schedule ignores: beta_start/beta_end beside a cosine schedule or trained_betas, and
+    clip_sample_range without clip_sample (diffusers' DDPMScheduler/DDIMScheduler semantics)."""
+    unread = set()
+    if scheduler.get("trained_betas") is not None or scheduler.get("beta_schedule") == "squaredcos_cap_v2":
+        unread |= {"beta_start", "beta_end"}
+    if not scheduler.get("clip_sample"):
+        unread.add("clip_sample_range")
+    return unread
+
+
+def plan_table(plan):
+    """The plan's first two and last two rows, one line per coefficient column it uses, with what it means."""
+    from rich.table import Table
+
+    from ddengine.core.rows import COLUMNS, MEANINGS
+
+    steps = sorted({0, 1, len(plan) - 2, len(plan) - 1} & set(range(len(plan))))
+    table = Table("column", "meaning (docs/math.md)", *(f"step {i}\nt={plan.timesteps[i]}" for i in steps))
+    for k, name in enumerate(COLUMNS):
+        if (plan.coeffs[:, k] != (-1 if name == "write_d" else 0)).any():  # the columns this plan uses
+            table.add_row(name, MEANINGS[name], *(f"{plan.coeffs[i, k]:.6g}" for i in steps))
+    return table
 
 
 def _shape(value):

@@ -18,6 +18,33 @@ COLUMNS = (
     "q0", "qe", "sx", "sl", "sd", "sh0", "sh1", "sh2", "ps", "pd", "ph0", "ph1", "ph2", "write_d", "write_s",
 )  # fmt: skip
 NUM_COLUMNS = len(COLUMNS)
+MEANINGS = {  # one line per column, for `ddengine info` (the program above)
+    "ax": "x0 = ax*x + am*m: weight of x",
+    "am": "x0: weight of the (guided) model output m",
+    "bx": "eps = bx*x + bm*m + b0*x0: weight of x",
+    "bm": "eps: weight of m",
+    "b0": "eps: weight of x0",
+    "p0": "x' = p0*x0 + px*x + pe*eps + ...: weight of x0",
+    "px": "x': weight of x",
+    "pe": "x': weight of eps",
+    "sigma": "x': weight of the Philox noise z",
+    "clip": "x0 clipped to [-clip, clip] (0: not clipped)",
+    "q0": "history value d = q0*x0 + qe*eps: weight of x0",
+    "qe": "d: weight of eps",
+    "sx": "stage sample s = sx*x + sl*L + sd*d + sh*H: weight of x",
+    "sl": "s: weight of the saved sample L",
+    "sd": "s: weight of d",
+    "sh0": "s: weight of history slot H0",
+    "sh1": "s: weight of H1",
+    "sh2": "s: weight of H2",
+    "ps": "x': weight of s",
+    "pd": "x': weight of d",
+    "ph0": "x': weight of H0",
+    "ph1": "x': weight of H1",
+    "ph2": "x': weight of H2",
+    "write_d": "the slot d is written to (-1: none)",
+    "write_s": "1: s is saved into L",
+}
 (AX, AM, BX, BM, B0, P0, PX, PE, SIGMA, CLIP,
  Q0, QE, SX, SL, SD, SH0, SH1, SH2, PS, PD, PH0, PH1, PH2, WRITE_D, WRITE_S) = range(NUM_COLUMNS)  # fmt: skip
 HISTORY_SLOTS = 3  # H0..H2: DPM-Solver++(3M) and PLMS combine up to three earlier predictions with the current one

@@ -39,8 +39,26 @@ def test_info_timesteps_and_coefficients_are_diffusers(cond_model):
     assert f"timesteps {sched.timesteps.tolist()}" in result.output
     t = int(sched.timesteps[0])
     ax = float(1 / sched.alphas_cumprod[t].double().sqrt())  # epsilon prediction: x0 = x / sqrt(abar) - ...
-    row = re.search(rf"│ 0\s+│ {t}\s+│ ([\d.e+-]+)", result.output)
+    assert re.search(rf"step 0\s+┃[^\n]*\n[^\n]*t={t}\s", result.output)  # the first value column is step 0
+    row = re.search(r"│ ax\s+│ x0 = ax\*x \+ am\*m: weight of x\s+│ ([\d.e+-]+)", result.output)
     assert row and float(row.group(1)) == pytest.approx(ax, rel=1e-5)
+
+
+def test_info_explains_each_column_it_shows_and_leaves_out_unread_keys(tmp_path, uncond_model):
+    from ddengine.core.rows import COLUMNS
+
+    cosine = tmp_path / "cosine.json"
+    cosine.write_text(json.dumps({**SCHEDULER, "beta_schedule": "squaredcos_cap_v2", "clip_sample": False}))
+    shown = run("info", uncond_model, "--scheduler-config", cosine, "--steps", 4, "--method", "dpmpp-2m").output
+    columns = re.findall(r"^│ (\w+)\s+│ (.+?)\s+│", shown, re.M)
+    assert {"ax", "am", "q0", "write_d"} <= {name for name, _ in columns} <= set(COLUMNS)
+    assert all(meaning and meaning != name for name, meaning in columns)
+    scheduler = shown[shown.index("scheduler") : shown.index("plan ")]
+    assert "beta_schedule = squaredcos_cap_v2" in scheduler  # diffusers' betas_for_alpha_bar reads no beta_start/end
+    assert "beta_start" not in scheduler and "beta_end" not in scheduler and "clip_sample_range" not in scheduler
+    assert "clip" not in shown[shown.index("plan ") :].splitlines()[0]  # the plan line does not repeat it
+    linear = run("info", uncond_model, "--steps", 4).output
+    assert "beta_start = " in linear and "beta_end = " in linear
 
 
 def test_info_shows_the_configs_solver_and_names_the_keys_no_method_reads(tmp_path, uncond_model):
