@@ -118,15 +118,38 @@ def usage_errors(fn, *args, **kwargs):
         raise click.UsageError(str(err)) from None
 
 
-def progress_bar(quiet, description):
-    """A rich progress bar on stderr (a no-op context when quiet)."""
+def progress_bar(quiet, unit="steps"):
+    """A rich progress bar on stderr (a no-op context when quiet): each task's description, done/total `unit`,
+    its rate, a task's `images` field when it has one, elapsed and remaining time."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task):
+            return Text("" if task.speed is None else f"{task.speed:.1f}/s")
+
+    class FieldColumn(ProgressColumn):
+        def render(self, task):
+            return Text(str(task.fields.get("images", "")))
 
     return Progress(
-        TextColumn(description),
-        BarColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=12),
         MofNCompleteColumn(),
+        TextColumn(unit),
+        RateColumn(),
+        FieldColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
         TimeRemainingColumn(),
         console=Console(stderr=True),
         disable=quiet,

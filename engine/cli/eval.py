@@ -124,7 +124,7 @@ def eval_cmd(
     except (DataError, EvaluationError) as err:
         raise click.UsageError(str(err)) from None
     images = None
-    with sampler, progress_bar(False, "eval") as bar:
+    with sampler, progress_bar(False, "steps") as bar:
         for g in guidances:
             task = bar.add_task(f"guidance {g:g}", total=n * steps)
             row, images = usage_errors(
@@ -150,7 +150,7 @@ def eval_cmd(
     )
     if grid_path and images is not None:
         keep = min(len(images), 100)  # 10 per class: image i has class i % 10
-        save_image(grid_path, class_grid(images[:keep], list(np.arange(keep) % 10)))
+        save_image(grid_path, class_grid(images[:keep], list(np.arange(keep) % 10), names=sampler.spec.class_names))
         click.echo(f"wrote {grid_path}")
     if json_path:
         from ddengine.benchmark.harness import machine

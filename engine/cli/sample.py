@@ -271,14 +271,15 @@ def write_run(sampler, request, folder, grid_path, fmt, quiet, stop):
     from ddengine.runtime.output import class_grid, encode, encode_png, image_format, trajectory_strip
 
     kept, kept_classes, failed = [], [], 0
-    with progress_bar(quiet, "sampling") as bar:
-        task = bar.add_task("sampling", total=request.n * len(sampler.plan(request)))
+    with progress_bar(quiet, "steps") as bar:  # per image: its model evaluations (PLMS: steps + 1)
+        task = bar.add_task("sampling", total=request.n * len(sampler.plan(request)), images=f"0/{request.n} images")
 
         def progress(done, total):
             stop.check()
             bar.update(task, completed=done)
 
         for chunk in sampler.chunks(request, progress=progress):
+            bar.update(task, images=f"{chunk.records[-1]['index'] + 1}/{request.n} images")
             for image, record in zip(chunk.images, chunk.records):
                 stop.check()
                 index, strip = record["index"], record.pop("trajectory", None)
@@ -305,6 +306,7 @@ def write_run(sampler, request, folder, grid_path, fmt, quiet, stop):
                 )
         bar.update(task, completed=request.n * len(sampler.plan(request)))
     if grid_path is not None and kept:
-        picture = class_grid(np.stack(kept), None if request.classes is None else kept_classes)
+        classes = None if request.classes is None else kept_classes
+        picture = class_grid(np.stack(kept), classes, names=sampler.spec.class_names)
         folder.write_grid(grid_path, encode_png(picture, image_format(grid_path)))
     return failed

@@ -70,8 +70,9 @@ def grid(images, cols=None, pad=2):
     return out
 
 
-def class_grid(images, classes, pad=2):
-    """One row per class (in order of first appearance), its images left to right; one class or none: a square grid."""
+def class_grid(images, classes, pad=2, names=None):
+    """One row per class (in order of first appearance), its images left to right, each row labelled with its class
+    name when `names` (the model's class names) is given; one class or none: a square grid."""
     images = np.asarray(images)
     if classes is None or len(set(classes)) < 2:
         return grid(images, pad=pad)
@@ -80,7 +81,27 @@ def class_grid(images, classes, pad=2):
     cols = max(len(r) for r in rows)
     blank = np.zeros_like(images[0])
     tiles = [images[r[j]] if j < len(r) else blank for r in rows for j in range(cols)]
-    return grid(np.stack(tiles), cols=cols, pad=pad)
+    tiled = grid(np.stack(tiles), cols=cols, pad=pad)
+    if not names:
+        return tiled
+    return with_row_labels(tiled, [names[k] if 0 <= k < len(names) else str(k) for k in order], images.shape[1] + pad)
+
+
+def with_row_labels(image, labels, row_height):
+    """`image` (uint8 H, W, C) with a margin on the left holding labels[i] beside row i (Pillow's default font)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    width = max(int(font.getlength(text)) for text in labels) + 6
+    margin = Image.new("L", (width, image.shape[0]), 0)
+    draw = ImageDraw.Draw(margin)
+    for i, text in enumerate(labels):
+        top, bottom = draw.textbbox((0, 0), text, font=font)[1::2]
+        draw.text((3, 2 + i * row_height + (row_height - (bottom - top)) // 2 - top), text, fill=255, font=font)
+    column = np.repeat(np.asarray(margin)[:, :, None], image.shape[2], axis=2)
+    if image.shape[2] == 4:
+        column[:, :, 3] = 255  # an opaque label column on an RGBA grid
+    return np.concatenate([column, image], axis=1)
 
 
 def trajectory_strip(x_t, x0, pad=2):

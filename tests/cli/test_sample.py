@@ -4,6 +4,7 @@
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -548,7 +549,8 @@ def test_the_progress_bar_follows_the_sampler_to_its_total(tmp_path, cond_model,
         update = bar.update
 
         def spy(task, **kwargs):
-            updates.append(kwargs.get("completed"))
+            if "completed" in kwargs:
+                updates.append(kwargs["completed"])
             return update(task, **kwargs)
 
         bar.update = spy
@@ -563,6 +565,8 @@ def test_the_progress_bar_follows_the_sampler_to_its_total(tmp_path, cond_model,
     from_sampler = updates[:-1]  # the last update is the bar's own close at the total
     assert from_sampler == sorted(from_sampler) and from_sampler[-1] == 21 and len(from_sampler) == 9
     assert "21/21" in result.stderr and "wrote 7 images" in result.stderr
+    final = [line for line in result.stderr.splitlines() if "21/21" in line][-1]  # labelled, with rate and times
+    assert re.search(r"sampling .*21/21 steps [\d.]+/s 7/7 images \d+:\d\d:\d\d eta \d+:\d\d:\d\d", final), final
 
 
 @pytest.mark.slow

@@ -79,6 +79,28 @@ def test_class_grid_puts_one_row_per_class_in_order_of_first_appearance():
     assert cell == [[1, 3, 6, 7], [2, 5, 0, 0], [4, 0, 0, 0]]
 
 
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_named_classes_label_their_rows_in_a_left_margin_and_leave_the_tiles_as_they_were(channels):
+    from PIL import Image, ImageDraw, ImageFont
+
+    classes, names = [2, 0, 2, 1], ("T-shirt/top", "Trouser", "Pullover")
+    images = np.repeat(_tiles(classes, h=16, w=16), channels, axis=3)
+    plain = class_grid(images, classes)
+    labelled = class_grid(images, classes, names=names)
+    margin = labelled.shape[1] - plain.shape[1]
+    font = ImageFont.load_default()
+    assert margin == max(int(font.getlength(n)) for n in names) + 6 and labelled.shape[0] == plain.shape[0]
+    assert np.array_equal(labelled[:, margin:], plain)  # the tiles are exactly the unlabelled grid
+    for row, name in enumerate(["Pullover", "T-shirt/top", "Trouser"]):  # classes 2, 0, 1 in order of appearance
+        strip = labelled[2 + row * 18 : 2 + (row + 1) * 18, :margin, 0]
+        alone = Image.new("L", (margin, 18))
+        ImageDraw.Draw(alone).text((3, 0), name, fill=255, font=font)
+        inked = np.asarray(alone) > 0  # the name drawn on its own: the same number of inked columns
+        assert (strip > 0).any(axis=0).sum() == inked.any(axis=0).sum(), name
+    if channels == 4:
+        assert (labelled[:, :margin, 3] == 255).all()
+
+
 @pytest.mark.parametrize("classes", [None, [3, 3, 3, 3, 3]])
 def test_class_grid_of_one_class_or_none_is_a_square_grid(classes):
     images = _tiles([0] * 5)
