@@ -38,7 +38,9 @@ class ImageBatch:
         self.tags = [None] * capacity
         self.n = 0
         self.guided = np.empty(0, dtype=np.int64)
-        self._plans = {}  # id(plan) -> (plan, first table row)
+        self._plans = {}  # id(plan) -> (plan, its first table row, its number); only plans with images in the batch
+        self._next_plan = 0
+        self.plan_of = np.empty(capacity, dtype=np.int64)  # each image's plan number
         self.table = np.empty((0, NUM_COLUMNS), dtype=np.float32)
         self.t_table = np.empty(0, dtype=self.t_in.dtype)
 
@@ -67,7 +69,7 @@ class ImageBatch:
         missing = sorted(set(self.own) - set(conditioning.inputs))
         if missing:
             raise ValueError(f"the model's inputs {missing} need values for the admitted images")
-        first = self._plan_offset(plan)
+        first, number = self._plan_offset(plan)
         new = slice(self.n, self.n + k)
         seeds = np.ascontiguousarray(seeds, dtype=np.uint64)
         start = start or Start()
@@ -89,6 +91,7 @@ class ImageBatch:
             self.own[role][new] = own
             self.uncond[role][new] = uncond
         self.remaining[new] = len(plan)
+        self.plan_of[new] = number
         self.tags[new] = tags
         self.n += k
         self._layout()
@@ -148,6 +151,7 @@ class ImageBatch:
         keep = np.setdiff1d(np.arange(self.n), slots)
         m = len(keep)
         self.x_in[:m], self.images[:m], self.remaining[:m] = self.x_in[keep], self.images[keep], self.remaining[keep]
+        self.plan_of[:m] = self.plan_of[keep]
         if self.slots is not None:
             self.slots[:m] = self.slots[keep]
         if self.inpainting is not None:
@@ -158,6 +162,7 @@ class ImageBatch:
         self.tags[:m] = [self.tags[s] for s in keep]
         self.n = m
         self._layout()
+        self._drop_drained_plans()
         return x, bad, tags
 
     def _layout(self):
@@ -168,17 +173,39 @@ class ImageBatch:
         self.images["uncond"][:n] = uncond_rows(guided)
         for role, values in self.inputs.items():
             layout_rows(self.own[role][:n], self.uncond[role][:n], self.guided, values)
-        if not n:
-            self._plans.clear()
+
+    def _drop_drained_plans(self):
+        """Keep only the table rows of plans that still have images, so the tables are bounded by the live plans,
+        not by every plan ever admitted; each image's row moves with its plan's rows."""
+        live = set(np.unique(self.plan_of[: self.n]).tolist())
+        if len(live) == len(self._plans):
+            return
+        plans: dict = {}
+        table: list[np.ndarray] = []
+        t_table: list[np.ndarray] = []
+        new_first = 0
+        for key, (plan, first, number) in sorted(self._plans.items(), key=lambda kv: kv[1][1]):
+            if number not in live:
+                continue
+            length = len(plan.timesteps)
+            self.images["row"][: self.n][self.plan_of[: self.n] == number] -= first - new_first
+            plans[key] = (plan, new_first, number)
+            table.append(self.table[first : first + length])
+            t_table.append(self.t_table[first : first + length])
+            new_first += length
+        self._plans = plans
+        self.table = np.concatenate(table) if table else self.table[:0]
+        self.t_table = np.concatenate(t_table) if t_table else self.t_table[:0]
 
     def _plan_offset(self, plan):
-        """The first row of `plan` in the batch's coefficient and timestep tables (appended once per plan)."""
+        """(first row, number) of `plan` in the batch's coefficient and timestep tables (appended once per plan)."""
         key = id(plan)
         if key not in self._plans:
-            self._plans[key] = (plan, len(self.table))
+            self._plans[key] = (plan, len(self.table), self._next_plan)
+            self._next_plan += 1
             self.table = np.concatenate([self.table, plan.rows_float32()])
             self.t_table = np.concatenate([self.t_table, plan.timesteps])
-        return self._plans[key][1]
+        return self._plans[key][1:]
 
 
 def run_rows(backend, spec, feeds, out):

@@ -104,6 +104,26 @@ def test_staggered_requests_are_bit_identical_to_each_request_alone(sampler):
     assert max(forwards.timesteps) > 1  # ... at different steps of different plans
 
 
+def test_the_coefficient_table_holds_only_the_plans_of_images_still_in_the_batch(sampler):
+    """Every retire drops a drained plan's rows; the images in flight keep stepping through their own rows (their
+    results stay bit-identical to each request alone)."""
+    sizes = []
+
+    def check(batch):
+        live = {tag[0] for tag in batch.tags[: batch.n]}
+        plans = {id(sampler.plan(sampler.request(**STAGGERED[name][1]))): name for name in live}
+        want = sum(len(sampler.plan(sampler.request(**STAGGERED[name][1])).timesteps) for name in plans.values())
+        assert len(batch.table) == len(batch.t_table) == want, live
+        sizes.append(len(batch.table))
+
+    results, _ = run_staggered(sampler, STAGGERED, on_retire=check)
+    assert sizes[-1] == 0 and max(sizes) > min(sizes)
+    for name, (_, kwargs) in STAGGERED.items():
+        x_alone, _, _ = alone(sampler, kwargs)
+        for j in range(kwargs["n"]):
+            assert np.array_equal(results[(name, j)][0], x_alone[j]), name
+
+
 def test_the_results_do_not_depend_on_who_else_is_in_the_batch(sampler):
     """Request A alone in a batch, with every other request, and admitted last: the same bits each time."""
     a = {"A": STAGGERED["A"]}
