@@ -11,6 +11,7 @@ before capture, one execution context per captured graph; NVIDIA/TensorRT#2603, 
 runs the same launches without capture. A DeviceLoop serves one thread at a time; DeviceLoops keeps one per thread.
 """
 
+import collections
 import threading
 
 import numpy as np
@@ -24,6 +25,8 @@ from ddengine.kernels.device import step_args, step_kernels
 from ddengine.kernels.host import image_records
 from ddengine.model.spec import OUTPUT_ROLE
 
+MAX_STATES = 8  # (plan, batch, guided) states a loop keeps: their buffers, runner and captured graph
+
 
 class DeviceLoop:
     """Samples with a GPU backend (TensorRTBackend, OrtCudaBackend, TorchCudaBackend) and the CUDA step kernel."""
@@ -34,7 +37,7 @@ class DeviceLoop:
         self.backend, self.spec, self.device, self.graphs = backend, backend.spec, device, graphs
         self.kernels = step_kernels(device)
         self.stream = backend.stream() or Stream()
-        self.states = {}  # (plan key, batch, guided) -> _State: its buffers, runner and captured graph
+        self.states = collections.OrderedDict()  # (plan key, batch, guided) -> _State, least recently used first
 
     def denoise(self, plan, seeds, conditioning, on_step=None, timers=None):
         """Sample one chunk (its Conditioning, engine/core/guidance.py) on the device; on_step(i, t, None) after
@@ -84,9 +87,14 @@ class DeviceLoop:
         k.advance(s, state.images.ptr, state.batch)
 
     def _state(self, plan, batch, guided):
+        """The _State of (plan, batch, guided), made on first use; the least recently used past MAX_STATES is freed."""
         key = (plan.timesteps.tobytes(), plan.coeffs.tobytes(), batch, guided)
-        if key not in self.states:
-            self.states[key] = _State(self, plan, batch, guided)
+        if key in self.states:
+            self.states.move_to_end(key)
+            return self.states[key]
+        while len(self.states) >= MAX_STATES:
+            self.states.popitem(last=False)[1].close()
+        self.states[key] = _State(self, plan, batch, guided)
         return self.states[key]
 
     def close(self):

@@ -119,6 +119,19 @@ def test_graph_is_captured_once_per_plan_and_batch_and_replayed(emu):
     assert emu.memory == {}  # every device buffer freed
 
 
+def test_the_device_states_are_bounded_and_an_evicted_plan_is_rebuilt_exactly(emu):
+    loop, seeds = device.DeviceLoop(EmuBackend(emu, bound_spec()), graphs=True), np.array([3, 4], dtype=np.uint64)
+    first, _ = denoise(loop, plan(1), seeds, None, None)
+    per_state = len(emu.memory)  # one state's device buffers (the loop itself allocates none)
+    for steps in range(2, device.MAX_STATES + 4):
+        denoise(loop, plan(steps), seeds, None, None)
+    assert len(loop.states) == device.MAX_STATES and len(emu.memory) == device.MAX_STATES * per_state
+    again, _ = denoise(loop, plan(1), seeds, None, None)  # evicted long ago: a new state, the same bits
+    assert np.array_equal(again, first) and len(loop.states) == device.MAX_STATES
+    loop.close()
+    assert emu.memory == {}
+
+
 def test_graphs_required_but_not_capturable_is_refused(emu):
     backend = EmuBackend(emu, bound_spec())
 
