@@ -39,13 +39,14 @@ class DeviceLoop:
         self.stream = backend.stream() or Stream()
         self.states = collections.OrderedDict()  # (plan key, batch, guided) -> _State, least recently used first
 
-    def denoise(self, plan, seeds, conditioning, on_step=None, timers=None):
-        """Sample one chunk (its Conditioning, engine/core/guidance.py) on the device; on_step(i, t, None) after
-        step i has run."""
+    def denoise(self, plan, seeds, conditioning, on_step=None, timers=None, snapshots=None, host_x=False):
+        """Sample one chunk (its Conditioning, engine/core/guidance.py) on the device: on_step(i, t, x) after step i
+        has run, x the latents copied to the host when host_x (else None); snapshots.take(i, t, x_t, x0) after the
+        steps snapshots.wants(i), x0 the fused kernel's (the host loop's interface, engine/runtime/loop.py)."""
         seeds = np.ascontiguousarray(seeds, dtype=np.uint64)
         use_device(self.device)  # the caller's thread may not have made the context current yet
         n, guided = len(seeds), conditioning.guided
-        state = self._state(plan, n, guided)
+        state = self._state(plan, n, guided, keep_x0=snapshots is not None)
         everyone = np.full(n, guided)
         guidance = conditioning.guidance if guided else 0.0
         images = image_records(seeds, uncond=uncond_rows(everyone), guidance=guidance, noise_scale=plan.init_scale)
@@ -57,7 +58,9 @@ class DeviceLoop:
             rows = np.empty((forward_rows(n, guided), *own.shape[1:]), dtype=own.dtype)
             buffer.upload(layout_rows(own, uncond, np.flatnonzero(everyone), rows), self.stream)
         self.kernels.fill_noise(self.stream, state.args)
+        shape = (n, *self.spec.image_shape)
         for i, t in enumerate(plan.timesteps.tolist()):
+            x_t = state.model_x.download(self.stream, shape=shape) if snapshots and snapshots.wants(i) else None
             if state.use_graph and state.graph is None:
                 self._step(state)  # warm-up: TensorRT must enqueue once before capture, torch warms its kernels
                 body = lambda: self._step(state)  # noqa: E731
@@ -68,10 +71,12 @@ class DeviceLoop:
                 state.graph.launch()
             else:
                 self._step(state)
+            if x_t is not None:
+                snapshots.take(i, t, x_t, state.x0.download(self.stream, shape=shape))
             if on_step is not None:
                 self.stream.synchronize()
-                on_step(i, t, None)
-        x = state.model_x.download(self.stream, shape=(n, *self.spec.image_shape))
+                on_step(i, t, state.model_x.download(self.stream, shape=shape) if host_x else None)
+        x = state.model_x.download(self.stream, shape=shape)
         nonfinite_step = state.images.download(self.stream)["nonfinite_step"].astype(np.int64)
         return x, nonfinite_step
 
@@ -86,15 +91,16 @@ class DeviceLoop:
         k.step(s, state.args)
         k.advance(s, state.images.ptr, state.batch)
 
-    def _state(self, plan, batch, guided):
-        """The _State of (plan, batch, guided), made on first use; the least recently used past MAX_STATES is freed."""
-        key = (plan.timesteps.tobytes(), plan.coeffs.tobytes(), batch, guided)
+    def _state(self, plan, batch, guided, keep_x0=False):
+        """The _State of (plan, batch, guided, keep_x0), made on first use; the least recently used past MAX_STATES
+        is freed."""
+        key = (plan.timesteps.tobytes(), plan.coeffs.tobytes(), batch, guided, keep_x0)
         if key in self.states:
             self.states.move_to_end(key)
             return self.states[key]
         while len(self.states) >= MAX_STATES:
             self.states.popitem(last=False)[1].close()
-        self.states[key] = _State(self, plan, batch, guided)
+        self.states[key] = _State(self, plan, batch, guided, keep_x0)
         return self.states[key]
 
     def close(self):
@@ -108,7 +114,7 @@ class DeviceLoop:
 class _State:
     """Device buffers bound to one runner for one (plan, batch, guided): fixed addresses for graph replay."""
 
-    def __init__(self, loop, plan, batch, guided):
+    def __init__(self, loop, plan, batch, guided, keep_x0=False):
         spec = loop.spec
         self.batch, self.guided = batch, guided
         rows = forward_rows(batch, guided)
@@ -125,6 +131,7 @@ class _State:
             )
         self.t_table = DeviceArray.from_host(np.asarray(plan.timesteps, dtype=np.int64), loop.stream)
         self.slots = DeviceArray((batch, SLOTS, spec.per_image), np.float32) if plan.multistep else None
+        self.x0 = DeviceArray((batch, *spec.image_shape), np.float32) if keep_x0 else None  # the kernel's x0_out
         t_dtype = self.runner.dtype("timestep")
         if t_dtype.name not in ("int64", "float32"):
             raise ValueError(f"the model's timestep input is {t_dtype.name}; the step kernels write int64 or float32")
@@ -153,8 +160,9 @@ class _State:
             },
         )
         slots = None if self.slots is None else self.slots.ptr
+        x0 = None if self.x0 is None else self.x0.ptr
         self.args = step_args(
-            self.model_x.ptr, self.out.ptr, self.table.ptr, self.images.ptr, batch, spec.per_image, slots
+            self.model_x.ptr, self.out.ptr, self.table.ptr, self.images.ptr, batch, spec.per_image, slots, x0
         )
         self.graph = None
 
@@ -164,7 +172,7 @@ class _State:
             self.graph = None
         self.runner.close()
         buffers = (self.model_x, self.out, self.images, self.table, self.t_table, self.t_in, *self.inputs.values())
-        for buffer in (*buffers, *([] if self.slots is None else [self.slots])):
+        for buffer in (*buffers, *(b for b in (self.slots, self.x0) if b is not None)):
             buffer.free()
 
 
@@ -209,13 +217,14 @@ class DeviceLoops:
         self.loops = []  # every loop created, for close()
         self._lock = threading.Lock()
 
-    def denoise(self, plan, seeds, conditioning, on_step=None, timers=None):
+    def denoise(self, plan, seeds, conditioning, **options):
+        """This thread's DeviceLoop.denoise."""
         loop = getattr(self._local, "loop", None)
         if loop is None:
             loop = self._local.loop = DeviceLoop(self.backend, graphs=self.graphs, device=self.device)
             with self._lock:
                 self.loops.append(loop)
-        return loop.denoise(plan, seeds, conditioning, on_step=on_step, timers=timers)
+        return loop.denoise(plan, seeds, conditioning, **options)
 
     def close(self):
         with self._lock:

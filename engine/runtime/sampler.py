@@ -130,20 +130,18 @@ class Sampler:
                     progress(start * len(plan) + (i + 1) * k, total)
 
             trajectory: list | None = [] if request.trajectory else None
-            host = trajectory is not None or callback is not None or request.init is not None or count
-            if self.device_loop is not None and not host:
-                x, bad = self.device_loop.denoise(plan, seeds, conditioning, on_step=on_step, timers=timers)
-            else:  # per-step host access (trajectory, callback, previews), a start of the caller's, or a CPU backend
-                step_hook = on_step if callback is None else _with_callback(on_step, callback, start)
-                snapshots: Snapshots | Previews | None = None
-                if trajectory is not None:
-                    snapshots = Snapshots(trajectory, len(plan), request.trajectory)
-                if count:
-                    snapshots = Previews(self.parts, request, preview_steps(len(plan), count), on_preview, start)
+            step_hook = on_step if callback is None else _with_callback(on_step, callback, start)
+            snapshots: Snapshots | Previews | None = None
+            if trajectory is not None:
+                snapshots = Snapshots(trajectory, len(plan), request.trajectory)
+            if count:
+                snapshots = Previews(self.parts, request, preview_steps(len(plan), count), on_preview, start)
+            options = dict(on_step=step_hook, snapshots=snapshots, timers=timers)
+            if self.device_loop is not None and request.init is None:  # callbacks and snapshots read device x, x0
+                x, bad = self.device_loop.denoise(plan, seeds, conditioning, host_x=callback is not None, **options)
+            else:  # a CPU backend, or a start of the caller's (image-to-image, latents=, inpainting)
                 begin = None if request.init is None else request.init.part(part)
-                x, bad = self.host_loop.denoise(
-                    plan, seeds, conditioning, on_step=step_hook, snapshots=snapshots, timers=timers, start=begin
-                )
+                x, bad = self.host_loop.denoise(plan, seeds, conditioning, start=begin, **options)
             yield self.parts.finish(request, part, x, bad, trajectory)
 
 

@@ -27,6 +27,7 @@ from ddengine.benchmark.harness import (
 )
 from ddengine.runtime.sampler import Sampler
 from tests.support.tiny_models import build_tiny_model
+from tests.support.untimed_device_loop import UntimedDeviceLoop
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +83,6 @@ def test_to_row_reports_the_run_closest_to_the_median(uncond_model):
     assert row.seconds == 0.45 and row.runs == [0.9, 0.1, 0.5, 0.45, 0.3]  # median 0.45
     assert (row.batch, row.steps, row.backend) == (4, 5, "ort-cpu")
     assert to_row("y", request, [{"seconds": 0.2}]).forward_s is None  # a runner without timers has no breakdown
-
-
-class UntimedDeviceLoop:
-    """Stands in for a GPU backend's device loop, which takes `timers` and fills none (engine/runtime/device_loop.py)."""
-
-    def __init__(self, host_loop):
-        self.host_loop = host_loop
-
-    def denoise(self, plan, seeds, conditioning, on_step=None, timers=None):
-        return self.host_loop.denoise(plan, seeds, conditioning, on_step=on_step)
 
 
 def test_a_device_loop_s_forward_and_step_are_not_measured_rather_than_0_s(uncond_model):

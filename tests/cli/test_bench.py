@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from ddengine.benchmark.harness import NUMPY, TORCH_UNAVAILABLE, diffusers_name, engine_name, floor_name
 from ddengine.cli import main
+from tests.support.untimed_device_loop import UntimedDeviceLoop
 
 QUICK = ("--backend", "ort-cpu", "--batch", 1, "--steps", 2, "--repeats", 1, "--no-baselines")  # one short row
 
@@ -199,16 +200,6 @@ def test_plot_writes_a_png(tmp_path, uncond_model):
     result = bench("--model", uncond_model, *QUICK, "--plot", tmp_path / "p.png")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-class UntimedDeviceLoop:
-    """Stands in for a GPU backend's device loop, which takes `timers` and fills none (engine/runtime/device_loop.py)."""
-
-    def __init__(self, host_loop):
-        self.host_loop = host_loop
-
-    def denoise(self, plan, seeds, conditioning, on_step=None, timers=None):
-        return self.host_loop.denoise(plan, seeds, conditioning, on_step=on_step)
 
 
 def test_a_gpu_backend_s_rows_say_not_measured_instead_of_0_s(tmp_path, uncond_model, monkeypatch):

@@ -156,6 +156,41 @@ def test_progress_is_reported_after_each_step_has_run(emu):
     assert steps == [(i, int(t), i + 1) for i, t in enumerate(plan(3).timesteps)]  # step i's kernel has run
 
 
+class Recorder:
+    """Snapshots at every other step and the last (the loops' snapshot interface), and x after every step."""
+
+    def __init__(self):
+        self.snapshots, self.xs = [], []
+
+    def wants(self, i):
+        return i % 2 == 0 or i == 4
+
+    def take(self, i, t, x_t, x0):
+        self.snapshots.append((i, t, x_t.copy(), x0.copy()))
+
+    def on_step(self, i, t, x):
+        self.xs.append(x.copy())
+
+
+@pytest.mark.parametrize("method", ["ddim", "dpmpp-2m"])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_callbacks_and_snapshots_read_the_devices_x_and_x0_as_the_host_loop_does(emu, graphs, method):
+    spec, p = bound_spec(num_classes=4, channels=3), plan(5, method=method, eta=0.0)
+    seeds, classes = np.array([5, 6, 7], dtype=np.uint64), np.array([1, 0, 3])
+    on_device, on_host = Recorder(), Recorder()
+    loop = device.DeviceLoop(EmuBackend(emu, spec), graphs=graphs)
+    x, _ = denoise(loop, p, seeds, classes, 2.0, on_step=on_device.on_step, snapshots=on_device, host_x=True)
+    host_loop = HostLoop(ToyHostBackend(spec), spec)
+    want, _ = denoise(host_loop, p, seeds, classes, 2.0, on_step=on_host.on_step, snapshots=on_host)
+    assert np.array_equal(x, want) and len(on_device.xs) == 5 and len(on_device.snapshots) == 3  # steps 0, 2, 4
+    for got, expected in zip(on_device.xs, on_host.xs):
+        assert np.array_equal(got, expected)
+    for (i, t, x_t, x0), (j, u, y_t, y0) in zip(on_device.snapshots, on_host.snapshots, strict=True):
+        assert (i, t) == (j, u) and np.array_equal(x_t, y_t) and np.array_equal(x0, y0)
+    loop.close()
+    assert emu.memory == {}
+
+
 def test_device_loops_keep_one_loop_per_thread(emu):
     spec = bound_spec()
     loops, seeds = device.DeviceLoops(EmuBackend(emu, spec)), np.array([1, 2], dtype=np.uint64)

@@ -282,17 +282,21 @@ def test_images_do_not_depend_on_the_thread_count(cond_model):
     assert np.array_equal(one, two)
 
 
-def test_device_loops_run_the_chunks_and_host_hooks_stay_on_the_host(cond_model):
-    """A backend with device runners samples through its device loop; trajectories and callbacks use the host loop."""
-    calls = []
+def test_device_loops_run_the_chunks_callbacks_and_snapshots_included(cond_model):
+    """A backend with device runners samples through its device loop, with callbacks (host_x) and trajectories
+    (snapshots) too; only a start of the caller's (image-to-image) uses the host loop."""
+    calls, hooks = [], []
 
     class FakeDeviceLoop:
-        def denoise(self, plan, seeds, conditioning, on_step=None, timers=None):
+        def denoise(self, plan, seeds, conditioning, on_step=None, timers=None, snapshots=None, host_x=False):
             own, _ = conditioning.inputs["class_labels"]
             calls.append((len(plan), seeds.tolist(), own.tolist(), conditioning.guidance))
-            for i, t in enumerate(plan.timesteps.tolist()):
-                on_step(i, t, None)
+            hooks.append((type(snapshots).__name__, host_x))
             x = np.zeros((len(seeds), 3, 8, 8), np.float32)
+            for i, t in enumerate(plan.timesteps.tolist()):
+                if snapshots is not None and snapshots.wants(i):
+                    snapshots.take(i, t, x, x)
+                on_step(i, t, x if host_x else None)
             x[seeds == 5] = np.nan  # the device loop reports image seed 5 as failed
             return x, np.where(seeds == 5, len(plan) - 1, -1)
 
@@ -315,12 +319,16 @@ def test_device_loops_run_the_chunks_and_host_hooks_stay_on_the_host(cond_model)
     assert [r["status"] for r in records] == ["error", "ok", "ok"] and "at step 3" in records[0]["error"]
     assert not images[0].any() and (images[1:] == 128).all()  # x = 0 is mid-grey in [-1, 1]
     assert progress[-1] == 12
-    calls.clear()
-    host, _ = sampler.sample(2, steps=4, classes=1, trajectory=2)
+    hooks.clear()
+    sampler.sample(2, steps=4, classes=1, trajectory=2)
     sampler.sample(2, steps=4, classes=1, callback=lambda *a: None)
+    assert hooks == [("Snapshots", False), ("NoneType", True)]
+    calls.clear()
+    picture = np.full((8, 8, 3), 100, np.uint8)
+    on_host, _ = sampler.sample(2, steps=4, classes=1, image=picture, strength=0.5)
     assert calls == []
     sampler.device_loop = None
-    assert np.array_equal(host, sampler.sample(2, steps=4, classes=1)[0])
+    assert np.array_equal(on_host, sampler.sample(2, steps=4, classes=1, image=picture, strength=0.5)[0])
 
 
 def test_context_manager_closes_the_backend(cond_model):
