@@ -1,13 +1,16 @@
-"""Serving benchmark on loopback: Poisson arrivals at 30%, 70% and 120% of measured capacity, three batchers.
+"""Serving benchmark on loopback: Poisson arrivals at 30%, 70% and 120% of measured capacity, one batcher per policy.
 
     python bench/bench_serve.py [--window 60] [--loads 0.3,0.7,1.2] [--modes step,request,solo] [--backend auto]
+    python bench/bench_serve.py --modes step,srf,gang     # the StepBatcher's admission policies against each other
     python bench/bench_serve.py --soak-minutes 10        # RSS of the step batcher under ~70% load
 
-Each mode runs the same HTTP server (engine/serving/app.py, a uvicorn subprocess) with a different batcher, all on the
-same kernels (ddengine.runtime.batch.ImageBatch): (a) "solo", one request at a time; (b) "request", request-level dynamic
-batching as @serve.batch does it (collect whole requests up to max_batch images for <= 10 ms, run that batch to
-completion, admit nothing meanwhile); (c) "step", the StepBatcher (images join and leave at every step). The
-mixed workload (n 1..8, steps 10/20/50, ddim/ddpm, guidance on/off) is the same seeded list for every mode.
+Each mode runs the same HTTP server (engine/serving/app.py, a uvicorn subprocess) with the same StepBatcher on the
+same kernels (ddengine.runtime.batch.ImageBatch); only its admission policy (engine/serving/policies.py) differs:
+(a) "solo", OneAtATime, one request at a time; (b) "request", RequestLevel, request-level dynamic batching as
+@serve.batch does it (collect whole requests up to max_batch images for <= 10 ms, run that batch to completion,
+admit nothing meanwhile); (c) "step", Fifo, the default (images join and leave at every step); "srf",
+ShortestRemainingFirst; "gang", Gang. The mixed workload (n 1..8, steps 10/20/50, ddim/ddpm, guidance on/off) is
+the same seeded list for every mode.
 Writes bench/results/serve_<cpu>-<cores>c_<backend>[_soak].json: images/s, p50/p99 latency, 503s, server RSS,
 the CPU, its ISA flags, the load average and thread counts. Loopback only; bounded in requests and time.
 """
@@ -15,6 +18,7 @@ the CPU, its ISA flags, the load average and thread counts. Loopback only; bound
 import argparse
 import asyncio
 import collections
+import functools
 import json
 import os
 import re
@@ -29,6 +33,7 @@ import numpy as np
 
 from ddengine.model.load import load_model
 from ddengine.serving.batcher import StepBatcher
+from ddengine.serving.policies import Fifo, Gang, OneAtATime, RequestLevel, ShortestRemainingFirst
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_REQUESTS = 2000  # per run, whatever the rate and window
@@ -36,41 +41,21 @@ STEPS, N_RANGE, GUIDANCE = (10, 20, 50), (1, 8), 3.0
 MEAN_N = sum(range(N_RANGE[0], N_RANGE[1] + 1)) / (N_RANGE[1] - N_RANGE[0] + 1)
 
 
-# --- the baselines: the StepBatcher with another admission policy (same queue, kernels, results) --------------
-class RequestBatcher(StepBatcher):
-    """(b) @serve.batch-style batching: only into an empty batch, whole requests up to max_batch images (waiting up
-    to `window` s for more), then that batch is stepped until its last image is done; nothing joins meanwhile."""
-
-    window, one_at_a_time = 0.010, False
-
-    def _admit(self):
-        if (self._batch is not None and self._batch.n) or not self._queue:
-            return
-        admitted = self._admit_head()
-        deadline = time.monotonic() + self.window
-        while not self.one_at_a_time and admitted < self.max_batch:
-            if not self._queue:
-                if time.monotonic() >= deadline:
-                    return
-                self._cv.wait(deadline - time.monotonic())  # submit() notifies
-                continue
-            head = self._queue[0]
-            if admitted + head.request.n - head.admitted > self.max_batch:
-                return
-            admitted += self._admit_head()
-
-
-class OneAtATime(RequestBatcher):
-    """(a) One request at a time, first in first out: its images form the whole batch until they are done."""
-
-    one_at_a_time = True
-
-
-MODES = {"solo": OneAtATime, "request": RequestBatcher, "step": StepBatcher}
+# --- the modes: the StepBatcher with one admission policy each (same queue, kernels, results) -----------------
+POLICIES = {
+    "solo": OneAtATime(),
+    "request": RequestLevel(window=0.010),
+    "step": Fifo(),
+    "srf": ShortestRemainingFirst(),
+    "gang": Gang(),
+}
+MODES = {mode: functools.partial(StepBatcher, policy=policy) for mode, policy in POLICIES.items()}
 LABELS = {
     "solo": "(a) one request at a time",
     "request": "(b) request-level dynamic batching (10 ms window)",
-    "step": "(c) StepBatcher (step-level)",
+    "step": "(c) StepBatcher (step-level, FIFO)",
+    "srf": "(c') StepBatcher, shortest remaining first",
+    "gang": "(c'') StepBatcher, gang admission",
 }
 
 
@@ -411,7 +396,8 @@ def config(args):
             "methods": ["ddim", "ddpm"],
             "guidance": [None, GUIDANCE],
         },
-        "request_batching_window_s": RequestBatcher.window,
+        "request_batching_window_s": POLICIES["request"].window,
+        "policies": {mode: repr(POLICIES[mode]) for mode in args.modes.split(",")},
     }
 
 

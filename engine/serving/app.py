@@ -206,7 +206,8 @@ def create_app(sampler_or_loader, settings=None, *, background_load=False, batch
     """A FastAPI app serving a Sampler, or a zero-argument callable opening one at startup (in a thread).
 
     background_load: start answering at once (/healthz 503 until the model is loaded) instead of after loading.
-    batcher_class: StepBatcher, or a stand-in with its interface (bench/bench_serve.py's baselines).
+    batcher_class: StepBatcher, or a callable making one with its interface, e.g. functools.partial(StepBatcher,
+    policy=RequestLevel()) (engine/serving/policies.py; bench/bench_serve.py's modes).
     """
     settings = settings or Settings()
     state = AppState(settings, batcher_class)

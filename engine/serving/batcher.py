@@ -1,12 +1,13 @@
 """Exact step-level batching of concurrent requests: `StepBatcher(parts).submit(request) -> Future`.
 
 One worker thread owns one ImageBatch (engine/runtime/batch.py) over a model's Parts (engine/runtime/parts.py).
-At every step boundary it retires finished, cancelled and timed-out images, admits queued images first in,
-first out, up to `max_batch`, and runs one forward (per-row timesteps and conditioning; unconditional rows only
-for guided images) and one fused step with each image's own coefficient row, noise counter and guidance. An
-image's result is a pure function of its seed and its own request whatever shares its forward, so with a
-batch-invariant backend (ddengine.backends.base.probe_batch_invariance) every image is bit-identical to
-`Sampler.sample` of its request alone, which runs the same ImageBatch one chunk at a time (engine/runtime/loop.py).
+At every step boundary it retires finished, cancelled and timed-out images, admits queued images as its admission
+policy decides (engine/serving/policies.py; Fifo by default) up to `max_batch`, and runs one forward (per-row
+timesteps and conditioning; unconditional rows only for guided images) and one fused step with each image's own
+coefficient row, noise counter and guidance. An image's result is a pure function of its seed and its own request
+whatever shares its forward, so with a batch-invariant backend (ddengine.backends.base.probe_batch_invariance)
+every image is bit-identical, whatever the policy, to `Sampler.sample` of its request alone, which runs the same
+ImageBatch one chunk at a time (engine/runtime/loop.py).
 No web framework here: engine/serving/app.py and engine/serving/ray_serve.py wrap it.
 """
 
@@ -22,6 +23,7 @@ import numpy as np
 from ddengine.runtime.batch import ImageBatch
 from ddengine.runtime.params import InvalidParameterError, Request, integer, real
 from ddengine.runtime.parts import preview_steps
+from ddengine.serving.policies import BatchView, Fifo, InFlight, PolicyError, QueuedJob, check
 
 
 class QueueFull(RuntimeError):
@@ -53,6 +55,7 @@ class _Job:
 
     def __init__(self, request, plan, conditioning, deadline, submitted, previews=0, on_preview=None, on_progress=None):
         self.request, self.plan, self.conditioning = request, plan, conditioning
+        self.arrival = 0  # its number in submit order, set when queued (what a policy's Decision names it by)
         self.deadline, self.submitted = deadline, submitted
         self.future = Future()
         self.admitted = 0  # images handed to the batch so far (in index order)
@@ -67,8 +70,13 @@ class _Job:
 class StepBatcher:
     """Runs many requests' images through shared forwards; thread-safe `submit`, one worker thread."""
 
-    def __init__(self, parts, max_batch=16, max_queue=1024, on_step=None, clock=time.monotonic, step_timeout=None):
-        """clock: seconds for request timeouts (a test's clock can stand in for time.monotonic).
+    def __init__(
+        self, parts, max_batch=16, max_queue=1024, on_step=None, clock=time.monotonic, step_timeout=None, policy=None
+    ):
+        """clock: seconds for request timeouts and the policy's view (a test's clock can stand in for time.monotonic).
+
+        policy: an AdmissionPolicy (engine/serving/policies.py) deciding which queued images join at each step;
+        Fifo() when None.
 
         step_timeout: seconds one step may take; past it a watchdog fails the requests in that batch (StepStuck),
         keeps the queued ones and starts a new worker on a new batch (the stuck thread's result is discarded).
@@ -78,7 +86,10 @@ class StepBatcher:
         self.parts, self.spec, self.max_batch, self.max_queue = parts, parts.spec, max_batch, max_queue
         self.on_step = on_step  # on_step(rows, seconds) after every step (metrics)
         self.clock = clock
+        self.policy = Fifo() if policy is None else policy
         self._batch = None
+        self._arrivals = 0  # requests queued so far: the next one's arrival number - 1
+        self._formed_at, self._formed_steps = None, 0  # the batch's first admission and steps since it was empty
         self._queue = collections.deque()  # jobs with images not yet admitted
         self._jobs = set()  # jobs not yet finished
         self._queued_images = 0
@@ -138,6 +149,8 @@ class StepBatcher:
                     f"{request.n} more do not fit",
                     self.retry_after(),
                 )
+            self._arrivals += 1
+            job.arrival = self._arrivals
             self._queue.append(job)
             self._jobs.add(job)
             self._queued_images += request.n
@@ -216,7 +229,10 @@ class StepBatcher:
                 if self._closing and not self._queue and not self.active_images:
                     return
                 self._drop_abandoned()
-                self._admit()
+                hold = self._admit()
+                if hold:  # the policy waits for more requests before this step (submit() notifies)
+                    self._cv.wait(hold)
+                    continue
             if self.active_images:
                 try:
                     self._step(generation)
@@ -227,17 +243,58 @@ class StepBatcher:
                             self._restart(message, RuntimeError)
 
     def _admit(self):
-        """Images of queued jobs, first in first out, into the free slots (called with the lock held)."""
-        while self._queue and self._admit_head():
-            pass
+        """Ask the policy which queued images join, check and apply its decision; returns its hold (lock held)."""
+        if not self.active_images:
+            self._formed_at, self._formed_steps = None, 0
+        free = self.max_batch - self.active_images
+        if not self._queue or not free:
+            return 0.0
+        queue, batch = self._views()
+        try:
+            decision = self.policy.admit(queue, batch)
+            check(decision, queue, batch)
+        except Exception as err:  # a faulty policy fails the queued requests, not the worker (the batch runs on)
+            error = err if isinstance(err, PolicyError) else PolicyError(f"the admission policy failed: {err!r}")
+            for job in list(self._queue):
+                self._fail(job, error)
+            return 0.0
+        jobs = {job.arrival: job for job in self._queue}
+        for arrival, k in decision.admit:
+            if not self._admit_job(jobs[arrival], int(k)):
+                return 0.0  # its request failed; the policy decides again at the next boundary
+        return float(decision.hold)
 
-    def _admit_head(self):
-        """As many images of the first queued job as fit; returns how many (called with the lock held)."""
-        job = self._queue[0]
+    def _views(self):
+        """The policy's immutable view: (QueuedJob of each queued request in arrival order, BatchView)."""
+        batch, now = self._batch, self.clock()
+        images = () if batch is None else tuple(InFlight(job.arrival, int(r)) for (job, _), r in self._in_flight())
+        running = collections.Counter()
+        for image in images:
+            running[image.arrival] += image.remaining
+        queue = tuple(
+            QueuedJob(
+                job.arrival,
+                job.request.n - job.admitted,
+                job.admitted,
+                len(job.plan),
+                running[job.arrival],
+                now - job.submitted,
+                job.request.plan_key,
+                bool(job.conditioning.guided),
+            )
+            for job in self._queue
+        )
+        age = 0.0 if self._formed_at is None else now - self._formed_at
+        return queue, BatchView(self.max_batch, images, self._formed_steps, age)
+
+    def _in_flight(self):
+        """(tag, steps remaining) of each image in the batch."""
+        batch = self._batch
+        return zip(batch.tags[: batch.n], batch.remaining[: batch.n].tolist())
+
+    def _admit_job(self, job, k):
+        """Admit the next `k` images of a queued job; False if that failed its request (called with the lock held)."""
         batch = self._batch_for(job.plan)
-        k = min(batch.capacity - batch.n, job.request.n - job.admitted)
-        if not k:
-            return 0
         part = slice(job.admitted, job.admitted + k)
         if job.preview_at:
             batch.keep_x0()
@@ -249,14 +306,16 @@ class StepBatcher:
                 [(job, i) for i in range(part.start, part.stop)],
                 None if job.request.init is None else job.request.init.part(part),
             )
-        except Exception as err:  # the request fails, the worker goes on (the next _admit takes the next job)
+        except Exception as err:  # the request fails, the worker goes on
             self._fail(job, err)
-            return 0
+            return False
+        if self._formed_at is None:
+            self._formed_at = self.clock()
         job.admitted += k
         self._queued_images -= k
         if job.admitted == job.request.n:
-            self._queue.popleft()
-        return k
+            self._queue.remove(job)
+        return True
 
     def _batch_for(self, plan):
         if self._batch is None:
@@ -282,6 +341,7 @@ class StepBatcher:
             self._step_started = None
         seconds = time.perf_counter() - start
         self.stats["steps"] += 1
+        self._formed_steps += 1
         self._step_seconds += seconds
         if self.on_step is not None:
             self.on_step(rows, seconds)

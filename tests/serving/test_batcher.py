@@ -13,6 +13,15 @@ from ddengine.runtime import parts as parts_module
 from ddengine.runtime.params import InvalidParameterError
 from ddengine.runtime.sampler import Sampler
 from ddengine.serving.batcher import BatcherClosed, QueueFull, StepBatcher
+from ddengine.serving.policies import (
+    Decision,
+    Fifo,
+    Gang,
+    OneAtATime,
+    PolicyError,
+    RequestLevel,
+    ShortestRemainingFirst,
+)
 from tests.support.clock import Clock
 from tests.support.tiny_pipeline import tiny_sd  # noqa: F401  (fixture)
 
@@ -100,6 +109,54 @@ def test_concurrent_mixed_requests_are_bit_identical_to_solo_sampling(cond, exac
     assert batcher.stats["steps"] < one_request_at_a_time  # images of different requests shared forwards
     assert max(rows) > 4  # guided images' unconditional rows rode along
     assert batcher.stats["completed"] == len(MIXED) and batcher.stats["images"] == sum(p["n"] for p in MIXED)
+
+
+POLICIES = [Fifo(), ShortestRemainingFirst(), ShortestRemainingFirst(age_bound=0.005), Gang(), OneAtATime()]
+POLICIES += [RequestLevel()]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=repr)
+def test_every_policy_gives_each_image_its_solo_bits(cond_ort, exact_floats, policy):
+    """Admission order and company change, the images do not: MIXED under each policy equals Sampler.sample."""
+    batcher = StepBatcher(cond_ort.parts, max_batch=4, policy=policy)
+    futures = []
+    for i, params in enumerate(MIXED):
+        futures.append(batcher.submit(cond_ort.request(**params)))
+        if i % 3 == 2:
+            time.sleep(0.01)
+    results = [f.result(timeout=60) for f in futures]
+    batcher.close()
+    for params, result in zip(MIXED, results):
+        images, records = solo(cond_ort, params)
+        assert same_bits(result.images, images), (policy, params)
+        assert result.records == records
+    assert batcher.stats["completed"] == len(MIXED) and batcher.queued_images == batcher.active_images == 0
+
+
+class Faulty:
+    """A policy that names a request that is not queued, or raises."""
+
+    def __init__(self, raises):
+        self.raises = raises
+
+    def admit(self, queue, batch):
+        if self.raises:
+            raise KeyError("boom")
+        return Decision(((queue[-1].arrival + 1, 1),))
+
+
+@pytest.mark.parametrize(
+    "raises, message", [(False, "admits request 3, which is not queued"), (True, "the admission policy failed")]
+)
+def test_a_faulty_policy_fails_the_queued_requests_and_the_worker_goes_on(cond_ort, raises, message):
+    batcher = StepBatcher(cond_ort.parts, max_batch=2, policy=Faulty(raises))
+    with batcher.paused():
+        futures = [batcher.submit(cond_ort.request(1, steps=2, seed=k)) for k in range(2)]
+    for f in futures:
+        with pytest.raises(PolicyError, match=message):
+            f.result(timeout=30)
+    assert batcher.worker_alive and batcher.stats["failed"] == 2 and batcher.queued_images == 0
+    batcher.close()
 
 
 def test_a_request_larger_than_the_batch_streams_through_it(cond_ort, exact_floats):
@@ -253,7 +310,7 @@ def _bench_serve():
     return module
 
 
-@pytest.mark.parametrize("mode, steps", [("solo", 6 + 10), ("request", 10), ("step", 10)])
+@pytest.mark.parametrize("mode, steps", [("solo", 6 + 10), ("request", 10), ("step", 10), ("srf", 10), ("gang", 10)])
 def test_the_benchmark_baselines_differ_only_in_admission(cond_ort, exact_floats, mode, steps):
     """(a) runs requests one after the other, (b) batches what arrives together, (c) too; all give solo's images."""
     requests = [dict(n=2, steps=6, seed=3, classes=1, guidance=2.0), dict(n=1, steps=10, seed=8, classes=2)]
