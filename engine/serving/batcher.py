@@ -12,6 +12,7 @@ No web framework here: engine/serving/app.py and engine/serving/ray_serve.py wra
 """
 
 import collections
+import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -103,6 +104,10 @@ class StepBatcher:
         self._step_started = None  # time.monotonic() of the running step's start
         self.last_failure = None  # {"time": unix seconds, "error": message} of the last failed request
         self.restarts = 0
+        self._outputs = queue.Queue()  # (work, job) for the output stage, in order: a job's previews, then its result
+        self._failed_outside = set()  # jobs the output stage failed: the worker takes their images out
+        self._output_thread = threading.Thread(target=self._output_stage, name="ddengine-output", daemon=True)
+        self._output_thread.start()
         self._start_worker()
         if self.step_timeout is not None:
             threading.Thread(target=self._watch, name="ddengine-watchdog", daemon=True).start()
@@ -123,7 +128,7 @@ class StepBatcher:
         """Queue a validated Request (Sampler.request); returns a Future of Result.
 
         previews: that many previews spread over the steps, each `on_preview(k, images)` (uint8, decoded from the
-        kernel's x0 of every image of the request; called on the worker thread, so keep it short);
+        kernel's x0 of every image of the request; called on the output-stage thread, before the result);
         on_progress(done, total) after every step with the request's model evaluations done and in all.
         Raises QueueFull (over max_queue), BatcherClosed (draining or closed) or InvalidParameterError (not a
         Request, a timeout that is not a finite number >= 0, trajectory snapshots).
@@ -183,11 +188,15 @@ class StepBatcher:
             yield self
 
     def close(self, drain=True, timeout=None):
-        """Stop taking requests; with `drain`, finish what was accepted, else fail it. Waits for the worker."""
+        """Stop taking requests; with `drain`, finish what was accepted, else fail it. Waits for the worker, then
+        for the output stage to deliver what the worker handed it."""
         with self._cv:
             self._closing, self._abort = True, not drain
             self._cv.notify()
         self._worker.join(timeout)
+        if not self._worker.is_alive():
+            self._outputs.put(None)
+            self._output_thread.join(timeout)
 
     # --- the worker's side -------------------------------------------------------------------------------
     def _watch(self):
@@ -374,9 +383,8 @@ class StepBatcher:
             if len(job.previews[k]) == job.request.n:
                 x0 = job.previews.pop(k)
                 ready.append((job, k, np.stack([x0[i] for i in range(job.request.n)])))
-        for job, k, x0 in ready:  # after the scan: a failing one retires its images from the batch
-            if job in self._jobs:
-                self._contained(job, lambda job=job, k=k, x0=x0: job.on_preview(k, self.parts.preview(job.request, x0)))
+        for job, k, x0 in ready:  # decoded and sent by the output stage, before the job's result
+            self._outputs.put((lambda job=job, k=k, x0=x0: job.on_preview(k, self.parts.preview(job.request, x0)), job))
 
     def _contained(self, job, work):
         """Run a request's output work; a failure ends that request (500), never the worker."""
@@ -395,19 +403,51 @@ class StepBatcher:
         job.nonfinite_step[index] = nonfinite_step
         if len(job.finished) == job.request.n:
             x = np.stack([job.finished[i] for i in range(job.request.n)])
-            done = []
-            if not self._contained(
-                job, lambda: done.append(self.parts.finish(job.request, slice(0, job.request.n), x, job.nonfinite_step))
-            ):
+            self._outputs.put((lambda: self._deliver(job, x), job))
+
+    def _deliver(self, job, x):
+        """The output stage's end of a request: decode, uint8, records (Parts.finish), then its Future's result."""
+        done = self.parts.finish(job.request, slice(0, job.request.n), x, job.nonfinite_step)
+        with self._cv:
+            if job not in self._jobs:  # failed, cancelled or timed out meanwhile
                 return
             self._jobs.discard(job)
             self.stats["completed"] += 1
             self.stats["images"] += job.request.n
-            if not job.future.cancelled():
-                job.future.set_result(Result(done[0].images, done[0].records))
+            self._cv.notify()  # a draining worker waits for the last result
+        if not job.future.cancelled():
+            job.future.set_result(Result(done.images, done.records))
+
+    def _output_stage(self):
+        """Decode and deliver off the step loop (its own thread), so the next step does not wait for it; a failure
+        ends only its request."""
+        while (item := self._outputs.get()) is not None:
+            work, job = item
+            if job not in self._jobs:
+                continue
+            try:
+                work()
+            except Exception as err:
+                with self._cv:
+                    if job in self._jobs:
+                        self._fail_outside(job, err)
+
+    def _fail_outside(self, job, err):
+        """_fail from the output stage: the request ends now, its images leave the batch at the worker's next
+        boundary (only the worker touches the batch; called with the lock held)."""
+        self.stats["failed"] += 1
+        self.last_failure = {"time": time.time(), "error": f"{type(err).__name__}: {err}"}
+        self._jobs.discard(job)
+        self._failed_outside.add(job)
+        if not job.future.done():
+            job.future.set_exception(err)
+        self._cv.notify()
 
     def _drop_abandoned(self):
-        """Cancelled and timed-out jobs leave the queue and the batch (called with the lock held)."""
+        """Cancelled, timed-out and output-failed jobs leave the queue and the batch (called with the lock held)."""
+        for job in self._failed_outside:
+            self._remove(job)
+        self._failed_outside.clear()
         now = self.clock()
         for job in list(self._jobs):
             if job.future.cancelled():

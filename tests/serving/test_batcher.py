@@ -269,6 +269,59 @@ def test_close_without_drain_fails_what_was_accepted(cond_ort):
     assert batcher.stats["failed"] == 3
 
 
+def test_the_output_stage_decodes_off_the_step_loop(cond_ort, monkeypatch):
+    """While a finished request's decode is held, the worker keeps stepping the others; results stay exact."""
+    batcher = StepBatcher(cond_ort.parts, max_batch=4)
+    held, released, real = threading.Event(), threading.Event(), cond_ort.parts.finish
+    steps_while_held = []
+
+    def finish(request, part, x, nonfinite_step):
+        if request.steps == 2 and not released.is_set():
+            held.set()
+            before = batcher.stats["steps"]
+            assert released.wait(30)
+            steps_while_held.append(batcher.stats["steps"] - before)
+        return real(request, part, x, nonfinite_step)
+
+    monkeypatch.setattr(cond_ort.parts, "finish", finish)
+    quick, slow = dict(n=1, steps=2, seed=1), dict(n=2, steps=30, seed=2)
+    first = batcher.submit(cond_ort.request(**quick))
+    second = batcher.submit(cond_ort.request(**slow))
+    assert held.wait(30)
+    deadline = time.monotonic() + 30
+    while batcher.stats["steps"] < 20 and time.monotonic() < deadline:  # the step loop runs on meanwhile
+        time.sleep(0.01)
+    released.set()
+    assert np.array_equal(first.result(30).images, real_images(cond_ort, quick))
+    assert np.array_equal(second.result(30).images, real_images(cond_ort, slow))
+    assert steps_while_held[0] >= 18  # the slow request's steps ran while the quick one's decode was held
+    batcher.close()
+
+
+def real_images(sampler, params):
+    return Sampler(sampler.model.path, backend="ort-cpu", threads=1).sample(**params)[0]
+
+
+def test_a_failing_decode_ends_only_its_request_and_the_worker_goes_on(cond_ort, monkeypatch):
+    batcher, real = StepBatcher(cond_ort.parts, max_batch=4), cond_ort.parts.finish
+
+    def finish(request, part, x, nonfinite_step):
+        if request.seeds[0] == 13:
+            raise RuntimeError("decoder out of memory")
+        return real(request, part, x, nonfinite_step)
+
+    monkeypatch.setattr(cond_ort.parts, "finish", finish)
+    failing = batcher.submit(cond_ort.request(2, steps=3, seed=13))
+    fine = batcher.submit(cond_ort.request(2, steps=5, seed=14))
+    with pytest.raises(RuntimeError, match="decoder out of memory"):
+        failing.result(30)
+    assert fine.result(30).images.shape[0] == 2 and batcher.worker_alive
+    assert batcher.stats["failed"] == 1 and "decoder out of memory" in batcher.last_failure["error"]
+    after = batcher.submit(cond_ort.request(1, steps=2, seed=15))
+    assert after.result(30).images.shape[0] == 1
+    batcher.close()
+
+
 def test_trajectory_requests_are_refused(cond_ort):
     batcher = StepBatcher(cond_ort.parts)
     with pytest.raises(InvalidParameterError, match="trajectory"):
