@@ -72,12 +72,23 @@ class StepBatcher:
     """Runs many requests' images through shared forwards; thread-safe `submit`, one worker thread."""
 
     def __init__(
-        self, parts, max_batch=16, max_queue=1024, on_step=None, clock=time.monotonic, step_timeout=None, policy=None
+        self,
+        parts,
+        max_batch=16,
+        max_queue=1024,
+        on_step=None,
+        clock=time.monotonic,
+        step_timeout=None,
+        policy=None,
+        inline_output=False,
     ):
         """clock: seconds for request timeouts and the policy's view (a test's clock can stand in for time.monotonic).
 
         policy: an AdmissionPolicy (engine/serving/policies.py) deciding which queued images join at each step;
         Fifo() when None.
+
+        inline_output: run the output stage (decode, uint8, records, previews) on the worker between steps, as
+        before it had its own thread (bench/bench_output_stage.py measures the difference).
 
         step_timeout: seconds one step may take; past it a watchdog fails the requests in that batch (StepStuck),
         keeps the queued ones and starts a new worker on a new batch (the stuck thread's result is discarded).
@@ -88,6 +99,7 @@ class StepBatcher:
         self.on_step = on_step  # on_step(rows, seconds) after every step (metrics)
         self.clock = clock
         self.policy = Fifo() if policy is None else policy
+        self.inline_output = bool(inline_output)
         self._batch = None
         self._arrivals = 0  # requests queued so far: the next one's arrival number - 1
         self._formed_at, self._formed_steps = None, 0  # the batch's first admission and steps since it was empty
@@ -105,6 +117,7 @@ class StepBatcher:
         self.last_failure = None  # {"time": unix seconds, "error": message} of the last failed request
         self.restarts = 0
         self._outputs = queue.Queue()  # (work, job) for the output stage, in order: a job's previews, then its result
+        self._ready = collections.deque()  # (work, job) of this step, handed off once the lock is released
         self._failed_outside = set()  # jobs the output stage failed: the worker takes their images out
         self._output_thread = threading.Thread(target=self._output_stage, name="ddengine-output", daemon=True)
         self._output_thread.start()
@@ -362,6 +375,8 @@ class StepBatcher:
             with self._cv:
                 for j, (job, index) in enumerate(tags):
                     self._collect(job, index, x[j], nonfinite_step[j])
+        while self._ready:
+            self._hand_off(*self._ready.popleft())
 
     def _progress(self, batch):
         """Tell each request in the step how far it is (its images' evaluations so far, of n x the plan's)."""
@@ -384,7 +399,9 @@ class StepBatcher:
                 x0 = job.previews.pop(k)
                 ready.append((job, k, np.stack([x0[i] for i in range(job.request.n)])))
         for job, k, x0 in ready:  # decoded and sent by the output stage, before the job's result
-            self._outputs.put((lambda job=job, k=k, x0=x0: job.on_preview(k, self.parts.preview(job.request, x0)), job))
+            self._ready.append(
+                (lambda job=job, k=k, x0=x0: job.on_preview(k, self.parts.preview(job.request, x0)), job)
+            )
 
     def _contained(self, job, work):
         """Run a request's output work; a failure ends that request (500), never the worker."""
@@ -403,7 +420,7 @@ class StepBatcher:
         job.nonfinite_step[index] = nonfinite_step
         if len(job.finished) == job.request.n:
             x = np.stack([job.finished[i] for i in range(job.request.n)])
-            self._outputs.put((lambda: self._deliver(job, x), job))
+            self._ready.append((lambda: self._deliver(job, x), job))
 
     def _deliver(self, job, x):
         """The output stage's end of a request: decode, uint8, records (Parts.finish), then its Future's result."""
@@ -418,19 +435,28 @@ class StepBatcher:
         if not job.future.cancelled():
             job.future.set_result(Result(done.images, done.records))
 
+    def _hand_off(self, work, job):
+        """Queue a request's output work for the output stage, or (inline_output) do it here on the worker."""
+        if self.inline_output:
+            self._output_work(work, job)
+        else:
+            self._outputs.put((work, job))
+
     def _output_stage(self):
         """Decode and deliver off the step loop (its own thread), so the next step does not wait for it; a failure
         ends only its request."""
         while (item := self._outputs.get()) is not None:
-            work, job = item
-            if job not in self._jobs:
-                continue
-            try:
-                work()
-            except Exception as err:
-                with self._cv:
-                    if job in self._jobs:
-                        self._fail_outside(job, err)
+            self._output_work(*item)
+
+    def _output_work(self, work, job):
+        if job not in self._jobs:
+            return
+        try:
+            work()
+        except Exception as err:
+            with self._cv:
+                if job in self._jobs:
+                    self._fail_outside(job, err)
 
     def _fail_outside(self, job, err):
         """_fail from the output stage: the request ends now, its images leave the batch at the worker's next

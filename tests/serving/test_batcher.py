@@ -242,8 +242,9 @@ def test_non_finite_images_fail_alone_while_their_batch_mates_stay_exact(nan_mod
     assert all(r["status"] == "ok" for r in got_clean.records)
 
 
-def test_close_with_drain_finishes_everything_accepted_then_refuses(cond_ort):
-    batcher = StepBatcher(cond_ort.parts, max_batch=2)
+@pytest.mark.parametrize("inline", [False, True])
+def test_close_with_drain_finishes_everything_accepted_then_refuses(cond_ort, inline):
+    batcher = StepBatcher(cond_ort.parts, max_batch=2, inline_output=inline)
     params = [dict(n=k, steps=10, seed=k) for k in (1, 3, 2, 4)]
     futures = [batcher.submit(cond_ort.request(**p)) for p in params]
     batcher.close(drain=True)
@@ -272,6 +273,7 @@ def test_close_without_drain_fails_what_was_accepted(cond_ort):
 def test_the_output_stage_decodes_off_the_step_loop(cond_ort, monkeypatch):
     """While a finished request's decode is held, the worker keeps stepping the others; results stay exact."""
     batcher = StepBatcher(cond_ort.parts, max_batch=4)
+    assert not batcher.inline_output
     held, released, real = threading.Event(), threading.Event(), cond_ort.parts.finish
     steps_while_held = []
 
@@ -302,8 +304,9 @@ def real_images(sampler, params):
     return Sampler(sampler.model.path, backend="ort-cpu", threads=1).sample(**params)[0]
 
 
-def test_a_failing_decode_ends_only_its_request_and_the_worker_goes_on(cond_ort, monkeypatch):
-    batcher, real = StepBatcher(cond_ort.parts, max_batch=4), cond_ort.parts.finish
+@pytest.mark.parametrize("inline", [False, True])
+def test_a_failing_decode_ends_only_its_request_and_the_worker_goes_on(cond_ort, monkeypatch, inline):
+    batcher, real = StepBatcher(cond_ort.parts, max_batch=4, inline_output=inline), cond_ort.parts.finish
 
     def finish(request, part, x, nonfinite_step):
         if request.seeds[0] == 13:
