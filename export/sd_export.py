@@ -1,8 +1,9 @@
 """A diffusers StableDiffusionPipeline folder -> a ddengine text-to-image model folder (engine/model/pipeline_spec.py).
 
 `ddengine export --diffusers PIPELINE_DIR -o MODEL_DIR [--fp16]` writes text_encoder.onnx, unet.onnx (with an
-encoder_hidden_states input), vae_decoder.onnx, tokenizer.json and pipeline.json into a temporary folder next to
-MODEL_DIR, verifies every part against torch on ONNX Runtime, and only then renames the folder into place.
+encoder_hidden_states input), vae_decoder.onnx, vae_encoder.onnx (image-to-image and inpainting: the posterior's
+mean), tokenizer.json and pipeline.json into a temporary folder next to MODEL_DIR, verifies every part against torch
+on ONNX Runtime, and only then renames the folder into place.
 Parts too large for one protobuf (2 GB) keep their weights in ONNX external data (PART.onnx.data).
 """
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from ddengine.files.atomic import DIR_MODE
 from ddengine.files.bounded_json import read_bounded_json
-from ddengine.model.pipeline_spec import DEFAULT_FILES, PipelineSpec
+from ddengine.model.pipeline_spec import DEFAULT_FILES, OPTIONAL_FILES, PipelineSpec
 
 from .onnx_export import ExportError, export_graph, spec_for, verify_file
 
@@ -139,6 +140,7 @@ def export_pipeline(folder, out_dir, fp16=False, height=None, width=None, log=pr
             errors["text_encoder"] = _text_encoder(text, tmp, text_length, fp16, log)
             errors["unet"] = _unet(unet, tmp, scheduler, latent, text_length, hidden, fp16, log)
             errors["vae_decoder"] = _vae_decoder(vae, tmp, latent, fp16, log)
+            errors["vae_encoder"] = _vae_encoder(vae, tmp, latent, scale, fp16, log)
         tokenizer.backend_tokenizer.save(str(tmp / DEFAULT_FILES["tokenizer"]))
         spec = PipelineSpec(
             text_length=text_length,
@@ -146,6 +148,7 @@ def export_pipeline(folder, out_dir, fp16=False, height=None, width=None, log=pr
             image_channels=vae.config.out_channels,
             vae_scaling_factor=float(vae.config.scaling_factor),
             vae_scale=scale,
+            files={**DEFAULT_FILES, **OPTIONAL_FILES},
             source={
                 "pipeline": index.get("_class_name"),
                 "diffusers": index.get("_diffusers_version"),
@@ -292,6 +295,25 @@ def _vae_decoder(vae, folder, latent, fp16, log):
     c = vae.config.latent_channels
     feeds = lambda n, seed: {"latent": np.random.default_rng(seed).standard_normal((n, c, *latent)).astype(np.float32)}  # noqa: E731
     return _part(Decoder().eval(), feeds, ["image"], folder / DEFAULT_FILES["vae_decoder"], fp16, log, "VAE decoder")
+
+
+def _vae_encoder(vae, folder, latent, scale, fp16, log):
+    """AutoencoderKL encoder: image (N, 3, H, W) in [-1, 1] -> vae.encode(image).latent_dist.mean (N, C, h, w), the
+    posterior's mean, unscaled: deterministic, as diffusers' retrieve_latents(sample_mode="argmax")."""
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, image):
+            return self.vae.encode(image).latent_dist.mean
+
+    shape = (vae.config.in_channels, latent[0] * scale, latent[1] * scale)
+    feeds = lambda n, seed: {"image": np.random.default_rng(seed).uniform(-1, 1, (n, *shape)).astype(np.float32)}  # noqa: E731
+    path = folder / OPTIONAL_FILES["vae_encoder"]
+    return _part(Encoder().eval(), feeds, ["latent"], path, fp16, log, "VAE encoder")
 
 
 def _part(module, feeds, outputs, path, fp16, log, what, metadata=None):

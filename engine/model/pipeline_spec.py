@@ -6,6 +6,8 @@ MODEL_DIR/
   text_encoder.onnx  input_ids int64 (N, text_length) -> hidden states (N, text_length, D)
   unet.onnx          a ddengine U-Net (its own `ddengine` metadata) with an encoder_hidden_states input
   vae_decoder.onnx   latents (N, C, h, w) / scaling_factor -> image (N, 3, H, W) in [-1, 1]
+  vae_encoder.onnx   image (N, 3, H, W) in [-1, 1] -> the VAE posterior's mean (N, C, h, w), unscaled (optional:
+                     image-to-image and inpainting; folders exported before it have none)
   tokenizer.json     a `tokenizers` Tokenizer (CLIP BPE)
 """
 
@@ -30,6 +32,8 @@ DEFAULT_FILES = {
     "vae_decoder": "vae_decoder.onnx",
     "tokenizer": "tokenizer.json",
 }
+OPTIONAL_FILES = {"vae_encoder": "vae_encoder.onnx"}  # a folder without them samples text-to-image and latents=
+REEXPORT = "ddengine export --diffusers PIPELINE_DIR -o MODEL_DIR"
 
 
 class PipelineSpecError(ModelError):
@@ -71,11 +75,20 @@ class PipelineSpec:
         missing = [p for p in PARTS if p not in self.files]
         if missing:
             raise PipelineSpecError(f"{PIPELINE_FILE}: files lacks {', '.join(missing)} (expected {', '.join(PARTS)})")
-        for part in PARTS:
+        for part in self.parts:
             if not isinstance(self.files[part], str) or not self.files[part]:
                 raise PipelineSpecError(
                     f"{PIPELINE_FILE}: files.{part} must be a file name, got {shown(self.files[part])}"
                 )
+
+    @property
+    def parts(self):
+        """The parts this folder has: PARTS, and those of OPTIONAL_FILES its files name."""
+        return (*PARTS, *(p for p in OPTIONAL_FILES if p in self.files))
+
+    def has(self, part):
+        """Whether the folder has `part` (an optional one may be absent: a folder exported before it existed)."""
+        return part in self.parts
 
     def path(self, folder, part):
         """Where a part is: inside `folder`, always (a name that leads out of it is refused, as external data is)."""
@@ -106,7 +119,7 @@ class PipelineSpec:
         except FileNotFoundError:
             raise PipelineSpecError(
                 f"{folder} has no {PIPELINE_FILE}: not a ddengine text-to-image model folder "
-                "(make one with `ddengine export --diffusers PIPELINE_DIR -o MODEL_DIR`)"
+                f"(make one with `{REEXPORT}`)"
             ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise PipelineSpecError(f"{path} is unreadable: {err}") from None
@@ -117,7 +130,7 @@ class PipelineSpec:
             spec = cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as err:
             raise PipelineSpecError(f"{path}: {err}") from None
-        absent = [spec.files[p] for p in PARTS if not spec.path(folder, p).is_file()]
+        absent = [spec.files[p] for p in spec.parts if not spec.path(folder, p).is_file()]
         if absent:
             raise PipelineSpecError(f"{folder} lacks {', '.join(absent)} named by its {PIPELINE_FILE}")
         return spec

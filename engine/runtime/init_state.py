@@ -3,22 +3,30 @@
 x = sqrt(abar) x0 + sqrt(1 - abar) z with the engine's Philox z, or the caller's latents as z). With a mask,
 inpainting as diffusers' StableDiffusionInpaintPipeline for 4-channel U-Nets: after every step the kept region
 (mask 0) is the image noised to the next step's level with the same z, the masked region (1) is the sample's; at
-strength 1 it starts from pure noise."""
+strength 1 it starts from pure noise. A latent model (a text-to-image MODEL_DIR) does all this in latent space: its
+image is encoded once per request by the VAE encoder (the posterior's mean times vae_scaling_factor, diffusers'
+_encode_vae_image) and its mask taken to the latent size as diffusers' prepare_mask_latents does (encode_init)."""
 
 import base64
 import binascii
 import io
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ddengine.core.quoting import shown
+from ddengine.model.pipeline_spec import REEXPORT
 
 IMAGE_EXPECTED = (
     "a uint8 (H, W, C) or (N, H, W, C) array, a PIL image, PNG/JPEG bytes or their base64, or a list of these"
 )
 DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
+NO_ENCODER = (
+    "image= and mask= on a latent text-to-image model need its VAE encoder (vae_encoder.onnx), and this MODEL_DIR "
+    f"has none: it was exported before ddengine wrote one; export it again with `{REEXPORT}` (latents= works "
+    "without it)"
+)
 
 
 class InitError(ValueError):
@@ -99,21 +107,35 @@ class Start:
 
 
 @dataclass(frozen=True)
+class Pixels:
+    """A latent model's image and mask as given, uint8 (k, H, W, C) and (j, H, W, 1), until its VAE encoder makes
+    latents of them (encode_init)."""
+
+    images: np.ndarray
+    masks: np.ndarray | None
+
+
+@dataclass(frozen=True)
 class InitState:
     """A request's start: the distinct images in model range (k, C, H, W) float32 (image i is images[i % k]), their
-    masks (j, 1, H, W) of 0/1 (mask i % j), the caller's noise (n, C, H, W); strength as diffusers'."""
+    masks (j, 1, H, W) of 0/1 (mask i % j), the caller's noise (n, C, H, W); strength as diffusers'. A latent
+    model's image and mask wait in `pixels` for its VAE encoder (encode_init)."""
 
     images: np.ndarray | None
     noise: np.ndarray | None
     strength: float | None
     masks: np.ndarray | None = None
+    pixels: Pixels | None = None
 
     def record(self):
         """What a manifest records of the start."""
-        return {"strength": self.strength, "latents": self.noise is not None, "inpainting": self.masks is not None}
+        masked = self.masks is not None or (self.pixels is not None and self.pixels.masks is not None)
+        return {"strength": self.strength, "latents": self.noise is not None, "inpainting": masked}
 
     def part(self, images):
         """The Start of the request's images `images` (a slice)."""
+        if self.pixels is not None:
+            raise InitError("a latent model's image must be encoded before sampling (Parts.encode_start)")
         index = np.arange(images.start, images.stop)
         own = None if self.images is None else self.images[index % len(self.images)]
         noise = None if self.noise is None else self.noise[images]
@@ -124,53 +146,74 @@ class InitState:
 
 
 def bind_init(spec, n, image, strength, latents, mask=None):
-    """The InitState of a request for a model (None: the seed's noise), every part checked against the model."""
+    """The InitState of a request for a model (None: the seed's noise), every part checked against the model (a
+    latent model's image and mask against its VAE encoder, in encode_init)."""
     if image is None and strength is not None:
         raise InitError(f"strength={shown(strength)} needs an image (image-to-image)")
     if image is None and mask is not None:
         raise InitError("mask needs the image it masks (inpainting: image= and mask=)")
     if image is None and latents is None:
         return None
-    images = None
+    latent = spec.text_conditional  # a text-to-image MODEL_DIR: x is the VAE's latents
+    images = pixels = None
     if image is not None:
-        if spec.text_conditional:
-            raise InitError(
-                "image-to-image on a latent text-to-image model needs its VAE encoder, which MODEL_DIR folders do not "
-                "ship yet; pass latents instead"
-            )
-        images = _model_range(spec, to_channels(uint8_images(image), spec.channels))
-        if len(images) not in (1, n):
-            raise InitError(f"give one image or n = {n} images, got {len(images)}")
+        pixels = uint8_images(image)
+        if not latent:
+            images = _model_range(to_channels(pixels, spec.channels), spec.height, spec.width, spec.value_range)
+        if len(pixels) not in (1, n):
+            raise InitError(f"give one image or n = {n} images, got {len(pixels)}")
     noise = None if latents is None else _latents(spec, n, latents)
-    masks = None if mask is None else _masks(spec, n, mask)
+    grey = None if mask is None else _grey_masks(n, mask)
+    masks = None if grey is None or latent else _binary(grey, spec.height, spec.width)
     if strength is None and image is not None:
-        strength = 1.0 if masks is not None else DEFAULT_STRENGTH  # diffusers' inpainting and img2img defaults
-    return InitState(images, noise, strength, masks)
+        strength = 1.0 if grey is not None else DEFAULT_STRENGTH  # diffusers' inpainting and img2img defaults
+    waiting = Pixels(pixels, grey) if latent and pixels is not None else None  # for encode_init
+    return InitState(images, noise, strength, masks, waiting)
 
 
-def _masks(spec, n, mask):
-    """0/1 float32 (j, 1, H, W): a pixel is repainted where the mask is >= 50% white (diffusers' binarisation)."""
+def encode_init(init, encoder, batch_size):
+    """A latent model's InitState in latent space: its images through `encoder` (engine/text/pipeline.py VaeEncoder,
+    None: a folder without one), its masks at the latent size as diffusers' prepare_mask_latents
+    (torch.nn.functional.interpolate's default "nearest": latent pixel (i, j) is image pixel (s i, s j))."""
+    if init is None or init.pixels is None:
+        return init
+    if encoder is None:
+        raise InitError(NO_ENCODER)
+    height, width, channels = encoder.image_shape
+    given = _model_range(to_channels(init.pixels.images, channels), height, width, encoder.value_range)
+    masks = None
+    if init.pixels.masks is not None:
+        s = encoder.latent_scale
+        masks = np.ascontiguousarray(_binary(init.pixels.masks, height, width)[:, :, ::s, ::s])
+    return replace(init, images=encoder.encode(given, batch_size), masks=masks, pixels=None)
+
+
+def _grey_masks(n, mask):
+    """uint8 (j, H, W, 1) masks, grey as Pillow's "L" (diffusers' mask_processor: do_convert_grayscale)."""
     try:
         grey = to_channels(uint8_images(mask), 1)
     except InitError as err:
         raise InitError(str(err).replace("image", "mask", 1)) from None
-    if grey.shape[1:3] != (spec.height, spec.width):
-        raise InitError(
-            f"mask must be {spec.width}x{spec.height} (the image's size), got {grey.shape[2]}x{grey.shape[1]}"
-        )
     if len(grey) not in (1, n):
         raise InitError(f"give one mask or n = {n} masks, got {len(grey)}")
+    return grey
+
+
+def _binary(grey, height, width):
+    """0/1 float32 (j, 1, H, W): a pixel is repainted where the mask is >= 50% white (diffusers' binarisation)."""
+    if grey.shape[1:3] != (height, width):
+        raise InitError(f"mask must be {width}x{height} (the image's size), got {grey.shape[2]}x{grey.shape[1]}")
     return (grey.astype(np.float32) / 255 >= 0.5).astype(np.float32).transpose(0, 3, 1, 2).copy()
 
 
-def _model_range(spec, images):
-    want = (spec.height, spec.width)
-    if images.shape[1:3] != want:
+def _model_range(images, height, width, value_range):
+    """uint8 (k, H, W, C) -> (k, C, H, W) float32 in value_range, at the size the model makes."""
+    if images.shape[1:3] != (height, width):
         raise InitError(
-            f"image must be {spec.width}x{spec.height} (W x H, the size this model makes), got "
+            f"image must be {width}x{height} (W x H, the size this model makes), got "
             f"{images.shape[2]}x{images.shape[1]}"
         )
-    lo, hi = spec.value_range
+    lo, hi = value_range
     return (lo + (hi - lo) * images.astype(np.float32) / np.float32(255)).transpose(0, 3, 1, 2).copy()
 
 

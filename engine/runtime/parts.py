@@ -1,6 +1,7 @@
 """A loaded model's parts, chosen once at load time: the U-Net (its Model and backend), its conditioner and decoder
-(engine/runtime/conditioning.py, or the text-to-image ones of engine/text/pipeline.py), its step plans, and
-how finished x_0 become images and manifest records. The Sampler and the StepBatcher both run on Parts.
+(engine/runtime/conditioning.py, or the text-to-image ones of engine/text/pipeline.py, with the VAE encoder that
+makes a latent model's image-to-image start), its step plans, and how finished x_0 become images and manifest
+records. The Sampler and the StepBatcher both run on Parts.
 """
 
 from dataclasses import dataclass, replace
@@ -12,6 +13,7 @@ import ddengine
 from ddengine.backends import create_backend
 from ddengine.model.load import Model, load_model
 from ddengine.runtime.conditioning import PixelDecoder, class_conditioner
+from ddengine.runtime.init_state import InitError, encode_init
 from ddengine.runtime.params import InvalidParameterError
 
 PLAN_CACHE = 64
@@ -29,9 +31,10 @@ class Chunk:
 class Parts:
     """One model's U-Net backend, conditioner and decoder, with the plans of the requests made of it."""
 
-    def __init__(self, model, backend, conditioner, decoder, *, threads=0, scheduler_override=None):
+    def __init__(self, model, backend, conditioner, decoder, *, threads=0, scheduler_override=None, encoder=None):
         self.model, self.spec, self.backend = model, model.spec, backend
         self.conditioner, self.decoder, self.threads = conditioner, decoder, threads
+        self.encoder = encoder  # a latent model's VAE encoder (engine/text/pipeline.py VaeEncoder), or None
         self.scheduler_override = scheduler_override  # a manifest says which schedule replaced the model's own
         self._plans = {}  # Request.plan_key -> StepPlan (read-only)
 
@@ -50,6 +53,16 @@ class Parts:
                 self._plans.clear()
             self._plans[key] = plan
         return plan
+
+    def encode_start(self, request):
+        """The request with a latent model's image and mask in latent space (init_state.encode_init: the VAE encoder,
+        once per request); any other request as it is."""
+        if request.init is None or request.init.pixels is None:
+            return request
+        try:
+            return replace(request, init=encode_init(request.init, self.encoder, request.batch_size))
+        except InitError as err:
+            raise InvalidParameterError(str(err)) from None
 
     def finish(self, request, part, x, nonfinite_step, trajectory=None):
         """The Chunk of images `part` of a request from their x_0 and first non-finite steps (-1: none).
@@ -114,16 +127,17 @@ class Parts:
 
 def open_parts(model=None, backend="auto", scheduler_config=None, *, threads=None, precision="auto"):
     """The Parts of a model: an ONNX file (None: the shipped one), a loaded Model, or a text-to-image folder."""
+    encoder = None
     if isinstance(model, (str, Path)) and Path(model).is_dir():  # a text-to-image MODEL_DIR (pipeline.json checked)
         from ddengine.text.pipeline import open_text_model
 
-        loaded, conditioner, decoder = open_text_model(model, scheduler_config, backend, precision, threads)
+        loaded, conditioner, decoder, encoder = open_text_model(model, scheduler_config, backend, precision, threads)
     else:
         loaded = model if isinstance(model, Model) else load_model(model, scheduler_config)
         conditioner, decoder = class_conditioner(loaded.spec), PixelDecoder(loaded.spec)
     override = None if scheduler_config is None else dict(loaded.spec.scheduler)
     unet = create_backend(backend, loaded, threads=threads, precision=precision)
-    return Parts(loaded, unet, conditioner, decoder, threads=threads or 0, scheduler_override=override)
+    return Parts(loaded, unet, conditioner, decoder, threads=threads or 0, scheduler_override=override, encoder=encoder)
 
 
 def step_plan(spec, request):

@@ -98,7 +98,7 @@ class Sampler:
         request = params.bind(self.spec, batch_size, trajectory)
         check_memory(self.model, request, self.backend.max_rows)
         self.parts.plan(request)
-        return request
+        return self.parts.encode_start(request)  # a latent model's image through its VAE encoder, once
 
     def plan(self, request):
         """The StepPlan of a validated request (made once per steps, method, eta and spacing)."""

@@ -13,9 +13,14 @@ from ddengine.model.pipeline_spec import PIPELINE_FILE, PipelineSpecError
 from ddengine.model.spec import DYNAMIC, METADATA_KEY
 from ddengine.model.spec import show_shape as dims
 
-TOKENS, EMBEDDINGS, LATENTS = "input_ids", "encoder_hidden_states", "latent"  # what the runtime feeds the parts
+TOKENS, EMBEDDINGS, LATENTS, IMAGES = "input_ids", "encoder_hidden_states", "latent", "image"  # the parts' inputs
 TOKEN_DTYPE, LATENT_DTYPE, STATE_DTYPES = "int64", "float32", ("float32", "float16")
-GRAPH_PARTS = {"text_encoder": "a text encoder", "unet": "a U-Net", "vae_decoder": "a VAE decoder"}
+GRAPH_PARTS = {
+    "text_encoder": "a text encoder",
+    "unet": "a U-Net",
+    "vae_decoder": "a VAE decoder",
+    "vae_encoder": "a VAE encoder",  # optional (pipeline_spec.OPTIONAL_FILES)
+}
 
 
 def file_field(spec, role):
@@ -52,14 +57,17 @@ def recognise(signature):
     if names & {"timestep", EMBEDDINGS}:
         return "unet", f"it takes {' and '.join(sorted(names & {'timestep', EMBEDDINGS}))}"
     if len(signature.inputs) == 1 and len(signature.inputs[0].shape) == 4:
-        return "vae_decoder", f"it takes one 4-d input {shown(signature.inputs[0].name)}"
+        role = "vae_encoder" if signature.inputs[0].name == IMAGES else "vae_decoder"
+        return role, f"it takes one 4-d input {shown(signature.inputs[0].name)}"
     return None, ""
 
 
 def read_signatures(folder, spec):
-    """part -> Signature of each ONNX part, each one checked not to be another part (a swapped folder)."""
+    """part -> Signature of each ONNX part the folder has, each one checked not to be another part (a swapped folder)."""
     signatures = {}
     for role, name in GRAPH_PARTS.items():
+        if not spec.has(role):
+            continue
         signatures[role] = Signature.of(read_weightless(spec.path(folder, role)))
         looks, why = recognise(signatures[role])
         if looks not in (None, role):
@@ -74,6 +82,8 @@ def bind_graphs(spec, signatures, unet_spec):
     hidden = bind_text_encoder(spec, signatures["text_encoder"])
     bind_unet(spec, unet_spec, hidden)
     bind_vae_decoder(spec, signatures["vae_decoder"], unet_spec)
+    if "vae_encoder" in signatures:
+        bind_vae_encoder(spec, signatures["vae_encoder"], unet_spec)
 
 
 def bind_tokenizer(spec, vocabulary):
@@ -150,6 +160,31 @@ def bind_vae_decoder(spec, signature, unet_spec):
             raise PipelineSpecError(
                 f"{PIPELINE_FILE}: vae_scale = {spec.vae_scale}, but {part} decodes {latents[0]}x{latents[1]} "
                 f"latents to {shown(image.name)} of shape {dims(image.shape)} (scale {size / latent_size:g})"
+            )
+
+
+def bind_vae_encoder(spec, signature, unet_spec):
+    """image float32 (N, image_channels, h * vae_scale, w * vae_scale) -> latents (N, C, h, w), the U-Net's."""
+    part = file_field(spec, "vae_encoder")
+    image = _only_input(spec, "vae_encoder", signature, IMAGES, LATENT_DTYPE, rank=4, shape="(N, C, H, W) images")
+    channels, height, width = spec.image_shape(unet_spec)
+    if image.shape[1] not in (DYNAMIC, channels):
+        raise PipelineSpecError(
+            f"{PIPELINE_FILE}: image_channels = {channels}, but {part} takes {IMAGES} of shape {dims(image.shape)}"
+        )
+    latent = _first_output(part, signature, rank=4, shape="(N, C, h, w) latents")
+    if latent.shape[1] not in (DYNAMIC, unet_spec.channels):
+        raise PipelineSpecError(
+            f"{PIPELINE_FILE}: {part} outputs {shown(latent.name)} of shape {dims(latent.shape)}, but "
+            f"{file_field(spec, 'unet')} makes latents of shape {dims((DYNAMIC, *unet_spec.image_shape))}"
+        )
+    sizes = zip(image.shape[2:], latent.shape[2:], (height, width), (unet_spec.height, unet_spec.width))
+    for size, latent_size, want, latent_want in sizes:
+        if size not in (DYNAMIC, want) or latent_size not in (DYNAMIC, latent_want):
+            raise PipelineSpecError(
+                f"{PIPELINE_FILE}: vae_scale = {spec.vae_scale}, but {part} encodes {IMAGES} of shape "
+                f"{dims(image.shape)} to {shown(latent.name)} of shape {dims(latent.shape)}; {file_field(spec, 'unet')} "
+                f"takes {unet_spec.height}x{unet_spec.width} latents of {height}x{width} images"
             )
 
 

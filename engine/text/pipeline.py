@@ -1,8 +1,9 @@
 """The parts of a latent text-to-image model (Stable Diffusion's layout) around the engine's loop, torch-free:
 read_text_model (the folder, its pipeline.json bound to its graphs by engine/text/binding.py), PromptConditioner
-(the tokenizer and the text encoder, once per distinct prompt; the embedding is one more per-row U-Net input) and
-VaeDecoder (the VAE decoder in batches after the loop). Chosen at load time by engine/runtime/parts.py for a model
-folder (engine/model/pipeline_spec.py).
+(the tokenizer and the text encoder, once per distinct prompt; the embedding is one more per-row U-Net input),
+VaeDecoder (the VAE decoder in batches after the loop) and VaeEncoder (image-to-image and inpainting: a request's
+images to latents, once, before the loop; absent from folders exported before it). Chosen at load time by
+engine/runtime/parts.py for a model folder (engine/model/pipeline_spec.py).
 """
 
 import collections
@@ -48,12 +49,17 @@ def read_text_model(folder, scheduler_config=None):
 
 
 def open_text_model(folder, scheduler_config=None, backend="auto", precision="auto", threads=None):
-    """(the U-Net's Model, its PromptConditioner, its VaeDecoder) of a model folder."""
+    """(the U-Net's Model, its PromptConditioner, its VaeDecoder, its VaeEncoder or None) of a model folder."""
     model = read_text_model(folder, scheduler_config)
-    # The text encoder runs once per distinct prompt: exact fp32. The VAE decoder is conv-heavy: the backend asked for.
-    encoder = OnnxPart(model.path("text_encoder"), "ort-cpu", "auto", threads)
+    # The text encoder runs once per distinct prompt: exact fp32. The VAE decoder is conv-heavy: the backend asked
+    # for; so is the VAE encoder, its mirror (a conv stack at the image's full size, once per request's image).
+    text = OnnxPart(model.path("text_encoder"), "ort-cpu", "auto", threads)
     decoder = VaeDecoder(OnnxPart(model.path("vae_decoder"), backend, precision, threads), model.spec, model.unet.spec)
-    return model.unet, PromptConditioner(model.tokenizer, encoder), decoder
+    encoder = None
+    if model.spec.has("vae_encoder"):
+        part = OnnxPart(model.path("vae_encoder"), backend, precision, threads)
+        encoder = VaeEncoder(part, model.spec, model.unet.spec)
+    return model.unet, PromptConditioner(model.tokenizer, text), decoder, encoder
 
 
 class PromptConditioner:
@@ -107,3 +113,22 @@ class VaeDecoder:
             for i in range(0, len(latents), batch_size)
         ]
         return np.concatenate(parts).astype(np.float32)
+
+
+class VaeEncoder:
+    """Images in [-1, 1] (k, C, H, W) -> latents (k, c, h, w): the VAE posterior's mean times vae_scaling_factor, as
+    diffusers' img2img and inpaint pipelines' _encode_vae_image with retrieve_latents(sample_mode="argmax")."""
+
+    value_range = (-1.0, 1.0)
+
+    def __init__(self, part, spec, unet_spec):
+        self.part, self.latent_scale = part, spec.vae_scale
+        self.scaling_factor = np.float32(spec.vae_scaling_factor)
+        channels, height, width = spec.image_shape(unet_spec)
+        self.image_shape = (height, width, channels)
+
+    def encode(self, images, batch_size):
+        parts = [
+            self.part(image=np.ascontiguousarray(images[i : i + batch_size])) for i in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(parts).astype(np.float32) * self.scaling_factor

@@ -40,8 +40,10 @@ def test_export_writes_the_model_dir_and_reports_each_check(tiny_sd):
         "exporting the text encoder",
         "exporting the U-Net",
         "exporting the VAE decoder",
+        "exporting the VAE encoder",
         "unet max",
         "vae_decoder max",
+        "vae_encoder max",
     ):
         assert text in tiny_sd.output
 
@@ -81,6 +83,31 @@ def test_sample_writes_prompted_images_and_records_the_prompts(tiny_sd, tmp_path
     want, _ = Sampler(tiny_sd.model, backend="ort-cpu").sample(
         3, steps=4, seed=10, prompt=[PROMPTS[0], PROMPTS[1]], negative_prompt="blurry", guidance=5
     )
+    assert np.array_equal(written, want)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["img2img", "inpainting"])
+def test_sample_starts_from_an_image_and_mask_files(tiny_sd, tmp_path, masked):
+    """--image/--strength (and --mask: inpainting) on a MODEL_DIR: the images are the Sampler's, the manifest says so."""
+    from ddengine import Sampler
+
+    picture = np.random.default_rng(5).integers(0, 256, (IMAGE, IMAGE, 3), dtype=np.uint8)
+    mask = np.zeros((IMAGE, IMAGE), np.uint8)
+    mask[8:24, 4:20] = 255
+    Image.fromarray(picture).save(tmp_path / "in.png")
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    extra = ["--mask", tmp_path / "m.png"] if masked else []
+    out = tmp_path / "out"
+    result = run(
+        *sample_args(tiny_sd.model, out, "--n", 2, "--prompt", "a cat", "--image", tmp_path / "in.png"),
+        *["--strength", 0.6, *extra],
+    )
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {(r["strength"], r["inpainting"]) for r in lines} == {(0.6, masked)}
+    written = np.stack([np.asarray(Image.open(out / r["file"])) for r in lines])
+    start = dict(image=picture, strength=0.6, mask=mask if masked else None)
+    want, _ = Sampler(tiny_sd.model, backend="ort-cpu").sample(2, steps=4, prompt="a cat", **start)
     assert np.array_equal(written, want)
 
 

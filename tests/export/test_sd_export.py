@@ -61,6 +61,18 @@ def test_each_part_computes_what_its_torch_module_does(tiny_sd, oracle):
     assert np.abs(eps).max() > 0.1 and np.abs(image).max() > 0.1  # outputs that could show an error
 
 
+def test_the_vae_encoder_gives_the_posteriors_mean(tiny_sd, oracle):
+    """vae_encoder.onnx: images in [-1, 1] -> vae.encode(x).latent_dist.mean, unscaled (deterministic: diffusers'
+    retrieve_latents with sample_mode="argmax"); the runtime multiplies by vae_scaling_factor."""
+    pictures = np.random.default_rng(1).uniform(-1, 1, (3, 3, IMAGE, IMAGE)).astype(np.float32)
+    with torch.no_grad():
+        posterior = oracle.vae.encode(torch.from_numpy(pictures)).latent_dist
+    got = run(tiny_sd.model / "vae_encoder.onnx", image=pictures)
+    assert got.shape == (3, 4, LATENT, LATENT)
+    np.testing.assert_allclose(got, posterior.mean.numpy(), atol=1e-4, rtol=0)
+    assert np.abs(posterior.mean.numpy()).max() > 0.1 and posterior.std.numpy().min() > 1e-3  # a mean, not a sample
+
+
 def test_the_folder_describes_itself(tiny_sd, oracle):
     folder = tiny_sd.model
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -69,6 +81,7 @@ def test_the_folder_describes_itself(tiny_sd, oracle):
         "tokenizer.json",
         "unet.onnx",
         "vae_decoder.onnx",
+        "vae_encoder.onnx",
     ]
     assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == [
         ".pipeline_vocab"
@@ -78,6 +91,7 @@ def test_the_folder_describes_itself(tiny_sd, oracle):
     assert spec.pad_token_id == oracle.tokenizer.pad_token_id
     assert spec.vae_scaling_factor == pytest.approx(oracle.vae.config.scaling_factor)
     assert spec.source["pipeline"] == "StableDiffusionPipeline" and spec.source["fp16"] is False
+    assert spec.files["vae_encoder"] == "vae_encoder.onnx" and spec.has("vae_encoder")
     unet = read_spec(folder / "unet.onnx")
     assert unet.text_conditional and (unet.channels, unet.height, unet.width) == (4, LATENT, LATENT)
     assert unet.recommended_guidance == 7.5  # StableDiffusionPipeline's default guidance_scale
@@ -88,7 +102,7 @@ def test_the_folder_describes_itself(tiny_sd, oracle):
 
 
 def test_the_cli_reports_each_parts_verification(tiny_sd):
-    for part in ("text_encoder", "unet", "vae_decoder"):
+    for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         error = float(tiny_sd.output.split(f"{part} max |ORT - torch| = ")[1].split(",")[0].split(")")[0])
         assert error <= 1e-4, part
 
@@ -179,7 +193,7 @@ def test_fp16_parts_are_float16_and_verified(tiny_sd16):
 
     spec = PipelineSpec.read(tiny_sd16.model)
     assert spec.source["fp16"] is True
-    for part in ("text_encoder", "unet", "vae_decoder"):
+    for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         assert onnx_precision(onnx.load(str(spec.path(tiny_sd16.model, part)))) == "fp16", part
         assert f"{part} max |ORT - torch| = " in tiny_sd16.output
 

@@ -1,7 +1,8 @@
 """Text-to-image MODEL_DIRs whose pipeline.json and graphs disagree: `BROKEN` maps a case to (damage, message), where
 damage(folder) breaks a copy of the tiny export (tests/support/tiny_pipeline.py) and message is the exact one-line
 error `Sampler`, `ddengine sample` and `ddengine info` must give, before any inference. The stand-in parts are real
-ONNX graphs (a Gather text encoder, a Conv + Resize VAE decoder) that run on ONNX Runtime."""
+ONNX graphs (a Gather text encoder, a Conv + Resize VAE decoder, a strided Conv VAE encoder) that run on ONNX
+Runtime."""
 
 import json
 
@@ -12,10 +13,11 @@ from onnx import TensorProto, helper, numpy_helper
 from tests.support.tiny_pipeline import HIDDEN, LATENT, SCALE, TEXT_LENGTH
 
 VOCABULARY = 66  # tokens of the tiny CLIP tokenizer: 3 special, 26 letters twice, the WORDS not already there
-TE, UNET, VAE = (
+TE, UNET, VAE, ENCODER = (
     "files.text_encoder = 'text_encoder.onnx'",
     "files.unet = 'unet.onnx'",
     "files.vae_decoder = 'vae_decoder.onnx'",
+    "files.vae_encoder = 'vae_encoder.onnx'",
 )
 
 
@@ -60,6 +62,18 @@ def vae_decoder(path, channels=4, size=LATENT, scale=SCALE, name="latent", out=3
             numpy_helper.from_array(weight, "w"),
             numpy_helper.from_array(np.array([1, 1, scale, scale], np.float32), "scales"),
         ],
+    )
+
+
+def vae_encoder(path, channels=3, size=LATENT * SCALE, scale=SCALE, out=4):
+    """image (N, channels, size, size) -> latent (N, out, size / scale, size / scale): a 1x1 Conv of stride `scale`."""
+    weight = np.full((out, channels, 1, 1), 0.1, np.float32)
+    save(
+        path,
+        [helper.make_node("Conv", ["image", "w"], ["latent"], strides=[scale, scale])],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", channels, size, size])],
+        [helper.make_tensor_value_info("latent", TensorProto.FLOAT, ["N", out, size // scale, size // scale])],
+        [numpy_helper.from_array(weight, "w")],
     )
 
 
@@ -142,6 +156,27 @@ BROKEN = {
         lambda m: vae_decoder(m / "vae_decoder.onnx", name="latent_sample"),
         f"pipeline.json: {VAE} has inputs ['latent_sample']; a VAE decoder takes one input, 'latent' float32 "
         "(N, C, h, w) latents",
+    ),
+    "the VAE decoder is the VAE encoder": (
+        lambda m: edit_pipeline(m, files={"vae_decoder": "vae_encoder.onnx"}),
+        "pipeline.json: files.vae_decoder = 'vae_encoder.onnx' is a VAE encoder (it takes one 4-d input 'image'), "
+        "not a VAE decoder",
+    ),
+    "VAE encoder latent channels are not the U-Net's": (
+        lambda m: vae_encoder(m / "vae_encoder.onnx", out=8),
+        f"pipeline.json: {ENCODER} outputs 'latent' of shape (N, 8, {LATENT}, {LATENT}), but {UNET} makes latents of "
+        f"shape (N, 4, {LATENT}, {LATENT})",
+    ),
+    "the VAE encoder's scale is not vae_scale": (
+        lambda m: vae_encoder(m / "vae_encoder.onnx", scale=2 * SCALE),
+        f"pipeline.json: vae_scale = {SCALE}, but {ENCODER} encodes image of shape (N, 3, {LATENT * SCALE}, "
+        f"{LATENT * SCALE}) to 'latent' of shape (N, 4, {LATENT // 2}, {LATENT // 2}); {UNET} takes "
+        f"{LATENT}x{LATENT} latents of {LATENT * SCALE}x{LATENT * SCALE} images",
+    ),
+    "a VAE encoder of grey images for an RGB pipeline": (
+        lambda m: vae_encoder(m / "vae_encoder.onnx", channels=1),
+        f"pipeline.json: image_channels = 3, but {ENCODER} takes image of shape (N, 1, {LATENT * SCALE}, "
+        f"{LATENT * SCALE})",
     ),
     "pad_token_id outside the tokenizer's vocabulary": (
         lambda m: edit_pipeline(m, pad_token_id=5000),
