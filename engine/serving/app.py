@@ -320,7 +320,7 @@ async def generate(state, request):
     body = parse_body(await read_body(request, state.settings.max_body_bytes))
     if state.status != "ok":
         raise not_serving(state)
-    sampling = validate(state, body)
+    sampling = await asyncio.to_thread(validate, state, body)  # a latent model's VAE encoder runs here
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
     def send(event, data):  # from the worker thread
@@ -396,8 +396,8 @@ async def generate_openai(state, request, edit=False):
         body, images, mask = await parse_edit(raw, request.headers) if edit else (parse_generation(raw), None, None)
         if state.status != "ok":
             raise not_serving(state)
-        spec = state.sampler.spec
-        sampling = validate(state, sampling_params(body, spec, images, mask))
+        params = sampling_params(body, state.sampler.spec, state.sampler.image_shape, images, mask)
+        sampling = await asyncio.to_thread(validate, state, params)  # off the event loop: a VAE encoder may run
     except HTTPError as err:
         raise OpenAIError(400 if err.status == 422 else err.status, err.message, headers=err.headers) from None
     loop, previews = asyncio.get_running_loop(), asyncio.Queue()
@@ -413,7 +413,7 @@ async def generate_openai(state, request, edit=False):
     except BatcherClosed as err:
         raise OpenAIError(503, str(err)) from None
     if body.stream:
-        events = openai_events(future, previews, body, spec)
+        events = openai_events(future, previews, body)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
         result = await wait_for(future, request)
@@ -424,17 +424,17 @@ async def generate_openai(state, request, edit=False):
     failed = failure(result)
     if failed:
         raise OpenAIError(500, failed, retry=False)
-    return JSONResponse(await asyncio.to_thread(openai_response, result.images, body, spec))
+    return JSONResponse(await asyncio.to_thread(openai_response, result.images, body))
 
 
-async def openai_events(future, previews, body, spec):
+async def openai_events(future, previews, body):
     """The SSE stream of one request: its partial images as the worker sends them, then each final image (or an
     error event); leaving early (the client went away) cancels its images."""
     waiter = asyncio.wrap_future(future)
     try:
         async for k, images in queued_until_done(waiter, previews):
             for image in images:
-                yield await asyncio.to_thread(stream_event, "partial_image", image, body, spec, k)
+                yield await asyncio.to_thread(stream_event, "partial_image", image, body, k)
         try:
             result = outcome(waiter)
         except HTTPError as err:
@@ -445,7 +445,7 @@ async def openai_events(future, previews, body, spec):
             yield sse("error", OpenAIError(500, failed).body())
             return
         for image in result.images:
-            yield await asyncio.to_thread(stream_event, "completed", image, body, spec)
+            yield await asyncio.to_thread(stream_event, "completed", image, body)
     finally:
         future.cancel()
 

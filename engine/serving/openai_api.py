@@ -157,16 +157,17 @@ def _unknown_field(name):
     return f"unknown field {name!r}; this endpoint takes {', '.join(known)}"
 
 
-def sampling_params(body, spec, images=None, mask=None):
-    """The SamplingParams of an OpenAI body for a model: the prompt as a class name or prompt, the size checked;
-    an edit's images (and mask: inpainting) start the sampling."""
+def sampling_params(body, spec, image_shape, images=None, mask=None):
+    """The SamplingParams of an OpenAI body for a model (its spec, and the (H, W, C) of the images it makes): the
+    prompt as a class name or prompt, the size checked; an edit's images (and mask: inpainting) start the
+    sampling."""
     if body.response_format == "url":
         raise OpenAIError(
             400, "response_format 'url' is not served (this server keeps no files); use 'b64_json'", "response_format"
         )
     if body.partial_images and not body.stream:
         raise OpenAIError(400, "partial_images needs stream: true", "partial_images")
-    check_size(body.size, spec)
+    check_size(body.size, image_shape)
     fields = {k: getattr(body, k) for k in ENGINE_FIELDS if getattr(body, k) is not None}
     fields |= prompt_fields(body.prompt, spec)
     if images is not None:
@@ -178,9 +179,9 @@ def sampling_params(body, spec, images=None, mask=None):
         raise OpenAIError(400, str(err), _param_of(str(err)), "invalid_value") from None
 
 
-def check_size(size, spec):
-    """size: None, 'auto' or the model's own 'WxH'."""
-    own = f"{spec.width}x{spec.height}"
+def check_size(size, image_shape):
+    """size: None, 'auto' or the model's own 'WxH' (of its decoded images: a latent model's are the VAE's)."""
+    own = size_of(image_shape)
     if size not in (None, "auto", own):
         raise OpenAIError(
             400,
@@ -226,14 +227,19 @@ def encode_images(images, body):
     return [{"b64_json": base64.b64encode(encode_png(image, fmt, quality)).decode("ascii")} for image in images]
 
 
-def response_body(images, body, spec):
+def size_of(image_shape):
+    """OpenAI's 'WxH' of (H, W, C) images."""
+    return f"{image_shape[1]}x{image_shape[0]}"
+
+
+def response_body(images, body):
     """OpenAI's ImagesResponse of finished images."""
     return {
         "created": int(time.time()),
         "data": encode_images(images, body),
         "background": "opaque",
         "output_format": body.output_format or "png",
-        "size": f"{spec.width}x{spec.height}",
+        "size": size_of(images.shape[1:]),
     }
 
 
@@ -245,7 +251,7 @@ USAGE = {
 }
 
 
-def stream_event(kind, image, body, spec, index=None):
+def stream_event(kind, image, body, index=None):
     """One Server-Sent Event of OpenAI's image stream: a partial image (index k) or the completed image."""
     data = {
         "type": f"image_generation.{kind}",
@@ -254,7 +260,7 @@ def stream_event(kind, image, body, spec, index=None):
         "created_at": int(time.time()),
         "output_format": body.output_format or "png",
         "quality": "auto",
-        "size": f"{spec.width}x{spec.height}",
+        "size": size_of(image.shape),
         **({"partial_image_index": index} if kind == "partial_image" else {"usage": USAGE}),
     }
     return sse(data["type"], data)

@@ -299,3 +299,22 @@ def test_the_http_endpoints_take_an_image_and_mask_for_a_text_model(sampler):
         [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))) for d in edit.json()["data"]]
     )
     assert np.array_equal(edited, wanted_edit)
+
+
+def test_the_openai_size_of_a_text_model_is_its_decoded_images(sampler):
+    """OpenAI's size is the images' WxH (the VAE's output), not the U-Net's latents."""
+    from fastapi.testclient import TestClient
+
+    from ddengine.serving.app import Settings, create_app
+
+    h, w, _ = sampler.image_shape
+    latent = f"{sampler.spec.width}x{sampler.spec.height}"
+    assert (h, w) != (sampler.spec.height, sampler.spec.width)
+    with TestClient(create_app(sampler, Settings(max_batch=4, max_queue=8))) as http:
+        ok = http.post("/v1/images/generations", json={"prompt": "a cat", "size": f"{w}x{h}", "steps": 2})
+        wrong = http.post("/v1/images/generations", json={"prompt": "a cat", "size": latent, "steps": 2})
+    assert ok.status_code == 200 and ok.json()["size"] == f"{w}x{h}", ok.text
+    image = Image.open(io.BytesIO(base64.b64decode(ok.json()["data"][0]["b64_json"])))
+    assert image.size == (w, h)
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "size"
+    assert f"size must be '{w}x{h}'" in wrong.json()["error"]["message"]
