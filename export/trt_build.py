@@ -24,7 +24,11 @@ from ddengine.backends.trt import checked, engine_io, import_tensorrt, make_logg
 
 log = logging.getLogger(__name__)
 ENGINE_SUFFIX = ".plan"
-CPU_PARTS = ("text_encoder", "vae_decoder")  # a MODEL_DIR's parts that get no engine: they run on the CPU
+CPU_PARTS = (
+    "text_encoder",
+    "vae_decoder",
+    "vae_encoder",
+)  # a MODEL_DIR's parts that get no engine: they run on the CPU
 
 
 class BuildError(RuntimeError):

@@ -110,6 +110,7 @@ def print_pipeline(console, model, spec):
 
     from ddengine.backends import auto_choice
     from ddengine.model.load import read_weightless
+    from ddengine.model.pipeline_spec import REEXPORT
     from ddengine.text.parts import part_backend
 
     folder, pipeline = model.folder, model.spec
@@ -123,9 +124,13 @@ def print_pipeline(console, model, spec):
         "text_encoder": ("ort-cpu", "fp32", "always: once per distinct prompt, exact"),
         "unet": (unet.name, unet.precision, "--backend"),
         "vae_decoder": (*part_backend("auto"), "--backend, on the CPU"),
+        "vae_encoder": (*part_backend("auto"), "--backend, on the CPU; once per image-to-image request"),
         "tokenizer": ("tokenizers", "-", ""),
     }
     for part, (backend, precision, note) in runs.items():
+        if not pipeline.has(part):
+            console.print(f"  {part:<13} (none: image=/mask= need it; `{REEXPORT}` writes one)")
+            continue
         path = pipeline.path(folder, part)
         size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))  # with its external data
         if part == "tokenizer":

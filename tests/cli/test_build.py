@@ -142,7 +142,10 @@ def test_a_model_dir_gets_one_engine_for_its_unet_that_the_runtime_finds(fake_tr
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in engines.iterdir()) == ["unet.plan", "unet.plan.json"]
     assert result.output.splitlines()[0].startswith(f"unet: built {engines / 'unet.plan'} (fp16, batch 1:2:4)")
-    assert f"text_encoder, vae_decoder: no engine (they run on the CPU; `ddengine info {folder}`" in result.output
+    assert (
+        f"text_encoder, vae_decoder, vae_encoder: no engine (they run on the CPU; `ddengine info {folder}`"
+        in result.output
+    )
     assert fake_trt.state.builds == 1 and not list(folder.glob("*.plan"))
     backend = create_backend("tensorrt", load_model(folder / "unet.onnx"))  # what the Sampler does for the U-Net
     assert backend.engine_path == (engines / "unet.plan").resolve()

@@ -284,19 +284,20 @@ def test_export_height_is_for_pipelines_only(tmp_path):
     assert result.exit_code == 2 and "--height/--width apply to StableDiffusionPipeline folders only" in result.output
 
 
-def test_build_model_dir_builds_the_unets_engine_then_reuses_it(fake_trt, tiny_sd, tmp_path):
-    args = ["build", tiny_sd.model, "-o", tmp_path / "engines", "--precision", "fp32", "--batch", "1:2:4"]
+def test_build_model_dir_builds_the_unets_engine_then_reuses_it(fake_trt, model_copy, tmp_path):
+    args = ["build", model_copy, "-o", tmp_path / "engines", "--precision", "fp32", "--batch", "1:2:4"]
     first = run(*args)
     assert first.exit_code == 0, first.output
     assert "unet: built" in first.output and "(fp32, batch 1:2:4)" in first.output
-    assert "text_encoder, vae_decoder: no engine (they run on the CPU" in first.output
+    assert "text_encoder, vae_decoder, vae_encoder: no engine (they run on the CPU" in first.output
     assert sorted(p.name for p in (tmp_path / "engines").iterdir()) == ["unet.plan", "unet.plan.json"]
+    assert (model_copy / "unet.engines.json").is_file()  # where --backend tensorrt finds it
     second = run(*args)
     assert second.exit_code == 0 and second.output.count(" reused ") == 1 and fake_trt.state.builds == 1
 
 
-def test_build_fp16_of_an_fp32_model_dir_exits_1_naming_the_fix(fake_trt, tiny_sd, tmp_path):
-    result = run("build", tiny_sd.model, "-o", tmp_path / "engines")
+def test_build_fp16_of_an_fp32_model_dir_exits_1_naming_the_fix(fake_trt, model_copy, tmp_path):
+    result = run("build", model_copy, "-o", tmp_path / "engines")
     assert result.exit_code == 1 and "ddengine export --fp16" in result.output
     assert not list((tmp_path / "engines").glob("*.plan")) if (tmp_path / "engines").exists() else True
 

@@ -3,6 +3,7 @@ transformers, the oracles), the metadata the runtime reads, refusals that name t
 failed export, the fp16 variant, and the TensorRT engines of `build_pipeline` against the fake tensorrt."""
 
 import os
+import shutil
 
 import numpy as np
 import onnx
@@ -217,7 +218,8 @@ def calls(fake, name):
 def test_build_pipeline_makes_one_engine_for_the_unet_with_guidance_rows(fake_trt, tiny_sd, tmp_path):
     from ddengine.export.trt_build import build_pipeline
 
-    results = build_pipeline(tiny_sd.model, tmp_path / "engines", precision="fp32", batch=(1, 2, 4))
+    model = shutil.copytree(tiny_sd.model, tmp_path / "model")  # the build records its engine in the folder
+    results = build_pipeline(model, tmp_path / "engines", precision="fp32", batch=(1, 2, 4))
     assert sorted(p.name for p in (tmp_path / "engines").iterdir()) == ["unet.plan", "unet.plan.json"]
     shapes = {c[1]: c[2:] for c in calls(fake_trt, "set_shape")}
     assert shapes["sample"] == ((1, 4, LATENT, LATENT), (4, 4, LATENT, LATENT), (8, 4, LATENT, LATENT))  # CFG rows
@@ -228,7 +230,7 @@ def test_build_pipeline_makes_one_engine_for_the_unet_with_guidance_rows(fake_tr
     )
     assert "input_ids" not in shapes and "latent" not in shapes  # the text encoder and VAE decoder run on the CPU
     assert results["unet"].manifest["key"]["profile"] == {"batch": [1, 2, 4], "engine_batch": [1, 4, 8]}
-    again = build_pipeline(tiny_sd.model, tmp_path / "engines", precision="fp32", batch=(1, 2, 4))
+    again = build_pipeline(model, tmp_path / "engines", precision="fp32", batch=(1, 2, 4))
     assert list(again) == ["unet"] and again["unet"].reused and fake_trt.state.builds == 1
 
 
@@ -236,8 +238,9 @@ def test_build_pipeline_fp16_needs_the_fp16_export(fake_trt, tiny_sd, tiny_sd16,
     from ddengine.export.trt_build import BuildError, build_pipeline
 
     with pytest.raises(BuildError, match=r"unet.onnx is float32; make one with `ddengine export --fp16`"):
-        build_pipeline(tiny_sd.model, tmp_path / "e32")
-    assert build_pipeline(tiny_sd16.model, tmp_path / "e16")["unet"].manifest["key"]["precision"] == "fp16"
+        build_pipeline(shutil.copytree(tiny_sd.model, tmp_path / "m32"), tmp_path / "e32")
+    built = build_pipeline(shutil.copytree(tiny_sd16.model, tmp_path / "m16"), tmp_path / "e16")
+    assert built["unet"].manifest["key"]["precision"] == "fp16"
 
 
 def test_an_export_killed_with_9_leaves_no_staging_folder_behind_the_next_one(tmp_path):
