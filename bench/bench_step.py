@@ -2,9 +2,12 @@
 
     python bench/bench_step.py [--threads N] [--sizes 10000,100000,1000000,10000000] [--seconds 0.3]
 
-Prints ns/element, GB/s (12 bytes per element: read x and model_out, write x) and ratios, then one row per
-solver (the middle row of its 20-step plan on the shipped schedule, with its history slots) against DDIM's, and writes
-bench/results/step_<cpu>-<cores>c-t<threads>.json (no hostnames or paths). torch is imported here only.
+Prints ns/element, GB/s (12 bytes per element: read x and model_out, write x) and ratios, then one line per solver
+row against DDIM's: the middle row of its 20-step plan on the shipped schedule ("history": a multistep row reads its
+history slots there) and, for a multistep solver, its first row ("first": no slot read yet), timed in interleaved
+repetitions (medians) so that a shared machine's load falls on all alike, and writes
+bench/results/step_<cpu>-<cores>c-t<threads>.json (CPU model, ISA flags, load; no hostnames or paths). torch is
+imported here only.
 """
 
 import argparse
@@ -15,6 +18,7 @@ import re
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +26,9 @@ import numpy as np
 from ddengine.core.plan import METHODS, make_plan
 from ddengine.core.reference import reference_step
 from ddengine.core.rows import CLIP as CLIP_COLUMN
-from ddengine.core.rows import NUM_COLUMNS, SLOTS, WRITE_D
+from ddengine.core.rows import NUM_COLUMNS, SLOTS, WRITE_D, is_multistep
 from ddengine.kernels import _step
-from ddengine.kernels.host import image_records
+from ddengine.kernels.host import image_records, row_shape
 
 CLIP = 1.0  # all three clip x0 to [-1, 1], as DDPMScheduler's default clip_sample=True
 # A contractive DDPM-like row (engine/core/rows.py order) with sigma != 0, so repeated in-place steps stay bounded.
@@ -60,17 +64,50 @@ def numpy_unfused(n):
     return lambda: reference_step(x, m, ROW[0], rng.standard_normal(x.shape, dtype=np.float32), dtype=np.float32)
 
 
-def solver_rows(n, threads, budget):
-    """ns/element of each method's middle row (20 steps, the shipped cosine schedule), and its ratio to DDIM's."""
+def solver_cases():
+    """(method, row, table of that one row): every method's middle row, and a multistep method's first row too."""
     config = {"beta_schedule": "squaredcos_cap_v2", "clip_sample": False}
-    ns = {}
     for method in METHODS:
-        plan = make_plan(config, 20, method=method)
-        table = np.ascontiguousarray(plan.rows_float32()[len(plan) // 2 : len(plan) // 2 + 1])
-        ns[method] = median_seconds(fused(n, threads, table), budget) / n * 1e9
-    rows = [{"method": k, "ns_per_element": v, "over_ddim": v / ns["ddim"]} for k, v in ns.items()]
-    for r in rows:
-        print(f"{r['method']:>9} | {r['ns_per_element']:7.3f} ns/el | {r['over_ddim']:5.2f}x DDIM", flush=True)
+        table = make_plan(config, 20, method=method).rows_float32()
+        yield method, "history", np.ascontiguousarray(table[len(table) // 2 : len(table) // 2 + 1])
+        if is_multistep(table[0]):
+            yield method, "first", np.ascontiguousarray(table[:1])
+
+
+def interleaved_medians(fns, budget, reps):
+    """Median seconds per call of each fn, timed in `reps` rounds that visit every fn in turn (a warm-up call before
+    each sample), so that load changes on a shared machine fall on all alike; a sample lasts about budget / reps."""
+    calls = {}
+    for key, fn in fns.items():
+        fn()
+        start = time.perf_counter()
+        fn()
+        calls[key] = max(1, int(budget / reps / max(time.perf_counter() - start, 1e-7)))
+    times = {key: [] for key in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            fn()
+            start = time.perf_counter()
+            for _ in range(calls[key]):
+                fn()
+            times[key].append((time.perf_counter() - start) / calls[key])
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
+def solver_rows(n, threads, budget, reps=15):
+    """ns/element of each method's middle row (and a multistep method's first), and its ratio to DDIM's middle row.
+    Inputs start at zeros (x = model_out = slots = 0), which a noiseless row keeps at zero: repeated steps stay finite."""
+    cases = {(method, row): table for method, row, table in solver_cases()}
+    x, m, images = np.zeros((1, n), np.float32), np.zeros((1, n), np.float32), image_records([1])
+    slots = np.zeros((1, SLOTS, n), np.float32)
+    fns = {key: partial(_step.step, x, m, table, images, slots=slots, threads=threads) for key, table in cases.items()}
+    ns = {key: s / n * 1e9 for key, s in interleaved_medians(fns, budget, reps).items()}
+    base = ns[("ddim", "history")]
+    rows = []
+    for (method, row), v in ns.items():
+        shape = row_shape(cases[(method, row)][0])
+        rows.append({"method": method, "row": row, "ns_per_element": v, "over_ddim": v / base, "shape": shape})
+        print(f"{method:>9} {row:>7} | {v:7.3f} ns/el | {v / base:5.2f}x DDIM", flush=True)
     return rows
 
 
@@ -100,12 +137,39 @@ def cpu_model():
         return None
 
 
+ISA_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_bf16",
+    "amx_tile",
+    "neon",
+    "asimd",
+)
+
+
+def isa_flags():
+    """The SIMD flags of /proc/cpuinfo that pick the kernel's ISA clone (x86-64-v4: avx512f/bw/vl; v3: avx2/fma)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return []
+    have = set(line.split(":", 1)[-1].split())
+    return [flag for flag in ISA_FLAGS if flag in have]
+
+
 def machine(threads):
     import diffusers
     import torch
 
     return {
         "cpu": cpu_model() or platform.machine(),
+        "isa_flags": isa_flags(),
         "cores": os.cpu_count(),
         "threads": threads,
         "torch_threads": torch.get_num_threads(),
@@ -169,16 +233,20 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="threads of the fused step and torch (0 = all cores)")
     parser.add_argument("--sizes", default="10000,100000,1000000,10000000", help="comma-separated element counts")
     parser.add_argument("--seconds", type=float, default=0.3, help="time budget per measurement")
+    parser.add_argument("--reps", type=int, default=15, help="interleaved rounds of the solver rows (medians)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/step_<id>.json)")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads or os.cpu_count())
     info = machine(args.threads)
-    print(f"{info['cpu']}, {info['cores']} cores, threads={args.threads}, load {info['loadavg_before']}")
+    print(
+        f"{info['cpu']} ({' '.join(info['isa_flags'])}), {info['cores']} cores, threads={args.threads}, "
+        f"load {info['loadavg_before']}"
+    )
     print(HEADER)
     rows = run([int(s) for s in args.sizes.split(",")], args.threads, args.seconds)
-    solvers = solver_rows(1_000_000, args.threads, args.seconds)
+    solvers = solver_rows(1_000_000, args.threads, args.seconds, args.reps)
     info["loadavg_after"] = os.getloadavg()
     slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")
     out = args.out or Path(__file__).resolve().parent / "results" / f"step_{slug}-{info['cores']}c-t{args.threads}.json"

@@ -2,7 +2,8 @@
  * --fmad=false -I<this folder>), so self-contained: no system headers. Every kernel takes the one params
  * struct of kernels/step.h. One thread per quad of 4 elements of one image, grid-stride; rows, noise
  * counters and guidance are per image and live on the device, so one CUDA graph replays every step.
- * Per element the same expressions as the C kernel (kernels/step.h, kernels/philox.h).
+ * Per element the same expressions as the C kernel (kernels/step.h, kernels/philox.h); a multistep row runs the
+ * shape the C kernel picks (dd_step_shape), its terms chosen at run time here, by template in the C kernel.
  */
 #include "step.h"
 
@@ -29,6 +30,9 @@ template <int FILL> __device__ void dd_quads(dd_step_args a)
         const int multi = a.slots != 0 && dd_is_multistep(row);
         float *sl = multi ? a.slots + img * DD_SLOTS * a.per_image : 0;
         float *x0o = a.x0_out ? a.x0_out + img * a.per_image : 0;
+        dd_shape shape; /* the terms of a multistep row's body, as the C kernel picks them (kernels/step.h) */
+        if (multi)
+            dd_step_shape(row, x0o != 0, &shape);
         if (noisy)
             dd_normals4(im->seed, (dd_u64)q, im->step, DD_DOMAIN_STEP, z);
         const float *c = a.model_out + img * a.per_image;
@@ -38,8 +42,8 @@ template <int FILL> __device__ void dd_quads(dd_step_args a)
             const dd_i64 e = 4 * q + k;
             const float m = u ? dd_guide(u[e], c[e], im->guidance) : c[e];
             const float x0 = dd_x0(xi[e], m, row, use_clip);
-            float y = multi ? dd_step_slots(xi[e], m, x0, row, &sl[e], &sl[a.per_image + e], &sl[2 * a.per_image + e],
-                                            &sl[3 * a.per_image + e])
+            float y = multi ? dd_step_slots(xi[e], m, x0, row, &shape, &sl[e], &sl[a.per_image + e],
+                                            &sl[2 * a.per_image + e], &sl[3 * a.per_image + e])
                             : dd_step_mean(xi[e], m, x0, row);
             if (noisy)
                 y = y + row[DD_SIGMA] * z[k];

@@ -1,7 +1,8 @@
 /* ddengine.kernels._step: the fused sampler step (kernels/step.h) and Philox noise (kernels/philox.h) for CPU.
  * Work is split into (image, block of DD_BLOCK elements) items whose boundaries do not depend on the thread
  * count, and every element is a pure function of its inputs, so results are bit-identical for any batch
- * size, thread count and ISA clone (no FP contraction: -ffp-contract=off).
+ * size, thread count and ISA clone (no FP contraction: -ffp-contract=off). A multistep row runs the body of its
+ * shape (kernels/step.h dd_shape); -DDD_GENERAL_BODY builds the general body instead (the tests' oracle).
  */
 #define _GNU_SOURCE 1 /* sched_getaffinity */
 #define PY_SSIZE_T_CLEAN
@@ -136,7 +137,8 @@ typedef struct {
 } block_slots;
 
 /* x[i] <- step(x[i], m[i]) (+ sigma z[i]) for n elements of one image; returns 1 if an input or result is
- * non-finite. Specialised by inlining on the constant flags (c = conditional output, u = unconditional). */
+ * non-finite. Specialised by inlining on the constant flags (c = conditional output, u = unconditional). With
+ * `multi`, the general multistep program (dd_step_terms), only built with DD_GENERAL_BODY. */
 static inline __attribute__((always_inline)) dd_u32
 step_loop(float *restrict x, const float *restrict c, const float *restrict u, const float *restrict z, int n,
           const float *restrict table_row, float g, block_slots sl, const int guided, const int use_clip,
@@ -183,19 +185,124 @@ step_loop(float *restrict x, const float *restrict c, const float *restrict u, c
     return bad;
 }
 
+/* Where a multistep block reads and writes: L and the shape's read slots (the zero block where the row does not
+ * read one), and where s and d go (L, H[write_d], or a scratch block the row never reads). */
+typedef struct {
+    const float *l, *h[3];
+    float *lw, *hw, *x0;
+} multi_io;
+
+/* A multistep row's body of shape (has_s, kp0, kpx, kpe, nh) (kernels/step.h dd_step_shaped) over n elements,
+ * slots updated in the loop: an element reads its slots before it writes them and no element touches another's,
+ * hence ivdep (the slot pointers may be equal: a PLMS row reads H0 and writes it). A row that does not clip has
+ * r = +inf, where dd_clip is the identity (the noisy / keep_x0 bodies clip always). */
+static inline __attribute__((always_inline)) dd_u32
+shaped_loop(float *restrict x, const float *restrict c, const float *restrict u, const float *restrict z, int n,
+            const float *restrict table_row, float g, const dd_shape *shape, multi_io io, const int guided,
+            const int use_clip, const int noisy, const int keep_x0, const int has_s, const int kp0, const int kpx,
+            const int kpe, const int nh)
+{
+    float row[DD_NUM_COLUMNS];
+    memcpy(row, table_row, sizeof(row));
+    row[DD_CLIP] = row[DD_CLIP] > 0.0f ? row[DD_CLIP] : __builtin_inff();
+    const dd_shape k = *shape;
+    const float *l = io.l, *h0 = io.h[0], *h1 = io.h[1], *h2 = io.h[2];
+    float *lw = io.lw, *hw = io.hw, *restrict x0o = io.x0;
+    dd_u32 bad = 0;
+#pragma GCC ivdep
+    for (int i = 0; i < n; i++) {
+        float m = guided ? dd_guide(u[i], c[i], g) : c[i];
+        float x0 = dd_x0(x[i], m, row, use_clip);
+        float d, s;
+        float y = dd_step_shaped(x[i], m, x0, row, &k, has_s, kp0, kpx, kpe, nh, has_s ? l[i] : 0.0f,
+                                 nh > 0 ? h0[i] : 0.0f, nh > 1 ? h1[i] : 0.0f, nh > 2 ? h2[i] : 0.0f, &d, &s);
+        if (noisy)
+            y = y + row[DD_SIGMA] * z[i];
+        if (keep_x0)
+            x0o[i] = x0;
+        if (has_s)
+            lw[i] = s;
+        hw[i] = d;
+        bad |= dd_nonfinite(c[i]) | (guided ? dd_nonfinite(u[i]) : 0u) | dd_nonfinite(y);
+        x[i] = y;
+    }
+    return bad;
+}
+
+/* The slot pointers of a block of shape k, resolved once. */
+static multi_io shaped_io(const float *row, const dd_shape *k, block_slots sl, float *scratch)
+{
+    static const float zeros[DD_BLOCK];
+    float *h[3] = {sl.h0, sl.h1, sl.h2};
+    const int w = dd_write_slot(row);
+    multi_io io = {dd_reads_l(row) ? sl.l : zeros, {zeros, zeros, zeros}, row[DD_WRITE_S] != 0.0f ? sl.l : scratch,
+                   w >= 0 ? h[w] : scratch, sl.x0};
+    for (int j = 0; j < k->nh; j++)
+        io.h[j] = dd_reads_h(row, k->slot[j]) ? h[k->slot[j]] : zeros;
+    return io;
+}
+
+/* Body k of the 64 for noiseless steps without x0_out: bit 5 guided, bit 4 clip, bit 3 has_s, bit 2 the variant
+ * (with s: x's own terms kept, kp0 = kpx = kpe; without: kp0, and kpx = 1, kpe = 0), bits 0-1 nh. */
+#define DD_SHAPED_CASE(k)                                                                                    \
+    case k:                                                                                                  \
+        return shaped_loop(x, c, u, z, n, row, g, &shape, io, (k) >> 5 & 1, (k) >> 4 & 1, 0, 0, (k) >> 3 & 1,   \
+                           (k) >> 2 & 1, (k) >> 3 & 1 ? (k) >> 2 & 1 : 1, (k) >> 3 & 1 ? (k) >> 2 & 1 : 0,   \
+                           (k) & 3);
+#define DD_SHAPED_CASES8(k)                                                                                  \
+    DD_SHAPED_CASE(k) DD_SHAPED_CASE(k + 1) DD_SHAPED_CASE(k + 2) DD_SHAPED_CASE(k + 3) DD_SHAPED_CASE(k + 4)   \
+    DD_SHAPED_CASE(k + 5) DD_SHAPED_CASE(k + 6) DD_SHAPED_CASE(k + 7)
+/* The general shape of a noisy or x0-keeping step (kernels/step.h dd_step_shape): bit 2 guided, bit 1 noisy,
+ * bit 0 keep_x0 (code 0 never comes here). */
+#define DD_GENERAL_CASE(k)                                                                                   \
+    case k:                                                                                                  \
+        return shaped_loop(x, c, u, z, n, row, g, &shape, io, (k) >> 2 & 1, 1, (k) >> 1 & 1, (k) & 1, 1, 1, 1, 1, 3);
+
+/* A multistep block on the body of its step's shape: 64 shaped bodies and 6 general ones. */
+static inline __attribute__((always_inline)) dd_u32
+shaped_block(float *restrict x, const float *restrict c, const float *restrict u, const float *restrict z, int n,
+             const float *row, float g, block_slots sl)
+{
+    float scratch[DD_BLOCK];
+    dd_shape shape;
+    dd_step_shape(row, sl.x0 != NULL, &shape);
+    const multi_io io = shaped_io(row, &shape, sl, scratch);
+    if (z || sl.x0) {
+        switch ((u ? 4 : 0) | (z ? 2 : 0) | (sl.x0 ? 1 : 0)) {
+            DD_GENERAL_CASE(1) DD_GENERAL_CASE(2) DD_GENERAL_CASE(3)
+            DD_GENERAL_CASE(5) DD_GENERAL_CASE(6) DD_GENERAL_CASE(7)
+        }
+    }
+    int code = (u ? 32 : 0) | (row[DD_CLIP] > 0.0f ? 16 : 0) | (shape.has_s ? 8 : 0) | (shape.kp0 ? 4 : 0) | shape.nh;
+    switch (code) {
+        DD_SHAPED_CASES8(0) DD_SHAPED_CASES8(8) DD_SHAPED_CASES8(16) DD_SHAPED_CASES8(24)
+        DD_SHAPED_CASES8(32) DD_SHAPED_CASES8(40) DD_SHAPED_CASES8(48) DD_SHAPED_CASES8(56)
+    }
+    return 0;
+}
+
 #define DD_STEP_CASE(k)                                                                                      \
     case k:                                                                                                  \
         return step_loop(x, c, u, z, n, row, g, sl, (k) >> 4 & 1, (k) >> 3 & 1, (k) >> 2 & 1, (k) >> 1 & 1, (k) & 1);
 #define DD_STEP_CASES4(k) DD_STEP_CASE(k) DD_STEP_CASE(k + 1) DD_STEP_CASE(k + 2) DD_STEP_CASE(k + 3)
+/* single-step rows: codes with bit 1 (multi) clear; the general multistep body only in the oracle build */
+#if defined(DD_GENERAL_BODY)
+#define DD_STEP_CASES8(k) DD_STEP_CASES4(k) DD_STEP_CASES4(k + 4)
+#else
+#define DD_STEP_CASES8(k) DD_STEP_CASE(k) DD_STEP_CASE(k + 1) DD_STEP_CASE(k + 4) DD_STEP_CASE(k + 5)
+#endif
 
 DD_CLONES static dd_u32 step_block(float *restrict x, const float *restrict c, const float *restrict u,
                                    const float *restrict z, int n, const float *row, float g, block_slots sl)
 {
     int multi = sl.l != NULL && dd_is_multistep(row);
+#if !defined(DD_GENERAL_BODY)
+    if (multi)
+        return shaped_block(x, c, u, z, n, row, g, sl);
+#endif
     int code = (u ? 16 : 0) | (row[DD_CLIP] > 0.0f ? 8 : 0) | (z ? 4 : 0) | (multi ? 2 : 0) | (sl.x0 ? 1 : 0);
     switch (code) {
-        DD_STEP_CASES4(0) DD_STEP_CASES4(4) DD_STEP_CASES4(8) DD_STEP_CASES4(12)
-        DD_STEP_CASES4(16) DD_STEP_CASES4(20) DD_STEP_CASES4(24) DD_STEP_CASES4(28)
+        DD_STEP_CASES8(0) DD_STEP_CASES8(8) DD_STEP_CASES8(16) DD_STEP_CASES8(24)
     }
     return 0;
 }
@@ -646,6 +753,48 @@ static PyObject *py_philox(PyObject *self, PyObject *args)
                          (unsigned long)ctr[3]);
 }
 
+PyDoc_STRVAR(row_shape_doc,
+"row_shape(row, *, keep_x0=False) -> dict or None\n\n"
+"The body a multistep coefficient row (25 float32) runs (kernels/step.h dd_step_shape, docs/math.md \"Specialised\n"
+"bodies\"): has_s, kp0, kpx, kpe, nh, slots (the H slots read), zs and zy (the sign bits of the zeros standing for\n"
+"the dropped terms of s and x': 0 for +0.0, 1 for -0.0), general_body (1 in the oracle build, -DDD_GENERAL_BODY,\n"
+"whose multistep rows all run the general program); None for a single-step row.");
+
+static PyObject *py_row_shape(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"row", "keep_x0", NULL};
+    PyObject *row_o;
+    int keep_x0 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$p:row_shape", kwlist, &row_o, &keep_x0))
+        return NULL;
+    Py_buffer v;
+    if (get_buffer(row_o, "row", 'f', 4, 0, &v) != 0)
+        return NULL;
+    if (v.len / 4 != DD_NUM_COLUMNS) {
+        PyErr_Format(PyExc_ValueError, "row must hold %d coefficients, got %zd", DD_NUM_COLUMNS, v.len / 4);
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    float row[DD_NUM_COLUMNS];
+    memcpy(row, v.buf, sizeof(row));
+    PyBuffer_Release(&v);
+    if (!dd_is_multistep(row))
+        Py_RETURN_NONE;
+    dd_shape k;
+    dd_step_shape(row, keep_x0, &k);
+#if defined(DD_GENERAL_BODY)
+    const int general_body = 1;
+#else
+    const int general_body = 0;
+#endif
+    PyObject *slots = PyTuple_New(k.nh);
+    for (int j = 0; slots && j < k.nh; j++)
+        PyTuple_SET_ITEM(slots, j, PyLong_FromLong(k.slot[j]));
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:N,s:i,s:i,s:i}", "has_s", k.has_s, "kp0", k.kp0, "kpx", k.kpx, "kpe",
+                         k.kpe, "nh", k.nh, "slots", slots, "zs", !dd_pos_zero(k.zs), "zy", !dd_pos_zero(k.zy),
+                         "general_body", general_body);
+}
+
 PyDoc_STRVAR(layout_doc, "layout() -> dict: sizes and field offsets of dd_image and dd_step_args, as compiled.");
 
 static PyObject *py_layout(PyObject *self, PyObject *unused)
@@ -668,6 +817,7 @@ static PyMethodDef methods[] = {
     {"fill_noise", (PyCFunction)(void (*)(void))py_fill_noise, METH_VARARGS | METH_KEYWORDS, fill_noise_doc},
     {"philox4x32_10", py_philox, METH_VARARGS, philox_doc},
     {"layout", py_layout, METH_NOARGS, layout_doc},
+    {"row_shape", (PyCFunction)(void (*)(void))py_row_shape, METH_VARARGS | METH_KEYWORDS, row_shape_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -61,6 +61,12 @@ def step(x, model_out, table, images, slots=None, x0_out=None, threads=0):
     _step.step(x, model_out, table, images, slots=slots, x0_out=x0_out, threads=threads)
 
 
+def row_shape(row, keep_x0=False):
+    """The body a multistep coefficient row runs (kernels/step.h dd_step_shape, docs/math.md "Specialised bodies"):
+    {has_s, kp0, kpx, kpe, nh, slots, zs, zy, general_body}; None for a single-step row."""
+    return _step.row_shape(np.ascontiguousarray(row, dtype=np.float32), keep_x0=keep_x0)
+
+
 def advance(images):
     """Every image moves to its next coefficient row and noise counter (step.cu ddstep_advance)."""
     images["row"] += 1

@@ -9,6 +9,8 @@ import ctypes
 import numpy as np
 import pytest
 
+from ddengine.core.plan import make_plan
+from ddengine.core.rows import SLOTS
 from ddengine.kernels import _step
 from ddengine.kernels.host import StepArgs, fill_noise, image_records
 from tests.support.host_cuda import build_host_cuda, launch
@@ -47,6 +49,34 @@ def test_step_kernel_equals_c_kernel(host_cuda, clip, sigma, multistep, grid, bl
     if multistep:
         assert np.array_equal(cuda_slots.view(np.uint32), slots.view(np.uint32))
     assert np.array_equal(cuda_images, images) and images["nonfinite_step"][2] == images["step"][2].astype(np.int32)
+
+
+@pytest.mark.parametrize("keep_x0", [False, True])
+@pytest.mark.parametrize("guided", [False, True])
+def test_step_kernel_equals_c_kernel_on_solver_rows(host_cuda, keep_x0, guided):
+    """Every row of each multistep solver's plan at once: the CUDA twin picks the C kernel's shapes (kernels/step.h
+    dd_step_shape) and evaluates the same terms, NaN and inf inputs included."""
+    rng = np.random.default_rng([keep_x0, guided])
+    for method in ("dpmpp-2m", "dpmpp-3m", "unipc", "plms"):
+        table = make_plan({"num_train_timesteps": 1000, "clip_sample": guided}, 9, method=method).rows_float32()
+        batch, n = len(table), 203
+        x = rng.standard_normal((batch, n)).astype(np.float32)
+        model_out = rng.standard_normal((2 * batch if guided else batch, n)).astype(np.float32)
+        slots = rng.standard_normal((batch, SLOTS, n)).astype(np.float32)
+        for a in (x, model_out, slots):  # inf: the general body's 0 * inf would make NaN where a shaped one has inf
+            bad = rng.random(a.shape) < 0.004
+            a[bad] = rng.choice(np.array([np.nan, np.inf, -np.inf], np.float32), int(bad.sum()))
+        images = image_records(np.arange(batch, dtype=np.uint64), uncond=np.arange(batch) + batch if guided else -1)
+        images["row"], images["guidance"] = np.arange(batch), 2.5
+        y, cuda_images, cuda_slots = x.copy(), images.copy(), slots.copy()
+        x0, cuda_x0 = (np.zeros_like(x), np.zeros_like(x)) if keep_x0 else (None, None)
+        launch(host_cuda, "ddstep_step", 2, 9, args_for(y, model_out, table, cuda_images, cuda_slots, cuda_x0))
+        _step.step(x, model_out, table, images, slots=slots, x0_out=x0)
+        assert np.array_equal(y.view(np.uint32), x.view(np.uint32)), method
+        assert np.array_equal(cuda_slots.view(np.uint32), slots.view(np.uint32)), method
+        if keep_x0:
+            assert np.array_equal(cuda_x0.view(np.uint32), x0.view(np.uint32)), method
+        assert np.array_equal(cuda_images, images) and (images["nonfinite_step"] == 0).any(), method
 
 
 def test_fill_noise_and_counter_kernels(host_cuda):

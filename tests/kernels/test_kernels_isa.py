@@ -1,52 +1,36 @@
 """The SIMD variants of ddengine.kernels._step agree bit for bit with its portable build (no ISA clones, scalar Philox)."""
 
-import importlib.util
 import platform
 import shutil
-import subprocess
-import sysconfig
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ddengine.core.plan import make_plan
+from ddengine.core.rows import SLOTS
 from ddengine.kernels import _step
 from ddengine.kernels.host import image_records
+from tests.kernels.kernel_builds import build, load
 from tests.support.kernel_oracle import single_step_rows
 
-# step_host.c is not package data: build from the checkout these tests live in (the installed module was too)
-KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 VARIANTS = {"portable": ["-DDD_NO_CLONES"], "avx2_philox": ["-DDD_NO_AVX512"]}
 
 
-def build(tmp_path, defines):
-    """Compiles kernels/step_host.c with setup.py's flags plus `defines` into tmp_path; returns a Popen."""
-    out = tmp_path / ("_step" + sysconfig.get_config_var("EXT_SUFFIX"))
-    cmd = [
-        "gcc",
-        "-shared",
-        "-fPIC",
-        "-O3",
-        "-std=c11",
-        "-fno-wrapv",
-        "-ffp-contract=off",
-        "-fno-math-errno",
-        "-pthread",
-        *defines,
-        f"-I{sysconfig.get_paths()['include']}",
-        f"-I{KERNELS}",
-        str(KERNELS / "step_host.c"),
-        "-o",
-        str(out),
+def multistep_outputs(k):
+    """x and the slots after one step of images at rows of a UniPC, a DPM-Solver++(3M) and a PLMS plan (the shaped
+    bodies of kernels/step.h, guided or not)."""
+    tables = [
+        make_plan({"num_train_timesteps": 1000}, 10, method=m).rows_float32() for m in ("unipc", "dpmpp-3m", "plms")
     ]
-    return out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def load(path):
-    spec = importlib.util.spec_from_file_location("ddengine.kernels._step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    table = np.concatenate(tables)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 4099)).astype(np.float32)
+    model_out = rng.standard_normal((9, 4099)).astype(np.float32)
+    slots = rng.standard_normal((6, SLOTS, 4099)).astype(np.float32)
+    images = image_records(np.arange(6, dtype=np.uint64), uncond=[6, -1, 7, -1, 8, -1], guidance=3.0)
+    images["row"] = [1, 5, 10 + 2, 10 + 6, 20 + 0, 20 + 7]
+    k.step(x, model_out, table, images, slots=slots)
+    return x.view(np.uint32), slots.view(np.uint32)
 
 
 def outputs(k):
@@ -61,7 +45,7 @@ def outputs(k):
     images = image_records(seeds, uncond=[5, 6, 7, -1, -1], guidance=[4.0, 1.5, 7.0, 0, 0])
     images["row"], images["step"] = [0, 1, 0, 1, 0], [12, 3, 0, 999, 2**31]
     k.step(x, model_out, table, images)
-    return noise.view(np.uint32), x.view(np.uint32)
+    return (noise.view(np.uint32), x.view(np.uint32), *multistep_outputs(k))
 
 
 @pytest.mark.slow
